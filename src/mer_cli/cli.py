@@ -1,0 +1,104 @@
+"""Console entry points: mer-train (Hydra) and mer-evaluate. The only reader of HydraConfig."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import shutil
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from mer_cli import pipeline
+from mer_cli.errors import MerError
+
+log = logging.getLogger("mer_cli")
+
+
+def config_dir() -> str:
+    """The packaged configs (a regular install) or the repo's ``configs/`` (an editable one).
+
+    Absolute on purpose: with a console script, Hydra would read a relative ``config_path`` as a
+    Python package and fail from any other working directory.
+    """
+    packaged = Path(__file__).resolve().parent / "configs"
+    if (packaged / "train.yaml").is_file():
+        return str(packaged)
+    return str(Path(__file__).resolve().parents[2] / "configs")
+
+
+# files Hydra and the pipeline create before any training: removed when a run fails that early,
+# so a bad input never leaves a half-made run directory behind
+_SETUP_ONLY = {".hydra", "train.log", "config.yaml"}
+
+
+def _remove_if_nothing_trained(run_dir: Path) -> None:
+    if not run_dir.is_dir() or any(p.name not in _SETUP_ONLY for p in run_dir.iterdir()):
+        return
+    for name in _SETUP_ONLY:
+        p = run_dir / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+    run_dir.rmdir()
+
+
+def _fail(prog: str, message: str) -> None:
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+@hydra.main(config_path=config_dir(), config_name="train", version_base="1.3")
+def train_main(cfg: DictConfig) -> float:
+    """mer-train: train and evaluate one model; returns val/f1_macro for sweepers."""
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    try:
+        metrics = pipeline.run(cfg, run_dir, resume=cfg.resume)
+    except MerError as e:
+        _remove_if_nothing_trained(run_dir)
+        if hc.mode == RunMode.MULTIRUN:
+            raise  # the sweep records it
+        _fail("mer-train", str(e))
+    except KeyboardInterrupt:
+        log.warning("interrupted: to resume, run the same command with resume=true hydra.run.dir=%s", run_dir)
+        raise
+    log.info("summary (%s):\n%s", cfg.modality.name, pipeline.report.summary_line(metrics, run_dir))
+    value = metrics["val"]["f1_macro"]
+    return float(value) if value is not None else math.nan
+
+
+def evaluate_main(argv: list[str] | None = None) -> None:
+    """mer-evaluate RUN_DIR [--data FILE] [--split val|test|all]"""
+    parser = argparse.ArgumentParser(
+        prog="mer-evaluate",
+        description="Reload a trained run's checkpoint and evaluate it again, into a new "
+        "evaluation directory inside the run (the training results stay untouched).",
+    )
+    parser.add_argument("run_dir", type=Path, help="a mer-train run directory")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="another feature file with the same features (default: the run's own data)",
+    )
+    parser.add_argument("--split", choices=("val", "test", "all"), default="test")
+    parser.add_argument("--no-plots", action="store_true", help="skip the figures")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    try:
+        out_dir, metrics = pipeline.evaluate_run(
+            args.run_dir,
+            args.data,
+            ("val", "test") if args.split == "all" else (args.split,),
+            save_plots=not args.no_plots,
+        )
+    except MerError as e:
+        _fail("mer-evaluate", str(e))
+    print(pipeline.report.summary_line(metrics, out_dir))

@@ -1,0 +1,55 @@
+"""Fusion of the two streams: early (align frames, concatenate) and late (combine probabilities).
+
+Early fusion input: one clip's mfcc (T_a, D_a) and action units (T_v, D_v); output (T_a, D_a+D_v).
+Late fusion input: per-clip class probabilities of an acoustic and a visual model; output the same.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import log_loss
+
+
+def stretch_frames(x: np.ndarray, n_frames: int) -> np.ndarray:
+    """Linearly interpolate ``x`` (T, F) along time to ``n_frames`` frames.
+
+    Same grid as the notebook's ``scipy.ndimage.zoom(x, (n_frames / T, 1), order=1)``: the first
+    and last frames are kept and output frame i samples input time ``i * (T - 1) / (n_frames - 1)``.
+    """
+    t_in = x.shape[0]
+    if n_frames == 1 or t_in == 1:
+        return np.repeat(x[:1], n_frames, axis=0)
+    pos = np.arange(n_frames) * ((t_in - 1) / (n_frames - 1))
+    lo = np.minimum(np.floor(pos).astype(np.int64), t_in - 1)
+    hi = np.minimum(lo + 1, t_in - 1)
+    w = (pos - lo)[:, None].astype(x.dtype)
+    return x[lo] * (1 - w) + x[hi] * w
+
+
+def early_fuse(mfcc: np.ndarray, aus: np.ndarray) -> np.ndarray:
+    """Per-frame concatenation at the audio frame rate: (T_a, D_a) + (T_v, D_v) -> (T_a, D_a+D_v)."""
+    return np.concatenate([mfcc, stretch_frames(aus, mfcc.shape[0])], axis=1)
+
+
+def late_fuse(prob_acoustic: np.ndarray, prob_visual: np.ndarray, acoustic_weight: float) -> np.ndarray:
+    """Weighted average of class probabilities (N, C); 0.5 is the notebook's plain average."""
+    return acoustic_weight * prob_acoustic + (1.0 - acoustic_weight) * prob_visual
+
+
+def fit_acoustic_weight(
+    prob_acoustic: np.ndarray, prob_visual: np.ndarray, y_true: np.ndarray, n_classes: int
+) -> float:
+    """The weight in [0, 1] (steps of 0.05) with the lowest log loss on *validation* predictions.
+
+    Fitted on validation, never on test: the test split must not choose its own fusion.
+    """
+    grid = np.linspace(0.0, 1.0, 21)
+    losses = [
+        log_loss(
+            y_true,
+            np.clip(late_fuse(prob_acoustic, prob_visual, w), 1e-7, 1.0),
+            labels=list(range(n_classes)),
+        )
+        for w in grid
+    ]
+    return float(grid[int(np.argmin(losses))])

@@ -1,0 +1,116 @@
+"""The notebook's BiLSTM classifier with exact masking: padded frames never change an output.
+
+Input: frames ``x`` (B, T, F), zero-padded after each clip's ``lengths`` (B,). Output: class
+logits (B, C) (softmax is in the loss, or applied at prediction time).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+MASKING_IMPLS = ("reverse", "packed")
+
+
+def reverse_within_length(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Reverse each sequence's first ``lengths[b]`` frames; padded frames stay where they are.
+
+    Its own inverse. ``x`` is (B, T, F), ``lengths`` (B,) on the same device.
+    """
+    t = torch.arange(x.shape[1], device=x.device)
+    idx = lengths[:, None] - 1 - t[None, :]  # (B, T)
+    idx = torch.where(idx >= 0, idx, t[None, :])
+    return x.gather(1, idx[:, :, None].expand(-1, -1, x.shape[2]))
+
+
+class MaskedBiLSTM(nn.Module):
+    """One bidirectional LSTM layer that reads each clip only up to its own length.
+
+    ``impl="reverse"`` (default, fast on CPU): a forward LSTM over the padded batch (padding comes
+    after the real frames, so it cannot reach them) and a backward LSTM over each clip reversed
+    within its length, so the backward direction starts at the clip's true last frame, not in the
+    padding. Both keep the fused dense LSTM kernels. ``impl="packed"``: the same result through
+    ``pack_padded_sequence`` (per-step loop on CPU; cuDNN handles it well on GPU).
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, impl: str = "reverse") -> None:
+        super().__init__()
+        if impl not in MASKING_IMPLS:
+            raise ValueError(f"masking impl {impl!r}: valid: {', '.join(MASKING_IMPLS)}")
+        self.impl = impl
+        self.hidden_size = hidden_size
+        # one LSTM per direction; the packed path uses them as one bidirectional LSTM's weights
+        self.forward_lstm = nn.LSTM(input_size, hidden_size, batch_first=True)
+        self.backward_lstm = nn.LSTM(input_size, hidden_size, batch_first=True)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns per-frame outputs (B, T, 2H) (zero at padded frames) and last states (B, 2H)."""
+        if self.impl == "packed":
+            return self._packed(x, lengths)
+        last = (lengths - 1).clamp(min=0)
+        batch = torch.arange(x.shape[0], device=x.device)
+        fwd, _ = self.forward_lstm(x)
+        bwd_rev, _ = self.backward_lstm(reverse_within_length(x, lengths))
+        last_state = torch.cat([fwd[batch, last], bwd_rev[batch, last]], dim=1)
+        out = torch.cat([fwd, reverse_within_length(bwd_rev, lengths)], dim=2)
+        mask = torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None]
+        return out * mask[:, :, None].to(out.dtype), last_state
+
+    def _packed(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        fwd, (h_f, _) = self.forward_lstm(packed)
+        # the backward direction: the same packed data, each clip reversed within its length
+        rev = pack_padded_sequence(
+            reverse_within_length(x, lengths), lengths.cpu(), batch_first=True, enforce_sorted=False
+        )
+        bwd, (h_b, _) = self.backward_lstm(rev)
+        fwd_pad, _ = pad_packed_sequence(fwd, batch_first=True, total_length=x.shape[1])
+        bwd_pad, _ = pad_packed_sequence(bwd, batch_first=True, total_length=x.shape[1])
+        out = torch.cat([fwd_pad, reverse_within_length(bwd_pad, lengths)], dim=2)
+        return out, torch.cat([h_f[0], h_b[0]], dim=1)
+
+
+class BiLSTMClassifier(nn.Module):
+    """BiLSTM(h1, sequences) -> Dropout -> ... -> BiLSTM(h_last, last state) -> Dropout ->
+    Dense(d) -> BatchNorm -> ReLU -> Dropout -> Dense(d, ReLU) -> Dense(C): the notebook's stack.
+
+    ``hidden_sizes`` (512, 256), ``dense_size`` 512 and ``dropout`` 0.8 are the notebook's sizes.
+    """
+
+    def __init__(
+        self,
+        n_features: int,
+        n_classes: int,
+        hidden_sizes: Sequence[int] = (512, 256),
+        dense_size: int = 512,
+        dropout: float = 0.8,
+        masking: str = "reverse",
+    ) -> None:
+        super().__init__()
+        if not hidden_sizes:
+            raise ValueError("hidden_sizes needs at least one LSTM size")
+        sizes = [n_features] + [2 * h for h in hidden_sizes[:-1]]
+        self.lstms = nn.ModuleList(
+            MaskedBiLSTM(d_in, h, impl=masking) for d_in, h in zip(sizes, hidden_sizes, strict=True)
+        )
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Sequential(
+            nn.Linear(2 * hidden_sizes[-1], dense_size),
+            nn.BatchNorm1d(dense_size),
+            nn.ReLU(),
+            nn.Dropout(dropout),
+            nn.Linear(dense_size, dense_size),
+            nn.ReLU(),
+            nn.Linear(dense_size, n_classes),
+        )
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        last_state = x.new_zeros(0)
+        for i, lstm in enumerate(self.lstms):
+            x, last_state = lstm(x, lengths)
+            if i < len(self.lstms) - 1:
+                x = self.dropout(x)  # per-frame dropout between LSTM layers, as the notebook
+        return self.head(self.dropout(last_state))

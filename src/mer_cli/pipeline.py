@@ -1,0 +1,375 @@
+"""One run, top to bottom: load -> preprocess -> model -> train -> evaluate -> report.
+
+Every file in a run directory is written by a function called from here:
+  config.yaml              resolved config (Hydra's .hydra/ keeps the unresolved one and overrides)
+  checkpoint.pt            best weights by val/loss, with what is needed to rebuild the model
+  last.pt                  the latest epoch's full state, to resume an interrupted run
+  history.csv              one row per epoch (train/*, val/*, lr)
+  metrics.json             {"run": {...}, "val": {...}, "test": {...}}
+  predictions.csv          per clip: split, clip id, true label, predicted label, probabilities
+  plots/*.png              training curves, and per split: confusion matrix, ROC, per-class ROC, PR
+  acoustic/, visual/       late fusion only: the two member runs (same layout), unless reused
+  late.json                late fusion only: members and fusion weight, for mer-evaluate
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from mer_cli import data, evaluate, fusion, preprocess, report, synthetic, train
+from mer_cli.artifacts import load_checkpoint, write_json, write_text
+from mer_cli.errors import ConfigError, MerError
+
+log = logging.getLogger(__name__)
+
+# modality -> the stream its model reads; late fusion combines an acoustic and a visual model
+STREAM_OF_MODALITY = {"acoustic": "mfcc", "visual": "aus", "early": "early"}
+MODALITIES = (*STREAM_OF_MODALITY, "late")
+CHECKPOINT_FORMAT = 1
+
+
+def run(cfg: DictConfig, out_dir: Path, resume: bool = False) -> dict[str, Any]:
+    """Train and evaluate the model ``cfg`` describes; write everything into ``out_dir``."""
+    modality = cfg.modality.name
+    if modality not in MODALITIES:
+        raise ConfigError(f"modality={modality!r}: valid: {', '.join(MODALITIES)}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    splits = load_data(cfg.data)
+    log.info(
+        "data: %s: %d train / %d val / %d test clips, %d classes",
+        splits.source,
+        len(splits.train),
+        len(splits.val),
+        len(splits.test),
+        splits.n_classes,
+    )
+    if modality == "late":
+        return run_late(cfg, splits, out_dir, resume)
+    result = train_stream(cfg, splits, STREAM_OF_MODALITY[modality], out_dir, resume)
+    return result.metrics
+
+
+def load_data(data_cfg: DictConfig) -> data.Splits:
+    """The configured dataset (``data.name``), sliced to ``data.limit_per_split`` if set."""
+    name = data_cfg.name
+    if name == "synthetic":
+        splits = synthetic.generate(synthetic.Spec(**data_cfg.generator))
+    elif name == "pickle":
+        if data_cfg.path is None:
+            raise ConfigError("data=pickle needs data.path=FILE (the notebook's feature pickle)")
+        splits = data.load(data_cfg.path, class_names=data_cfg.class_names, nan_policy=data_cfg.nan_policy)
+    else:
+        raise ConfigError(f"data={name!r}: valid: synthetic, pickle")
+    return splits.limit(data_cfg.limit_per_split)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class StreamResult:
+    metrics: dict[str, Any]
+    predictions: dict[str, report.Predictions]  # by split
+
+
+def train_stream(
+    cfg: DictConfig, splits: data.Splits, stream: str, out_dir: Path, resume: bool = False
+) -> StreamResult:
+    """Fit preprocessing, build, train, evaluate and report one single-stream model."""
+    settings = train.Settings(**cfg.trainer.loop)
+    train.configure_threads(settings)
+    seed_everything(cfg.seed)
+    prep = preprocess.fit(
+        splits.train, stream, percentile=cfg.preprocess.length_percentile, normalize=cfg.preprocess.normalize
+    )
+    train_set, val_set, test_set = (preprocess.apply(prep, s, stream) for s in splits.all())
+    log.info(
+        "%s: target length %d frames, %d features, normalize=%s",
+        stream,
+        prep.target.length,
+        train_set.n_features,
+        prep.scaler is not None,
+    )
+
+    model = build_model(cfg.model, train_set.n_features, splits.n_classes)
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("model: %s, %s parameters", cfg.model._target_, f"{n_params:,}")
+    optimizer = instantiate(cfg.trainer.optimizer)(model.parameters())
+    scheduler = instantiate(cfg.trainer.scheduler)(optimizer)
+    meta = {
+        "format": CHECKPOINT_FORMAT,
+        "stream": stream,
+        "model_config": OmegaConf.to_container(cfg.model, resolve=True),
+        "n_features": train_set.n_features,
+        "class_names": list(splits.class_names),
+        "prep": prep.state(),
+    }
+    started = time.perf_counter()
+    history = train.fit(
+        model,
+        optimizer,
+        scheduler,
+        train_set,
+        val_set,
+        settings,
+        out_dir,
+        seed=cfg.seed,
+        checkpoint_meta=meta,
+        resume=resume,
+    )
+    train_seconds = time.perf_counter() - started
+
+    device = train.resolve_device(settings.device)
+    dtype = train.resolve_precision(settings.precision, device)
+    predictions = {
+        s_name: report.Predictions(
+            s_name,
+            s.clip_ids,
+            s.y.numpy(),
+            train.predict_proba(model, s, settings.eval_batch_size, device, dtype),
+        )
+        for s_name, s in (("val", val_set), ("test", test_set))
+    }
+    metrics = {
+        "run": {
+            "modality": cfg.modality.name,
+            "seed": int(cfg.seed),
+            "data": splits.source,
+            "n_parameters": n_params,
+            "best_epoch": history.best_epoch,
+            "epochs_trained": len(history.rows),
+            "stopped_early": history.stopped_early,
+            "train_seconds": round(train_seconds, 2),
+            "device": str(device),
+            "precision": str(dtype).removeprefix("torch."),
+        },
+        **{s: evaluate.score(p.y_true, p.y_prob, splits.class_names) for s, p in predictions.items()},
+    }
+    report.write(
+        out_dir,
+        metrics,
+        history.rows,
+        list(predictions.values()),
+        splits.class_names,
+        save_plots=cfg.save_plots,
+    )
+    return StreamResult(metrics, predictions)
+
+
+def build_model(model_cfg: DictConfig | dict[str, Any], n_features: int, n_classes: int) -> torch.nn.Module:
+    # run-time facts (feature and class counts) come from the data, never from the config
+    return instantiate(model_cfg, n_features=n_features, n_classes=n_classes, _convert_="all")
+
+
+# ---------------------------------------------------------------------------------------------
+# Late fusion
+
+
+def run_late(cfg: DictConfig, splits: data.Splits, out_dir: Path, resume: bool = False) -> dict[str, Any]:
+    """Average (or weight) the class probabilities of an acoustic and a visual model.
+
+    Each member is reused from ``modality.<member>_run`` when given, else trained into
+    ``out_dir/<member>/`` with this run's data, model, trainer and seed.
+    """
+    members: dict[str, dict[str, report.Predictions]] = {}
+    sources: dict[str, str] = {}
+    for member in ("acoustic", "visual"):
+        reuse = cfg.modality.get(f"{member}_run")
+        if reuse:
+            run_dir = Path(reuse).expanduser().resolve()
+            log.info("late fusion: reusing the %s model in %s", member, run_dir)
+            members[member] = predict_run(run_dir, splits)
+            sources[member] = str(run_dir)
+        else:
+            log.info("late fusion: training the %s model", member)
+            member_dir = out_dir / member
+            member_cfg = cast(DictConfig, OmegaConf.merge(cfg, {"modality": {"name": member}}))
+            write_text(member_dir / "config.yaml", OmegaConf.to_yaml(member_cfg, resolve=True))
+            result = train_stream(member_cfg, splits, STREAM_OF_MODALITY[member], member_dir, resume)
+            members[member] = result.predictions
+            sources[member] = member
+    return fuse_and_report(
+        cfg.modality.acoustic_weight,
+        members,
+        sources,
+        splits.class_names,
+        out_dir,
+        seed=int(cfg.seed),
+        data_source=splits.source,
+        save_plots=cfg.save_plots,
+    )
+
+
+def fuse_and_report(
+    acoustic_weight: float | str,
+    members: dict[str, dict[str, report.Predictions]],
+    sources: dict[str, str],
+    class_names: tuple[str, ...],
+    out_dir: Path,
+    seed: int,
+    data_source: str,
+    save_plots: bool = True,
+) -> dict[str, Any]:
+    a, v = members["acoustic"], members["visual"]
+    for s in ("val", "test"):
+        if a[s].clip_ids != v[s].clip_ids:
+            raise MerError(f"late fusion: the acoustic and visual {s} predictions are for different clips")
+    if acoustic_weight == "fit":
+        # fitted on validation predictions only: the test split never chooses its own fusion
+        weight = fusion.fit_acoustic_weight(
+            a["val"].y_prob, v["val"].y_prob, a["val"].y_true, len(class_names)
+        )
+        log.info("late fusion: acoustic weight %.2f fitted on validation", weight)
+    else:
+        weight = float(acoustic_weight)
+        if not 0.0 <= weight <= 1.0:
+            raise ConfigError(f"modality.acoustic_weight={weight}: must be in [0, 1] or 'fit'")
+    predictions = [
+        report.Predictions(s, a[s].clip_ids, a[s].y_true, fusion.late_fuse(a[s].y_prob, v[s].y_prob, weight))
+        for s in ("val", "test")
+    ]
+    metrics = {
+        "run": {
+            "modality": "late",
+            "seed": seed,
+            "data": data_source,
+            "acoustic_weight": weight,
+            "members": sources,
+        },
+        **{p.split: evaluate.score(p.y_true, p.y_prob, class_names) for p in predictions},
+    }
+    write_json(
+        out_dir / "late.json", {"format": CHECKPOINT_FORMAT, "acoustic_weight": weight, "members": sources}
+    )
+    report.write(out_dir, metrics, None, predictions, class_names, save_plots=save_plots)
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# Reloading a trained run
+
+
+def load_trained(run_dir: Path) -> tuple[torch.nn.Module, preprocess.StreamPrep, dict[str, Any]]:
+    """Rebuild the model and preprocessing of a single-stream run from its checkpoint."""
+    path = run_dir / "checkpoint.pt"
+    if not path.exists():
+        raise MerError(
+            f"{run_dir}: no checkpoint.pt (not a mer-train run directory, or it "
+            "stopped before its first epoch)"
+        )
+    meta = load_checkpoint(path)
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise MerError(f"{path}: checkpoint format {meta.get('format')!r} is not supported")
+    model = build_model(meta["model_config"], meta["n_features"], len(meta["class_names"]))
+    model.load_state_dict(meta["model"])
+    return model, preprocess.StreamPrep.from_state(meta["prep"]), meta
+
+
+def predict_run(
+    run_dir: Path,
+    splits: data.Splits,
+    split_names: tuple[str, ...] = ("val", "test"),
+    batch_size: int = 512,
+) -> dict[str, report.Predictions]:
+    """Predictions of a trained single-stream run on ``splits`` (its own fitted preprocessing)."""
+    model, prep, meta = load_trained(run_dir)
+    stream = meta["stream"]
+    if tuple(meta["class_names"]) != splits.class_names:
+        raise MerError(
+            f"{run_dir}: trained on classes {meta['class_names']}, "
+            f"but the data has {list(splits.class_names)}"
+        )
+    out = {}
+    device = train.resolve_device("auto")
+    model.to(device)
+    for s in split_names:
+        split = getattr(splits, s)
+        seqs = preprocess.apply(prep, split, stream)
+        if seqs.n_features != meta["n_features"]:
+            raise MerError(
+                f"{run_dir}: the model reads {meta['n_features']} {stream} features per "
+                f"frame, the data has {seqs.n_features}"
+            )
+        prob = train.predict_proba(model, seqs, batch_size, device, torch.float32)
+        out[s] = report.Predictions(s, seqs.clip_ids, seqs.y.numpy(), prob)
+    return out
+
+
+def evaluate_run(
+    run_dir: Path, data_path: Path | None, split_names: tuple[str, ...], save_plots: bool = True
+) -> tuple[Path, dict[str, Any]]:
+    """Re-evaluate a trained run (single-stream or late fusion) into ``run_dir/evaluations/<time>/``.
+
+    ``data_path``: another feature pickle with the same features; None: the run's own data.
+    The training results in ``run_dir`` are never touched.
+    """
+    run_dir = run_dir.expanduser().resolve()
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        raise MerError(f"{run_dir}: no config.yaml: not a mer-train run directory")
+    cfg = OmegaConf.load(config_path)
+    data_cfg = cfg.data
+    if data_path is not None:
+        data_cfg = OmegaConf.merge(
+            data_cfg, {"name": "pickle", "path": str(data_path), "limit_per_split": None}
+        )
+    splits = load_data(data_cfg)
+    late_path = run_dir / "late.json"
+    if late_path.exists():
+        late = json.loads(late_path.read_text())
+        members = {
+            m: predict_run(_member_dir(run_dir, src), splits, split_names)
+            for m, src in late["members"].items()
+        }
+        weight = float(late["acoustic_weight"])
+        predictions = [
+            report.Predictions(
+                s,
+                members["acoustic"][s].clip_ids,
+                members["acoustic"][s].y_true,
+                fusion.late_fuse(members["acoustic"][s].y_prob, members["visual"][s].y_prob, weight),
+            )
+            for s in split_names
+        ]
+    else:
+        predictions = list(predict_run(run_dir, splits, split_names).values())
+    metrics = {
+        "run": {"evaluated_run": str(run_dir), "modality": cfg.modality.name, "data": splits.source},
+        **{p.split: evaluate.score(p.y_true, p.y_prob, splits.class_names) for p in predictions},
+    }
+    stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
+    out_dir = run_dir / "evaluations" / stamp
+    n = 1
+    while out_dir.exists():
+        n += 1
+        out_dir = run_dir / "evaluations" / f"{stamp}_{n}"
+    # written into a hidden sibling and renamed: a failure leaves no half-written evaluation
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    try:
+        report.write(tmp, metrics, None, predictions, splits.class_names, save_plots=save_plots)
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir, metrics
+
+
+def _member_dir(run_dir: Path, source: str) -> Path:
+    p = Path(source)
+    return p if p.is_absolute() else run_dir / p

@@ -1,0 +1,370 @@
+"""The training loop: length-bucketed batches, early stopping, LR on plateau, best checkpoint.
+
+Input: a model, an optimizer and scheduler, train and validation `SequenceSet`s. Output: the
+model with its best weights (lowest val/loss) restored, and the per-epoch history. Every epoch it
+also writes ``last.pt`` so an interrupted run can resume where it stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score
+from torch import nn
+from tqdm import tqdm
+
+from mer_cli.artifacts import load_checkpoint, save_checkpoint
+from mer_cli.errors import ConfigError
+from mer_cli.preprocess import SequenceSet
+
+log = logging.getLogger(__name__)
+
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+HISTORY_COLUMNS = (
+    "epoch",
+    "train/loss",
+    "train/accuracy",
+    "train/roc_auc",
+    "lr",
+    "val/loss",
+    "val/accuracy",
+    "val/roc_auc",
+    "seconds",
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """``trainer.loop`` in the config; an unknown key is a TypeError at construction."""
+
+    max_epochs: int = 100
+    batch_size: int = 128
+    patience_epochs: int = 20  # early stop after this many epochs without a better val/loss
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (fp16: CUDA only)
+    num_threads: int | None = None  # CPU threads; None: the physical cores available
+    bucket_by_length: bool = True  # batch clips of similar length, pad each batch to its longest
+    bucket_batches: int = 32  # batches per bucket pool: larger pools pad less, shuffle less
+    eval_batch_size: int = 512
+    progress: bool = True  # a progress bar per epoch (only when stderr is a terminal)
+
+    def __post_init__(self) -> None:
+        if self.device not in DEVICES:
+            raise ConfigError(f"trainer.loop.device={self.device!r}: valid: {', '.join(DEVICES)}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"trainer.loop.precision={self.precision!r}: valid: {', '.join(PRECISIONS)}")
+
+
+@dataclass
+class History:
+    rows: list[dict[str, float]] = field(default_factory=list)
+    best_epoch: int = 0
+    stopped_early: bool = False
+
+    @property
+    def best(self) -> dict[str, float]:
+        return next(r for r in self.rows if r["epoch"] == self.best_epoch)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hardware
+
+
+def physical_cores() -> int:
+    """Physical cores this process may run on (hyper-threads share one core's LSTM throughput)."""
+    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    try:
+        cores, cpu = set(), None
+        with open("/proc/cpuinfo") as f:
+            phys = "0"
+            for line in f:
+                key, _, value = line.partition(":")
+                key, value = key.strip(), value.strip()
+                if key == "processor":
+                    cpu = int(value)
+                elif key == "physical id":
+                    phys = value
+                elif key == "core id" and cpu in allowed:
+                    cores.add((phys, value))
+        return max(1, len(cores)) if cores else len(allowed)
+    except OSError:
+        return max(1, len(allowed))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("trainer.loop.device=cuda, but no CUDA device is available")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def resolve_precision(name: str, device: torch.device) -> torch.dtype:
+    """The autocast dtype (float32: no autocast). ``auto``: bf16 where the hardware has it."""
+    if name == "fp16" and device.type != "cuda":
+        raise ConfigError("trainer.loop.precision=fp16 needs CUDA; use bf16 or fp32 on a CPU")
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager[Any]:
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def configure_threads(settings: Settings) -> int:
+    n = settings.num_threads or physical_cores()
+    torch.set_num_threads(n)
+    return n
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches
+
+
+def batch_indices(
+    lengths: torch.Tensor, batch_size: int, generator: torch.Generator, bucket: bool, pool_batches: int
+) -> list[torch.Tensor]:
+    """One epoch's batches: every clip exactly once, order drawn from ``generator``.
+
+    With ``bucket``, clips are shuffled, cut into pools of ``pool_batches`` batches, sorted by
+    length within a pool and cut into batches whose order is shuffled again: batches hold clips
+    of similar length, so padding each batch to its own longest clip computes little padding.
+    """
+    n = lengths.shape[0]
+    order = torch.randperm(n, generator=generator)
+    if not bucket:
+        return list(order.split(batch_size))
+    batches: list[torch.Tensor] = []
+    for pool in order.split(batch_size * pool_batches):
+        by_length = pool[torch.argsort(lengths[pool], descending=True, stable=True)]
+        batches.extend(by_length.split(batch_size))
+    perm = torch.randperm(len(batches), generator=generator)
+    return [batches[i] for i in perm]
+
+
+def gather_batch(
+    data: SequenceSet, idx: torch.Tensor, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Frames cut to the batch's longest clip, lengths and labels, moved to ``device``."""
+    lengths = data.lengths[idx]
+    x = data.x[idx, : int(lengths.max())]
+    non_blocking = device.type == "cuda"
+    if non_blocking:
+        x = x.pin_memory()
+    return (
+        x.to(device, non_blocking=non_blocking),
+        lengths.to(device, non_blocking=non_blocking),
+        data.y[idx].to(device, non_blocking=non_blocking),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Prediction
+
+
+def predict_proba(
+    model: nn.Module, data: SequenceSet, batch_size: int, device: torch.device, dtype: torch.dtype
+) -> np.ndarray:
+    """Class probabilities (N, C) in ``data``'s order; batches sorted by length pad least."""
+    model.eval()
+    order = torch.argsort(data.lengths, descending=True, stable=True)
+    out: list[torch.Tensor] = []
+    with torch.inference_mode(), autocast(device, dtype):
+        for idx in order.split(batch_size):
+            x, lengths, _ = gather_batch(data, idx, device)
+            out.append(torch.softmax(model(x, lengths).float(), dim=1).cpu())
+    probs = torch.empty(len(data), out[0].shape[1])
+    probs[order] = torch.cat(out)
+    return probs.numpy()
+
+
+def roc_auc_micro(y_true: np.ndarray, y_prob: np.ndarray) -> float:
+    """Micro-averaged one-vs-rest ROC-AUC (Keras' AUC metric on one-hot targets); NaN if undefined."""
+    onehot = np.eye(y_prob.shape[1])[y_true]
+    try:
+        return float(roc_auc_score(onehot, y_prob, average="micro"))
+    except ValueError:
+        return math.nan
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+def fit(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau,
+    train_set: SequenceSet,
+    val_set: SequenceSet,
+    settings: Settings,
+    out_dir: Path,
+    seed: int,
+    checkpoint_meta: dict[str, Any],
+    resume: bool = False,
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
+) -> History:
+    """Train until ``max_epochs`` or early stop; return the history with best weights restored.
+
+    Writes ``out_dir/checkpoint.pt`` (best weights + ``checkpoint_meta``) whenever val/loss
+    improves and ``out_dir/last.pt`` (everything needed to resume) after every epoch. With
+    ``resume``, training continues from ``last.pt`` and ends as an uninterrupted run would.
+    """
+    device = resolve_device(settings.device)
+    dtype = resolve_precision(settings.precision, device)
+    model.to(device)
+    # gradient scaling keeps small fp16 gradients from flushing to zero; bf16 needs none
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    generator = torch.Generator().manual_seed(seed)
+    loss_fn = nn.CrossEntropyLoss()
+    history = History()
+    best_state: dict[str, torch.Tensor] | None = None
+    best_loss, start_epoch, bad_epochs = math.inf, 1, 0
+
+    last_path = out_dir / "last.pt"
+    if resume and last_path.exists():
+        state = load_checkpoint(last_path, map_location=device)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["grad_scaler"])
+        generator.set_state(state["batch_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        if device.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"])
+        history = History(rows=state["history"], best_epoch=state["best_epoch"])
+        best_state, best_loss, bad_epochs = state["best_model"], state["best_loss"], state["bad_epochs"]
+        start_epoch = state["epoch"] + 1
+        log.info("resuming from %s at epoch %d", last_path, start_epoch)
+
+    log.info(
+        "training on %s (%s), %d threads, %d train / %d val clips, batch %d",
+        device,
+        str(dtype).removeprefix("torch."),
+        torch.get_num_threads(),
+        len(train_set),
+        len(val_set),
+        settings.batch_size,
+    )
+    for epoch in range(start_epoch, settings.max_epochs + 1):
+        started = time.perf_counter()
+        model.train()
+        batches = batch_indices(
+            train_set.lengths,
+            settings.batch_size,
+            generator,
+            settings.bucket_by_length,
+            settings.bucket_batches,
+        )
+        total_loss, y_true, y_prob = 0.0, [], []
+        bar = tqdm(
+            batches,
+            desc=f"epoch {epoch}/{settings.max_epochs}",
+            leave=False,
+            disable=None if settings.progress else True,
+            unit="batch",
+        )
+        for idx in bar:
+            x, lengths, y = gather_batch(train_set, idx, device)
+            with autocast(device, dtype):
+                logits = model(x, lengths)
+                loss = loss_fn(logits.float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            total_loss += loss.item() * len(idx)
+            y_true.append(y.cpu())
+            y_prob.append(torch.softmax(logits.detach().float(), dim=1).cpu())
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        yt, yp = torch.cat(y_true).numpy(), torch.cat(y_prob).numpy()
+
+        val_prob = predict_proba(model, val_set, settings.eval_batch_size, device, dtype)
+        val_y = val_set.y.numpy()
+        val_loss = _nll(val_prob, val_y)
+        row = {
+            "epoch": epoch,
+            "train/loss": total_loss / len(train_set),
+            "train/accuracy": float((yp.argmax(1) == yt).mean()),
+            "train/roc_auc": roc_auc_micro(yt, yp),
+            "lr": optimizer.param_groups[0]["lr"],
+            "val/loss": val_loss,
+            "val/accuracy": float((val_prob.argmax(1) == val_y).mean()),
+            "val/roc_auc": roc_auc_micro(val_y, val_prob),
+            "seconds": time.perf_counter() - started,
+        }
+        history.rows.append(row)
+        scheduler.step(val_loss)
+
+        improved = val_loss < best_loss
+        if improved:
+            best_loss, bad_epochs, history.best_epoch = val_loss, 0, epoch
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            save_checkpoint(
+                out_dir / "checkpoint.pt",
+                {**checkpoint_meta, "model": best_state, "epoch": epoch, "val_loss": val_loss},
+            )
+        else:
+            bad_epochs += 1
+        log.info(
+            "epoch %3d  train/loss %.4f  train/accuracy %.3f  val/loss %.4f  val/accuracy %.3f  "
+            "lr %.2e  %.1fs%s",
+            epoch,
+            row["train/loss"],
+            row["train/accuracy"],
+            val_loss,
+            row["val/accuracy"],
+            row["lr"],
+            row["seconds"],
+            "  *best" if improved else "",
+        )
+        save_checkpoint(
+            last_path,
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "grad_scaler": scaler.state_dict(),
+                "batch_rng": generator.get_state(),
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state() if device.type == "cuda" else None,
+                "history": history.rows,
+                "best_epoch": history.best_epoch,
+                "best_model": best_state,
+                "best_loss": best_loss,
+                "bad_epochs": bad_epochs,
+                "epoch": epoch,
+            },
+        )
+        if on_epoch is not None:
+            on_epoch(row)
+        if bad_epochs >= settings.patience_epochs:
+            history.stopped_early = True
+            log.info("early stop: no better val/loss for %d epochs", bad_epochs)
+            break
+
+    if best_state is not None:
+        model.load_state_dict(best_state)  # restore the best weights, as Keras' restore_best_weights
+    log.info("best epoch %d: val/loss %.4f", history.best_epoch, best_loss)
+    return history
+
+
+def _nll(prob: np.ndarray, y_true: np.ndarray) -> float:
+    """Mean categorical cross-entropy of predicted probabilities."""
+    return float(-np.log(np.clip(prob[np.arange(len(y_true)), y_true], 1e-12, None)).mean())
