@@ -1,0 +1,14 @@
+"""``python -m mer_cli train|evaluate ...``: the console scripts without an installed entry point."""
+
+import sys
+
+from mer_cli import cli
+
+COMMANDS = {"train": cli.train_main, "evaluate": cli.evaluate_main}
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
+        sys.exit(f"usage: python -m mer_cli {{{','.join(COMMANDS)}}} [args...]")
+    name = sys.argv.pop(1)
+    sys.argv[0] = f"mer-{name}"
+    COMMANDS[name]()

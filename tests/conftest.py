@@ -1,0 +1,65 @@
+"""Shared helpers: hand-built Splits and a way to run the console scripts in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mer_cli.data import NOTEBOOK_CLASS_NAMES, Split, Splits
+
+# tiny tensors: one thread avoids OpenMP spin-waiting on a busy 2-core machine
+torch.set_num_threads(1)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_split(
+    name: str,
+    n: int,
+    rng: np.random.Generator,
+    n_classes: int = 6,
+    d_a: int = 5,
+    d_v: int = 3,
+    prefix: str = "",
+) -> Split:
+    labels = np.arange(n) % n_classes
+    return Split(
+        name=name,
+        clip_ids=tuple(f"{prefix}{name}_{i}" for i in range(n)),
+        mfcc=tuple(rng.standard_normal((int(rng.integers(5, 30)), d_a)).astype(np.float32) for _ in range(n)),
+        aus=tuple(rng.standard_normal((int(rng.integers(2, 10)), d_v)).astype(np.float32) for _ in range(n)),
+        labels=labels.astype(np.int64),
+    )
+
+
+@pytest.fixture
+def tiny_splits() -> Splits:
+    rng = np.random.default_rng(0)
+    return Splits(
+        make_split("train", 24, rng),
+        make_split("val", 12, rng),
+        make_split("test", 12, rng),
+        class_names=NOTEBOOK_CLASS_NAMES,
+        source="tiny",
+    )
+
+
+def run_cli(
+    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m mer_cli <args>`` as a user would run the console script."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "mer_cli", *args],
+        cwd=cwd or REPO,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

@@ -1,0 +1,67 @@
+"""Every config group option and experiment composes, and builds a model that runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+
+from mer_cli import pipeline, train
+from mer_cli.cli import config_dir
+
+CONFIGS = Path(config_dir())
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
+
+
+def _compose(*overrides: str):
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides))
+
+
+def test_every_group_has_the_documented_options():
+    assert _options("modality") == ["acoustic", "early", "late", "visual"]
+    assert {"bilstm", "bilstm_notebook"} <= set(_options("model"))
+    assert {"smoke", "notebook"} <= set(_options("experiment"))
+    assert {"synthetic", "pickle"} <= set(_options("data"))
+
+
+@pytest.mark.parametrize("model", _options("model"))
+@pytest.mark.parametrize("experiment", [None, *_options("experiment")])
+def test_model_options_build_and_predict_one_row_per_clip(model, experiment):
+    overrides = [f"model={model}"] + ([f"experiment={experiment}"] if experiment else [])
+    cfg = _compose(*overrides)
+    net = pipeline.build_model(cfg.model, n_features=69, n_classes=6).eval()
+    x = torch.randn(3, 11, 69)
+    assert net(x, torch.tensor([11, 4, 1])).shape == (3, 6)
+    opt = instantiate(cfg.trainer.optimizer)(net.parameters())
+    instantiate(cfg.trainer.scheduler)(opt)
+    train.Settings(**cfg.trainer.loop)  # every loop key is a known setting
+
+
+def test_notebook_experiment_is_the_notebooks_settings():
+    cfg = _compose("experiment=notebook")
+    assert list(cfg.model.hidden_sizes) == [512, 256]
+    assert cfg.model.dense_size == 512 and cfg.model.dropout == 0.8
+    assert cfg.trainer.optimizer._target_ == "pytorch_optimizer.AdaBelief"
+    assert cfg.trainer.loop.batch_size == 128 and cfg.trainer.loop.max_epochs == 100
+    assert cfg.trainer.loop.patience_epochs == 20
+    assert (cfg.trainer.scheduler.factor, cfg.trainer.scheduler.patience) == (0.8, 3)
+    assert cfg.trainer.scheduler.min_lr == 3e-5
+    assert cfg.preprocess.normalize is False and cfg.preprocess.length_percentile == 95
+
+
+def test_smoke_experiment_keeps_a_users_data_file():
+    cfg = _compose("experiment=smoke", "data=pickle", "data.path=/data/x.pkl")
+    assert cfg.data.name == "pickle" and cfg.data.path == "/data/x.pkl"
+    assert cfg.data.limit_per_split == 48
+    assert cfg.trainer.loop.max_epochs == 2
+
+
+def test_every_modality_is_known_to_the_pipeline():
+    assert set(_options("modality")) == set(pipeline.MODALITIES)

@@ -1,0 +1,84 @@
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+from mer_cli.models import BiLSTMClassifier, MaskedBiLSTM, reverse_within_length
+
+
+def _batch(b=5, t=12, f=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, t + 1, (b,), generator=g)
+    lengths[0] = t
+    x = torch.randn(b, t, f, generator=g)
+    x = x * (torch.arange(t)[None, :] < lengths[:, None])[:, :, None]
+    return x, lengths
+
+
+def test_reverse_within_length_reverses_real_frames_and_is_its_own_inverse():
+    x = torch.arange(5.0).repeat(2, 1)[:, :, None]  # (2, 5, 1)
+    lengths = torch.tensor([5, 3])
+    r = reverse_within_length(x, lengths)
+    assert r[:, :, 0].tolist() == [[4, 3, 2, 1, 0], [2, 1, 0, 3, 4]]
+    assert torch.equal(reverse_within_length(r, lengths), x)
+
+
+def test_masked_bilstm_equals_a_packed_bidirectional_lstm_outputs_and_gradients():
+    torch.manual_seed(0)
+    x, lengths = _batch()
+    layer = MaskedBiLSTM(4, 6)
+    ref = nn.LSTM(4, 6, batch_first=True, bidirectional=True)
+    with torch.no_grad():  # same weights: forward direction, then the reverse direction
+        for name, p in layer.forward_lstm.named_parameters():
+            getattr(ref, name).copy_(p)
+        for name, p in layer.backward_lstm.named_parameters():
+            getattr(ref, f"{name}_reverse").copy_(p)
+
+    x1 = x.clone().requires_grad_(True)
+    out, last = layer(x1, lengths)
+    x2 = x.clone().requires_grad_(True)
+    packed = pack_padded_sequence(x2, lengths, batch_first=True, enforce_sorted=False)
+    ref_packed, (h_n, _) = ref(packed)
+    ref_out, _ = nn.utils.rnn.pad_packed_sequence(ref_packed, batch_first=True, total_length=x.shape[1])
+    ref_last = torch.cat([h_n[0], h_n[1]], dim=1)
+
+    torch.testing.assert_close(out, ref_out, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(last, ref_last, atol=1e-6, rtol=1e-5)
+    (out.sum() + last.square().sum()).backward()
+    (ref_out.sum() + ref_last.square().sum()).backward()
+    torch.testing.assert_close(x1.grad, x2.grad, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(
+        layer.backward_lstm.weight_hh_l0.grad, ref.weight_hh_l0_reverse.grad, atol=1e-5, rtol=1e-4
+    )
+
+
+def test_reverse_and_packed_impls_agree():
+    torch.manual_seed(1)
+    x, lengths = _batch(seed=1)
+    a = MaskedBiLSTM(4, 3, impl="reverse")
+    b = MaskedBiLSTM(4, 3, impl="packed")
+    b.load_state_dict(a.state_dict())
+    for got, want in zip(a(x, lengths), b(x, lengths), strict=True):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("masking", ["reverse", "packed"])
+def test_extra_zero_padding_leaves_predictions_unchanged(masking):
+    torch.manual_seed(0)
+    model = BiLSTMClassifier(4, 6, hidden_sizes=(8, 5), dense_size=16, dropout=0.5, masking=masking).eval()
+    x, lengths = _batch()
+    padded = torch.cat([x, torch.zeros(x.shape[0], 50, x.shape[2])], dim=1)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, lengths), model(padded, lengths), atol=1e-6, rtol=1e-5)
+        # and the padding's content does not matter either: it is never read
+        noisy = padded.clone()
+        noisy[:, x.shape[1] :] = 123.0
+        torch.testing.assert_close(model(x, lengths), model(noisy, lengths), atol=1e-6, rtol=1e-5)
+
+
+def test_notebook_sizes_give_about_5_5_million_parameters_on_acoustic_input():
+    model = BiLSTMClassifier(52, 6)  # defaults are the notebook's 512/256, 512, 0.8
+    n = sum(p.numel() for p in model.parameters())
+    assert 5.3e6 < n < 5.7e6
+    # one bias vector more per LSTM than Keras (PyTorch keeps b_ih and b_hh): 4 * 2 * 2 * (512 + 256)
+    assert model(torch.zeros(3, 7, 52), torch.tensor([7, 3, 1])).shape == (3, 6)

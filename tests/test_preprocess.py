@@ -1,0 +1,97 @@
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from mer_cli import preprocess
+from mer_cli.data import Split
+from mer_cli.fusion import early_fuse, stretch_frames
+
+
+def test_target_length_comes_from_train_lengths():
+    train = [np.zeros((n, 3)) for n in (10, 20, 30, 40)]
+    target = preprocess.fit_target_length(train, percentile=95)
+    assert target.length == 39  # ceil(38.5)
+    assert target.pad_or_truncate(np.ones((500, 3))).shape == (39, 3)
+
+
+def test_pad_or_truncate_keeps_the_start_and_pads_zeros_at_the_end():
+    target = preprocess.TargetLength(4)
+    x = np.arange(12, dtype=np.float32).reshape(6, 2)
+    np.testing.assert_array_equal(target.pad_or_truncate(x), x[:4])
+    short = np.ones((2, 2), dtype=np.float32)
+    np.testing.assert_array_equal(target.pad_or_truncate(short), [[1, 1], [1, 1], [0, 0], [0, 0]])
+
+
+def _split(name, mfcc, aus):
+    return Split(
+        name,
+        tuple(f"{name}{i}" for i in range(len(mfcc))),
+        tuple(mfcc),
+        tuple(aus),
+        np.zeros(len(mfcc), dtype=np.int64),
+    )
+
+
+def test_fit_uses_train_only_and_apply_pads_with_true_lengths():
+    rng = np.random.default_rng(0)
+    train = _split(
+        "t",
+        [rng.normal(5, 2, (n, 3)).astype(np.float32) for n in (4, 6, 8, 10)],
+        [np.ones((2, 1), np.float32)] * 4,
+    )
+    prep = preprocess.fit(train, "mfcc", percentile=95, normalize=True)
+    frames = np.concatenate([m[: prep.target.length] for m in train.mfcc])
+    np.testing.assert_allclose(prep.scaler.mean, frames.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(prep.scaler.std, frames.std(0), rtol=1e-6)
+
+    # a wild test split changes nothing that was fitted, and is cut to the train length
+    test = _split("x", [np.full((50, 3), 1e6, np.float32)], [np.ones((2, 1), np.float32)])
+    out = preprocess.apply(prep, test, "mfcc")
+    assert out.x.shape == (1, prep.target.length, 3)
+    assert out.lengths.tolist() == [prep.target.length]
+
+    short = preprocess.apply(prep, _split("s", [train.mfcc[0][:2]], [np.ones((2, 1), np.float32)]), "mfcc")
+    assert short.lengths.tolist() == [2]
+    assert short.x[0, 2:].abs().sum() == 0  # padding stays exactly zero after normalization
+    np.testing.assert_allclose(short.x[0, :2].numpy(), prep.scaler.transform(train.mfcc[0][:2]), rtol=1e-6)
+
+
+def test_normalize_false_leaves_features_as_they_are():
+    train = _split("t", [np.full((3, 2), 7.0, np.float32)], [np.ones((2, 1), np.float32)])
+    prep = preprocess.fit(train, "mfcc", percentile=95, normalize=False)
+    assert prep.scaler is None
+    assert preprocess.apply(prep, train, "mfcc").x[0, 0].tolist() == [7.0, 7.0]
+
+
+def test_stretch_frames_matches_hand_computed_values():
+    aus = np.array([[0.0, 10.0], [2.0, 20.0], [4.0, 40.0]], dtype=np.float32)
+    # 3 -> 5 frames: output i samples input time i * 2 / 4
+    expected = [[0, 10], [1, 15], [2, 20], [3, 30], [4, 40]]
+    np.testing.assert_allclose(stretch_frames(aus, 5), expected)
+
+
+@pytest.mark.parametrize(("t_in", "t_out"), [(31, 100), (105, 356), (7, 7), (10, 4)])
+def test_stretch_frames_matches_the_notebooks_scipy_zoom(t_in, t_out):
+    x = np.random.default_rng(t_in).random((t_in, 17)).astype(np.float64)
+    ref = ndimage.zoom(x, (t_out / t_in, 1), order=1)
+    assert ref.shape[0] == t_out
+    np.testing.assert_allclose(stretch_frames(x, t_out), ref, atol=1e-9)
+
+
+def test_early_fuse_concatenates_at_the_audio_frame_rate():
+    mfcc = np.zeros((9, 4), np.float32)
+    aus = np.arange(3, dtype=np.float32)[:, None]
+    fused = early_fuse(mfcc, aus)
+    assert fused.shape == (9, 5)
+    np.testing.assert_allclose(fused[:, 4], np.linspace(0, 2, 9))
+    np.testing.assert_array_equal(np.interp(np.linspace(0, 2, 9), [0, 1, 2], aus[:, 0]), fused[:, 4])
+
+
+def test_early_stream_is_cut_to_the_acoustic_target_length():
+    mfcc = [np.ones((n, 2), np.float32) for n in (10, 20, 30, 40)]
+    aus = [np.ones((n // 3, 1), np.float32) for n in (10, 20, 30, 40)]
+    train = _split("t", mfcc, aus)
+    early = preprocess.fit(train, "early", percentile=95, normalize=False)
+    acoustic = preprocess.fit(train, "mfcc", percentile=95, normalize=False)
+    assert early.target.length == acoustic.target.length == 39
+    assert preprocess.apply(early, train, "early").x.shape == (4, 39, 3)

@@ -1,0 +1,42 @@
+import re
+
+import numpy as np
+
+from mer_cli import synthetic
+
+
+def _small(**kw):
+    return synthetic.generate(synthetic.Spec(n_actors=10, clips_per_actor_per_class=2, **kw))
+
+
+def test_same_seed_same_dataset_bit_for_bit():
+    a, b = _small(seed=5), _small(seed=5)
+    for sa, sb in zip(a.all(), b.all(), strict=True):
+        assert sa.clip_ids == sb.clip_ids
+        assert all(np.array_equal(x, y) for x, y in zip(sa.mfcc, sb.mfcc, strict=True))
+        assert all(np.array_equal(x, y) for x, y in zip(sa.aus, sb.aus, strict=True))
+    assert _small(seed=6).train.clip_ids != a.train.clip_ids
+
+
+def test_looks_like_the_notebooks_features():
+    s = _small()
+    assert s.class_names == ("neutral", "anger", "happy", "fear", "disgust", "sad")
+    for split in s.all():
+        for clip_id, m, a, label in zip(split.clip_ids, split.mfcc, split.aus, split.labels, strict=True):
+            assert re.fullmatch(r"10\d\d_[A-Z]{3}_(NEU|ANG|HAP|FEA|DIS|SAD)_(LO|MD|HI|XX)", clip_id)
+            assert clip_id.split("_")[2] == synthetic.EMOTION_CODES[label]
+            assert m.shape[1] == 52 and a.shape[1] == 17
+            assert m.dtype == np.float32
+            # ~100 audio frames/s and ~30 video frames/s for the same clip
+            assert abs(a.shape[0] - m.shape[0] * 0.3) <= 2
+            assert (a >= 0).all() and (a <= 5).all()
+    lengths = [m.shape[0] for m in s.train.mfcc]
+    assert min(lengths) < 200 < max(lengths)  # durations vary
+
+
+def test_splits_share_no_actor_and_hold_every_class():
+    s = _small()
+    actors = [{c.split("_")[0] for c in split.clip_ids} for split in s.all()]
+    assert not (actors[0] & actors[1] or actors[0] & actors[2] or actors[1] & actors[2])
+    for split in s.all():
+        assert set(split.labels.tolist()) == set(range(6))

@@ -1,0 +1,110 @@
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mer_cli import train
+from mer_cli.models import BiLSTMClassifier
+from mer_cli.preprocess import SequenceSet
+
+
+def _set(n=40, t=20, f=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(2, t + 1, (n,), generator=g)
+    y = torch.arange(n) % 3
+    x = torch.randn(n, t, f, generator=g) + y[:, None, None].float()  # learnable: mean = class
+    x = x * (torch.arange(t)[None, :] < lengths[:, None])[:, :, None]
+    return SequenceSet(x, lengths, y, tuple(f"c{i}" for i in range(n)))
+
+
+@pytest.mark.parametrize("bucket", [True, False])
+def test_every_clip_is_in_exactly_one_batch_per_epoch(bucket):
+    lengths = torch.randint(1, 100, (1003,))
+    batches = train.batch_indices(lengths, 32, torch.Generator().manual_seed(0), bucket, pool_batches=4)
+    seen = torch.cat(batches)
+    assert sorted(seen.tolist()) == list(range(1003))
+    assert max(len(b) for b in batches) == 32
+
+
+def test_batches_are_deterministic_per_seed_and_reshuffled_every_epoch():
+    lengths = torch.randint(1, 100, (300,))
+
+    def epochs(seed):
+        g = torch.Generator().manual_seed(seed)
+        return [[b.tolist() for b in train.batch_indices(lengths, 16, g, True, 4)] for _ in range(2)]
+
+    first, second = epochs(7)
+    assert epochs(7) == [first, second]
+    assert first != second  # a new order every epoch
+    assert epochs(8)[0] != first
+
+
+def test_bucketing_pads_less_than_random_batches():
+    lengths = torch.randint(40, 357, (2000,))
+
+    def padded_frames(bucket):
+        batches = train.batch_indices(lengths, 128, torch.Generator().manual_seed(0), bucket, 32)
+        return sum(int(lengths[b].max()) * len(b) for b in batches)
+
+    useful = int(lengths.sum())
+    assert padded_frames(True) < 1.05 * useful < padded_frames(False)
+
+
+def _fit(tmp_path: Path, epochs: int, seed: int = 0, **loop):
+    torch.manual_seed(seed)
+    model = BiLSTMClassifier(3, 3, hidden_sizes=(6,), dense_size=8, dropout=0.1)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.8, patience=3, min_lr=3e-5)
+    settings = train.Settings(
+        max_epochs=epochs, batch_size=8, progress=False, device="cpu", precision="fp32", **loop
+    )
+    history = train.fit(
+        model,
+        opt,
+        sched,
+        _set(),
+        _set(seed=1),
+        settings,
+        tmp_path,
+        seed=seed,
+        checkpoint_meta={"note": "test"},
+    )
+    return model, history
+
+
+def test_fit_learns_restores_the_best_epoch_and_checkpoints_it(tmp_path):
+    model, history = _fit(tmp_path, epochs=6)
+    assert len(history.rows) == 6
+    assert list(history.rows[0]) == list(train.HISTORY_COLUMNS)
+    best = min(history.rows, key=lambda r: r["val/loss"])
+    assert history.best_epoch == best["epoch"]
+    assert best["val/accuracy"] > 0.5  # three well-separated classes
+    prob = train.predict_proba(model, _set(seed=1), 64, torch.device("cpu"), torch.float32)
+    y = _set(seed=1).y.numpy()
+    val_loss = float(-np.log(prob[np.arange(len(y)), y]).mean())
+    assert math.isclose(val_loss, best["val/loss"], rel_tol=1e-5)  # best weights restored
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert saved["epoch"] == history.best_epoch and saved["note"] == "test"
+    assert (tmp_path / "last.pt").exists()
+
+
+def test_early_stopping_stops_after_patience_epochs_without_improvement(tmp_path):
+    _, history = _fit(tmp_path, epochs=60, patience_epochs=2)
+    assert history.stopped_early
+    assert len(history.rows) == history.best_epoch + 2
+
+
+def test_same_seed_same_history(tmp_path):
+    _, a = _fit(tmp_path / "a", epochs=3, seed=3)
+    _, b = _fit(tmp_path / "b", epochs=3, seed=3)
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert strip(a.rows) == strip(b.rows)
+
+
+def test_unknown_settings_are_rejected():
+    with pytest.raises(TypeError):
+        train.Settings(max_epoch=3)  # typo
+    with pytest.raises(Exception, match="valid: auto, cpu, cuda"):
+        train.Settings(device="gpu")
