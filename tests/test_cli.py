@@ -158,3 +158,13 @@ def test_readme_documents_the_two_setup_commands():
     for target in ("run", "test"):
         assert f"make {target}" in readme
         assert f"\n{target}: " in makefile
+
+
+def test_a_finished_run_is_never_trained_over(tmp_path):
+    run = tmp_path / "run"
+    assert _train(run, "modality=visual").returncode == 0
+    weights = (run / "checkpoint.pt").read_bytes()
+    proc = _train(run, "modality=visual", "seed=1")
+    assert proc.returncode == 2
+    assert "already holds a trained run" in proc.stderr.strip().splitlines()[-1]
+    assert (run / "checkpoint.pt").read_bytes() == weights

@@ -45,6 +45,13 @@ def run(cfg: DictConfig, out_dir: Path, resume: bool = False) -> dict[str, Any]:
     modality = cfg.modality.name
     if modality not in MODALITIES:
         raise ConfigError(f"modality={modality!r}: valid: {', '.join(MODALITIES)}")
+    trained = [out_dir / "checkpoint.pt", *out_dir.glob("*/checkpoint.pt"), out_dir / "metrics.json"]
+    if not resume and any(p.exists() for p in trained):
+        # never train over a finished or interrupted run: its weights would be silently replaced
+        raise MerError(
+            f"{out_dir}: already holds a trained run; choose another hydra.run.dir, "
+            "or add resume=true to continue an interrupted one"
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     splits = load_data(cfg.data)
@@ -362,7 +369,15 @@ def evaluate_run(
     # written into a hidden sibling and renamed: a failure leaves no half-written evaluation
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     try:
-        report.write(tmp, metrics, None, predictions, splits.class_names, save_plots=save_plots)
+        report.write(
+            tmp,
+            metrics,
+            None,
+            predictions,
+            splits.class_names,
+            save_plots=save_plots,
+            plot_splits=split_names,
+        )
         tmp.rename(out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -44,8 +44,12 @@ def write(
     predictions: Sequence[Predictions],
     class_names: Sequence[str],
     save_plots: bool = True,
+    plot_splits: Sequence[str] = ("test",),
 ) -> list[Path]:
-    """Write every result file into ``out_dir``; returns the paths written."""
+    """Write every result file into ``out_dir``; returns the paths written.
+
+    Figures are drawn for the splits in ``plot_splits`` (metrics are written for every split).
+    """
     written = [out_dir / "metrics.json"]
     write_json(written[0], metrics)
     written.append(write_predictions(out_dir / "predictions.csv", predictions, class_names))
@@ -56,7 +60,8 @@ def write(
         if history_rows:
             written.append(save_figure(training_curves(history_rows), plots / "training_curves.png"))
         for p in predictions:
-            written += write_split_figures(plots, p, class_names)
+            if p.split in plot_splits:
+                written += write_split_figures(plots, p, class_names)
     return written
 
 

@@ -51,7 +51,7 @@ class Spec:
     min_duration_s: float = 1.2
     max_duration_s: float = 3.8
     acoustic_snr: float = 0.8  # evidence amplitude relative to the noise, per stream
-    visual_snr: float = 0.35
+    visual_snr: float = 0.4
 
 
 def generate(spec: Spec) -> Splits:
