@@ -65,3 +65,27 @@ def test_smoke_experiment_keeps_a_users_data_file():
 
 def test_every_modality_is_known_to_the_pipeline():
     assert set(_options("modality")) == set(pipeline.MODALITIES)
+
+
+def _readme_commands(tool: str) -> list[list[str]]:
+    import shlex
+
+    from conftest import REPO
+
+    lines = (REPO / "README.md").read_text().splitlines()
+    commands = []
+    for line in lines:
+        words = shlex.split(line.split("#")[0]) if line.startswith(f"{tool} ") else []
+        if words:
+            commands.append(words[1:])
+    return commands
+
+
+@pytest.mark.parametrize("args", _readme_commands("mer-train"), ids=" ".join)
+def test_readme_mer_train_examples_compose(args):
+    overrides = [a for a in args if a not in ("-m", "--multirun")]
+    # a sweep's comma lists: compose the first value of each
+    overrides = [o.split("=", 1)[0] + "=" + o.split("=", 1)[1].split(",")[0] if "," in o else o
+                 for o in overrides]
+    cfg = _compose(*overrides)
+    assert cfg.modality.name in pipeline.MODALITIES
