@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -49,8 +50,15 @@ def _remove_if_nothing_trained(run_dir: Path) -> None:
     run_dir.rmdir()
 
 
+def debug() -> bool:
+    """MER_DEBUG=1: errors keep their traceback (for bug reports), instead of one line."""
+    return os.environ.get("MER_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
+
+
 def _fail(prog: str, message: str) -> None:
-    print(f"{prog}: error: {message}", file=sys.stderr)
+    if debug():
+        raise  # _fail is called in an except block: this re-raises what it caught
+    print(f"{prog}: error: {' '.join(message.split())}", file=sys.stderr)
     sys.exit(2)
 
 
@@ -67,8 +75,14 @@ def train_main(cfg: DictConfig) -> float:
             raise  # the sweep records it
         _fail("mer-train", str(e))
     except KeyboardInterrupt:
-        log.warning("interrupted: to resume, run the same command with resume=true hydra.run.dir=%s", run_dir)
-        raise
+        if debug():
+            raise
+        print(
+            "mer-train: interrupted: to resume, run the same command with resume=true "
+            f"hydra.run.dir={run_dir}",
+            file=sys.stderr,
+        )
+        sys.exit(130)  # the shell's code for Ctrl-C
     log.info("summary (%s):\n%s", cfg.modality.name, pipeline.report.summary_line(metrics, run_dir))
     value = metrics["val"]["f1_macro"]
     return float(value) if value is not None else math.nan
@@ -102,3 +116,27 @@ def evaluate_main(argv: list[str] | None = None) -> None:
     except MerError as e:
         _fail("mer-evaluate", str(e))
     print(pipeline.report.summary_line(metrics, out_dir))
+
+
+def convert_main(argv: list[str] | None = None) -> None:
+    """mer-convert IN.pkl OUT.npz: the notebook's pickle -> mer-cli's native, pickle-free .npz"""
+    parser = argparse.ArgumentParser(
+        prog="mer-convert",
+        description="Validate a feature pickle (read without running any code) and write it as a "
+        "native .npz dataset, for data=npz data.path=OUT.npz",
+    )
+    parser.add_argument("source", type=Path, help="the notebook's feature pickle")
+    parser.add_argument("target", type=Path, help="the .npz file to write")
+    parser.add_argument("--class-names", nargs="+", default=None, help="names of labels 0..K-1")
+    parser.add_argument("--nan-policy", choices=pipeline.data.NAN_POLICIES, default="error")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    try:
+        if args.target.suffix != ".npz":
+            raise MerError(f"{args.target}: the target must end in .npz")
+        splits = pipeline.data.load(args.source, class_names=args.class_names, nan_policy=args.nan_policy)
+        pipeline.data.save_npz(splits, args.target)
+    except MerError as e:
+        _fail("mer-convert", str(e))
+    counts = ", ".join(f"{len(s)} {s.name}" for s in splits.all())
+    print(f"wrote {args.target}: {counts} clips, classes {', '.join(splits.class_names)}")
