@@ -140,3 +140,78 @@ def convert_main(argv: list[str] | None = None) -> None:
         _fail("mer-convert", str(e))
     counts = ", ".join(f"{len(s)} {s.name}" for s in splits.all())
     print(f"wrote {args.target}: {counts} clips, classes {', '.join(splits.class_names)}")
+
+
+def ingest_main(argv: list[str] | None = None) -> None:
+    """mer-ingest --audio DIR --video DIR OUT.npz: WAVs + OpenFace CSVs -> a native dataset"""
+    from mer_cli import ingest  # imported here: mer-train never needs it
+
+    a, n = ingest.AudioSettings(), ingest.Names()
+    parser = argparse.ArgumentParser(
+        prog="mer-ingest",
+        description="Build a native .npz dataset (for data=npz) from one WAV file and one OpenFace "
+        "FeatureExtraction CSV per clip, paired by file name, split by actor.",
+    )
+    parser.add_argument("target", type=Path, help="the .npz file to write")
+    parser.add_argument("--audio", type=Path, required=True, help="folder of <clip>.wav files")
+    parser.add_argument("--video", type=Path, required=True, help="folder of <clip>.csv OpenFace files")
+    g = parser.add_argument_group("acoustic features (default: 26 MFCC + 26 deltas, 100 frames/s)")
+    g.add_argument("--sample-rate", type=int, default=a.sample_rate, help="Hz (files are resampled)")
+    g.add_argument("--window-ms", type=float, default=a.window_ms)
+    g.add_argument("--hop-ms", type=float, default=a.hop_ms)
+    g.add_argument("--n-mfcc", type=int, default=a.n_mfcc)
+    g.add_argument("--n-mels", type=int, default=a.n_mels)
+    g.add_argument("--deltas", type=int, default=a.delta_orders, choices=(0, 1, 2), help="delta orders")
+    g = parser.add_argument_group("visual features")
+    g.add_argument("--au-columns", nargs="+", default=list(ingest.AU_COLUMNS), help="OpenFace columns")
+    g.add_argument(
+        "--failed-frames",
+        choices=ingest.FAILED_FRAME_POLICIES,
+        default="interpolate",
+        help="frames where OpenFace lost the face (success == 0)",
+    )
+    g = parser.add_argument_group("labels and splits")
+    g.add_argument("--name-pattern", default=n.pattern, help="regex with groups 'actor' and 'emotion'")
+    g.add_argument(
+        "--emotions",
+        nargs="+",
+        default=[f"{k}={v}" for k, v in n.emotions.items()],
+        metavar="CODE=CLASS",
+        help="emotion codes, in label order (default: CREMA-D's, the notebook's order)",
+    )
+    g.add_argument("--val-fraction", type=float, default=0.15, help="of actors")
+    g.add_argument("--test-fraction", type=float, default=0.15, help="of actors")
+    g.add_argument("--seed", type=int, default=0, help="draws which actors go to which split")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    try:
+        if args.target.suffix != ".npz":
+            raise MerError(f"{args.target}: the target must end in .npz")
+        pairs = [e.partition("=") for e in args.emotions]
+        if any(not code or not sep or not name for code, sep, name in pairs):
+            raise MerError(f"--emotions {' '.join(args.emotions)}: expected CODE=CLASS pairs")
+        audio = ingest.AudioSettings(
+            args.sample_rate, args.window_ms, args.hop_ms, args.n_mfcc, args.n_mels, args.deltas
+        )
+        names = ingest.Names(args.name_pattern, {code: name for code, _, name in pairs})
+        splits, report = ingest.build(
+            args.audio,
+            args.video,
+            audio,
+            names,
+            au_columns=args.au_columns,
+            failed_frames=args.failed_frames,
+            val_fraction=args.val_fraction,
+            test_fraction=args.test_fraction,
+            seed=args.seed,
+        )
+        pipeline.data.save_npz(splits, args.target)
+    except MerError as e:
+        _fail("mer-ingest", str(e))
+    for line in report.lines():
+        log.warning("left out %s", line)
+    print(ingest.summary(splits))
+    print(
+        f"wrote {args.target}: {splits.train.mfcc[0].shape[1]} acoustic and "
+        f"{splits.train.aus[0].shape[1]} visual features per frame"
+    )
