@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -50,6 +52,11 @@ def _remove_if_nothing_trained(run_dir: Path) -> None:
     run_dir.rmdir()
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    # kill (SIGTERM) stops a run as Ctrl-C does: temporary files removed, last.pt left to resume
+    raise KeyboardInterrupt
+
+
 def debug() -> bool:
     """MER_DEBUG=1: errors keep their traceback (for bug reports), instead of one line."""
     return os.environ.get("MER_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
@@ -67,6 +74,8 @@ def train_main(cfg: DictConfig) -> float:
     """mer-train: train and evaluate one model; returns val/f1_macro for sweepers."""
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
+    with contextlib.suppress(ValueError):  # ValueError: not the main thread (a launcher's worker)
+        signal.signal(signal.SIGTERM, _interrupt)
     try:
         metrics = pipeline.run(cfg, run_dir, resume=cfg.resume)
     except MerError as e:
