@@ -159,7 +159,12 @@ def read_pickle(path: Path) -> Any:
     _check_readable(path)
     try:
         with path.open("rb") as f:
+            if f.read(4) == ZIP_MAGIC:
+                raise DataError(f"{path}: a zip (.npz) file, not a pickle: use data=npz")
+            f.seek(0)
             return _RestrictedUnpickler(f).load()
+    except DataError:
+        raise
     except pickle.UnpicklingError as e:
         raise DataError(f"{path}: not a usable pickle: {_one_line(e)}") from e
     except OSError as e:
@@ -374,6 +379,7 @@ def _resolve_class_names(
 #   <split>.aus, <split>.aus_offsets  the same for the action units
 
 NPZ_FORMAT_VERSION = 1
+ZIP_MAGIC = b"PK\x03\x04"  # an .npz is a zip archive
 _STREAM_KEYS = (("mfcc", "mfcc"), ("aus", "action_units"))
 
 
@@ -411,9 +417,10 @@ def load_npz(
     _check_readable(path)
     try:
         with path.open("rb") as f:
-            is_zip = f.read(4) == b"PK\x03\x04"
-        if not is_zip:  # np.load would try it as a pickle (and refuse): say what it is not
-            raise DataError(f"{path}: not an .npz file (no zip header)")
+            head = f.read(4)
+        if head != ZIP_MAGIC:  # np.load would try it as a pickle (and refuse): say what it is
+            hint = ": it looks like a pickle, use data=pickle" if head[:1] == b"\x80" else ""
+            raise DataError(f"{path}: not an .npz file (no zip header){hint}")
         with np.load(path, allow_pickle=False) as npz:
             if not isinstance(npz, np.lib.npyio.NpzFile):
                 raise DataError(f"{path}: a single .npy array, not an .npz dataset")
