@@ -61,6 +61,15 @@ def _fit(out_dir: Path, init_seed: int, resume: bool = False, stop_after: int | 
     return history
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Toy models train fastest on one thread (and a loaded CI machine is not oversubscribed)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def test_resume_after_an_interruption_matches_an_uninterrupted_run_bit_for_bit(tmp_path):
     whole = _fit(tmp_path / "whole", init_seed=0)
     with pytest.raises(KeyboardInterrupt):
@@ -109,10 +118,12 @@ def _env() -> dict[str, str]:
 
 ARGS = (
     "experiment=smoke",
+    "trainer.loop.num_threads=1",  # tiny model: one thread is fastest, even on a busy machine
     "modality=visual",
     "save_plots=false",
-    "trainer.loop.max_epochs=3",
-    "trainer.loop.patience_epochs=3",
+    # enough epochs (0.1 s each on 2 cores) that Ctrl-C after the first one lands mid-training
+    "trainer.loop.max_epochs=20",
+    "trainer.loop.patience_epochs=20",
 )
 
 
@@ -137,6 +148,7 @@ def test_ctrl_c_then_resume_gives_the_metrics_of_an_uninterrupted_run(tmp_path):
     finally:
         proc.kill()
     assert proc.returncode == 130, stderr
+    assert load_checkpoint(run_dir / "last.pt")["epoch"] < 20
     assert f"resume=true hydra.run.dir={run_dir}" in stderr
     assert not (run_dir / "metrics.json").exists()
 
@@ -166,5 +178,5 @@ def test_ctrl_c_then_resume_gives_the_metrics_of_an_uninterrupted_run(tmp_path):
     m_resumed = json.loads((run_dir / "metrics.json").read_text())
     assert m_resumed["val"] == m_whole["val"]
     assert m_resumed["test"] == m_whole["test"]
-    assert m_resumed["run"]["epochs_trained"] == m_whole["run"]["epochs_trained"] == 3
+    assert m_resumed["run"]["epochs_trained"] == m_whole["run"]["epochs_trained"] == 20
     assert not list(run_dir.rglob("*.tmp"))  # atomic writes leave no temporary files behind
