@@ -127,56 +127,73 @@ ARGS = (
 )
 
 
+def _interrupt_after_first_epoch(run_dir: Path, signum: int) -> tuple[int, str]:
+    """Start mer-train, send ``signum`` once its first epoch is saved (polling a file, not timing)."""
+    proc = subprocess.Popen(
+        _mer_train(*ARGS, f"hydra.run.dir={run_dir}"),
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        # a shell's background job inherits an ignored SIGINT (and Python then installs no
+        # Ctrl-C handler): give the run the terminal's default, as a user's foreground run has
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    try:
+        while not (run_dir / "last.pt").exists() and proc.poll() is None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=0.05)
+        proc.send_signal(signum)
+        _, stderr = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    return proc.returncode, stderr
+
+
 @pytest.mark.slow
-def test_ctrl_c_then_resume_gives_the_metrics_of_an_uninterrupted_run(tmp_path):
+def test_ctrl_c_or_kill_then_resume_gives_the_metrics_of_an_uninterrupted_run(tmp_path):
     whole = subprocess.run(
         _mer_train(*ARGS, f"hydra.run.dir={tmp_path / 'whole'}"), env=_env(), capture_output=True, text=True
     )
     assert whole.returncode == 0, whole.stderr
-
-    run_dir = tmp_path / "cut"
-    proc = subprocess.Popen(
-        _mer_train(*ARGS, f"hydra.run.dir={run_dir}"), env=_env(), stderr=subprocess.PIPE, text=True
-    )
-    try:
-        # Ctrl-C as soon as the first epoch is saved (polling a file, not timing anything)
-        while not (run_dir / "last.pt").exists() and proc.poll() is None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=0.05)
-        proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=300)
-    finally:
-        proc.kill()
-    assert proc.returncode == 130, stderr
-    assert load_checkpoint(run_dir / "last.pt")["epoch"] < 20
-    assert f"resume=true hydra.run.dir={run_dir}" in stderr
-    assert not (run_dir / "metrics.json").exists()
-
-    again = subprocess.run(
-        _mer_train(*ARGS, f"hydra.run.dir={run_dir}"), env=_env(), capture_output=True, text=True
-    )
-    assert again.returncode == 2  # never overwrites a started run by accident
-    assert "already holds a run (last.pt): add resume=true" in again.stderr
-    other = subprocess.run(
-        _mer_train(*ARGS, "seed=1", "resume=true", f"hydra.run.dir={run_dir}"),
-        env=_env(),
-        capture_output=True,
-        text=True,
-    )
-    assert other.returncode == 2
-    assert "resume=true: the settings differ from the run" in other.stderr
-    assert "seed: 0 -> 1" in other.stderr
-
-    resumed = subprocess.run(
-        _mer_train(*ARGS, "resume=true", f"hydra.run.dir={run_dir}"),
-        env=_env(),
-        capture_output=True,
-        text=True,
-    )
-    assert resumed.returncode == 0, resumed.stderr
     m_whole = json.loads((tmp_path / "whole" / "metrics.json").read_text())
-    m_resumed = json.loads((run_dir / "metrics.json").read_text())
-    assert m_resumed["val"] == m_whole["val"]
-    assert m_resumed["test"] == m_whole["test"]
-    assert m_resumed["run"]["epochs_trained"] == m_whole["run"]["epochs_trained"] == 20
-    assert not list(run_dir.rglob("*.tmp"))  # atomic writes leave no temporary files behind
+    assert m_whole["run"]["epochs_trained"] == 20
+
+    for name, signum in (("ctrl_c", signal.SIGINT), ("kill", signal.SIGTERM)):
+        run_dir = tmp_path / name
+        code, stderr = _interrupt_after_first_epoch(run_dir, signum)
+        assert code == 130, stderr
+        assert stderr.strip().endswith(
+            f"to resume, run the same command with resume=true hydra.run.dir={run_dir}"
+        )
+        assert load_checkpoint(run_dir / "last.pt")["epoch"] < 20
+        assert not (run_dir / "metrics.json").exists()
+
+        if name == "ctrl_c":
+            again = subprocess.run(
+                _mer_train(*ARGS, f"hydra.run.dir={run_dir}"), env=_env(), capture_output=True, text=True
+            )
+            assert again.returncode == 2  # never overwrites a started run by accident
+            assert "already holds a run (last.pt): add resume=true" in again.stderr
+            other = subprocess.run(
+                _mer_train(*ARGS, "seed=1", "resume=true", f"hydra.run.dir={run_dir}"),
+                env=_env(),
+                capture_output=True,
+                text=True,
+            )
+            assert other.returncode == 2
+            assert "resume=true: the settings differ from the run" in other.stderr
+            assert "seed: 0 -> 1" in other.stderr
+
+        resumed = subprocess.run(
+            _mer_train(*ARGS, "resume=true", f"hydra.run.dir={run_dir}"),
+            env=_env(),
+            capture_output=True,
+            text=True,
+        )
+        assert resumed.returncode == 0, resumed.stderr
+        m_resumed = json.loads((run_dir / "metrics.json").read_text())
+        assert m_resumed["val"] == m_whole["val"]
+        assert m_resumed["test"] == m_whole["test"]
+        assert m_resumed["run"]["epochs_trained"] == 20
+        assert not list(run_dir.rglob("*.tmp"))  # atomic writes leave no temporary files behind
