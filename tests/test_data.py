@@ -77,6 +77,17 @@ def test_numpy_pickles_of_every_protocol_load_with_their_values(tmp_path, protoc
     assert splits.train.labels.tolist() == [0, 1, 2, 3, 4, 5]
 
 
+def test_pickles_written_by_numpy_1_load(tmp_path):
+    # numpy 1.x (the notebook's era) names numpy.core.multiarray where numpy 2 names numpy._core
+    raw = make_raw(clips_per_class=1)
+    old = pickle.dumps(raw, protocol=2).replace(b"numpy._core.", b"numpy.core.")
+    assert b"numpy.core.multiarray" in old
+    path = tmp_path / "numpy1.pkl"
+    path.write_bytes(old)
+    splits = data.load(path)
+    np.testing.assert_array_equal(splits.val.mfcc[2], raw["val"]["val_2_0"][0])
+
+
 class _CreatesFile:
     """Unpickling this calls os.system: a file appears if the loader ever runs it."""
 
