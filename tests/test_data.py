@@ -441,7 +441,7 @@ def test_mer_debug_shows_the_traceback(tmp_path):
         "data=pickle",
         f"data.path={tmp_path / 'nope.pkl'}",
         f"hydra.run.dir={run_dir}",
-        env={"MER_DEBUG": "1", "HYDRA_FULL_ERROR": "1"},
+        env={"MER_DEBUG": "1"},
     )
     assert result.returncode != 0
     assert "Traceback" in result.stderr
