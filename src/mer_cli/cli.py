@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
+import os
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -49,8 +52,20 @@ def _remove_if_nothing_trained(run_dir: Path) -> None:
     run_dir.rmdir()
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    # kill (SIGTERM) stops a run as Ctrl-C does: temporary files removed, last.pt left to resume
+    raise KeyboardInterrupt
+
+
+def debug() -> bool:
+    """MER_DEBUG=1: errors keep their traceback (for bug reports), instead of one line."""
+    return os.environ.get("MER_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
+
+
 def _fail(prog: str, message: str) -> None:
-    print(f"{prog}: error: {message}", file=sys.stderr)
+    if debug():
+        raise  # _fail is called in an except block: this re-raises what it caught
+    print(f"{prog}: error: {' '.join(message.split())}", file=sys.stderr)
     sys.exit(2)
 
 
@@ -59,6 +74,8 @@ def train_main(cfg: DictConfig) -> float:
     """mer-train: train and evaluate one model; returns val/f1_macro for sweepers."""
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
+    with contextlib.suppress(ValueError):  # ValueError: not the main thread (a launcher's worker)
+        signal.signal(signal.SIGTERM, _interrupt)
     try:
         metrics = pipeline.run(cfg, run_dir, resume=cfg.resume)
     except MerError as e:
@@ -67,8 +84,14 @@ def train_main(cfg: DictConfig) -> float:
             raise  # the sweep records it
         _fail("mer-train", str(e))
     except KeyboardInterrupt:
-        log.warning("interrupted: to resume, run the same command with resume=true hydra.run.dir=%s", run_dir)
-        raise
+        if debug():
+            raise
+        print(
+            "mer-train: interrupted: to resume, run the same command with resume=true "
+            f"hydra.run.dir={run_dir}",
+            file=sys.stderr,
+        )
+        sys.exit(130)  # the shell's code for Ctrl-C
     log.info("summary (%s):\n%s", cfg.modality.name, pipeline.report.summary_line(metrics, run_dir))
     value = metrics["val"]["f1_macro"]
     return float(value) if value is not None else math.nan
@@ -102,3 +125,102 @@ def evaluate_main(argv: list[str] | None = None) -> None:
     except MerError as e:
         _fail("mer-evaluate", str(e))
     print(pipeline.report.summary_line(metrics, out_dir))
+
+
+def convert_main(argv: list[str] | None = None) -> None:
+    """mer-convert IN.pkl OUT.npz: the notebook's pickle -> mer-cli's native, pickle-free .npz"""
+    parser = argparse.ArgumentParser(
+        prog="mer-convert",
+        description="Validate a feature pickle (read without running any code) and write it as a "
+        "native .npz dataset, for data=npz data.path=OUT.npz",
+    )
+    parser.add_argument("source", type=Path, help="the notebook's feature pickle")
+    parser.add_argument("target", type=Path, help="the .npz file to write")
+    parser.add_argument("--class-names", nargs="+", default=None, help="names of labels 0..K-1")
+    parser.add_argument("--nan-policy", choices=pipeline.data.NAN_POLICIES, default="error")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    try:
+        if args.target.suffix != ".npz":
+            raise MerError(f"{args.target}: the target must end in .npz")
+        splits = pipeline.data.load(args.source, class_names=args.class_names, nan_policy=args.nan_policy)
+        pipeline.data.save_npz(splits, args.target)
+    except MerError as e:
+        _fail("mer-convert", str(e))
+    counts = ", ".join(f"{len(s)} {s.name}" for s in splits.all())
+    print(f"wrote {args.target}: {counts} clips, classes {', '.join(splits.class_names)}")
+
+
+def ingest_main(argv: list[str] | None = None) -> None:
+    """mer-ingest --audio DIR --video DIR OUT.npz: WAVs + OpenFace CSVs -> a native dataset"""
+    from mer_cli import ingest  # imported here: mer-train never needs it
+
+    a, n = ingest.AudioSettings(), ingest.Names()
+    parser = argparse.ArgumentParser(
+        prog="mer-ingest",
+        description="Build a native .npz dataset (for data=npz) from one WAV file and one OpenFace "
+        "FeatureExtraction CSV per clip, paired by file name, split by actor.",
+    )
+    parser.add_argument("target", type=Path, help="the .npz file to write")
+    parser.add_argument("--audio", type=Path, required=True, help="folder of <clip>.wav files")
+    parser.add_argument("--video", type=Path, required=True, help="folder of <clip>.csv OpenFace files")
+    g = parser.add_argument_group("acoustic features (default: 26 MFCC + 26 deltas, 100 frames/s)")
+    g.add_argument("--sample-rate", type=int, default=a.sample_rate, help="Hz (files are resampled)")
+    g.add_argument("--window-ms", type=float, default=a.window_ms)
+    g.add_argument("--hop-ms", type=float, default=a.hop_ms)
+    g.add_argument("--n-mfcc", type=int, default=a.n_mfcc)
+    g.add_argument("--n-mels", type=int, default=a.n_mels)
+    g.add_argument("--deltas", type=int, default=a.delta_orders, choices=(0, 1, 2), help="delta orders")
+    g = parser.add_argument_group("visual features")
+    g.add_argument("--au-columns", nargs="+", default=list(ingest.AU_COLUMNS), help="OpenFace columns")
+    g.add_argument(
+        "--failed-frames",
+        choices=ingest.FAILED_FRAME_POLICIES,
+        default="interpolate",
+        help="frames where OpenFace lost the face (success == 0)",
+    )
+    g = parser.add_argument_group("labels and splits")
+    g.add_argument("--name-pattern", default=n.pattern, help="regex with groups 'actor' and 'emotion'")
+    g.add_argument(
+        "--emotions",
+        nargs="+",
+        default=[f"{k}={v}" for k, v in n.emotions.items()],
+        metavar="CODE=CLASS",
+        help="emotion codes, in label order (default: CREMA-D's, the notebook's order)",
+    )
+    g.add_argument("--val-fraction", type=float, default=0.15, help="of actors")
+    g.add_argument("--test-fraction", type=float, default=0.15, help="of actors")
+    g.add_argument("--seed", type=int, default=0, help="draws which actors go to which split")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    try:
+        if args.target.suffix != ".npz":
+            raise MerError(f"{args.target}: the target must end in .npz")
+        pairs = [e.partition("=") for e in args.emotions]
+        if any(not code or not sep or not name for code, sep, name in pairs):
+            raise MerError(f"--emotions {' '.join(args.emotions)}: expected CODE=CLASS pairs")
+        audio = ingest.AudioSettings(
+            args.sample_rate, args.window_ms, args.hop_ms, args.n_mfcc, args.n_mels, args.deltas
+        )
+        names = ingest.Names(args.name_pattern, {code: name for code, _, name in pairs})
+        splits, report = ingest.build(
+            args.audio,
+            args.video,
+            audio,
+            names,
+            au_columns=args.au_columns,
+            failed_frames=args.failed_frames,
+            val_fraction=args.val_fraction,
+            test_fraction=args.test_fraction,
+            seed=args.seed,
+        )
+        pipeline.data.save_npz(splits, args.target)
+    except MerError as e:
+        _fail("mer-ingest", str(e))
+    for line in report.lines():
+        log.warning("left out %s", line)
+    print(ingest.summary(splits))
+    print(
+        f"wrote {args.target}: {splits.train.mfcc[0].shape[1]} acoustic and "
+        f"{splits.train.aus[0].shape[1]} visual features per frame"
+    )

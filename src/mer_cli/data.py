@@ -1,14 +1,18 @@
 """Read and validate feature files into `Splits` (per clip: mfcc frames, action-unit frames, label).
 
 Input: the notebook's pickle (``{"train"|"val"|"test": {clip_id: (mfcc, aus, label)}}``), read with
-a restricted unpickler that never runs code. Output: `Splits`, plain arrays, checked clip by clip;
-any problem is a `DataError` naming the file, the split, the clip and what is wrong.
+a restricted unpickler that never runs code, or mer-cli's native ``.npz`` (no pickle at all, see
+`save_npz`). Output: `Splits`, plain arrays, checked clip by clip; any problem is a `DataError`
+naming the file, the split, the clip and what is wrong.
 """
 
 from __future__ import annotations
 
+import _compat_pickle
+import codecs
 import logging
 import pickle
+import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -16,6 +20,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from mer_cli.artifacts import atomic_open
 from mer_cli.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -119,27 +124,58 @@ class _RestrictedUnpickler(pickle.Unpickler):
     )
 
     def find_class(self, module: str, name: str) -> Any:
+        # protocols 0-2 use Python 2 names (``__builtin__.set``); map them as pickle itself does
+        module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         if (module, name) in self.ALLOWED:
             return super().find_class(module, name)
+        if (module, name) == ("_codecs", "encode"):
+            # protocols 0-2 spell bytes (an array's buffer) as _codecs.encode(text, "latin1")
+            return _latin1_encode
         raise pickle.UnpicklingError(
             f"refused to load {module}.{name}: only plain containers, numbers, strings and "
             "numpy arrays are allowed (a pickle naming other objects could run code)"
         )
 
 
-def read_pickle(path: Path) -> Any:
-    """Unpickle ``path`` with the restricted unpickler; every failure is one `DataError`."""
+def _latin1_encode(text: str, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+    """``_codecs.encode`` limited to the one use numpy pickles make of it (no other codec runs)."""
+    if not isinstance(text, str) or codecs.lookup(encoding).name != "iso8859-1" or errors != "strict":
+        raise pickle.UnpicklingError(
+            f"refused _codecs.encode(..., {encoding!r}): only latin1 text is allowed"
+        )
+    return text.encode("latin1")
+
+
+def _check_readable(path: Path) -> None:
     if not path.exists():
         raise DataError(f"{path}: file not found")
     if not path.is_file():
         raise DataError(f"{path}: not a file")
+
+
+def read_pickle(path: Path) -> Any:
+    """Unpickle ``path`` with the restricted unpickler; every failure is one `DataError`."""
+    _check_readable(path)
     try:
         with path.open("rb") as f:
+            if f.read(4) == ZIP_MAGIC:
+                raise DataError(f"{path}: a zip (.npz) file, not a pickle: use data=npz")
+            f.seek(0)
             return _RestrictedUnpickler(f).load()
+    except DataError:
+        raise
     except pickle.UnpicklingError as e:
-        raise DataError(f"{path}: not a usable pickle: {e}") from e
-    except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError, MemoryError) as e:
-        raise DataError(f"{path}: not a pickle or truncated ({type(e).__name__}: {e})") from e
+        raise DataError(f"{path}: not a usable pickle: {_one_line(e)}") from e
+    except OSError as e:
+        raise DataError(f"{path}: cannot read: {e.strerror or e}") from e
+    except Exception as e:  # any other failure to decode a user's bytes is a bad file, not our bug
+        raise DataError(f"{path}: not a pickle or truncated ({type(e).__name__}: {_one_line(e)})") from e
+
+
+def _one_line(e: BaseException | str, limit: int = 200) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,11 +228,15 @@ def _read_split(raw: Mapping[str, Any], name: str, source: str) -> Split:
         raise DataError(f"{source}: split '{name}' is empty")
     ids, mfccs, auss, labels = [], [], [], []
     for clip_id, item in clips.items():
-        where = f"{source}: {name}/{clip_id}"
+        where = (
+            f"{source}: {name}/{_one_line(repr(clip_id) if not isinstance(clip_id, str) else clip_id, 80)}"
+        )
         if not isinstance(item, (tuple, list)) or len(item) != 3:
             got = f"{len(item)} items" if isinstance(item, (tuple, list)) else type(item).__name__
             raise DataError(f"{where}: expected a tuple (mfcc, action_units, label), found {got}")
         mfcc, aus, label = item
+        if str(clip_id) in ids:  # e.g. keys 1 and "1" in one dict
+            raise DataError(f"{where}: clip id appears twice in split '{name}'")
         ids.append(str(clip_id))
         mfccs.append(_as_frames(mfcc, where, "mfcc"))
         auss.append(_as_frames(aus, where, "action_units"))
@@ -224,14 +264,14 @@ def _as_frames(value: Any, where: str, stream: str) -> np.ndarray:
 
 def _as_label(value: Any, where: str) -> int:
     if isinstance(value, (bool, np.bool_)):
-        raise DataError(f"{where}: label {value!r} is not an integer")
+        raise DataError(f"{where}: label {_one_line(repr(value), 60)} is not an integer")
     if isinstance(value, (int, np.integer)):
         return int(value)
     if isinstance(value, (float, np.floating)) and float(value).is_integer():
         return int(value)
     if isinstance(value, np.ndarray) and value.size == 1:
         return _as_label(value.reshape(()).item(), where)
-    raise DataError(f"{where}: label {value!r} is not an integer")
+    raise DataError(f"{where}: label {_one_line(repr(value), 60)} is not an integer")
 
 
 def _check_feature_sizes(splits: dict[str, Split], source: str) -> None:
@@ -299,21 +339,23 @@ def _check_no_shared_clips(splits: dict[str, Split], source: str) -> None:
 def _resolve_class_names(
     splits: dict[str, Split], source: str, class_names: Sequence[str] | None
 ) -> tuple[str, ...]:
-    max_label = max(int(s.labels.max()) for s in splits.values())
     if class_names is None:
-        n = max_label + 1
+        # inferred from train: a label beyond them elsewhere is an error, not a new class
+        n = int(splits["train"].labels.max()) + 1
         names = (
             NOTEBOOK_CLASS_NAMES if n == len(NOTEBOOK_CLASS_NAMES) else tuple(f"class_{i}" for i in range(n))
         )
     else:
         names = tuple(str(c) for c in class_names)
+        if len(names) < 2 or len(set(names)) != len(names):
+            raise DataError(f"data.class_names={list(names)}: need at least two distinct names")
     for s in splits.values():
         out = np.flatnonzero((s.labels < 0) | (s.labels >= len(names)))
         if out.size:
             i = int(out[0])
             raise DataError(
                 f"{source}: {s.name}/{s.clip_ids[i]}: label {int(s.labels[i])} is outside the "
-                f"{len(names)} configured classes (0..{len(names) - 1}: {', '.join(names)})"
+                f"{len(names)} classes (0..{len(names) - 1}: {', '.join(names)}; see data.class_names)"
             )
     missing = sorted(set(range(len(names))) - set(splits["train"].labels.tolist()))
     if missing:
@@ -322,3 +364,136 @@ def _resolve_class_names(
             "needs training clips"
         )
     return names
+
+
+# ---------------------------------------------------------------------------------------------
+# The native format: .npz, no pickle anywhere
+#
+# One zip of plain arrays (numpy's .npz, read with allow_pickle=False, so it cannot run code):
+#   format_version          ()        int, NPZ_FORMAT_VERSION
+#   class_names             (K,)      str, label i is class_names[i]
+#   <split>.clip_ids        (N,)      str                         for split in train, val, test
+#   <split>.labels          (N,)      int64
+#   <split>.mfcc            (sum T_a, D_a) float32, every clip's frames one after another
+#   <split>.mfcc_offsets    (N + 1,)  int64, clip i is mfcc[offsets[i]:offsets[i + 1]]
+#   <split>.aus, <split>.aus_offsets  the same for the action units
+
+NPZ_FORMAT_VERSION = 1
+ZIP_MAGIC = b"PK\x03\x04"  # an .npz is a zip archive
+_STREAM_KEYS = (("mfcc", "mfcc"), ("aus", "action_units"))
+
+
+def save_npz(splits: Splits, path: str | Path) -> Path:
+    """Write ``splits`` as a native ``.npz`` (atomically: a failed write leaves no file)."""
+    path = Path(path).expanduser()
+    arrays: dict[str, Any] = {  # Any: numpy types **kwds as its own keyword options
+        "format_version": np.array(NPZ_FORMAT_VERSION, dtype=np.int64),
+        "class_names": np.array(splits.class_names, dtype=str),
+    }
+    for s in splits.all():
+        arrays[f"{s.name}.clip_ids"] = np.array(s.clip_ids, dtype=str)
+        arrays[f"{s.name}.labels"] = s.labels.astype(np.int64)
+        for stream, _ in _STREAM_KEYS:
+            clips = getattr(s, stream)
+            arrays[f"{s.name}.{stream}"] = np.concatenate(clips).astype(np.float32)
+            arrays[f"{s.name}.{stream}_offsets"] = np.concatenate(
+                [[0], np.cumsum([len(c) for c in clips])]
+            ).astype(np.int64)
+    with atomic_open(path, "wb") as f:
+        np.savez_compressed(f, **arrays)
+    return path
+
+
+def load_npz(
+    path: str | Path,
+    class_names: Sequence[str] | None = None,
+    nan_policy: str = "error",
+) -> Splits:
+    """Read a native ``.npz`` dataset and validate it exactly as a pickle is validated.
+
+    ``class_names``: None takes the names stored in the file. Raises `DataError` on any problem.
+    """
+    path = Path(path).expanduser()
+    _check_readable(path)
+    try:
+        with path.open("rb") as f:
+            head = f.read(4)
+        if head != ZIP_MAGIC:  # np.load would try it as a pickle (and refuse): say what it is
+            hint = ": it looks like a pickle, use data=pickle" if head[:1] == b"\x80" else ""
+            raise DataError(f"{path}: not an .npz file (no zip header){hint}")
+        with np.load(path, allow_pickle=False) as npz:
+            if not isinstance(npz, np.lib.npyio.NpzFile):
+                raise DataError(f"{path}: a single .npy array, not an .npz dataset")
+            arrays = {k: npz[k] for k in npz.files}
+    except DataError:
+        raise
+    except OSError as e:
+        raise DataError(f"{path}: cannot read: {e.strerror or e}") from e
+    except (ValueError, zipfile.BadZipFile, EOFError) as e:
+        if "allow_pickle" in str(e):
+            raise DataError(f"{path}: holds pickled objects; a native .npz holds plain arrays only") from e
+        raise DataError(f"{path}: not an .npz file or truncated ({_one_line(e)})") from e
+    except Exception as e:  # any other failure to decode a user's bytes is a bad file, not our bug
+        raise DataError(f"{path}: not an .npz file or truncated ({type(e).__name__}: {_one_line(e)})") from e
+    raw, stored_names = _mapping_from_arrays(arrays, path)
+    return from_mapping(
+        raw,
+        str(path),
+        class_names=stored_names if class_names is None else class_names,
+        nan_policy=nan_policy,
+    )
+
+
+def _mapping_from_arrays(arrays: dict[str, np.ndarray], path: Path) -> tuple[dict[str, Any], list[str]]:
+    def get(key: str) -> np.ndarray:
+        if key not in arrays:
+            raise DataError(f"{path}: missing array '{key}' (not a mer-cli .npz, or written by another tool)")
+        return arrays[key]
+
+    version = get("format_version")
+    if version.shape != () or not np.issubdtype(version.dtype, np.integer):
+        raise DataError(f"{path}: format_version must be one integer, found {version!r}")
+    if int(version) != NPZ_FORMAT_VERSION:
+        raise DataError(
+            f"{path}: format_version {int(version)} is not supported "
+            f"(this mer-cli reads {NPZ_FORMAT_VERSION})"
+        )
+    names = get("class_names")
+    if names.ndim != 1 or names.dtype.kind != "U":
+        raise DataError(f"{path}: class_names must be a 1-D array of strings")
+    raw: dict[str, Any] = {}
+    for split in SPLIT_NAMES:
+        if not any(k.startswith(f"{split}.") for k in arrays):
+            raise DataError(f"{path}: split '{split}' is missing")
+        ids, labels = get(f"{split}.clip_ids"), get(f"{split}.labels")
+        if ids.ndim != 1 or labels.shape != ids.shape:
+            raise DataError(
+                f"{path}: {split}: {ids.shape} clip ids but {labels.shape} labels; expected one per clip"
+            )
+        streams = []
+        for stream, label in _STREAM_KEYS:
+            frames, offsets = get(f"{split}.{stream}"), get(f"{split}.{stream}_offsets")
+            ok = (
+                offsets.shape == (len(ids) + 1,)
+                and np.issubdtype(offsets.dtype, np.integer)
+                and offsets[0] == 0
+                and offsets[-1] == len(frames)
+                and bool((np.diff(offsets) >= 0).all())
+            )
+            if not ok:
+                raise DataError(
+                    f"{path}: {split}: {stream}_offsets must rise from 0 to the {len(frames)} frames of "
+                    f"{split}.{stream}, one more entry than the {len(ids)} clips"
+                )
+            if frames.ndim != 2:
+                raise DataError(
+                    f"{path}: {split}: {label} must be 2-D (frames, features), found {frames.shape}"
+                )
+            streams.append([frames[offsets[i] : offsets[i + 1]] for i in range(len(ids))])
+        clips: dict[str, Any] = {}
+        for i, clip_id in enumerate(ids.tolist()):
+            if clip_id in clips:
+                raise DataError(f"{path}: {split}/{clip_id}: clip id appears twice in split '{split}'")
+            clips[clip_id] = (streams[0][i], streams[1][i], labels[i])
+        raw[split] = clips
+    return raw, names.tolist()

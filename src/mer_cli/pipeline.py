@@ -53,6 +53,7 @@ def run(cfg: DictConfig, out_dir: Path, resume: bool = False) -> dict[str, Any]:
             "or add resume=true to continue an interrupted one"
         )
     out_dir.mkdir(parents=True, exist_ok=True)
+    check_resumable(cfg, out_dir, resume)
     write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     splits = load_data(cfg.data)
     log.info(
@@ -69,17 +70,58 @@ def run(cfg: DictConfig, out_dir: Path, resume: bool = False) -> dict[str, Any]:
     return result.metrics
 
 
+def check_resumable(cfg: DictConfig, out_dir: Path, resume: bool) -> None:
+    """Refuse to overwrite a run by accident, or to resume one with other settings."""
+    started = any(out_dir.rglob("last.pt"))
+    if not resume:
+        if started:
+            raise ConfigError(
+                f"{out_dir} already holds a run (last.pt): add resume=true to continue it, "
+                "or choose another hydra.run.dir"
+            )
+        return
+    old_path = out_dir / "config.yaml"
+    if not old_path.is_file():
+        raise ConfigError(f"resume=true: {out_dir} holds no run to resume (no config.yaml)")
+    old = _flatten(OmegaConf.to_container(OmegaConf.load(old_path)))
+    new = _flatten(OmegaConf.to_container(cfg, resolve=True))
+    changed = sorted(k for k in old.keys() | new.keys() if k != "resume" and old.get(k) != new.get(k))
+    if changed:
+        shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:3])
+        raise ConfigError(
+            f"resume=true: the settings differ from the run in {out_dir} ({shown}); "
+            "resume with the same overrides"
+        )
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for k, v in node.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix.rstrip("."): node}
+
+
+# data.name -> the reader of a user's file, and what that file is
+READERS = {
+    "pickle": (data.load, "the notebook's feature pickle"),
+    "npz": (data.load_npz, "a native dataset written by mer-convert or mer-ingest"),
+}
+
+
 def load_data(data_cfg: DictConfig) -> data.Splits:
     """The configured dataset (``data.name``), sliced to ``data.limit_per_split`` if set."""
     name = data_cfg.name
     if name == "synthetic":
         splits = synthetic.generate(synthetic.Spec(**data_cfg.generator))
-    elif name == "pickle":
-        if data_cfg.path is None:
-            raise ConfigError("data=pickle needs data.path=FILE (the notebook's feature pickle)")
-        splits = data.load(data_cfg.path, class_names=data_cfg.class_names, nan_policy=data_cfg.nan_policy)
+    elif name in READERS:
+        if OmegaConf.is_missing(data_cfg, "path") or data_cfg.path is None:
+            raise ConfigError(f"data={name} needs data.path=FILE ({READERS[name][1]})")
+        read = READERS[name][0]
+        splits = read(data_cfg.path, class_names=data_cfg.class_names, nan_policy=data_cfg.nan_policy)
     else:
-        raise ConfigError(f"data={name!r}: valid: synthetic, pickle")
+        raise ConfigError(f"data={name!r}: valid: synthetic, {', '.join(READERS)}")
     return splits.limit(data_cfg.limit_per_split)
 
 
@@ -334,7 +376,12 @@ def evaluate_run(
     data_cfg = cfg.data
     if data_path is not None:
         data_cfg = OmegaConf.merge(
-            data_cfg, {"name": "pickle", "path": str(data_path), "limit_per_split": None}
+            data_cfg,
+            {
+                "name": "npz" if data_path.suffix == ".npz" else "pickle",
+                "path": str(data_path),
+                "limit_per_split": None,
+            },
         )
     splits = load_data(data_cfg)
     late_path = run_dir / "late.json"

@@ -251,6 +251,8 @@ def fit(
         history = History(rows=state["history"], best_epoch=state["best_epoch"])
         best_state, best_loss, bad_epochs = state["best_model"], state["best_loss"], state["bad_epochs"]
         start_epoch = state["epoch"] + 1
+        if bad_epochs >= settings.patience_epochs:  # it had stopped early: train no further epoch
+            history.stopped_early, start_epoch = True, settings.max_epochs + 1
         log.info("resuming from %s at epoch %d", last_path, start_epoch)
 
     log.info(

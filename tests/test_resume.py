@@ -1,0 +1,199 @@
+"""An interrupted run resumed from last.pt ends exactly as an uninterrupted one (CPU, same seed)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mer_cli import preprocess, synthetic, train
+from mer_cli.artifacts import load_checkpoint
+from mer_cli.models import BiLSTMClassifier
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+EPOCHS = 4
+
+
+def _sets() -> tuple[preprocess.SequenceSet, preprocess.SequenceSet]:
+    splits = synthetic.generate(synthetic.Spec(n_actors=8, clips_per_actor_per_class=1)).limit(24)
+    prep = preprocess.fit(splits.train, "aus", percentile=95, normalize=True)
+    return preprocess.apply(prep, splits.train, "aus"), preprocess.apply(prep, splits.val, "aus")
+
+
+def _fit(out_dir: Path, init_seed: int, resume: bool = False, stop_after: int | None = None) -> train.History:
+    """The pipeline's pieces at toy size; ``stop_after``: Ctrl-C right after that epoch."""
+    torch.manual_seed(init_seed)  # a resumed run must not depend on how its model was initialised
+    train_set, val_set = _sets()
+    model = BiLSTMClassifier(train_set.n_features, 6, hidden_sizes=(8,), dense_size=16, dropout=0.5)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    # mode max, patience 0: the LR halves after every epoch whose val/loss fell, so the
+    # scheduler's state (best value, bad-epoch count, LR) must survive the interruption
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5, patience=0)
+    settings = train.Settings(
+        max_epochs=EPOCHS, batch_size=8, patience_epochs=3, device="cpu", precision="fp32", progress=False
+    )
+
+    def interrupt(row: dict[str, float]) -> None:
+        if row["epoch"] == stop_after:
+            raise KeyboardInterrupt
+
+    history = train.fit(
+        model,
+        optimizer,
+        scheduler,
+        train_set,
+        val_set,
+        settings,
+        out_dir,
+        seed=7,
+        checkpoint_meta={},
+        resume=resume,
+        on_epoch=interrupt if stop_after else None,
+    )
+    history.rows = [{k: v for k, v in r.items() if k != "seconds"} for r in history.rows]
+    return history
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Toy models train fastest on one thread (and a loaded CI machine is not oversubscribed)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_resume_after_an_interruption_matches_an_uninterrupted_run_bit_for_bit(tmp_path):
+    whole = _fit(tmp_path / "whole", init_seed=0)
+    with pytest.raises(KeyboardInterrupt):
+        _fit(tmp_path / "cut", init_seed=0, stop_after=2)
+    assert load_checkpoint(tmp_path / "cut" / "last.pt")["epoch"] == 2
+    resumed = _fit(tmp_path / "cut", init_seed=123, resume=True)
+
+    assert resumed.rows == whole.rows  # losses, accuracies, ROC-AUC and lr of every epoch
+    assert len(whole.rows) == EPOCHS
+    assert len({r["lr"] for r in whole.rows}) > 1  # the schedule did act
+    assert (resumed.best_epoch, resumed.stopped_early) == (whole.best_epoch, whole.stopped_early)
+    best_whole = load_checkpoint(tmp_path / "whole" / "checkpoint.pt")["model"]
+    best_resumed = load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["model"]
+    for name, tensor in best_whole.items():
+        assert torch.equal(tensor, best_resumed[name]), name
+
+
+def test_resuming_a_run_that_stopped_early_trains_no_further_epoch(tmp_path):
+    first = _fit(tmp_path / "run", init_seed=0)
+    state = load_checkpoint(tmp_path / "run" / "last.pt")
+    state["bad_epochs"] = 3  # as if the last epoch had triggered the early stop
+    torch.save(state, tmp_path / "run" / "last.pt")
+    again = _fit(tmp_path / "run", init_seed=0, resume=True)
+    assert again.stopped_early
+    assert again.rows == first.rows
+
+
+# ---------------------------------------------------------------------------------------------
+# As a user does it: Ctrl-C, then the same command with resume=true
+
+
+def _mer_train(*args: str) -> list[str]:
+    return [
+        sys.executable,
+        "-c",
+        "import sys; sys.argv[0] = 'mer-train'; from mer_cli.cli import train_main; train_main()",
+        *args,
+    ]
+
+
+def _env() -> dict[str, str]:
+    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env.pop("MER_DEBUG", None)
+    return env
+
+
+ARGS = (
+    "experiment=smoke",
+    "trainer.loop.num_threads=1",  # tiny model: one thread is fastest, even on a busy machine
+    "modality=visual",
+    "save_plots=false",
+    # enough epochs (0.1 s each on 2 cores) that Ctrl-C after the first one lands mid-training
+    "trainer.loop.max_epochs=20",
+    "trainer.loop.patience_epochs=20",
+)
+
+
+def _interrupt_after_first_epoch(run_dir: Path, signum: int) -> tuple[int, str]:
+    """Start mer-train, send ``signum`` once its first epoch is saved (polling a file, not timing)."""
+    proc = subprocess.Popen(
+        _mer_train(*ARGS, f"hydra.run.dir={run_dir}"),
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        # a shell's background job inherits an ignored SIGINT (and Python then installs no
+        # Ctrl-C handler): give the run the terminal's default, as a user's foreground run has
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    try:
+        while not (run_dir / "last.pt").exists() and proc.poll() is None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=0.05)
+        proc.send_signal(signum)
+        _, stderr = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    return proc.returncode, stderr
+
+
+@pytest.mark.slow
+def test_ctrl_c_or_kill_then_resume_gives_the_metrics_of_an_uninterrupted_run(tmp_path):
+    whole = subprocess.run(
+        _mer_train(*ARGS, f"hydra.run.dir={tmp_path / 'whole'}"), env=_env(), capture_output=True, text=True
+    )
+    assert whole.returncode == 0, whole.stderr
+    m_whole = json.loads((tmp_path / "whole" / "metrics.json").read_text())
+    assert m_whole["run"]["epochs_trained"] == 20
+
+    for name, signum in (("ctrl_c", signal.SIGINT), ("kill", signal.SIGTERM)):
+        run_dir = tmp_path / name
+        code, stderr = _interrupt_after_first_epoch(run_dir, signum)
+        assert code == 130, stderr
+        assert stderr.strip().endswith(
+            f"to resume, run the same command with resume=true hydra.run.dir={run_dir}"
+        )
+        assert load_checkpoint(run_dir / "last.pt")["epoch"] < 20
+        assert not (run_dir / "metrics.json").exists()
+
+        if name == "ctrl_c":
+            again = subprocess.run(
+                _mer_train(*ARGS, f"hydra.run.dir={run_dir}"), env=_env(), capture_output=True, text=True
+            )
+            assert again.returncode == 2  # never overwrites a started run by accident
+            assert "already holds a run (last.pt): add resume=true" in again.stderr
+            other = subprocess.run(
+                _mer_train(*ARGS, "seed=1", "resume=true", f"hydra.run.dir={run_dir}"),
+                env=_env(),
+                capture_output=True,
+                text=True,
+            )
+            assert other.returncode == 2
+            assert "resume=true: the settings differ from the run" in other.stderr
+            assert "seed: 0 -> 1" in other.stderr
+
+        resumed = subprocess.run(
+            _mer_train(*ARGS, "resume=true", f"hydra.run.dir={run_dir}"),
+            env=_env(),
+            capture_output=True,
+            text=True,
+        )
+        assert resumed.returncode == 0, resumed.stderr
+        m_resumed = json.loads((run_dir / "metrics.json").read_text())
+        assert m_resumed["val"] == m_whole["val"]
+        assert m_resumed["test"] == m_whole["test"]
+        assert m_resumed["run"]["epochs_trained"] == 20
+        assert not list(run_dir.rglob("*.tmp"))  # atomic writes leave no temporary files behind
