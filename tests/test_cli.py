@@ -166,5 +166,5 @@ def test_a_finished_run_is_never_trained_over(tmp_path):
     weights = (run / "checkpoint.pt").read_bytes()
     proc = _train(run, "modality=visual", "seed=1")
     assert proc.returncode == 2
-    assert "already holds a trained run" in proc.stderr.strip().splitlines()[-1]
+    assert "already holds a run" in proc.stderr.strip().splitlines()[-1]
     assert (run / "checkpoint.pt").read_bytes() == weights

@@ -45,13 +45,6 @@ def run(cfg: DictConfig, out_dir: Path, resume: bool = False) -> dict[str, Any]:
     modality = cfg.modality.name
     if modality not in MODALITIES:
         raise ConfigError(f"modality={modality!r}: valid: {', '.join(MODALITIES)}")
-    trained = [out_dir / "checkpoint.pt", *out_dir.glob("*/checkpoint.pt"), out_dir / "metrics.json"]
-    if not resume and any(p.exists() for p in trained):
-        # never train over a finished or interrupted run: its weights would be silently replaced
-        raise MerError(
-            f"{out_dir}: already holds a trained run; choose another hydra.run.dir, "
-            "or add resume=true to continue an interrupted one"
-        )
     out_dir.mkdir(parents=True, exist_ok=True)
     check_resumable(cfg, out_dir, resume)
     write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
@@ -72,7 +65,8 @@ def run(cfg: DictConfig, out_dir: Path, resume: bool = False) -> dict[str, Any]:
 
 def check_resumable(cfg: DictConfig, out_dir: Path, resume: bool) -> None:
     """Refuse to overwrite a run by accident, or to resume one with other settings."""
-    started = any(out_dir.rglob("last.pt"))
+    # never train over a finished or interrupted run: its weights would be silently replaced
+    started = any(out_dir.rglob("last.pt")) or any(out_dir.rglob("checkpoint.pt"))
     if not resume:
         if started:
             raise ConfigError(
