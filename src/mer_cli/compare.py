@@ -212,7 +212,12 @@ def label_runs(runs: Sequence[Run]) -> dict[Path, str]:
     labels = {}
     for modality in {r.modality for r in runs}:
         group = [r for r in runs if r.modality == modality]
-        keys = sorted({k for r in group for k in r.config if not _NOT_A_MODEL_KEY.match(k)})
+        keys = sorted(
+            k
+            for k in {k for r in group for k in r.config}
+            # only late fusion reads modality.* options (an extra key elsewhere changes nothing)
+            if not _NOT_A_MODEL_KEY.match(k) and (modality == "late" or not k.startswith("modality."))
+        )
         differing = [k for k in keys if len({repr(r.config.get(k)) for r in group}) > 1]
         for r in group:
             extra = ", ".join(f"{k}={r.config.get(k)}" for k in differing)
@@ -928,7 +933,6 @@ def _pairwise_csv(result: dict[str, Any]) -> str:
 
 def into_new_dir(dirs: Sequence[Path], out_root: Path, settings: Settings, out: Path | None = None) -> Path:
     """mer-compare: the report of ``dirs`` in a new directory (``out``, else out_root/<time>)."""
-    runs, failures = collect(dirs, settings.actor_pattern)
     if out is None:
         stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
         out, n = out_root / stamp, 1
@@ -937,6 +941,7 @@ def into_new_dir(dirs: Sequence[Path], out_root: Path, settings: Settings, out: 
             out = out_root / f"{stamp}_{n}"
     elif out.exists() and any(out.iterdir()):
         raise MerError(f"{out}: exists and is not empty; choose a new --out directory")
+    runs, failures = collect(dirs, settings.actor_pattern)
     # written into a hidden sibling and renamed: a failure leaves no half-written report
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
