@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mer_cli import folds, report
+from mer_cli import compare, folds, report, sweep
+from mer_cli.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 # tiny models, no per-run figures (the report draws its own), a quick bootstrap
@@ -33,7 +34,7 @@ def cli(entry: str, *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
-def sweep(tmp: Path, *overrides: str) -> Path:
+def run_sweep(tmp: Path, *overrides: str) -> Path:
     proc = cli("train_main", "-m", *SMOKE, *overrides, f"hydra.sweep.dir={tmp}", cwd=tmp.parent)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return tmp
@@ -42,13 +43,15 @@ def sweep(tmp: Path, *overrides: str) -> Path:
 @pytest.fixture(scope="module")
 def sweep_a(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The issue's sweep: four modalities x two seeds."""
-    return sweep(tmp_path_factory.mktemp("a") / "sweep", "modality=acoustic,visual,late,early", "seed=0,1")
+    return run_sweep(
+        tmp_path_factory.mktemp("a") / "sweep", "modality=acoustic,visual,late,early", "seed=0,1"
+    )
 
 
 @pytest.fixture(scope="module")
 def sweep_b(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Late listed first, and late fails (a fusion weight outside [0, 1]) after training its members."""
-    return sweep(
+    return run_sweep(
         tmp_path_factory.mktemp("b") / "sweep",
         "modality=late,acoustic,visual",
         "seed=3",
@@ -75,6 +78,7 @@ def test_sweep_ends_with_a_report_whose_numbers_are_the_runs_own(sweep_a):
         assert (sweep_a / name).is_file(), name
     result = json.loads((sweep_a / "comparison.json").read_text())
     assert [m["label"] for m in result["models"]] == ["acoustic", "visual", "late", "early"]
+    assert result["settings"]["bootstrap_samples"] == 200  # compare.* from the sweep's command line
     for model in result["models"]:
         runs = job_dirs(sweep_a, model["modality"])
         assert (model["n_runs"], model["seeds"], model["ci_unit"]) == (2, [0, 1], "actors")
@@ -219,3 +223,16 @@ def test_cross_validation_folds_are_speaker_independent(tmp_path):
     (model,) = json.loads((out / "comparison.json").read_text())["models"]
     assert (model["label"], model["folds"], model["n_runs"]) == ("visual", [0, 1, 2], 3)
     assert "3 speaker-independent cross-validation folds" in (out / "report.md").read_text()
+
+
+def test_a_sweep_where_every_job_failed_still_gets_a_report_of_why(tmp_path):
+    for num, modality in enumerate(("acoustic", "late")):
+        job = tmp_path / f"{num}_{modality}_seed0"
+        job.mkdir()
+        sweep.record_failure(job, ConfigError(f"{modality}: broken on purpose"), modality, 0)
+    result = compare.into_sweep(tmp_path, compare.Settings())
+    assert result["summary"] == ["Every job failed (2): nothing to compare."]
+    md = (tmp_path / "report.md").read_text()
+    assert "| 0_acoustic_seed0 | acoustic | 0 | acoustic: broken on purpose |" in md
+    assert "| 1_late_seed0 | late | 0 | late: broken on purpose |" in md
+    assert "late: broken on purpose" in (tmp_path / "report.html").read_text()

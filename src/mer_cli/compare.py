@@ -293,12 +293,14 @@ def build(runs: Sequence[Run], failures: Sequence[Failure], settings: Settings) 
         "ranking": [m.label for m in ranking],
         "ranking_by_metric": {k: [m.label for m in _ranked(models, k)] for k in BAR_METRICS},
         "pairwise": pairwise,
-        "failures": [
-            {"path": str(f.path), "modality": f.modality, "seed": f.seed, "error": f.error} for f in failures
-        ],
+        "failures": [_failure_dict(f) for f in failures],
     }
     result["summary"] = summary_sentences(result)
     return result
+
+
+def _failure_dict(f: Failure) -> dict[str, Any]:
+    return {"path": str(f.path), "modality": f.modality, "seed": f.seed, "error": f.error}
 
 
 def group_models(runs: Sequence[Run]) -> list[Model]:
@@ -573,7 +575,11 @@ def bar_chart(result: dict[str, Any], metric: str) -> plt.Figure:
     if result["human_rates"]:
         for (name, rate), style in zip(result["human_rates"].items(), (":", "-.", (0, (5, 1))), strict=True):
             ax.axhline(
-                rate, color="darkred", ls=style, lw=1, label=f"human raters, {name} ({100 * rate:.1f} %)"
+                rate,
+                color="darkred",
+                ls=style,
+                lw=1,
+                label=f"human raters, {name} ({100 * rate:.1f} % accuracy)",
             )
     conf = round(100 * result["settings"]["confidence"])
     ax.set_xticks(
@@ -585,7 +591,7 @@ def bar_chart(result: dict[str, Any], metric: str) -> plt.Figure:
     ax.set_ylabel(f"test/{metric}")
     ax.set_title(f"test/{metric}: mean, {conf} % CI")
     ax.set_ylim(0, min(1.0, max(float(np.nanmax(hi)), chance, 0.65 if result["human_rates"] else 0) + 0.15))
-    ax.legend(fontsize=8, loc="upper left")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, never on them
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     return fig
@@ -734,14 +740,14 @@ def document(result: dict[str, Any], runs: Sequence[Run], figures: dict[str, str
         for r in runs
     ]
     blocks.append(Block("table", rows=(header, *rows)))
-    if result["failures"]:
-        blocks.append(Block("h2", "Failed jobs"))
-        rows = [
-            (_rel(Path(f["path"]), root), str(f["modality"]), str(f["seed"]), f["error"])
-            for f in result["failures"]
-        ]
-        blocks.append(Block("table", rows=(("job", "modality", "seed", "error"), *rows)))
-    return blocks
+    return blocks + failure_blocks(result["failures"], root)
+
+
+def failure_blocks(failures: Sequence[dict[str, Any]], root: Path) -> list[Block]:
+    if not failures:
+        return []
+    rows = [(_rel(Path(f["path"]), root), str(f["modality"]), str(f["seed"]), f["error"]) for f in failures]
+    return [Block("h2", "Failed jobs"), Block("table", rows=(("job", "modality", "seed", "error"), *rows))]
 
 
 def _rel(path: Path, root: Path) -> str:
@@ -821,6 +827,20 @@ def write(
     out_dir: Path, runs: Sequence[Run], failures: Sequence[Failure], settings: Settings
 ) -> dict[str, Any]:
     """Build the comparison of ``runs`` and write every report file into ``out_dir``."""
+    title = "mer-cli model comparison"
+    if not runs and failures:  # every job failed: the report still says why
+        summary = [f"Every job failed ({len(failures)}): nothing to compare."]
+        result: dict[str, Any] = {
+            "models": [],
+            "failures": [_failure_dict(f) for f in failures],
+            "summary": summary,
+        }
+        blocks = [Block("h2", "Summary"), Block("ul", items=tuple(summary))]
+        blocks += failure_blocks(result["failures"], out_dir)
+        write_json(out_dir / "comparison.json", result)
+        write_text(out_dir / "report.md", to_markdown(title, blocks))
+        write_text(out_dir / "report.html", to_html(title, blocks, out_dir))
+        return result
     result = build(runs, failures, settings)
     models = group_models(runs)
     class_names = runs[0].class_names
@@ -836,7 +856,6 @@ def write(
     write_text(out_dir / "runs.csv", _runs_csv(runs, label_runs(runs), out_dir))
     write_text(out_dir / "pairwise.csv", _pairwise_csv(result))
     blocks = document(result, [r for m in models for r in m.runs], figures, out_dir)
-    title = "mer-cli model comparison"
     write_text(out_dir / "report.md", to_markdown(title, blocks))
     write_text(out_dir / "report.html", to_html(title, blocks, out_dir))
     return result
