@@ -57,6 +57,10 @@ def run(
     write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     if cfg.cv.folds is not None and cfg.cv.fold is None:
         return run_folds(cfg, out_dir, resume, sweep_dir)
+    done = sweep_dir and modality != "late" and sweep.find_trained(sweep_dir, cfg, modality, exclude=out_dir)
+    if done:  # trained earlier in this sweep as a late fusion member
+        log.info("%s: this sweep already trained the same model in %s: copied, not retrained", modality, done)
+        return sweep.adopt(done, out_dir)
     splits = load_data(cfg.data, cfg.cv)
     log.info(
         "data: %s: %d train / %d val / %d test clips, %d classes",
@@ -68,9 +72,6 @@ def run(
     )
     if modality == "late":
         return run_late(cfg, splits, out_dir, resume, sweep_dir)
-    if sweep_dir is not None and (done := sweep.find_trained(sweep_dir, cfg, modality, exclude=out_dir)):
-        log.info("%s: this sweep already trained the same model in %s: copied, not retrained", modality, done)
-        return sweep.adopt(done, out_dir)
     result = train_stream(cfg, splits, STREAM_OF_MODALITY[modality], out_dir, resume)
     return result.metrics
 
