@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
@@ -112,6 +113,24 @@ def test_sweep_ends_with_a_report_whose_numbers_are_the_runs_own(sweep_a):
     assert len(images) == 7  # 3 bar charts + 4 grids
     assert all(base64.b64decode(b)[:8] == b"\x89PNG\r\n\x1a\n" for b in images)
     assert 'src="http' not in page and "figures/" not in page
+    assert unclosed_tags(page) == []
+
+
+def unclosed_tags(page: str) -> list[str]:
+    """Tags opened and never closed (or closed out of order): a browser would guess the layout."""
+    stack: list[str] = []
+
+    class Parser(HTMLParser):
+        def handle_starttag(self, tag: str, attrs: object) -> None:
+            if tag not in ("meta", "img", "br"):
+                stack.append(tag)
+
+        def handle_endtag(self, tag: str) -> None:
+            assert stack and stack[-1] == tag, f"</{tag}> closes {stack[-1:]}"
+            stack.pop()
+
+    Parser().feed(page)
+    return stack
 
 
 @pytest.mark.slow

@@ -44,9 +44,12 @@ def reuse_key(cfg: dict[str, Any]) -> dict[str, Any]:
     return key
 
 
-def find_trained(sweep_dir: Path, cfg: DictConfig, modality: str, exclude: Path) -> Path | None:
-    """A finished ``modality`` run in ``sweep_dir`` trained with the same settings as ``cfg``."""
-    want = reuse_key(_container(cfg))
+def find_trained(sweep_dir: Path, cfg: dict[str, Any], modality: str, exclude: Path) -> Path | None:
+    """A finished ``modality`` run in ``sweep_dir`` trained with the same settings as ``cfg``.
+
+    ``cfg``: this job's resolved config as a plain dict; ``exclude``: this job's own directory.
+    """
+    want = reuse_key(cfg)
     exclude = exclude.resolve()
     for config_path in sorted(sweep_dir.glob("**/config.yaml")):
         run_dir = config_path.parent.resolve()
