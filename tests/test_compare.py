@@ -7,6 +7,7 @@ import csv
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from html.parser import HTMLParser
@@ -255,3 +256,16 @@ def test_a_sweep_where_every_job_failed_still_gets_a_report_of_why(tmp_path):
     assert "| 0_acoustic_seed0 | acoustic | 0 | acoustic: broken on purpose |" in md
     assert "| 1_late_seed0 | late | 0 | late: broken on purpose |" in md
     assert "late: broken on purpose" in (tmp_path / "report.html").read_text()
+
+
+@pytest.mark.slow
+def test_a_broken_run_directory_is_listed_not_fatal(sweep_a, tmp_path):
+    shutil.copytree(job_dirs(sweep_a, "acoustic")[0], tmp_path / "ok")
+    shutil.copytree(job_dirs(sweep_a, "visual")[0], tmp_path / "broken")
+    (tmp_path / "broken" / "predictions.csv").unlink()
+    runs, failures = compare.collect([tmp_path])
+    assert [r.path.name for r in runs] == ["ok"]
+    broken = (tmp_path / "broken").resolve()
+    assert [(f.path, f.error) for f in failures] == [
+        (broken, f"unreadable run: {broken}: no predictions.csv (not a finished mer-train run)")
+    ]

@@ -130,7 +130,10 @@ def collect(dirs: Sequence[Path], actor_pattern: str | None = None) -> tuple[lis
             if (path / "failed.json").is_file():
                 failures[path] = _load_failure(path)
             else:
-                runs[path] = load_run(path, actor_pattern)
+                try:
+                    runs[path] = load_run(path, actor_pattern)
+                except MerError as e:  # e.g. a job killed while writing: list it, compare the rest
+                    failures[path] = Failure(path, None, None, f"unreadable run: {e}")
         if not found:
             raise MerError(f"{d}: no mer-train run (metrics.json) or failed job (failed.json) in it")
     return list(runs.values()), list(failures.values())
