@@ -269,3 +269,17 @@ def test_a_broken_run_directory_is_listed_not_fatal(sweep_a, tmp_path):
     assert [(f.path, f.error) for f in failures] == [
         (broken, f"unreadable run: {broken}: no predictions.csv (not a finished mer-train run)")
     ]
+
+
+@pytest.mark.slow
+def test_compare_enabled_false_writes_no_report_and_a_failing_sweep_still_exits_0(tmp_path):
+    root = run_sweep(
+        tmp_path / "sweep",
+        "modality=late",
+        f"modality.acoustic_run={tmp_path / 'nowhere'}",
+        "compare.enabled=false",
+    )
+    (job,) = job_dirs(root, "late")
+    error = json.loads((job / "failed.json").read_text())["error"]
+    assert error.startswith(f"{tmp_path / 'nowhere'}: no checkpoint.pt")
+    assert not (root / "report.md").exists() and not (root / "comparison.json").exists()
