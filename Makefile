@@ -5,6 +5,7 @@ PYTHON ?= python3
 # this machine keeps a CPU wheel of torch 2.13.0 on disk; elsewhere pin what suits your hardware
 TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
+SEEDS ?= 0,1,2
 STAMP := $(VENV)/.installed
 # glibc returns big freed blocks to the OS and re-faults them on every step; keeping them makes
 # CPU training markedly faster (measured by `make bench`, see README)
@@ -26,6 +27,9 @@ venv: $(STAMP)  ## create .venv with mer-cli and the dev tools
 
 run: $(STAMP)  ## train + evaluate the default model (early fusion) on the embedded data
 	$(BIN)/mer-train $(ARGS)
+
+compare: $(STAMP)  ## the four models x SEEDS (0,1,2) on the embedded data, compared in one report
+	$(BIN)/mer-train -m modality=acoustic,visual,late,early seed=$(SEEDS) $(ARGS)
 
 test: $(STAMP)  ## the whole test suite (a few minutes on 2 cores)
 	$(BIN)/python -m pytest $(ARGS)

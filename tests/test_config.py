@@ -85,7 +85,8 @@ def _readme_commands(tool: str) -> list[list[str]]:
 def test_readme_mer_train_examples_compose(args):
     overrides = [a for a in args if a not in ("-m", "--multirun")]
     # a sweep's comma lists: compose the first value of each
-    overrides = [o.split("=", 1)[0] + "=" + o.split("=", 1)[1].split(",")[0] if "," in o else o
-                 for o in overrides]
+    overrides = [
+        o.split("=", 1)[0] + "=" + o.split("=", 1)[1].split(",")[0] if "," in o else o for o in overrides
+    ]
     cfg = _compose(*overrides)
     assert cfg.modality.name in pipeline.MODALITIES

@@ -17,7 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from mer_cli import pipeline
+from mer_cli import compare, pipeline, sweep
 from mer_cli.errors import MerError
 
 log = logging.getLogger("mer_cli")
@@ -76,13 +76,21 @@ def train_main(cfg: DictConfig) -> float:
     run_dir = Path(hc.runtime.output_dir)
     with contextlib.suppress(ValueError):  # ValueError: not the main thread (a launcher's worker)
         signal.signal(signal.SIGTERM, _interrupt)
+    multirun = hc.mode == RunMode.MULTIRUN
     try:
-        metrics = pipeline.run(cfg, run_dir, resume=cfg.resume)
-    except MerError as e:
-        _remove_if_nothing_trained(run_dir)
-        if hc.mode == RunMode.MULTIRUN:
-            raise  # the sweep records it
-        _fail("mer-train", str(e))
+        metrics = pipeline.run(
+            cfg, run_dir, resume=cfg.resume, sweep_dir=Path(hc.sweep.dir) if multirun else None
+        )
+    except Exception as e:
+        if not multirun:
+            if not isinstance(e, MerError):
+                raise
+            _remove_if_nothing_trained(run_dir)
+            _fail("mer-train", str(e))
+        # one failed job must not sink the sweep: record it for the report and go on
+        path = sweep.record_failure(run_dir, e, cfg.modality.get("name"), cfg.get("seed"))
+        log.error("job failed (%s), the sweep goes on: %s", path, e)
+        return math.nan
     except KeyboardInterrupt:
         if debug():
             raise
@@ -224,3 +232,51 @@ def ingest_main(argv: list[str] | None = None) -> None:
         f"wrote {args.target}: {splits.train.mfcc[0].shape[1]} acoustic and "
         f"{splits.train.aus[0].shape[1]} visual features per frame"
     )
+
+
+def compare_main(argv: list[str] | None = None) -> None:
+    """mer-compare DIR [DIR ...] [--out DIR]"""
+    defaults = compare.Settings()
+    parser = argparse.ArgumentParser(
+        prog="mer-compare",
+        description="Compare the runs in mer-train run or sweep directories (made on any day): "
+        "tables, bar charts with confidence intervals, side-by-side curves, pairwise tests and a "
+        "summary, written as report.md and a self-contained report.html into a new directory.",
+    )
+    parser.add_argument("dirs", type=Path, nargs="+", metavar="DIR", help="run or sweep directories")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="new directory for the report (default: outputs/comparisons/<time>)",
+    )
+    parser.add_argument("--bootstrap-samples", type=int, default=defaults.bootstrap_samples)
+    parser.add_argument("--confidence", type=float, default=defaults.confidence)
+    parser.add_argument(
+        "--alpha", type=float, default=defaults.alpha, help="significance level (Holm-adjusted)"
+    )
+    parser.add_argument(
+        "--human-reference",
+        choices=compare.HUMAN_REFERENCE_CHOICES,
+        default=defaults.human_reference,
+        help="draw CREMA-D's human rates (auto: when every run read data=pickle)",
+    )
+    parser.add_argument(
+        "--actor-pattern",
+        default=None,
+        help="regex whose first group is the actor in a clip id (default: each run's cv.actor_pattern)",
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    try:
+        settings = compare.Settings(
+            bootstrap_samples=args.bootstrap_samples,
+            confidence=args.confidence,
+            alpha=args.alpha,
+            human_reference=args.human_reference,
+            actor_pattern=args.actor_pattern,
+        )
+        out = compare.into_new_dir(args.dirs, Path("outputs") / "comparisons", settings, args.out)
+    except MerError as e:
+        _fail("mer-compare", str(e))
+    print(f"report: {out / 'report.html'}")

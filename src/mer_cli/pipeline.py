@@ -10,6 +10,8 @@ Every file in a run directory is written by a function called from here:
   plots/*.png              training curves, and per split: confusion matrix, ROC, per-class ROC, PR
   acoustic/, visual/       late fusion only: the two member runs (same layout), unless reused
   late.json                late fusion only: members and fusion weight, for mer-evaluate
+  fold<i>/, cv.json        cv.folds=K only: one run per fold (same layout), mean over folds
+  failed.json              a failed job of a sweep (written by cli.py): its error, for the report
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from mer_cli import data, evaluate, fusion, preprocess, report, synthetic, train
+from mer_cli import data, evaluate, folds, fusion, preprocess, report, sweep, synthetic, train
 from mer_cli.artifacts import load_checkpoint, write_json, write_text
 from mer_cli.errors import ConfigError, MerError
 
@@ -40,15 +42,30 @@ MODALITIES = (*STREAM_OF_MODALITY, "late")
 CHECKPOINT_FORMAT = 1
 
 
-def run(cfg: DictConfig, out_dir: Path, resume: bool = False) -> dict[str, Any]:
-    """Train and evaluate the model ``cfg`` describes; write everything into ``out_dir``."""
+def run(
+    cfg: DictConfig, out_dir: Path, resume: bool = False, sweep_dir: Path | None = None
+) -> dict[str, Any]:
+    """Train and evaluate the model ``cfg`` describes; write everything into ``out_dir``.
+
+    ``sweep_dir``: the multirun's root when this is one job of a sweep; models already trained
+    there with the same settings are reused instead of trained again (see `sweep`).
+    """
     modality = cfg.modality.name
     if modality not in MODALITIES:
         raise ConfigError(f"modality={modality!r}: valid: {', '.join(MODALITIES)}")
     out_dir.mkdir(parents=True, exist_ok=True)
     check_resumable(cfg, out_dir, resume)
     write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    splits = load_data(cfg.data)
+    if cfg.cv.folds is not None and cfg.cv.fold is None:
+        return run_folds(cfg, out_dir, resume, sweep_dir)
+    if sweep_dir is not None and modality != "late":
+        done = sweep.find_trained(sweep_dir, resolved(cfg), modality, out_dir)
+        if done is not None:  # trained earlier in this sweep, as a late fusion member
+            log.info(
+                "%s: this sweep already trained the same model in %s: copied, not retrained", modality, done
+            )
+            return sweep.adopt(done, out_dir)
+    splits = load_data(cfg.data, cfg.cv)
     log.info(
         "data: %s: %d train / %d val / %d test clips, %d classes",
         splits.source,
@@ -58,7 +75,7 @@ def run(cfg: DictConfig, out_dir: Path, resume: bool = False) -> dict[str, Any]:
         splits.n_classes,
     )
     if modality == "late":
-        return run_late(cfg, splits, out_dir, resume)
+        return run_late(cfg, splits, out_dir, resume, sweep_dir)
     result = train_stream(cfg, splits, STREAM_OF_MODALITY[modality], out_dir, resume)
     return result.metrics
 
@@ -104,8 +121,35 @@ READERS = {
 }
 
 
-def load_data(data_cfg: DictConfig) -> data.Splits:
-    """The configured dataset (``data.name``), sliced to ``data.limit_per_split`` if set."""
+def run_folds(cfg: DictConfig, out_dir: Path, resume: bool, sweep_dir: Path | None) -> dict[str, Any]:
+    """cv.folds=K: run every fold into ``out_dir/fold<i>/``; cv.json holds the mean over folds."""
+    per_fold = []
+    for i in range(cfg.cv.folds):
+        log.info("cross-validation: fold %d of %d", i + 1, cfg.cv.folds)
+        fold_cfg = cast(DictConfig, OmegaConf.merge(cfg, {"cv": {"fold": i}}))
+        per_fold.append(run(fold_cfg, out_dir / f"fold{i}", resume, sweep_dir))
+    summary = {
+        "run": {"modality": cfg.modality.name, "seed": int(cfg.seed), "folds": int(cfg.cv.folds)},
+        **{
+            s: {k: float(np.mean([m[s][k] for m in per_fold])) for k in evaluate.HEADLINE}
+            for s in ("val", "test")
+        },
+    }
+    write_json(
+        out_dir / "cv.json", {**summary, "per_fold": [{s: m[s] for s in ("val", "test")} for m in per_fold]}
+    )
+    return summary
+
+
+def resolved(cfg: DictConfig) -> dict[str, Any]:
+    return cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))
+
+
+def load_data(data_cfg: DictConfig, cv_cfg: DictConfig | None = None) -> data.Splits:
+    """The configured dataset (``data.name``), sliced to ``data.limit_per_split`` if set.
+
+    ``cv_cfg`` with ``folds`` set: the pooled clips re-split by actor into fold ``cv_cfg.fold``.
+    """
     name = data_cfg.name
     if name == "synthetic":
         splits = synthetic.generate(synthetic.Spec(**data_cfg.generator))
@@ -116,7 +160,10 @@ def load_data(data_cfg: DictConfig) -> data.Splits:
         splits = read(data_cfg.path, class_names=data_cfg.class_names, nan_policy=data_cfg.nan_policy)
     else:
         raise ConfigError(f"data={name!r}: valid: synthetic, {', '.join(READERS)}")
-    return splits.limit(data_cfg.limit_per_split)
+    splits = splits.limit(data_cfg.limit_per_split)
+    if cv_cfg is not None and cv_cfg.folds is not None:  # speaker-independent CV (configs/cv/)
+        splits = folds.split(splits, int(cv_cfg.folds), int(cv_cfg.fold), cv_cfg.actor_pattern)
+    return splits
 
 
 def seed_everything(seed: int) -> None:
@@ -224,16 +271,25 @@ def build_model(model_cfg: DictConfig | dict[str, Any], n_features: int, n_class
 # Late fusion
 
 
-def run_late(cfg: DictConfig, splits: data.Splits, out_dir: Path, resume: bool = False) -> dict[str, Any]:
+def run_late(
+    cfg: DictConfig,
+    splits: data.Splits,
+    out_dir: Path,
+    resume: bool = False,
+    sweep_dir: Path | None = None,
+) -> dict[str, Any]:
     """Average (or weight) the class probabilities of an acoustic and a visual model.
 
-    Each member is reused from ``modality.<member>_run`` when given, else trained into
-    ``out_dir/<member>/`` with this run's data, model, trainer and seed.
+    Each member is reused from ``modality.<member>_run`` when given, else from a run of this sweep
+    with the same settings, else trained into ``out_dir/<member>/`` with this run's data, model,
+    trainer and seed.
     """
     members: dict[str, dict[str, report.Predictions]] = {}
     sources: dict[str, str] = {}
     for member in ("acoustic", "visual"):
         reuse = cfg.modality.get(f"{member}_run")
+        if not reuse and sweep_dir is not None:
+            reuse = sweep.find_trained(sweep_dir, resolved(cfg), member, out_dir)
         if reuse:
             run_dir = Path(reuse).expanduser().resolve()
             log.info("late fusion: reusing the %s model in %s", member, run_dir)
@@ -377,7 +433,9 @@ def evaluate_run(
                 "limit_per_split": None,
             },
         )
-    splits = load_data(data_cfg)
+    # a cross-validation fold is re-evaluated on its own fold; another file has no folds
+    cv_cfg = cfg.cv if data_path is None and "cv" in cfg else None
+    splits = load_data(data_cfg, cv_cfg)
     late_path = run_dir / "late.json"
     if late_path.exists():
         late = json.loads(late_path.read_text())

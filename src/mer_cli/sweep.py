@@ -1,0 +1,123 @@
+"""Multirun support: find models already trained in the sweep, record failed jobs, report at the end.
+
+No model is trained twice in a sweep. Every job writes its resolved config.yaml first; a job about
+to train a single-stream model (acoustic, visual, early, or a late fusion member) first looks in
+the sweep directory for a finished run of the same modality whose config is equal in everything but
+the ``modality`` node and run-time switches (`REUSE_IGNORES`):
+  - late fusion reuses such acoustic and visual runs as its members (by reference, in late.json);
+  - a single-stream job that finds one (trained earlier as a late fusion member, when the sweep
+    lists late first) copies it instead of training again.
+Jobs run in override order with Hydra's basic launcher (one after another), so with
+``modality=acoustic,visual,late,early`` late trains nothing. A parallel launcher may start late
+before its members have finished; late then trains its own members (correct, only slower).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import traceback
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from mer_cli import compare
+from mer_cli.artifacts import write_json
+from mer_cli.errors import MerError
+
+log = logging.getLogger(__name__)
+
+# top-level keys that do not change what a model learns
+REUSE_IGNORES = ("modality", "resume", "save_plots", "compare")
+# files of a finished single-stream run: a run counts as reusable only when all are there
+FINISHED_RUN_FILES = ("checkpoint.pt", "metrics.json", "predictions.csv")
+
+
+def reuse_key(cfg: dict[str, Any]) -> dict[str, Any]:
+    key = {k: v for k, v in cfg.items() if k not in REUSE_IGNORES}
+    loop = key.get("trainer", {}).get("loop")
+    if isinstance(loop, dict):  # the progress bar changes nothing learned
+        key["trainer"] = {**key["trainer"], "loop": {k: v for k, v in loop.items() if k != "progress"}}
+    return key
+
+
+def find_trained(sweep_dir: Path, cfg: dict[str, Any], modality: str, exclude: Path) -> Path | None:
+    """A finished ``modality`` run in ``sweep_dir`` trained with the same settings as ``cfg``.
+
+    ``cfg``: this job's resolved config as a plain dict; ``exclude``: this job's own directory.
+    """
+    want = reuse_key(cfg)
+    exclude = exclude.resolve()
+    for config_path in sorted(sweep_dir.glob("**/config.yaml")):
+        run_dir = config_path.parent.resolve()
+        if run_dir == exclude or exclude in run_dir.parents or (run_dir / "failed.json").exists():
+            continue
+        if not all((run_dir / f).is_file() for f in FINISHED_RUN_FILES):
+            continue
+        other = _container(OmegaConf.load(config_path))
+        if other.get("modality", {}).get("name") == modality and reuse_key(other) == want:
+            return run_dir
+    return None
+
+
+def _container(cfg: Any) -> dict[str, Any]:
+    obj = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(obj, dict)
+    return {str(k): v for k, v in obj.items()}
+
+
+def adopt(source: Path, out_dir: Path) -> dict[str, Any]:
+    """Make ``out_dir`` a copy of the finished run ``source`` (its config.yaml is kept); no training."""
+    for item in source.iterdir():
+        if item.name in ("config.yaml", ".hydra") or item.name.endswith(".log"):
+            continue
+        target = out_dir / item.name
+        if item.is_dir():
+            shutil.copytree(item, target, dirs_exist_ok=True)
+        else:
+            shutil.copy2(item, target)
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    metrics["run"]["copied_from"] = str(source)
+    write_json(out_dir / "metrics.json", metrics)
+    return metrics
+
+
+def record_failure(job_dir: Path, error: BaseException, modality: str | None, seed: int | None) -> Path:
+    """``failed.json`` in the job's directory: the comparison report lists it with its error."""
+    message = str(error) if isinstance(error, MerError) else f"{type(error).__name__}: {error}"
+    info = {
+        "modality": modality,
+        "seed": seed,
+        "error": message,
+        "traceback": None if isinstance(error, MerError) else traceback.format_exc(),
+    }
+    path = job_dir / "failed.json"
+    write_json(path, info)
+    return path
+
+
+def settings_of(cfg: DictConfig) -> compare.Settings:
+    """``compare`` config node -> `compare.Settings` (``enabled`` is the callback's own switch)."""
+    node = {k: v for k, v in _container(cfg.compare).items() if k != "enabled"}
+    node.setdefault("actor_pattern", cfg.get("cv", {}).get("actor_pattern"))
+    return compare.Settings(**node)
+
+
+class ReportCallback(Callback):
+    """Writes the comparison report at the sweep's root when a multirun ends (configs/train.yaml)."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if not config.compare.enabled:
+            return
+        sweep_dir = Path(config.hydra.sweep.dir)
+        try:
+            result = compare.into_sweep(sweep_dir, settings_of(config))
+        except MerError as e:
+            log.error("comparison report not written: %s", e)
+            return
+        log.info("comparison report: %s", sweep_dir / "report.html")
+        for line in result["summary"]:
+            log.info("  %s", line)
