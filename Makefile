@@ -38,5 +38,23 @@ lint: $(STAMP)  ## ruff (lint + format check) and mypy
 	$(BIN)/ruff format --check src tests
 	$(BIN)/mypy
 
+# the Keras/TensorFlow peer (shared/bench/): a benchmark-only environment, never a project dependency
+PEER_DIR ?= ../shared/bench
+PEER_VENV ?= $(HOME)/.venvs/peer-tf
+
+bench: $(STAMP)  ## speed table, JSON lines in outputs/bench.jsonl (ARGS=--quick: seconds, for CI)
+	mkdir -p outputs
+	$(BIN)/mer-bench --out outputs/bench.jsonl $(ARGS)
+
+$(PEER_VENV)/.installed:
+	$(PYTHON) -m venv $(PEER_VENV)
+	$(PEER_VENV)/bin/python -m pip install -q tensorflow
+	touch $@
+
+bench-peer: $(STAMP) $(PEER_VENV)/.installed  ## mer-cli and the Keras peer side by side, ratios (ARGS=--rounds 1: shorter)
+	mkdir -p outputs
+	$(BIN)/mer-bench --peer-python $(PEER_VENV)/bin/python --peer-script $(PEER_DIR)/peer_keras.py \
+		--out outputs/bench-peer.jsonl $(ARGS)
+
 clean:  ## remove outputs and caches (keeps .venv)
 	rm -rf outputs multirun .pytest_cache .mypy_cache .ruff_cache build dist

@@ -207,6 +207,27 @@ def roc_auc_micro(y_true: np.ndarray, y_prob: np.ndarray) -> float:
 # The loop
 
 
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    loss_fn: nn.Module,
+    x: torch.Tensor,
+    lengths: torch.Tensor,
+    y: torch.Tensor,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step on one batch; returns the loss and the logits (``make bench`` times this)."""
+    with autocast(x.device, dtype):
+        logits = model(x, lengths)
+        loss = loss_fn(logits.float(), y)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss, logits
+
+
 def fit(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -282,13 +303,7 @@ def fit(
         )
         for idx in bar:
             x, lengths, y = gather_batch(train_set, idx, device)
-            with autocast(device, dtype):
-                logits = model(x, lengths)
-                loss = loss_fn(logits.float(), y)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            loss, logits = train_step(model, optimizer, scaler, loss_fn, x, lengths, y, dtype)
             total_loss += loss.item() * len(idx)
             y_true.append(y.cpu())
             y_prob.append(torch.softmax(logits.detach().float(), dim=1).cpu())
