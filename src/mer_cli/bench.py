@@ -82,6 +82,7 @@ FIELDS = (
     "torch",
     "threads",
     "glibc_tunables",
+    "omp_wait_policy",
     "cpu",
     "time_utc",
 )
@@ -226,7 +227,7 @@ class Case:
     device: str = "cpu"
     batch: int = 128
     batches: int = 6  # timed training batches: one whole bucketed epoch of batch x batches clips
-    warmup: int = 2  # untimed training batches first (one-off allocation, kernel creation)
+    warmup: int = 1  # untimed training batches first (one-off allocation, kernel creation)
     infer_clips: int = 1024
     masking: str = "config"
     bucket: bool = True
@@ -288,9 +289,11 @@ def run_case(case: Case, peaks: dict[str, float]) -> dict[str, Any]:
     for _ in range(case.rounds):
         seconds, train_frames, losses = epoch(train_set)
         train_s.append(seconds)
-    # inference warm-up, then timed passes through predict_proba (length-sorted, inference_mode)
-    train.predict_proba(model, infer_set, settings.eval_batch_size, device, dtype)
-    for _ in range(max(case.rounds, 2)):
+    # inference warm-up on a slice, then timed passes through predict_proba (length-sorted
+    # batches of eval_batch_size, inference_mode)
+    warm = SequenceSet(infer_set.x[:64], infer_set.lengths[:64], infer_set.y[:64], infer_set.clip_ids[:64])
+    train.predict_proba(model, warm, settings.eval_batch_size, device, dtype)
+    for _ in range(case.rounds):
         sync()
         t0 = time.perf_counter()
         train.predict_proba(model, infer_set, settings.eval_batch_size, device, dtype)
@@ -350,6 +353,7 @@ def run_case(case: Case, peaks: dict[str, float]) -> dict[str, Any]:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
         "cpu": cpu_name() if device.type == "cpu" else torch.cuda.get_device_name(device),
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -389,10 +393,14 @@ def peer_hidden(model: str) -> tuple[list[int], int]:
     return list(cfg["hidden_sizes"]), int(cfg["dense_size"])
 
 
-def run_json(cmd: list[str]) -> dict[str, Any]:
+# the peer's README runs it with this malloc setting (it ran 1.2-5x slower without)
+PEER_ENV = {"GLIBC_TUNABLES": "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"}
+
+
+def run_json(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, Any]:
     """Run ``cmd`` (a fresh process, so neither side inherits the other's memory) and return the
     last JSON line it printed."""
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env={**os.environ, **(env or {})})
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
@@ -421,7 +429,7 @@ def side_by_side(args: argparse.Namespace) -> list[dict[str, Any]]:
             peers: list[dict[str, Any]] = []
             for r in range(args.rounds):
                 print(f"[bench-peer] {shape} {model} round {r + 1}/{args.rounds}: keras", file=sys.stderr)
-                peers.append(run_json([*peer_cmd, "--seed", str(r)]))
+                peers.append(run_json([*peer_cmd, "--seed", str(r)], PEER_ENV))
                 for p in args.precision:
                     print(
                         f"[bench-peer] {shape} {model} round {r + 1}/{args.rounds}: mer-cli {p}",
@@ -462,6 +470,7 @@ def side_by_side(args: argparse.Namespace) -> list[dict[str, Any]]:
                         "torch": ours[p][0]["torch"],
                         "threads": ours[p][0]["threads"],
                         "glibc_tunables": ours[p][0]["glibc_tunables"],
+                        "omp_wait_policy": ours[p][0]["omp_wait_policy"],
                         "cpu": ours[p][0]["cpu"],
                         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                     }
@@ -501,7 +510,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--device", choices=train.DEVICES, default="cpu")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--batches", type=int, default=6, help="timed training batches (one bucketed epoch)")
-    ap.add_argument("--warmup", type=int, default=2, help="untimed training batches first")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed training batches first")
     ap.add_argument("--infer-clips", type=int, default=1024, help="clips per timed inference pass")
     ap.add_argument("--masking", choices=MASKINGS, default="config", help="none: padded nn.LSTM reference")
     ap.add_argument("--no-bucket", action="store_true", help="batches of random lengths (no buckets)")
