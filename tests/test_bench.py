@@ -2,6 +2,7 @@
 
 import json
 import math
+import sys
 
 from mer_cli import bench
 
@@ -37,3 +38,28 @@ def test_generated_clips_are_zero_after_their_length():
     assert data.lengths.min() >= 40 and data.lengths.max() <= 100
     for x, n in zip(data.x, data.lengths, strict=True):
         assert x[n:].abs().sum() == 0 and x[n - 1].abs().sum() > 0
+
+
+FAKE_PEER = """
+import json, sys
+args = dict(zip(sys.argv[1::2], sys.argv[2::2]))
+print("some log line")
+print(json.dumps({"shape": args["--shape"], "hidden": args["--hidden"], "train_samples_per_s": 10.0,
+                  "infer_samples_per_s": 40.0, "epoch_s_est": 500.0, "versions": {"tensorflow": "fake"}}))
+"""
+
+
+def test_side_by_side_divides_our_speed_by_the_peers_within_each_round(tmp_path):
+    peer = tmp_path / "peer.py"
+    peer.write_text(FAKE_PEER)
+    out = tmp_path / "peer.jsonl"
+    argv = ["--quick", "--peer-python", sys.executable, "--peer-script", str(peer), "--shape", "visual"]
+    bench.main([*argv, "--model", "bilstm", "--precision", "fp32", "--rounds", "2", "--out", str(out)])
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert (row["shape"], row["model"], row["precision"], row["rounds"]) == ("visual", "bilstm", "fp32", 2)
+    assert row["peer_train_clips_per_s"] == 10.0 and row["peer_versions"] == {"tensorflow": "fake"}
+    assert len(row["train_ratios"]) == 2
+    assert row["train_ratio"] == round(
+        sorted(row["train_ratios"])[0] / 2 + sorted(row["train_ratios"])[1] / 2, 2
+    )
+    assert math.isclose(row["infer_ratio"], row["infer_clips_per_s"] / 40.0, rel_tol=0.05)

@@ -428,18 +428,21 @@ def side_by_side(args: argparse.Namespace) -> list[dict[str, Any]]:
             ours: dict[str, list[dict[str, Any]]] = {p: [] for p in args.precision}
             peers: list[dict[str, Any]] = []
             for r in range(args.rounds):
-                print(f"[bench-peer] {shape} {model} round {r + 1}/{args.rounds}: keras", file=sys.stderr)
-                peers.append(run_json([*peer_cmd, "--seed", str(r)], PEER_ENV))
-                for p in args.precision:
+                # the peer goes first in even rounds, last in odd ones: a drift in machine load
+                # then favours neither side
+                for side in ("keras", *args.precision)[:: 1 if r % 2 == 0 else -1]:
                     print(
-                        f"[bench-peer] {shape} {model} round {r + 1}/{args.rounds}: mer-cli {p}",
-                        file=sys.stderr,
+                        f"[bench-peer] {shape} {model} round {r + 1}/{args.rounds}: {side}", file=sys.stderr
                     )
+                    if side == "keras":
+                        peers.append(run_json([*peer_cmd, "--seed", str(r)], PEER_ENV))
+                        continue
                     cmd = [sys.executable, "-m", "mer_cli.bench", "--shape", shape, "--model", model]
-                    cmd += ["--precision", p, "--batch", str(args.batch), "--batches", str(args.batches)]
+                    cmd += ["--precision", side, "--batch", str(args.batch), "--batches", str(args.batches)]
                     cmd += ["--warmup", str(args.warmup), "--optimizer", args.optimizer, "--no-table"]
                     cmd += ["--seed", str(r), "--out", "-", "--infer-clips", str(args.infer_clips)]
-                    ours[p].append(run_json(cmd))
+                    cmd += ["--quick"] if args.quick else []
+                    ours[side].append(run_json(cmd))
             for p in args.precision:
                 tr = [
                     o["train_clips_per_s"] / k["train_samples_per_s"]
@@ -516,7 +519,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--no-bucket", action="store_true", help="batches of random lengths (no buckets)")
     ap.add_argument("--optimizer", choices=("adabelief", "adamw"), default="adabelief")
     ap.add_argument("--threads", type=int, default=None, help="default: physical cores")
-    ap.add_argument("--rounds", type=int, default=1, help="timed repetitions; medians reported")
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="timed repetitions, medians reported (default 1; 2 with the peer)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="tiny sizes: checks only that it runs (CI)")
     ap.add_argument("--out", default=None, help="append JSON lines here ('-': stdout)")
@@ -529,6 +537,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.shape = (
             ["visual"] if args.quick else ["acoustic", "early"] if args.peer_python else sorted(SHAPES)
         )
+    if args.rounds is None:
+        args.rounds = 2 if args.peer_python else 1
     if args.model is None:
         args.model = ["bilstm"] if args.quick else list(MODELS)
     return args
