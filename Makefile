@@ -8,7 +8,9 @@ BIN := $(VENV)/bin
 SEEDS ?= 0,1,2
 STAMP := $(VENV)/.installed
 # glibc returns big freed blocks to the OS and re-faults them on every step; keeping them makes
-# CPU training markedly faster (measured by `make bench`, see README)
+# CPU training markedly faster (make bench, default model, 3 interleaved rounds on a shared 2-core
+# box: median 1.6x train, 2.1x inference) for about 1.5x the peak memory (README). Applies to
+# the targets below; export it yourself when calling mer-train directly.
 export GLIBC_TUNABLES ?= glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736
 
 .PHONY: help venv run compare test smoke lint bench bench-peer clean
@@ -41,6 +43,24 @@ lint: $(STAMP)  ## ruff (lint + format check) and mypy
 	$(BIN)/ruff check src tests
 	$(BIN)/ruff format --check src tests
 	$(BIN)/mypy
+
+# the Keras/TensorFlow peer (shared/bench/): a benchmark-only environment, never a project dependency
+PEER_DIR ?= ../shared/bench
+PEER_VENV ?= $(HOME)/.venvs/peer-tf
+
+bench: $(STAMP)  ## speed table, JSON lines in outputs/bench.jsonl (ARGS=--quick: seconds, for CI)
+	mkdir -p outputs
+	$(BIN)/mer-bench --out outputs/bench.jsonl $(ARGS)
+
+$(PEER_VENV)/.installed:
+	$(PYTHON) -m venv $(PEER_VENV)
+	$(PEER_VENV)/bin/python -m pip install -q tensorflow
+	touch $@
+
+bench-peer: $(STAMP) $(PEER_VENV)/.installed  ## mer-cli and the Keras peer side by side, ratios (ARGS=--rounds 1: shorter)
+	mkdir -p outputs
+	$(BIN)/mer-bench --peer-python $(PEER_VENV)/bin/python --peer-script $(PEER_DIR)/peer_keras.py \
+		--out outputs/bench-peer.jsonl $(ARGS)
 
 clean:  ## remove outputs and caches (keeps .venv)
 	rm -rf outputs multirun .pytest_cache .mypy_cache .ruff_cache build dist
