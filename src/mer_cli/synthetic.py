@@ -50,14 +50,16 @@ class Spec:
     test_fraction: float = 0.15
     min_duration_s: float = 1.2
     max_duration_s: float = 3.8
-    acoustic_snr: float = 0.8  # evidence amplitude relative to the noise, per stream
-    visual_snr: float = 0.4
+    acoustic_snr: float = 0.45  # evidence amplitude relative to the noise, per stream
+    visual_snr: float = 0.18
+    acoustic_noise: float = 0.3  # scale of the frame-to-frame MFCC noise
+    acoustic_noise_rank: int = 8  # the MFCC noise lives in this many directions (plus a little white)
 
 
 def generate(spec: Spec) -> Splits:
     """Generate the dataset described by ``spec``; same spec, same arrays, bit for bit."""
     rng = np.random.default_rng(spec.seed)
-    world = _World.draw(rng)
+    world = _World.draw(rng, spec.acoustic_noise_rank)
     actors = [1001 + i for i in range(spec.n_actors)]
     order = rng.permutation(spec.n_actors)
     n_val = max(1, round(spec.val_fraction * spec.n_actors))
@@ -104,13 +106,14 @@ class _World:
 
     mfcc_scale: np.ndarray  # (52,) MFCC coefficients have very different ranges
     mfcc_offset: np.ndarray  # (52,)
+    noise_mixing: np.ndarray  # (rank, 52): MFCC noise is correlated across coefficients
     arousal_dir: np.ndarray  # (52,) unit vector
     mfcc_class_dirs: np.ndarray  # (6, 52) weak class-specific acoustic cues
     face_groups: np.ndarray  # (4, 17) non-negative AU activation patterns
     aus_class_dirs: np.ndarray  # (6, 17) weak class-specific facial cues
 
     @staticmethod
-    def draw(rng: np.random.Generator) -> _World:
+    def draw(rng: np.random.Generator, noise_rank: int) -> _World:
         def unit(n: int, d: int) -> np.ndarray:
             v = rng.standard_normal((n, d))
             return v / np.linalg.norm(v, axis=1, keepdims=True)
@@ -122,6 +125,7 @@ class _World:
         return _World(
             mfcc_scale=10 ** rng.uniform(-0.3, 1.3, size=N_MFCC),
             mfcc_offset=rng.normal(0, 5, size=N_MFCC),
+            noise_mixing=rng.standard_normal((noise_rank, N_MFCC)) / np.sqrt(noise_rank),
             arousal_dir=unit(1, N_MFCC)[0],
             mfcc_class_dirs=unit(len(EMOTION_CODES), N_MFCC),
             face_groups=groups,
@@ -158,10 +162,14 @@ class _World:
             bumps = np.exp(-0.5 * ((t[:, None] - centers) / widths) ** 2)
             return np.clip(bumps.sum(axis=1), 0.0, 1.0)  # (n,)
 
-        acoustic_cue = AROUSAL[label] * self.arousal_dir + 0.45 * self.mfcc_class_dirs[label]
+        acoustic_cue = AROUSAL[label] * self.arousal_dir + 0.15 * self.mfcc_class_dirs[label]
         mfcc = (
             np.asarray(style["voice"])
-            + _smooth_noise(rng, t_a, N_MFCC, width=5)
+            + spec.acoustic_noise
+            * (
+                _smooth_noise(rng, t_a, self.noise_mixing.shape[0], width=5) @ self.noise_mixing
+                + 0.3 * _smooth_noise(rng, t_a, N_MFCC, width=5)
+            )
             + spec.acoustic_snr * strength * (1.0 + 2.0 * envelope(t_a, AUDIO_FPS))[:, None] * acoustic_cue
         )
         mfcc = mfcc * self.mfcc_scale + self.mfcc_offset
@@ -170,7 +178,7 @@ class _World:
         aus = (
             np.asarray(style["face"])
             + 0.35 * _smooth_noise(rng, t_v, N_AUS, width=3)
-            + spec.visual_snr * 2.0 * strength * envelope(t_v, VIDEO_FPS)[:, None] * visual_cue
+            + spec.visual_snr * strength * (1.0 + 2.0 * envelope(t_v, VIDEO_FPS))[:, None] * visual_cue
         )
         aus = np.clip(aus, 0.0, 5.0)  # OpenFace intensities live in [0, 5]
         return mfcc.astype(np.float32), aus.astype(np.float32)
