@@ -157,7 +157,7 @@ def batch_indices(
     generator: torch.Generator,
     bucket: bool,
     pool_batches: int,
-    length_jitter: float = 0.25,
+    length_jitter: float = 0.15,
 ) -> list[torch.Tensor]:
     """One epoch's batches: every clip exactly once, order drawn from ``generator``.
 
