@@ -7,7 +7,7 @@ Every file in a run directory is written by a function called from here:
   history.csv              one row per epoch (train/*, val/*, lr)
   metrics.json             {"run": {...}, "val": {...}, "test": {...}}
   predictions.csv          per clip: split, clip id, true label, predicted label, probabilities
-  plots/*.png              training curves, and per split: confusion matrix, ROC, per-class ROC, PR
+  plots/*.png              training curves; test split: confusion matrix, ROC, per-class ROC, PR
   acoustic/, visual/       late fusion only: the two member runs (same layout), unless reused
   late.json                late fusion only: members and fusion weight, for mer-evaluate
   fold<i>/, cv.json        cv.folds=K only: one run per fold (same layout), mean over folds
