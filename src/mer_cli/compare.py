@@ -151,7 +151,7 @@ def load_run(path: Path, actor_pattern: str | None = None) -> Run:
     metrics = _read_json(path / "metrics.json")
     cfg: dict[str, Any] = {}
     if (path / "config.yaml").is_file():
-        cfg = _flatten(OmegaConf.to_container(OmegaConf.load(path / "config.yaml"), resolve=False))
+        cfg = flatten_keys(OmegaConf.to_container(OmegaConf.load(path / "config.yaml"), resolve=False))
     pred_path = path / "predictions.csv"
     if not pred_path.is_file():
         raise MerError(f"{path}: no predictions.csv (not a finished mer-train run)")
@@ -201,11 +201,12 @@ def _read_json(path: Path) -> dict[str, Any]:
     return obj
 
 
-def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+def flatten_keys(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested config dict as ``{"trainer.loop.max_epochs": 100, ...}`` (to list what differs)."""
     if isinstance(obj, dict):
         out: dict[str, Any] = {}
         for k, v in obj.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
+            out.update(flatten_keys(v, f"{prefix}{k}."))
         return out
     return {prefix[:-1]: obj}
 

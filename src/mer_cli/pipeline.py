@@ -30,7 +30,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from mer_cli import data, evaluate, folds, fusion, preprocess, report, sweep, synthetic, train
+from mer_cli import compare, data, evaluate, folds, fusion, preprocess, report, sweep, synthetic, train
 from mer_cli.artifacts import load_checkpoint, write_json, write_text
 from mer_cli.errors import ConfigError, MerError
 
@@ -94,8 +94,8 @@ def check_resumable(cfg: DictConfig, out_dir: Path, resume: bool) -> None:
     old_path = out_dir / "config.yaml"
     if not old_path.is_file():
         raise ConfigError(f"resume=true: {out_dir} holds no run to resume (no config.yaml)")
-    old = _flatten(OmegaConf.to_container(OmegaConf.load(old_path)))
-    new = _flatten(OmegaConf.to_container(cfg, resolve=True))
+    old = compare.flatten_keys(OmegaConf.to_container(OmegaConf.load(old_path)))
+    new = compare.flatten_keys(OmegaConf.to_container(cfg, resolve=True))
     changed = sorted(k for k in old.keys() | new.keys() if k != "resume" and old.get(k) != new.get(k))
     if changed:
         shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:3])
@@ -103,15 +103,6 @@ def check_resumable(cfg: DictConfig, out_dir: Path, resume: bool) -> None:
             f"resume=true: the settings differ from the run in {out_dir} ({shown}); "
             "resume with the same overrides"
         )
-
-
-def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(node, dict):
-        out: dict[str, Any] = {}
-        for k, v in node.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix.rstrip("."): node}
 
 
 # data.name -> the reader of a user's file, and what that file is
