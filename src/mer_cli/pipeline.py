@@ -306,6 +306,20 @@ def run_late(
     )
 
 
+def late_predictions(
+    members: dict[str, dict[str, report.Predictions]], acoustic_weight: float, split_names: tuple[str, ...]
+) -> list[report.Predictions]:
+    """The members' class probabilities combined per split; both must cover the same clips."""
+    a, v = members["acoustic"], members["visual"]
+    out = []
+    for s in split_names:
+        if a[s].clip_ids != v[s].clip_ids:
+            raise MerError(f"late fusion: the acoustic and visual {s} predictions are for different clips")
+        prob = fusion.late_fuse(a[s].y_prob, v[s].y_prob, acoustic_weight)
+        out.append(report.Predictions(s, a[s].clip_ids, a[s].y_true, prob))
+    return out
+
+
 def fuse_and_report(
     acoustic_weight: float | str,
     members: dict[str, dict[str, report.Predictions]],
@@ -317,9 +331,6 @@ def fuse_and_report(
     save_plots: bool = True,
 ) -> dict[str, Any]:
     a, v = members["acoustic"], members["visual"]
-    for s in ("val", "test"):
-        if a[s].clip_ids != v[s].clip_ids:
-            raise MerError(f"late fusion: the acoustic and visual {s} predictions are for different clips")
     if acoustic_weight == "fit":
         # fitted on validation predictions only: the test split never chooses its own fusion
         weight = fusion.fit_acoustic_weight(
@@ -330,10 +341,7 @@ def fuse_and_report(
         weight = float(acoustic_weight)
         if not 0.0 <= weight <= 1.0:
             raise ConfigError(f"modality.acoustic_weight={weight}: must be in [0, 1] or 'fit'")
-    predictions = [
-        report.Predictions(s, a[s].clip_ids, a[s].y_true, fusion.late_fuse(a[s].y_prob, v[s].y_prob, weight))
-        for s in ("val", "test")
-    ]
+    predictions = late_predictions(members, weight, ("val", "test"))
     metrics = {
         "run": {
             "modality": "late",
@@ -434,16 +442,7 @@ def evaluate_run(
             m: predict_run(_member_dir(run_dir, src), splits, split_names)
             for m, src in late["members"].items()
         }
-        weight = float(late["acoustic_weight"])
-        predictions = [
-            report.Predictions(
-                s,
-                members["acoustic"][s].clip_ids,
-                members["acoustic"][s].y_true,
-                fusion.late_fuse(members["acoustic"][s].y_prob, members["visual"][s].y_prob, weight),
-            )
-            for s in split_names
-        ]
+        predictions = late_predictions(members, float(late["acoustic_weight"]), split_names)
     else:
         predictions = list(predict_run(run_dir, splits, split_names).values())
     metrics = {
