@@ -50,8 +50,8 @@ class Spec:
     test_fraction: float = 0.15
     min_duration_s: float = 1.2
     max_duration_s: float = 3.8
-    acoustic_snr: float = 0.45  # evidence amplitude relative to the noise, per stream
-    visual_snr: float = 0.18
+    acoustic_snr: float = 0.9  # evidence amplitude relative to the noise, per stream
+    visual_snr: float = 0.22
     acoustic_noise: float = 0.3  # scale of the frame-to-frame MFCC noise
     acoustic_noise_rank: int = 8  # the MFCC noise lives in this many directions (plus a little white)
 
