@@ -47,9 +47,10 @@ def test_masked_bilstm_equals_a_packed_bidirectional_lstm_outputs_and_gradients(
     (out.sum() + last.square().sum()).backward()
     (ref_out.sum() + ref_last.square().sum()).backward()
     torch.testing.assert_close(x1.grad, x2.grad, atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(
-        layer.backward_lstm.weight_hh_l0.grad, ref.weight_hh_l0_reverse.grad, atol=1e-5, rtol=1e-4
-    )
+    for name, p in layer.forward_lstm.named_parameters():
+        torch.testing.assert_close(p.grad, getattr(ref, name).grad, atol=1e-5, rtol=1e-4)
+    for name, p in layer.backward_lstm.named_parameters():
+        torch.testing.assert_close(p.grad, getattr(ref, f"{name}_reverse").grad, atol=1e-5, rtol=1e-4)
 
 
 def test_reverse_and_packed_impls_agree():
@@ -82,3 +83,20 @@ def test_notebook_sizes_give_about_5_5_million_parameters_on_acoustic_input():
     assert 5.3e6 < n < 5.7e6
     # one bias vector more per LSTM than Keras (PyTorch keeps b_ih and b_hh): 4 * 2 * 2 * (512 + 256)
     assert model(torch.zeros(3, 7, 52), torch.tensor([7, 3, 1])).shape == (3, 6)
+
+
+def test_frame_dropout_drops_the_requested_fraction_and_keeps_the_expected_value():
+    from mer_cli.models import FrameDropout
+
+    torch.manual_seed(0)
+    x = torch.ones(64, 50, 40, requires_grad=True)
+    layer = FrameDropout(0.8)
+    y = layer(x)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.2) < 0.01
+    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 5.0))  # scaled by 1 / (1 - p)
+    y.sum().backward()
+    assert torch.equal(x.grad != 0, kept)  # gradient flows through kept elements only
+    torch.manual_seed(0)
+    assert torch.equal(FrameDropout(0.8)(x), y)  # seeded: reproducible
+    assert torch.equal(layer.eval()(x), x)  # identity at inference
