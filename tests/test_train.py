@@ -133,3 +133,23 @@ def test_bucketed_batches_change_membership_between_epochs_even_in_one_pool():
         {frozenset(b.tolist()) for b in train.batch_indices(lengths, 128, g, True, 32)} for _ in range(2)
     )
     assert len(first & second) == 0
+
+
+def test_inference_batches_cover_every_clip_once_longest_first_and_predictions_keep_data_order():
+    lengths = torch.randint(5, 400, (1000,), generator=torch.Generator().manual_seed(0))
+    batches = train.inference_batches(lengths, max_batch=128)
+    assert sorted(torch.cat(batches).tolist()) == list(range(1000))
+    assert all(len(b) <= 128 for b in batches)
+    assert torch.equal(lengths[torch.cat(batches)], lengths.sort(descending=True).values)
+    # more, shorter batches than the minimum 8: padding is cut where it costs more than overhead
+    padded = sum(len(b) * int(lengths[b].max()) for b in batches)
+    minimal = sum(len(b) * int(lengths[b].max()) for b in lengths.argsort(descending=True).split(128))
+    assert len(batches) > 8 and padded < minimal
+
+    # predictions come back in the data's order whatever the batching: same as one clip at a time
+    torch.manual_seed(0)
+    model = BiLSTMClassifier(3, 4, hidden_sizes=(5,), dense_size=8, dropout=0.0)
+    data = _set(n=40, seed=2)
+    together = train.predict_proba(model, data, 16, torch.device("cpu"), torch.float32)
+    one_by_one = train.predict_proba(model, data, 1, torch.device("cpu"), torch.float32)
+    np.testing.assert_allclose(together, one_by_one, atol=1e-5)

@@ -295,7 +295,7 @@ def run_case(case: Case, peaks: dict[str, float]) -> dict[str, Any]:
         seconds, train_frames, losses = epoch(train_set)
         train_s.append(seconds)
     # inference warm-up on a slice, then timed passes through predict_proba (length-sorted
-    # batches of eval_batch_size, inference_mode)
+    # batches of at most eval_batch_size, inference_mode)
     warm = SequenceSet(infer_set.x[:64], infer_set.lengths[:64], infer_set.y[:64], infer_set.clip_ids[:64])
     train.predict_proba(model, warm, settings.eval_batch_size, device, dtype)
     for _ in range(case.rounds):
@@ -306,7 +306,7 @@ def run_case(case: Case, peaks: dict[str, float]) -> dict[str, Any]:
         infer_s.append(time.perf_counter() - t0)
     infer_frames = sum(
         len(idx) * int(infer_set.lengths[idx].max())
-        for idx in torch.argsort(infer_set.lengths, descending=True).split(settings.eval_batch_size)
+        for idx in train.inference_batches(infer_set.lengths, settings.eval_batch_size)
     )
 
     hidden, dense = list(cfg["hidden_sizes"]), int(cfg["dense_size"])
