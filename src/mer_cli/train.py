@@ -151,6 +151,11 @@ def configure_threads(settings: Settings) -> int:
 PAD_MULTIPLE = 8
 
 
+def padded_length(longest: Any) -> Any:
+    """``longest`` (an int or an integer array) rounded up to a multiple of ``PAD_MULTIPLE``."""
+    return -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE
+
+
 def batch_indices(
     lengths: torch.Tensor,
     batch_size: int,
@@ -186,7 +191,7 @@ def gather_batch(
     """Frames cut to the batch's longest clip (rounded up to ``PAD_MULTIPLE``), lengths and
     labels, moved to ``device``."""
     lengths = data.lengths[idx]
-    x = data.x[idx, : min(data.x.shape[1], -(-int(lengths.max()) // PAD_MULTIPLE) * PAD_MULTIPLE)]
+    x = data.x[idx, : min(data.x.shape[1], padded_length(int(lengths.max())))]
     non_blocking = device.type == "cuda"
     if non_blocking:
         x = x.pin_memory()
@@ -235,7 +240,7 @@ def inference_batches(lengths: torch.Tensor, max_batch: int) -> list[torch.Tenso
     best_k, best_cost = 1, math.inf
     for k in range(max(1, -(-n // max_batch)), max(1, n // 8) + 1):
         size = -(-n // k)
-        padded = -(-sorted_lengths[::size] // PAD_MULTIPLE) * PAD_MULTIPLE  # each batch's longest
+        padded = padded_length(sorted_lengths[::size])  # each batch's longest, padded
         counts = np.minimum(size, n - np.arange(0, n, size))
         cost = float((padded * (counts + STEP_OVERHEAD_CLIPS)).sum())
         if cost < best_cost:
