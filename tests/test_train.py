@@ -153,3 +153,20 @@ def test_inference_batches_cover_every_clip_once_longest_first_and_predictions_k
     together = train.predict_proba(model, data, 16, torch.device("cpu"), torch.float32)
     one_by_one = train.predict_proba(model, data, 1, torch.device("cpu"), torch.float32)
     np.testing.assert_allclose(together, one_by_one, atol=1e-5)
+
+
+def test_late_fusion_refuses_members_that_predicted_different_clips_before_fitting_a_weight(tmp_path):
+    from mer_cli import pipeline
+    from mer_cli.errors import MerError
+    from mer_cli.report import Predictions
+
+    def preds(split, ids):
+        return Predictions(split, tuple(ids), np.zeros(len(ids), dtype=np.int64), np.full((len(ids), 2), 0.5))
+
+    acoustic = {s: preds(s, ["a", "b", "c"]) for s in ("val", "test")}
+    visual = {"val": preds("val", ["a", "b"]), "test": preds("test", ["a", "b", "c"])}
+    with pytest.raises(MerError, match="val predictions are for different clips"):
+        pipeline.fuse_and_report(
+            "fit", {"acoustic": acoustic, "visual": visual}, {}, ("x", "y"), tmp_path, 0, "test data"
+        )
+    assert not any(tmp_path.iterdir())  # nothing written

@@ -310,14 +310,21 @@ def late_predictions(
     members: dict[str, dict[str, report.Predictions]], acoustic_weight: float, split_names: tuple[str, ...]
 ) -> list[report.Predictions]:
     """The members' class probabilities combined per split; both must cover the same clips."""
+    check_same_clips(members, split_names)
     a, v = members["acoustic"], members["visual"]
-    out = []
+    return [
+        report.Predictions(
+            s, a[s].clip_ids, a[s].y_true, fusion.late_fuse(a[s].y_prob, v[s].y_prob, acoustic_weight)
+        )
+        for s in split_names
+    ]
+
+
+def check_same_clips(members: dict[str, dict[str, report.Predictions]], split_names: tuple[str, ...]) -> None:
+    a, v = members["acoustic"], members["visual"]
     for s in split_names:
         if a[s].clip_ids != v[s].clip_ids:
             raise MerError(f"late fusion: the acoustic and visual {s} predictions are for different clips")
-        prob = fusion.late_fuse(a[s].y_prob, v[s].y_prob, acoustic_weight)
-        out.append(report.Predictions(s, a[s].clip_ids, a[s].y_true, prob))
-    return out
 
 
 def fuse_and_report(
@@ -331,6 +338,7 @@ def fuse_and_report(
     save_plots: bool = True,
 ) -> dict[str, Any]:
     a, v = members["acoustic"], members["visual"]
+    check_same_clips(members, ("val", "test"))  # before a weight is fitted on them
     if acoustic_weight == "fit":
         # fitted on validation predictions only: the test split never chooses its own fusion
         weight = fusion.fit_acoustic_weight(
