@@ -266,10 +266,8 @@ def build(runs: Sequence[Run], failures: Sequence[Failure], settings: Settings) 
     pairwise = compare_pairs(models, n_classes, settings)
     ranking = _ranked(models, "f1_macro")
     test_sets = {r.test_key: r.test.y_true for r in runs}
-    chance = {
-        k: float(np.mean([stats.majority_scores(y, n_classes)[k] for y in test_sets.values()]))
-        for k in stats.BOOTSTRAP_METRICS
-    }
+    majority = [stats.majority_scores(y, n_classes) for y in test_sets.values()]
+    chance = {k: float(np.mean([m[k] for m in majority])) for k in stats.BOOTSTRAP_METRICS}
     human = _human_reference(runs, settings)
     result: dict[str, Any] = {
         "settings": {
@@ -334,13 +332,14 @@ def summarize(model: Model, n_classes: int, settings: Settings) -> None:
         samples, n_classes, stats.BOOTSTRAP_METRICS, settings.bootstrap_samples, seed=settings.seed
     )
     for k in TABLE_METRICS:
-        s = stats.spread([r.metrics["test"].get(k) for r in model.runs], settings.confidence)
+        values = [r.metrics["test"].get(k) for r in model.runs]
+        s = stats.spread(values, settings.confidence)
         if s.ci and k != "loss":  # a rate: with few runs the t-interval can overshoot [0, 1]
             s = replace(s, ci=(max(0.0, s.ci[0]), min(1.0, s.ci[1])))
         entry: dict[str, Any] = {
             "mean": s.mean,
             "std": s.std,
-            "values": [r.metrics["test"].get(k) for r in model.runs],
+            "values": values,
             "ci": list(s.ci) if s.ci else None,
             "ci_method": "t across runs" if s.ci else None,
         }

@@ -207,14 +207,7 @@ def paired_bootstrap(
     a_samples = [a for a, _ in pairs]
     resampler = _Resampler(a_samples, rng)
     fn = METRIC_FROM_CONFUSION[metric]
-    observed = float(
-        np.mean(
-            [
-                fn(confusion(a.y_true, a.y_pred, n_classes)) - fn(confusion(b.y_true, b.y_pred, n_classes))
-                for a, b in pairs
-            ]
-        )
-    )
+    observed = float(np.mean([point(a, n_classes, metric) - point(b, n_classes, metric) for a, b in pairs]))
     draws = np.empty(n_boot)
     for k in range(n_boot):
         chosen = rng.integers(0, len(pairs), size=len(pairs)) if len(pairs) > 1 else [0]
