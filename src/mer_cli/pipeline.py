@@ -59,7 +59,7 @@ def run(
     if cfg.cv.folds is not None and cfg.cv.fold is None:
         return run_folds(cfg, out_dir, resume, sweep_dir)
     if sweep_dir is not None and modality != "late":
-        done = sweep.find_trained(sweep_dir, resolved(cfg), modality, out_dir)
+        done = sweep.find_trained(sweep_dir, cfg, modality, out_dir)
         if done is not None:  # trained earlier in this sweep, as a late fusion member
             log.info(
                 "%s: this sweep already trained the same model in %s: copied, not retrained", modality, done
@@ -130,10 +130,6 @@ def run_folds(cfg: DictConfig, out_dir: Path, resume: bool, sweep_dir: Path | No
         out_dir / "cv.json", {**summary, "per_fold": [{s: m[s] for s in ("val", "test")} for m in per_fold]}
     )
     return summary
-
-
-def resolved(cfg: DictConfig) -> dict[str, Any]:
-    return cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))
 
 
 def load_data(data_cfg: DictConfig, cv_cfg: DictConfig | None = None) -> data.Splits:
@@ -280,7 +276,7 @@ def run_late(
     for member in ("acoustic", "visual"):
         reuse = cfg.modality.get(f"{member}_run")
         if not reuse and sweep_dir is not None:
-            reuse = sweep.find_trained(sweep_dir, resolved(cfg), member, out_dir)
+            reuse = sweep.find_trained(sweep_dir, cfg, member, out_dir)
         if reuse:
             run_dir = Path(reuse).expanduser().resolve()
             log.info("late fusion: reusing the %s model in %s", member, run_dir)

@@ -44,12 +44,12 @@ def reuse_key(cfg: dict[str, Any]) -> dict[str, Any]:
     return key
 
 
-def find_trained(sweep_dir: Path, cfg: dict[str, Any], modality: str, exclude: Path) -> Path | None:
+def find_trained(sweep_dir: Path, cfg: DictConfig, modality: str, exclude: Path) -> Path | None:
     """A finished ``modality`` run in ``sweep_dir`` trained with the same settings as ``cfg``.
 
-    ``cfg``: this job's resolved config as a plain dict; ``exclude``: this job's own directory.
+    ``cfg``: this job's config; ``exclude``: this job's own directory.
     """
-    want = reuse_key(cfg)
+    want = reuse_key(_container(cfg))
     exclude = exclude.resolve()
     for config_path in sorted(sweep_dir.glob("**/config.yaml")):
         run_dir = config_path.parent.resolve()
@@ -72,14 +72,14 @@ def _container(cfg: Any) -> dict[str, Any]:
 def adopt(source: Path, out_dir: Path) -> dict[str, Any]:
     """Make ``out_dir`` a copy of the finished run ``source`` (its config.yaml is kept); no training."""
     for item in source.iterdir():
-        if item.name in ("config.yaml", ".hydra") or item.name.endswith(".log"):
+        if item.name in ("config.yaml", "metrics.json", ".hydra") or item.name.endswith(".log"):
             continue
         target = out_dir / item.name
         if item.is_dir():
             shutil.copytree(item, target, dirs_exist_ok=True)
         else:
             shutil.copy2(item, target)
-    metrics = json.loads((out_dir / "metrics.json").read_text())
+    metrics = json.loads((source / "metrics.json").read_text())
     metrics["run"]["copied_from"] = str(source)
     write_json(out_dir / "metrics.json", metrics)
     return metrics
