@@ -57,7 +57,7 @@ class Settings:
     bucket_by_length: bool = True  # batch clips of similar length, pad each batch to its longest
     bucket_batches: int = 8  # batches per bucket pool: larger pools pad less, shuffle less
     bucket_length_jitter: float = 0.15  # relative noise on lengths before sorting: new batches each epoch
-    eval_batch_size: int = 512
+    eval_batch_size: int = 512  # at most this many clips per inference batch (see inference_batches)
     progress: bool = True  # a progress bar per epoch (only when stderr is a terminal)
 
     def __post_init__(self) -> None:
