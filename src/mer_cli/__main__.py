@@ -2,9 +2,9 @@
 
 import sys
 
-from mer_cli import cli
+from mer_cli import entry
 
-COMMANDS = {"train": cli.train_main, "evaluate": cli.evaluate_main}
+COMMANDS = {"train": entry.train, "evaluate": entry.evaluate}
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:

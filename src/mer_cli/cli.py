@@ -3,24 +3,24 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import math
-import os
-import shutil
-import signal
 import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from mer_cli import compare, pipeline, sweep
+from mer_cli import compare, pipeline, rundir, sweep
+from mer_cli.entry import debug, stop_on_sigterm
 from mer_cli.errors import MerError
 
 log = logging.getLogger("mer_cli")
+
+# configs/train.yaml: hydra.run.dir: ${claim_dir:outputs/<modality>/<time>}
+OmegaConf.register_new_resolver("claim_dir", rundir.claim, replace=True)
 
 
 def config_dir() -> str:
@@ -35,33 +35,6 @@ def config_dir() -> str:
     return str(Path(__file__).resolve().parents[2] / "configs")
 
 
-# files Hydra and the pipeline create before any training: removed when a run fails that early,
-# so a bad input never leaves a half-made run directory behind
-_SETUP_ONLY = {".hydra", "train.log", "config.yaml"}
-
-
-def _remove_if_nothing_trained(run_dir: Path) -> None:
-    if not run_dir.is_dir() or any(p.name not in _SETUP_ONLY for p in run_dir.iterdir()):
-        return
-    for name in _SETUP_ONLY:
-        p = run_dir / name
-        if p.is_dir():
-            shutil.rmtree(p)
-        elif p.exists():
-            p.unlink()
-    run_dir.rmdir()
-
-
-def _interrupt(signum: int, frame: object) -> None:
-    # kill (SIGTERM) stops a run as Ctrl-C does: temporary files removed, last.pt left to resume
-    raise KeyboardInterrupt
-
-
-def debug() -> bool:
-    """MER_DEBUG=1: errors keep their traceback (for bug reports), instead of one line."""
-    return os.environ.get("MER_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
-
-
 def _fail(prog: str, message: str) -> None:
     if debug():
         raise  # _fail is called in an except block: this re-raises what it caught
@@ -74,18 +47,19 @@ def train_main(cfg: DictConfig) -> float:
     """mer-train: train and evaluate one model; returns val/f1_macro for sweepers."""
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
-    with contextlib.suppress(ValueError):  # ValueError: not the main thread (a launcher's worker)
-        signal.signal(signal.SIGTERM, _interrupt)
+    stop_on_sigterm()
     multirun = hc.mode == RunMode.MULTIRUN
     try:
-        metrics = pipeline.run(
-            cfg, run_dir, resume=cfg.resume, sweep_dir=Path(hc.sweep.dir) if multirun else None
-        )
+        with rundir.hold(run_dir):
+            metrics = pipeline.run(
+                cfg, run_dir, resume=cfg.resume, sweep_dir=Path(hc.sweep.dir) if multirun else None
+            )
     except Exception as e:
         if not multirun:
             if not isinstance(e, MerError):
                 raise
-            _remove_if_nothing_trained(run_dir)
+            if not isinstance(e, rundir.RunDirBusy):  # the other process's files are not ours
+                rundir.remove_if_nothing_trained(run_dir)
             _fail("mer-train", str(e))
         # one failed job must not sink the sweep: record it for the report and go on
         path = sweep.record_failure(run_dir, e, cfg.modality.get("name"), cfg.get("seed"))
@@ -94,11 +68,12 @@ def train_main(cfg: DictConfig) -> float:
     except KeyboardInterrupt:
         if debug():
             raise
-        print(
-            "mer-train: interrupted: to resume, run the same command with resume=true "
-            f"hydra.run.dir={run_dir}",
-            file=sys.stderr,
-        )
+        if any(run_dir.rglob("last.pt")):
+            hint = f"to resume, run the same command with resume=true hydra.run.dir={run_dir}"
+        else:  # no epoch was saved: a new run loses nothing
+            rundir.remove_if_nothing_trained(run_dir)
+            hint = "no epoch was saved: nothing to resume"
+        print(f"mer-train: interrupted: {hint}", file=sys.stderr)
         sys.exit(130)  # the shell's code for Ctrl-C
     log.info("summary (%s):\n%s", cfg.modality.name, pipeline.report.summary_line(metrics, run_dir))
     value = metrics["val"]["f1_macro"]

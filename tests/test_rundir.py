@@ -1,0 +1,146 @@
+"""Runs started together never share a run directory; interruptions end cleanly at any moment."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mer_cli import rundir
+from mer_cli.artifacts import load_checkpoint
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+SMOKE = ("experiment=smoke", "modality=visual", "save_plots=false", "trainer.loop.num_threads=1")
+
+
+def _claim_after(barrier, path: str, results) -> None:  # type: ignore[no-untyped-def]
+    barrier.wait()  # every process claims in the same instant
+    results.append(rundir.claim(path))
+
+
+def test_processes_claiming_the_same_name_at_once_get_distinct_directories(tmp_path):
+    ctx = multiprocessing.get_context("fork")
+    barrier, results = ctx.Barrier(4), ctx.Manager().list()
+    procs = [
+        ctx.Process(target=_claim_after, args=(barrier, str(tmp_path / "run"), results)) for _ in range(4)
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(30)
+    assert sorted(Path(r).name for r in results) == ["run", "run_2", "run_3", "run_4"]
+
+
+def test_one_process_gets_the_same_directory_for_the_same_name(tmp_path):
+    first = rundir.claim(str(tmp_path / "a"))
+    assert rundir.claim(str(tmp_path / "a")) == first  # Hydra resolves hydra.run.dir repeatedly
+    assert Path(first).is_dir()
+
+
+def _mer_train(*args: str) -> list[str]:
+    return [sys.executable, "-m", "mer_cli", "train", *args]
+
+
+def _env() -> dict[str, str]:
+    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env.pop("MER_DEBUG", None)
+    return env
+
+
+def _start(*args: str, cwd: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        _mer_train(*args),
+        cwd=cwd,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        # a background job inherits an ignored SIGINT: give it a foreground run's default
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+
+
+@pytest.mark.slow
+def test_runs_launched_together_each_keep_their_own_directory(tmp_path):
+    # the same name for all three, as the default <modality>/<second> is for runs started together
+    procs = {
+        seed: _start(*SMOKE, f"seed={seed}", "hydra.run.dir=${claim_dir:runs/visual}", cwd=tmp_path)
+        for seed in (1, 2, 3)
+    }
+    for proc in procs.values():
+        _, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, stderr
+    dirs = sorted((tmp_path / "runs").iterdir())
+    assert [d.name for d in dirs] == ["visual", "visual_2", "visual_3"]
+    seeds = sorted(json.loads((d / "metrics.json").read_text())["run"]["seed"] for d in dirs)
+    assert seeds == [1, 2, 3]  # every run's results kept, none overwritten
+
+
+@pytest.mark.slow
+def test_a_second_run_into_a_directory_in_use_fails_with_one_line_and_leaves_the_first_alone(tmp_path):
+    run_dir = tmp_path / "run"
+    # far more epochs than the test lasts: the first run is still training when the second starts
+    first = _start(*SMOKE, "trainer.loop.max_epochs=100000", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    try:
+        while not (run_dir / "last.pt").exists() and first.poll() is None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                first.wait(timeout=0.05)
+        second = subprocess.run(
+            _mer_train(*SMOKE, "seed=5", f"hydra.run.dir={run_dir}"),
+            cwd=tmp_path,
+            env=_env(),
+            capture_output=True,
+            text=True,
+        )
+        assert first.poll() is None  # still training: the refusal came from the lock
+        first.send_signal(signal.SIGINT)
+        _, stderr = first.communicate(timeout=300)
+    finally:
+        first.kill()
+    assert second.returncode == 2
+    assert second.stderr.strip().splitlines()[-1] == (
+        f"mer-train: error: {run_dir} is in use by another mer-train process: wait for it, "
+        "or choose another hydra.run.dir"
+    )
+    assert first.returncode == 130, stderr  # the first run stops as any interrupted run does
+    assert "seed: 0" in (run_dir / "config.yaml").read_text().splitlines()
+    assert load_checkpoint(run_dir / "last.pt")["epoch"] >= 1
+
+
+@pytest.mark.slow
+def test_ctrl_c_at_any_moment_ends_with_one_line_and_exit_130(tmp_path):
+    """From Hydra's start-up to the last epoch: exit 130, no traceback, and either the resume
+    hint with a loadable last.pt or no run directory at all."""
+    moments = {
+        "start-up": lambda d: d.exists(),  # the run directory was just claimed: Hydra is starting
+        "first epoch": lambda d: (d / "train.log").exists() and "epoch" in (d / "train.log").read_text(),
+        "first checkpoint": lambda d: (d / "last.pt").exists(),
+    }
+    for name, reached in moments.items():
+        run_dir = tmp_path / name.replace(" ", "_")
+        proc = _start(*SMOKE, "trainer.loop.max_epochs=40", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+        try:
+            while proc.poll() is None and not reached(run_dir):
+                time.sleep(0.005)
+            proc.send_signal(signal.SIGINT)
+            _, stderr = proc.communicate(timeout=300)
+        finally:
+            proc.kill()
+        assert proc.returncode == 130, (name, stderr)
+        assert "Traceback" not in stderr, (name, stderr)
+        last = stderr.strip().splitlines()[-1]
+        if (run_dir / "last.pt").exists():
+            assert last.endswith(f"to resume, run the same command with resume=true hydra.run.dir={run_dir}")
+            assert load_checkpoint(run_dir / "last.pt")["epoch"] >= 1
+        else:
+            assert last.startswith("mer-train: interrupted"), (name, last)
+            assert "nothing to resume" in last
+            assert not run_dir.exists() or not any(run_dir.iterdir()), name
