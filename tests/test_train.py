@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from mer_cli import train
+from mer_cli.errors import ConfigError
 from mer_cli.models import BiLSTMClassifier
 from mer_cli.preprocess import SequenceSet
 
@@ -170,3 +171,34 @@ def test_late_fusion_refuses_members_that_predicted_different_clips_before_fitti
             "fit", {"acoustic": acoustic, "visual": visual}, {}, ("x", "y"), tmp_path, 0, "test data"
         )
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+@pytest.mark.parametrize("bucket", [True, False])
+@pytest.mark.parametrize("n", [129, 1025, 2, 3])
+def test_no_batch_holds_a_single_clip(n, bucket):
+    # 129 = 128 + 1 (a leftover clip without buckets), 1,025 = 8 x 128 + 1 (a leftover pool of one)
+    lengths = torch.randint(1, 300, (n,), generator=torch.Generator().manual_seed(n))
+    batches = train.batch_indices(lengths, 128, torch.Generator().manual_seed(0), bucket, pool_batches=8)
+    assert sorted(torch.cat(batches).tolist()) == list(range(n))
+    assert min(len(b) for b in batches) >= 2
+    assert max(len(b) for b in batches) == min(n, 129 if n % 128 == 1 else 128)
+
+
+@pytest.mark.parametrize("bucket", [True, False])
+def test_training_on_one_more_clip_than_a_whole_batch_works(tmp_path, bucket):
+    torch.manual_seed(0)
+    model = BiLSTMClassifier(3, 3, hidden_sizes=(4,), dense_size=8, dropout=0.1)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=3)
+    settings = train.Settings(
+        max_epochs=1, batch_size=16, bucket_by_length=bucket, bucket_batches=2, progress=False, device="cpu"
+    )
+    train_set = _set(n=33)  # 2 x 16 + 1: the last clip used to form a batch of its own
+    history = train.fit(model, opt, sched, train_set, _set(seed=1), settings, tmp_path, 0, {})
+    assert len(history.rows) == 1
+    assert math.isfinite(history.rows[0]["train/loss"])
+
+
+def test_a_batch_size_of_one_is_refused_with_one_line():
+    with pytest.raises(ConfigError, match=r"trainer.loop.batch_size=1: must be at least 2"):
+        train.Settings(batch_size=1)

@@ -65,6 +65,8 @@ class Settings:
             raise ConfigError(f"trainer.loop.device={self.device!r}: valid: {', '.join(DEVICES)}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"trainer.loop.precision={self.precision!r}: valid: {', '.join(PRECISIONS)}")
+        if self.batch_size < 2:  # BatchNorm cannot normalize one clip by the batch's statistics
+            raise ConfigError(f"trainer.loop.batch_size={self.batch_size}: must be at least 2")
 
 
 @dataclass
@@ -171,18 +173,32 @@ def batch_indices(
     of similar length, so padding each batch to its own longest clip computes little padding.
     Lengths are scaled by a random factor in ``1 +- length_jitter`` before sorting: without it a
     small dataset (one pool) would see the very same batches every epoch, and generalize worse.
+
+    Never a batch of one clip (BatchNorm cannot train on it): only the last batch can be short,
+    and a single leftover clip joins the batch before it (one batch of ``batch_size + 1``).
     """
     n = lengths.shape[0]
+    if n < 2:
+        raise ConfigError(f"{n} training clip(s): training needs at least 2 (BatchNorm)")
     order = torch.randperm(n, generator=generator)
     if not bucket:
-        return list(order.split(batch_size))
-    batches: list[torch.Tensor] = []
+        batches = list(order.split(batch_size))
+        return _fold_single_clip(batches)
+    batches = []
     for pool in order.split(batch_size * pool_batches):
         noise = 1.0 + length_jitter * (2.0 * torch.rand(len(pool), generator=generator) - 1.0)
         by_length = pool[torch.argsort(lengths[pool] * noise, descending=True, stable=True)]
         batches.extend(by_length.split(batch_size))
+    batches = _fold_single_clip(batches)
     perm = torch.randperm(len(batches), generator=generator)
     return [batches[i] for i in perm]
+
+
+def _fold_single_clip(batches: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The last batch joined to the one before it when it holds a single clip."""
+    if len(batches) > 1 and len(batches[-1]) == 1:
+        return [*batches[:-2], torch.cat(batches[-2:])]
+    return batches
 
 
 def gather_batch(
