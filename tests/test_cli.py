@@ -53,6 +53,16 @@ def test_smoke_run_writes_a_complete_run_directory(tmp_path, modality):
     assert "run directory" in proc.stderr + proc.stdout
 
 
+def test_a_training_split_of_one_clip_more_than_a_batch_trains(tmp_path):
+    # 17 training clips, batches of 16 (experiment=smoke): the 17th clip once made a batch of its
+    # own, on which BatchNorm raised
+    proc = _train(tmp_path / "run", "modality=visual", "data.limit_per_split=17", "save_plots=false")
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["run"]["epochs_trained"] == 2
+    assert metrics["val"]["n_clips"] == 17
+
+
 def test_late_fusion_trains_both_members_then_reuses_them(tmp_path):
     run = tmp_path / "late"
     proc = _train(run, "modality=late")
