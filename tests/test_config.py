@@ -51,7 +51,7 @@ def test_notebook_experiment_is_the_notebooks_settings():
     assert cfg.trainer.optimizer._target_ == "pytorch_optimizer.AdaBelief"
     assert cfg.trainer.loop.batch_size == 128 and cfg.trainer.loop.max_epochs == 100
     assert cfg.trainer.loop.patience_epochs == 20
-    assert (cfg.trainer.scheduler.factor, cfg.trainer.scheduler.patience) == (0.8, 3)
+    assert (cfg.trainer.scheduler.factor, cfg.trainer.scheduler.patience_epochs) == (0.8, 3)
     assert cfg.trainer.scheduler.min_lr == 3e-5
     assert cfg.preprocess.normalize is False and cfg.preprocess.length_percentile == 95
 

@@ -202,3 +202,43 @@ def test_training_on_one_more_clip_than_a_whole_batch_works(tmp_path, bucket):
 def test_a_batch_size_of_one_is_refused_with_one_line():
     with pytest.raises(ConfigError, match=r"trainer.loop.batch_size=1: must be at least 2"):
         train.Settings(batch_size=1)
+
+
+def _keras_plateau_lrs(losses, lr, factor, patience, min_lr):
+    """Keras' ReduceLROnPlateau rule, written out: the LR in force after each epoch."""
+    best, wait, out = math.inf, 0, []
+    for loss in losses:
+        if loss < best:
+            best, wait = loss, 0
+        else:
+            wait += 1
+            if wait >= patience:
+                lr, wait = max(lr * factor, min_lr), 0
+        out.append(lr)
+    return out
+
+
+def test_the_lr_is_cut_on_the_third_epoch_without_a_better_val_loss_as_in_keras():
+    losses = [1.0, 0.9, 0.95, 0.95, 0.95, 0.95, 0.95, 0.95, 0.5, 0.6, 0.6, 0.6, 0.4]
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = train.PlateauScheduler(opt, patience_epochs=3, factor=0.5, min_lr=0.01, threshold=0.0)
+    lrs = []
+    for loss in losses:
+        sched.step(loss)
+        lrs.append(opt.param_groups[0]["lr"])
+    # epochs 3, 4, 5 without a better loss: cut after the 5th; again after the 8th and the 12th
+    assert lrs == [1, 1, 1, 1, 0.5, 0.5, 0.5, 0.25, 0.25, 0.25, 0.25, 0.125, 0.125]
+    assert lrs == _keras_plateau_lrs(losses, 1.0, 0.5, 3, 0.01)
+
+
+def test_early_stopping_and_the_lr_schedule_count_patience_the_same_way(tmp_path):
+    # the optimizer moves a parameter outside the model, so val/loss never improves after epoch 1
+    torch.manual_seed(0)
+    model = BiLSTMClassifier(3, 3, hidden_sizes=(4,), dense_size=8, dropout=0.1)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = train.PlateauScheduler(opt, patience_epochs=3, factor=0.8)
+    settings = train.Settings(max_epochs=50, batch_size=8, patience_epochs=5, progress=False, device="cpu")
+    history = train.fit(model, opt, sched, _set(), _set(seed=1), settings, tmp_path, 0, {})
+    # epoch 1 is the best; the 3rd epoch after it cuts the LR, the 5th stops training
+    assert [r["lr"] for r in history.rows] == [1.0, 1.0, 1.0, 1.0, 0.8, 0.8]
+    assert history.stopped_early and history.best_epoch == 1

@@ -50,7 +50,7 @@ class Settings:
 
     max_epochs: int = 100
     batch_size: int = 128
-    patience_epochs: int = 20  # early stop after this many epochs without a better val/loss
+    patience_epochs: int = 20  # early stop on the N-th epoch in a row without a better val/loss
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto | fp32 | bf16 | fp16 (fp16: CUDA only)
     num_threads: int | None = None  # CPU threads; None: the physical cores available
@@ -78,6 +78,21 @@ class History:
     @property
     def best(self) -> dict[str, float]:
         return next(r for r in self.rows if r["epoch"] == self.best_epoch)
+
+
+class PlateauScheduler(torch.optim.lr_scheduler.ReduceLROnPlateau):
+    """LR x ``factor`` on the ``patience_epochs``-th epoch in a row without a better val/loss.
+
+    One meaning of patience for the LR schedule and early stopping (``Settings.patience_epochs``),
+    and Keras' (the notebook's): act on the N-th epoch without improvement. Torch's own
+    ``patience=N`` waits for the (N+1)-th, so this passes it N - 1. Other keyword arguments
+    (``mode``, ``min_lr``, ``threshold``, ``threshold_mode``, ...) are torch's.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, patience_epochs: int = 3, **kwargs: Any) -> None:
+        if patience_epochs < 1:
+            raise ConfigError(f"trainer.scheduler.patience_epochs={patience_epochs}: must be at least 1")
+        super().__init__(optimizer, patience=patience_epochs - 1, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------
