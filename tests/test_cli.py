@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, run_cli
+from mer_cli.train import cpu_has_native_bf16
 
 RUN_FILES = [
     "config.yaml",
@@ -114,6 +115,25 @@ def test_mer_evaluate_reloads_the_checkpoint_into_a_new_directory(tmp_path):
     assert metrics["test"]["f1_macro"] == pytest.approx(trained["test"]["f1_macro"], abs=1e-9)
     assert (out / "plots" / "test_confusion_matrix.png").is_file()
     assert {p: p.stat().st_mtime_ns for p in before} == before  # training results untouched
+
+
+@pytest.mark.skipif(
+    not cpu_has_native_bf16(),
+    reason="this CPU has no native bf16 (AVX512-BF16 or AMX): precision=auto trains in fp32 here",
+)
+def test_a_bf16_run_is_reproduced_exactly_by_mer_evaluate_members_and_late_fusion(tmp_path):
+    run = tmp_path / "late"
+    proc = _train(run, "modality=late", "trainer.loop.precision=bf16", "save_plots=false")
+    assert proc.returncode == 0, proc.stderr
+    for target in (run / "visual", run):  # a single-stream run, and late fusion re-predicting both
+        proc = run_cli("evaluate", str(target), "--split", "all", "--no-plots")
+        assert proc.returncode == 0, proc.stderr
+        (out,) = (target / "evaluations").iterdir()
+        trained = json.loads((target / "metrics.json").read_text())
+        again = json.loads((out / "metrics.json").read_text())
+        assert trained["run"].get("precision", "bfloat16") == "bfloat16"
+        for split in ("val", "test"):
+            assert again[split] == trained[split], (target.name, split)  # exactly, loss included
 
 
 def _write_pickle(path: Path, n_classes: int = 6, bad_clip: str | None = None) -> None:

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 STREAM_OF_MODALITY = {"acoustic": "mfcc", "visual": "aus", "early": "early"}
 MODALITIES = (*STREAM_OF_MODALITY, "late")
 CHECKPOINT_FORMAT = 1
+PRECISION_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def run(
@@ -189,9 +190,14 @@ def train_stream(
     log.info("model: %s, %s parameters", cfg.model._target_, f"{n_params:,}")
     optimizer = instantiate(cfg.trainer.optimizer)(model.parameters())
     scheduler = instantiate(cfg.trainer.scheduler)(optimizer)
+    device = train.resolve_device(settings.device)
+    dtype = train.resolve_precision(settings.precision, device)
     meta = {
         "format": CHECKPOINT_FORMAT,
         "stream": stream,
+        # every later prediction of this model (late fusion, mer-evaluate) uses the same precision
+        "precision": PRECISION_NAMES[dtype],
+        "eval_batch_size": settings.eval_batch_size,
         "model_config": OmegaConf.to_container(cfg.model, resolve=True),
         "n_features": train_set.n_features,
         "class_names": list(splits.class_names),
@@ -212,8 +218,6 @@ def train_stream(
     )
     train_seconds = time.perf_counter() - started
 
-    device = train.resolve_device(settings.device)
-    dtype = train.resolve_precision(settings.precision, device)
     predictions = {
         s_name: report.Predictions(
             s_name,
@@ -389,7 +393,8 @@ def predict_run(
     split_names: tuple[str, ...] = ("val", "test"),
     batch_size: int = 512,
 ) -> dict[str, report.Predictions]:
-    """Predictions of a trained single-stream run on ``splits`` (its own fitted preprocessing)."""
+    """Predictions of a trained single-stream run on ``splits`` (its own fitted preprocessing),
+    made at the precision and batch size it was evaluated with when it was trained."""
     model, prep, meta = load_trained(run_dir)
     stream = meta["stream"]
     if tuple(meta["class_names"]) != splits.class_names:
@@ -399,6 +404,8 @@ def predict_run(
         )
     out = {}
     device = train.resolve_device("auto")
+    dtype = train.resolve_precision(trained_precision(run_dir, meta), device)
+    batch_size = int(meta.get("eval_batch_size", batch_size))
     model.to(device)
     for s in split_names:
         split = getattr(splits, s)
@@ -408,9 +415,23 @@ def predict_run(
                 f"{run_dir}: the model reads {meta['n_features']} {stream} features per "
                 f"frame, the data has {seqs.n_features}"
             )
-        prob = train.predict_proba(model, seqs, batch_size, device, torch.float32)
+        prob = train.predict_proba(model, seqs, batch_size, device, dtype)
         out[s] = report.Predictions(s, seqs.clip_ids, seqs.y.numpy(), prob)
     return out
+
+
+def trained_precision(run_dir: Path, meta: dict[str, Any]) -> str:
+    """``fp32`` | ``bf16`` | ``fp16``: what the run trained and evaluated with. Checkpoints from
+    before it was recorded there: the run's metrics.json says it (``run.precision``)."""
+    if "precision" in meta:
+        return str(meta["precision"])
+    metrics_path = run_dir / "metrics.json"
+    if metrics_path.is_file():
+        dtype_name = json.loads(metrics_path.read_text()).get("run", {}).get("precision")
+        by_dtype = {str(d).removeprefix("torch."): name for d, name in PRECISION_NAMES.items()}
+        if dtype_name in by_dtype:
+            return by_dtype[dtype_name]
+    return "fp32"
 
 
 def evaluate_run(

@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from mer_cli import compare
 from mer_cli.artifacts import write_json
 from mer_cli.errors import MerError
+from mer_cli.rundir import LOCK_NAME
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ def _container(cfg: Any) -> dict[str, Any]:
 def adopt(source: Path, out_dir: Path) -> dict[str, Any]:
     """Make ``out_dir`` a copy of the finished run ``source`` (its config.yaml is kept); no training."""
     for item in source.iterdir():
-        if item.name in ("config.yaml", "metrics.json", ".hydra") or item.name.endswith(".log"):
+        if item.name in ("config.yaml", "metrics.json", ".hydra", LOCK_NAME) or item.name.endswith(".log"):
             continue
         target = out_dir / item.name
         if item.is_dir():
