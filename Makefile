@@ -40,12 +40,12 @@ smoke: $(STAMP)  ## every modality for two tiny epochs
 	$(BIN)/mer-train -m experiment=smoke modality=acoustic,visual,late,early $(ARGS)
 
 lint: $(STAMP)  ## ruff (lint + format check) and mypy
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/mypy
 
-# the Keras/TensorFlow peer (shared/bench/): a benchmark-only environment, never a project dependency
-PEER_DIR ?= ../shared/bench
+# the Keras/TensorFlow peer (benchmarks/peer_keras.py): a benchmark-only environment, never a project dependency
+PEER_DIR ?= benchmarks
 PEER_VENV ?= $(HOME)/.venvs/peer-tf
 
 bench: $(STAMP)  ## speed table, JSON lines in outputs/bench.jsonl (ARGS=--quick: seconds, for CI)
