@@ -137,9 +137,9 @@ def summarize(
 
 
 def adabelief_class(keras: Any) -> type:
-    """AdaBelief for Keras 3 (it ships none), set as mer-cli's ``trainer/optimizer=adabelief``:
-    AMSGrad on the belief term, decoupled weight decay (the base class's ``weight_decay``),
-    no rectification."""
+    """AdaBelief for Keras 3 (it ships none): AMSGrad on the belief term and decoupled weight
+    decay (the base class's ``weight_decay``). No rectification: it changes the size of a step,
+    not the work a step does, which is all this script measures."""
     ops = keras.ops
 
     class AdaBelief(keras.optimizers.Optimizer):
