@@ -9,7 +9,7 @@ SEEDS ?= 0,1,2
 STAMP := $(VENV)/.installed
 # glibc returns big freed blocks to the OS and re-faults them on every step; keeping them makes
 # CPU training markedly faster (make bench, default model, 3 interleaved rounds on a shared 2-core
-# box: median 1.6x train, 2.1x inference) for about 2x the peak memory (README). Applies to
+# box: median 1.6x train, 2.1x inference) for about 2x the peak memory (docs/benchmarks.md). Applies to
 # the targets below; export it yourself when calling mer-train directly.
 export GLIBC_TUNABLES ?= glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736
 
