@@ -14,7 +14,7 @@ Contract with ``mer-bench --peer-python PY --peer-script benchmarks/peer_keras.p
 TensorFlow is a benchmark-only dependency (``make bench-peer`` installs it into its own venv) and
 is imported only once a measurement starts: ``--help`` and the tests run without it.
 
-    python benchmarks/peer_keras.py --shape acoustic --hidden 512,256 --train-batches 3
+    ~/.venvs/peer-tf/bin/python benchmarks/peer_keras.py --shape early --hidden 64,32 --dense 128
 """
 
 from __future__ import annotations
@@ -46,13 +46,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--hidden", default="512,256", help="LSTM units per direction, one per layer")
     ap.add_argument("--dense", type=int, default=512, help="width of the two dense layers")
     ap.add_argument("--dropout", type=float, default=0.8)
-    ap.add_argument("--classes", type=int, default=6)
-    ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--warmup", type=int, default=1, help="untimed training batches first (graph tracing)")
-    ap.add_argument("--train-batches", type=int, default=3, help="timed training batches")
-    ap.add_argument("--infer-batches", type=int, default=2, help="timed inference batches (0: skip)")
-    ap.add_argument("--optimizer", choices=("adabelief", "adam"), default="adabelief")
     ap.add_argument("--no-mask", action="store_true", help="no Masking layer (padding is read as data)")
+    ap.add_argument("--optimizer", choices=("adabelief", "adamw"), default="adabelief")
+    ap.add_argument("--classes", type=int, default=6)
+    ap.add_argument("--batch", type=int, default=128, help="clips per step")
+    ap.add_argument("--train-batches", type=int, default=3, help="training steps to time")
+    ap.add_argument("--warmup", type=int, default=1, help="training steps run before timing (tracing)")
+    ap.add_argument("--infer-batches", type=int, default=2, help="predictions to time (0: none)")
     ap.add_argument("--epoch-clips", type=int, default=5000, help="the epoch epoch_s_est is for")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
@@ -152,7 +152,7 @@ def adabelief_class(keras: Any) -> type:
                 return
             super().build(variables)
             # per variable: first moment, belief (the gradient's variance around it), its running max
-            self._m = [self.add_variable_from_reference(v, "m") for v in variables]
+            self._first = [self.add_variable_from_reference(v, "m") for v in variables]
             self._belief = [self.add_variable_from_reference(v, "belief") for v in variables]
             self._belief_max = [self.add_variable_from_reference(v, "belief_max") for v in variables]
 
@@ -162,7 +162,7 @@ def adabelief_class(keras: Any) -> type:
             lr = ops.cast(learning_rate, dtype)
             t = ops.cast(self.iterations + 1, dtype)
             i = self._get_variable_index(variable)
-            m, belief, belief_max = self._m[i], self._belief[i], self._belief_max[i]
+            m, belief, belief_max = self._first[i], self._belief[i], self._belief_max[i]
             self.assign(m, self.beta_1 * m + (1.0 - self.beta_1) * grad)
             surprise = ops.square(grad - m)
             self.assign(belief, self.beta_2 * belief + (1.0 - self.beta_2) * surprise + self.epsilon)
@@ -194,8 +194,8 @@ def build_model(args: argparse.Namespace, keras: Any) -> Any:
     model = keras.Model(inputs, outputs)
     if args.optimizer == "adabelief":
         optimizer = adabelief_class(keras)(learning_rate=1e-3, weight_decay=1e-3)
-    else:
-        optimizer = keras.optimizers.Adam(learning_rate=1e-3, amsgrad=True)
+    else:  # as configs/trainer/optimizer/adamw.yaml
+        optimizer = keras.optimizers.AdamW(learning_rate=1e-3, weight_decay=1e-3, amsgrad=True, epsilon=1e-7)
     model.compile(optimizer=optimizer, loss="categorical_crossentropy")
     return model
 
