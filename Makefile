@@ -9,7 +9,7 @@ SEEDS ?= 0,1,2
 STAMP := $(VENV)/.installed
 # glibc returns big freed blocks to the OS and re-faults them on every step; keeping them makes
 # CPU training markedly faster (make bench, default model, 3 interleaved rounds on a shared 2-core
-# box: median 1.6x train, 2.1x inference) for about 2x the peak memory (README). Applies to
+# box: median 1.6x train, 2.1x inference) for about 2x the peak memory (docs/benchmarks.md). Applies to
 # the targets below; export it yourself when calling mer-train directly.
 export GLIBC_TUNABLES ?= glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736
 
@@ -40,12 +40,12 @@ smoke: $(STAMP)  ## every modality for two tiny epochs
 	$(BIN)/mer-train -m experiment=smoke modality=acoustic,visual,late,early $(ARGS)
 
 lint: $(STAMP)  ## ruff (lint + format check) and mypy
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/mypy
 
-# the Keras/TensorFlow peer (shared/bench/): a benchmark-only environment, never a project dependency
-PEER_DIR ?= ../shared/bench
+# the Keras/TensorFlow peer (benchmarks/peer_keras.py): a benchmark-only environment, never a project dependency
+PEER_DIR ?= benchmarks
 PEER_VENV ?= $(HOME)/.venvs/peer-tf
 
 bench: $(STAMP)  ## speed table, JSON lines in outputs/bench.jsonl (ARGS=--quick: seconds, for CI)

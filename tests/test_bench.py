@@ -2,8 +2,12 @@
 
 import json
 import math
+import subprocess
 import sys
 
+import pytest
+
+from conftest import REPO
 from mer_cli import bench
 
 
@@ -62,3 +66,62 @@ def test_side_by_side_divides_our_speed_by_the_peers_within_each_round(tmp_path)
     # the median of two rounds; both it and the per-round ratios are rounded to 0.01
     assert math.isclose(row["train_ratio"], sum(row["train_ratios"]) / 2, abs_tol=0.011)
     assert math.isclose(row["infer_ratio"], row["infer_clips_per_s"] / 40.0, rel_tol=0.05)
+
+
+# the in-repo Keras peer (benchmarks/peer_keras.py) and the arguments/JSON that mer-bench exchanges with it
+
+FAKE_PYTHON = """#!{python}
+# stands in for the TensorFlow venv's python: parses the real peer's command line with the peer's
+# own parser (an unknown argument exits 2), then prints the row the peer's own summarize builds
+import importlib.util, json, sys
+script, argv = sys.argv[1], sys.argv[2:]
+spec = importlib.util.spec_from_file_location("peer_keras", script)
+peer = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(peer)
+args = peer.parse_args(argv)
+with open({log!r}, "a") as log:
+    log.write(json.dumps({{"script": script, "argv": argv, "hidden": args.hidden}}) + "\\n")
+versions = {{"versions": {{"tensorflow": "none"}}}}
+print(json.dumps(peer.summarize(args, [0.5, 0.25, 0.5], [0.25], 50.0, versions)))
+"""
+
+
+def test_peer_help_needs_no_tensorflow():
+    code = (
+        "import runpy, sys\n"
+        f"sys.argv = [{str(bench.PEER_SCRIPT)!r}, '--help']\n"
+        "try:\n"
+        f"    runpy.run_path({str(bench.PEER_SCRIPT)!r}, run_name='__main__')\n"
+        "except SystemExit as e:\n"
+        "    assert e.code == 0, e.code\n"
+        "print('imported:', sorted(m for m in ('tensorflow', 'keras') if m in sys.modules))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "--train-batches" in proc.stdout and "--hidden" in proc.stdout
+    assert "imported: []" in proc.stdout
+
+
+def test_mer_bench_runs_the_in_repo_peer_with_arguments_it_accepts(tmp_path):
+    assert bench.PEER_SCRIPT == REPO / "benchmarks" / "peer_keras.py" and bench.PEER_SCRIPT.is_file()
+    log = tmp_path / "peer_calls.jsonl"
+    python = tmp_path / "python"
+    python.write_text(FAKE_PYTHON.format(python=sys.executable, log=str(log)))
+    python.chmod(0o755)
+    out = tmp_path / "peer.jsonl"
+    # no --peer-script: the default must be the repository's script, wherever the cwd is
+    argv = ["--quick", "--peer-python", str(python), "--shape", "visual", "--model", "bilstm"]
+    bench.main([*argv, "--precision", "fp32", "--rounds", "1", "--no-table", "--out", str(out)])
+    (call,) = [json.loads(line) for line in log.read_text().splitlines()]
+    assert call["script"] == str(REPO / "benchmarks" / "peer_keras.py")
+    assert call["hidden"] == [64, 32]  # configs/model/bilstm.yaml, passed as --hidden 64,32
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    # batch 128 over the median step of 0.5 s; inference 128 / 0.25 s
+    assert (row["peer_train_clips_per_s"], row["peer_infer_clips_per_s"]) == (256.0, 512.0)
+    assert row["peer_versions"] == {"tensorflow": "none"}
+
+
+def test_mer_bench_names_a_missing_peer_script(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.parse_args(["--peer-python", sys.executable, "--peer-script", "no/such/peer.py"])
+    assert exit_info.value.code == 2
+    assert "no/such/peer.py: no such file" in capsys.readouterr().err

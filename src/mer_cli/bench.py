@@ -1,8 +1,8 @@
 """Training and inference speed of mer-cli's real code path, optionally side by side with the peer.
 
 Input: generated clips shaped like the real features (acoustic 356x52, visual 105x17, early
-356x69; lengths uniform in 40-100 % of the maximum, 5 % at the maximum, zero-padded, as
-``shared/bench/peer_keras.py`` draws them). Output: a table on stdout and one JSON line per
+356x69; lengths uniform in 40-100 % of the maximum, 5 % at the maximum, zero-padded, as the
+Keras peer ``benchmarks/peer_keras.py`` draws them). Output: a table on stdout and one JSON line per
 shape x model x device x precision (``--out``). Each row trains through ``train.batch_indices``
 (length buckets), ``train.gather_batch`` and ``train.train_step`` (the loop ``mer-train`` runs)
 and infers through ``train.predict_proba``.
@@ -10,7 +10,7 @@ and infers through ``train.predict_proba``.
     mer-bench                                    # every shape, both models, fp32 and bf16
     mer-bench --shape acoustic --model bilstm_notebook --precision bf16 --batches 4
     mer-bench --quick --out bench.jsonl          # seconds: checks it runs (CI)
-    mer-bench --peer-python ~/.venvs/peer-tf/bin/python --peer-script ../shared/bench/peer_keras.py
+    mer-bench --peer-python ~/.venvs/peer-tf/bin/python     # the Keras peer: benchmarks/peer_keras.py
 """
 
 from __future__ import annotations
@@ -45,6 +45,8 @@ MODELS = ("bilstm", "bilstm_notebook")  # configs/model/<name>.yaml
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 MASKINGS = ("config", "reverse", "packed", "none")  # none: plain padded nn.LSTM (wrong masking)
 N_CLASSES = 6
+# the Keras peer: a script of the source repository (TensorFlow is never a dependency of the package)
+PEER_SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "peer_keras.py"
 EPOCH_CLIPS = 5000  # the epoch the estimate is for (CREMA-D's train split is about 5,200 clips)
 # every JSON row has these keys (tests/test_bench.py checks them)
 FIELDS = (
@@ -124,8 +126,8 @@ def forward_flops(frames: float, n_features: int, hidden: Sequence[int], dense: 
 
 
 def matmul_peak(dtype: torch.dtype = torch.float32, quick: bool = False) -> float:
-    """Practical matmul peak in GFLOP/s, measured as shared/bench/matmul_peak.py does (best of
-    2048^2 and 4096^2 square products, median of several)."""
+    """Practical matmul peak in GFLOP/s: the best of 2048^2 and 4096^2 square products, each
+    timed as the median of several (``--quick``: one 512^2 product)."""
     best = 0.0
     for n, reps in ((512, 3),) if quick else ((2048, 7), (4096, 5)):
         a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
@@ -398,7 +400,7 @@ def peer_hidden(model: str) -> tuple[list[int], int]:
     return list(cfg["hidden_sizes"]), int(cfg["dense_size"])
 
 
-# the peer's README runs it with this malloc setting (it ran 1.2-5x slower without)
+# the peer runs with the Makefile's malloc setting, as mer-cli does (without it the peer ran 1.2-5x slower)
 PEER_ENV = {"GLIBC_TUNABLES": "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"}
 
 
@@ -535,9 +537,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--out", default=None, help="append JSON lines here ('-': stdout)")
     ap.add_argument("--no-table", action="store_true")
     ap.add_argument("--peer-python", default=None, help="python with TensorFlow: run the Keras peer too")
-    ap.add_argument("--peer-script", default="../shared/bench/peer_keras.py")
+    ap.add_argument(
+        "--peer-script",
+        default=str(PEER_SCRIPT),
+        help="the Keras peer (default: benchmarks/peer_keras.py of this source checkout)",
+    )
     ap.add_argument("--peer-batches", type=int, default=3, help="the peer's timed training batches")
     args = ap.parse_args(argv)
+    if args.peer_python and not Path(args.peer_script).is_file():
+        ap.error(
+            f"--peer-script {args.peer_script}: no such file (the Keras peer ships with the "
+            "source repository, not the installed package: pass its path)"
+        )
     if args.shape is None:  # --quick: one small shape and model, just to prove the path runs
         args.shape = (
             ["visual"] if args.quick else ["acoustic", "early"] if args.peer_python else sorted(SHAPES)
