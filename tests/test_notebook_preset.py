@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from torch import nn
 
-from mer_cli import artifacts
+from mer_cli import artifacts, pipeline
 from mer_cli.cli import config_dir
 
 
@@ -106,3 +106,44 @@ def test_optimizer_state_resumes_from_a_weights_only_checkpoint(notebook, tmp_pa
     fresh.load_state_dict(state)
     assert fresh.param_groups[0]["step"] == 1 and list(fresh.param_groups[0]["betas"]) == [0.9, 0.999]
 
+
+# ---------------------------------------------------------------------------------------------
+# Model: Keras initializers and BatchNormalization defaults
+
+
+def _net(cfg, n_features=52):
+    torch.manual_seed(0)
+    return pipeline.build_model(cfg.model, n_features=n_features, n_classes=6)
+
+
+def test_batchnorm_is_keras_momentum_and_epsilon(notebook):
+    bn = next(m for m in _net(notebook).modules() if isinstance(m, nn.BatchNorm1d))
+    assert bn.momentum == pytest.approx(1 - 0.99) and bn.eps == 1e-3
+    default = next(m for m in _net(_compose()).modules() if isinstance(m, nn.BatchNorm1d))
+    assert (default.momentum, default.eps) == (0.1, 1e-5)  # the default model is unchanged
+
+
+def test_weights_start_as_keras_draws_them(notebook):
+    net = _net(notebook)
+    lstms = [m for m in net.modules() if isinstance(m, nn.LSTM)]
+    assert len(lstms) == 4  # two bidirectional layers, one LSTM per direction
+    for lstm in lstms:
+        h = lstm.hidden_size
+        bias = lstm.bias_ih_l0 + lstm.bias_hh_l0  # Keras' single bias
+        assert torch.equal(bias[h : 2 * h], torch.ones(h))  # unit_forget_bias
+        assert not bias[:h].any() and not bias[2 * h :].any()
+        w_hh = lstm.weight_hh_l0.detach()  # orthogonal: (4H, H) with orthonormal columns
+        assert torch.allclose(w_hh.T @ w_hh, torch.eye(h), atol=1e-4)
+        w_ih = lstm.weight_ih_l0
+        limit = math.sqrt(6 / (w_ih.shape[0] + w_ih.shape[1]))  # glorot_uniform
+        assert w_ih.abs().max() <= limit and w_ih.abs().max() > 0.9 * limit
+    for dense in (m for m in net.modules() if isinstance(m, nn.Linear)):
+        limit = math.sqrt(6 / sum(dense.weight.shape))
+        assert dense.weight.abs().max() <= limit and not dense.bias.any()
+
+
+def test_default_model_keeps_pytorch_initialization():
+    net = _net(_compose())
+    lstm = next(m for m in net.modules() if isinstance(m, nn.LSTM))
+    assert lstm.bias_hh_l0.abs().min() > 0  # PyTorch draws both LSTM biases
+    assert next(m for m in net.modules() if isinstance(m, nn.Linear)).bias.abs().min() > 0
