@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from torch import nn
 
-from mer_cli import artifacts, pipeline
+from mer_cli import artifacts, pipeline, train
 from mer_cli.cli import config_dir
 
 
@@ -105,6 +105,33 @@ def test_optimizer_state_resumes_from_a_weights_only_checkpoint(notebook, tmp_pa
     fresh = _optimizer(notebook, [nn.Parameter(torch.ones(4))])
     fresh.load_state_dict(state)
     assert fresh.param_groups[0]["step"] == 1 and list(fresh.param_groups[0]["betas"]) == [0.9, 0.999]
+
+
+# ---------------------------------------------------------------------------------------------
+# Callbacks and the training loop
+
+
+def test_plateau_threshold_is_keras_absolute_min_delta(notebook):
+    sched = instantiate(notebook.trainer.scheduler)(_optimizer(notebook, [nn.Parameter(torch.zeros(1))]))
+    assert (sched.mode, sched.factor, sched.min_lrs, sched.cooldown) == ("min", 0.8, [3e-5], 0)
+    # Keras counts an epoch as better when val_loss < best - 1e-4, whatever the loss's size
+    for loss, best in [(10.0, 10.0), (9.9995, 9.9995), (9.99945, 9.9995), (9.99939, 9.99939)]:
+        sched.step(loss)
+        assert sched.best == best  # 9.9995 is better: a relative 1e-4 would have needed < 9.999
+
+
+def test_loop_is_keras_fit(notebook):
+    loop = train.Settings(**notebook.trainer.loop)
+    assert (loop.batch_size, loop.max_epochs, loop.patience_epochs) == (128, 100, 20)
+    assert loop.precision == "fp32"  # Keras' float32 policy, no autocast
+    assert loop.bucket_by_length is False  # fit(shuffle=True): uniformly shuffled batches
+
+
+def test_other_runs_keep_their_own_defaults():
+    cfg = _compose()
+    assert cfg.trainer.loop.precision == "auto" and cfg.trainer.loop.bucket_by_length is True
+    assert "threshold_mode" not in cfg.trainer.scheduler
+    assert cfg.model.get("init", "torch") == "torch"
 
 
 # ---------------------------------------------------------------------------------------------
