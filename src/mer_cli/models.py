@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 MASKING_IMPLS = ("reverse", "packed")
+INITS = ("torch", "keras")
 
 
 def reverse_within_length(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -103,11 +104,41 @@ class FrameDropout(nn.Module):
         return f"p={self.p}"
 
 
+def keras_init_(module: nn.Module) -> None:
+    """Re-draw the weights of every LSTM and Linear in ``module`` as Keras' defaults draw them.
+
+    LSTM: input kernel Glorot-uniform over the whole (4H, F) matrix, recurrent kernel orthogonal,
+    bias zero except the forget gate's 1 (``unit_forget_bias``; PyTorch's second bias ``b_hh``
+    stays zero, so the sum is Keras' single bias). Linear (Dense): Glorot-uniform, zero bias.
+    BatchNorm needs nothing: PyTorch's gamma 1, beta 0 and running statistics 0 / 1 are Keras'.
+    PyTorch's defaults instead draw every LSTM weight and bias from U(+-1/sqrt(H)) and Linear
+    weights and biases from U(+-1/sqrt(fan_in)).
+    """
+    for m in module.modules():
+        if isinstance(m, nn.LSTM):
+            h = m.hidden_size
+            for name, p in m.named_parameters():
+                if name.startswith("weight_ih"):
+                    nn.init.xavier_uniform_(p)
+                elif name.startswith("weight_hh"):
+                    nn.init.orthogonal_(p)
+                elif name.startswith("bias"):
+                    nn.init.zeros_(p)
+                    if name.startswith("bias_ih"):  # gate order i, f, g, o in both libraries
+                        nn.init.ones_(p[h : 2 * h])
+        elif isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 class BiLSTMClassifier(nn.Module):
     """BiLSTM(h1, sequences) -> Dropout -> ... -> BiLSTM(h_last, last state) -> Dropout ->
     Dense(d) -> BatchNorm -> ReLU -> Dropout -> Dense(d, ReLU) -> Dense(C): the notebook's stack.
 
     ``hidden_sizes`` (512, 256), ``dense_size`` 512 and ``dropout`` 0.8 are the notebook's sizes.
+    ``init="keras"`` draws the initial weights as Keras does (`keras_init_`); ``"torch"`` keeps
+    PyTorch's defaults. ``batchnorm_momentum`` and ``batchnorm_eps`` are ``nn.BatchNorm1d``'s
+    (PyTorch's momentum is the weight of the new batch: Keras' momentum 0.99 is 0.01 here).
     """
 
     def __init__(
@@ -118,10 +149,15 @@ class BiLSTMClassifier(nn.Module):
         dense_size: int = 512,
         dropout: float = 0.8,
         masking: str = "reverse",
+        init: str = "torch",
+        batchnorm_momentum: float = 0.1,
+        batchnorm_eps: float = 1e-5,
     ) -> None:
         super().__init__()
         if not hidden_sizes:
             raise ValueError("hidden_sizes needs at least one LSTM size")
+        if init not in INITS:
+            raise ValueError(f"init {init!r}: valid: {', '.join(INITS)}")
         sizes = [n_features] + [2 * h for h in hidden_sizes[:-1]]
         self.lstms = nn.ModuleList(
             MaskedBiLSTM(d_in, h, impl=masking) for d_in, h in zip(sizes, hidden_sizes, strict=True)
@@ -130,13 +166,15 @@ class BiLSTMClassifier(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Sequential(
             nn.Linear(2 * hidden_sizes[-1], dense_size),
-            nn.BatchNorm1d(dense_size),
+            nn.BatchNorm1d(dense_size, eps=batchnorm_eps, momentum=batchnorm_momentum),
             nn.ReLU(),
             nn.Dropout(dropout),
             nn.Linear(dense_size, dense_size),
             nn.ReLU(),
             nn.Linear(dense_size, n_classes),
         )
+        if init == "keras":
+            keras_init_(self)
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         last_state = x.new_zeros(0)
