@@ -143,4 +143,4 @@ def test_ctrl_c_at_any_moment_ends_with_one_line_and_exit_130(tmp_path):
         else:
             assert last.startswith("mer-train: interrupted"), (name, last)
             assert "nothing to resume" in last
-            assert not run_dir.exists() or not any(run_dir.iterdir()), name
+            assert not run_dir.exists(), (name, sorted(p.name for p in run_dir.iterdir()))

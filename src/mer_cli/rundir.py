@@ -86,11 +86,11 @@ def remove_if_nothing_trained(run_dir: Path) -> None:
 
 
 def started() -> list[Path]:
-    """This process's run directories: those it claimed, and Hydra's output dir once Hydra set
-    it (read only if Hydra is loaded already: an interruption may arrive before it is)."""
+    """This process's run directories: those it claimed, and an explicit ``hydra.run.dir=``
+    on its command line (Hydra forgets its output dir when a job ends, however it ends)."""
     dirs = list(_claimed.values())
-    hydra_config = sys.modules.get("hydra.core.hydra_config")
-    if hydra_config is not None:
-        with contextlib.suppress(Exception):  # not set yet, or half set when the signal came
-            dirs.append(Path(hydra_config.HydraConfig.get().runtime.output_dir))
+    for arg in sys.argv[1:]:
+        key, sep, value = arg.partition("=")
+        if sep and key.lstrip("+") == "hydra.run.dir" and value:
+            dirs.append(Path(value).expanduser())
     return dirs
