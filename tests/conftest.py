@@ -12,6 +12,8 @@ import pytest
 import torch
 
 from mer_cli.data import NOTEBOOK_CLASS_NAMES, Split, Splits
+from mer_cli.models import BiLSTMEncoder, Classifier
+from mer_cli.preprocess import Ragged, SequenceSet
 
 # tiny tensors: one thread avoids OpenMP spin-waiting on a busy 2-core machine
 torch.set_num_threads(1)
@@ -63,3 +65,38 @@ def run_cli(
         text=True,
         timeout=timeout,
     )
+
+
+STREAM = "x"  # the input stream of the hand-built sets and models below
+
+
+def bilstm(
+    n_features: int,
+    n_classes: int,
+    hidden_sizes: tuple[int, ...] = (512, 256),
+    dense_size: int = 512,
+    dropout: float = 0.8,
+    masking: str = "reverse",
+) -> Classifier:
+    """A BiLSTM classifier reading the stream ``STREAM`` (the notebook's sizes by default)."""
+    return Classifier(
+        {STREAM: n_features},
+        n_classes,
+        lambda f: BiLSTMEncoder(f, hidden_sizes, dropout, masking),
+        dense_size=dense_size,
+        dropout=dropout,
+    )
+
+
+def padded_set(x: torch.Tensor, lengths: torch.Tensor, y: torch.Tensor) -> SequenceSet:
+    """A one-stream ``SequenceSet`` from padded frames (B, T, F): clip i keeps ``x[i, :lengths[i]]``."""
+    clips = [x[i, : int(n)].numpy() for i, n in enumerate(lengths)]
+    offsets = np.concatenate([[0], np.cumsum([len(c) for c in clips])]).astype(np.int64)
+    frames = np.concatenate(clips).astype(np.float32)
+    ids = tuple(f"c{i}" for i in range(len(clips)))
+    return SequenceSet({STREAM: Ragged(frames, offsets, int(x.shape[1]))}, y, ids)
+
+
+def inputs(x: torch.Tensor, lengths: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """A batch of one stream as a model's input."""
+    return {STREAM: (x, lengths)}

@@ -36,9 +36,9 @@ def test_every_group_has_the_documented_options():
 def test_model_options_build_and_predict_one_row_per_clip(model, experiment):
     overrides = [f"model={model}"] + ([f"experiment={experiment}"] if experiment else [])
     cfg = _compose(*overrides)
-    net = pipeline.build_model(cfg.model, n_features=69, n_classes=6).eval()
+    net = pipeline.build_model(cfg.model, n_features={"early": 69}, n_classes=6).eval()
     x = torch.randn(3, 11, 69)
-    assert net(x, torch.tensor([11, 4, 1])).shape == (3, 6)
+    assert net({"early": (x, torch.tensor([11, 4, 1]))}).shape == (3, 6)
     opt = instantiate(cfg.trainer.optimizer)(net.parameters())
     instantiate(cfg.trainer.scheduler)(opt)
     train.Settings(**cfg.trainer.loop)  # every loop key is a known setting
@@ -46,7 +46,7 @@ def test_model_options_build_and_predict_one_row_per_clip(model, experiment):
 
 def test_notebook_experiment_is_the_notebooks_settings():
     cfg = _compose("experiment=notebook")
-    assert list(cfg.model.hidden_sizes) == [512, 256]
+    assert list(cfg.model.encoder.hidden_sizes) == [512, 256]
     assert cfg.model.dense_size == 512 and cfg.model.dropout == 0.8
     assert cfg.trainer.optimizer._target_ == "pytorch_optimizer.AdaBelief"
     assert cfg.trainer.loop.batch_size == 128 and cfg.trainer.loop.max_epochs == 100

@@ -3,7 +3,8 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from mer_cli.models import BiLSTMClassifier, MaskedBiLSTM, reverse_within_length
+from conftest import bilstm, inputs
+from mer_cli.models import MaskedBiLSTM, reverse_within_length
 
 
 def _batch(b=5, t=12, f=4, seed=0):
@@ -66,23 +67,24 @@ def test_reverse_and_packed_impls_agree():
 @pytest.mark.parametrize("masking", ["reverse", "packed"])
 def test_extra_zero_padding_leaves_predictions_unchanged(masking):
     torch.manual_seed(0)
-    model = BiLSTMClassifier(4, 6, hidden_sizes=(8, 5), dense_size=16, dropout=0.5, masking=masking).eval()
+    model = bilstm(4, 6, hidden_sizes=(8, 5), dense_size=16, dropout=0.5, masking=masking).eval()
     x, lengths = _batch()
     padded = torch.cat([x, torch.zeros(x.shape[0], 50, x.shape[2])], dim=1)
     with torch.no_grad():
-        torch.testing.assert_close(model(x, lengths), model(padded, lengths), atol=1e-6, rtol=1e-5)
+        expected = model(inputs(x, lengths))
+        torch.testing.assert_close(expected, model(inputs(padded, lengths)), atol=1e-6, rtol=1e-5)
         # and the padding's content does not matter either: it is never read
         noisy = padded.clone()
         noisy[:, x.shape[1] :] = 123.0
-        torch.testing.assert_close(model(x, lengths), model(noisy, lengths), atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(expected, model(inputs(noisy, lengths)), atol=1e-6, rtol=1e-5)
 
 
 def test_notebook_sizes_give_about_5_5_million_parameters_on_acoustic_input():
-    model = BiLSTMClassifier(52, 6)  # defaults are the notebook's 512/256, 512, 0.8
+    model = bilstm(52, 6)  # defaults are the notebook's 512/256, 512, 0.8
     n = sum(p.numel() for p in model.parameters())
     assert 5.3e6 < n < 5.7e6
     # one bias vector more per LSTM than Keras (PyTorch keeps b_ih and b_hh): 4 * 2 * 2 * (512 + 256)
-    assert model(torch.zeros(3, 7, 52), torch.tensor([7, 3, 1])).shape == (3, 6)
+    assert model(inputs(torch.zeros(3, 7, 52), torch.tensor([7, 3, 1]))).shape == (3, 6)
 
 
 def test_frame_dropout_drops_the_requested_fraction_and_keeps_the_expected_value():

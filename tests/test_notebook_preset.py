@@ -140,7 +140,7 @@ def test_other_runs_keep_their_own_defaults():
 
 def _net(cfg, n_features=52):
     torch.manual_seed(0)
-    return pipeline.build_model(cfg.model, n_features=n_features, n_classes=6)
+    return pipeline.build_model(cfg.model, n_features={"acoustic": n_features}, n_classes=6)
 
 
 def test_batchnorm_is_keras_momentum_and_epsilon(notebook):

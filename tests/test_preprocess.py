@@ -1,8 +1,9 @@
 import numpy as np
 import pytest
+import torch
 from scipy import ndimage
 
-from mer_cli import preprocess
+from mer_cli import pipeline, preprocess
 from mer_cli.data import Split
 from mer_cli.fusion import early_fuse, stretch_frames
 
@@ -39,28 +40,30 @@ def test_fit_uses_train_only_and_apply_pads_with_true_lengths():
         [rng.normal(5, 2, (n, 3)).astype(np.float32) for n in (4, 6, 8, 10)],
         [np.ones((2, 1), np.float32)] * 4,
     )
-    prep = preprocess.fit(train, "mfcc", percentile=95, normalize=True)
+    prep = preprocess.fit(list(train.mfcc), percentile=95, normalize=True)
     frames = np.concatenate([m[: prep.target.length] for m in train.mfcc])
     np.testing.assert_allclose(prep.scaler.mean, frames.mean(0), rtol=1e-6)
     np.testing.assert_allclose(prep.scaler.std, frames.std(0), rtol=1e-6)
 
     # a wild test split changes nothing that was fitted, and is cut to the train length
     test = _split("x", [np.full((50, 3), 1e6, np.float32)], [np.ones((2, 1), np.float32)])
-    out = preprocess.apply(prep, test, "mfcc")
-    assert out.x.shape == (1, prep.target.length, 3)
+    out = prep.apply(list(test.mfcc))
+    assert out.frames.shape == (prep.target.length, 3)  # cut to the train length, never padded
     assert out.lengths.tolist() == [prep.target.length]
 
-    short = preprocess.apply(prep, _split("s", [train.mfcc[0][:2]], [np.ones((2, 1), np.float32)]), "mfcc")
+    short = prep.apply([train.mfcc[0][:2]])
     assert short.lengths.tolist() == [2]
-    assert short.x[0, 2:].abs().sum() == 0  # padding stays exactly zero after normalization
-    np.testing.assert_allclose(short.x[0, :2].numpy(), prep.scaler.transform(train.mfcc[0][:2]), rtol=1e-6)
+    x = short.pad(torch.tensor([0]), prep.target.length)  # padded when a batch is gathered
+    assert x.shape == (1, prep.target.length, 3)
+    assert x[0, 2:].abs().sum() == 0  # padding stays exactly zero after normalization
+    np.testing.assert_allclose(x[0, :2].numpy(), prep.scaler.transform(train.mfcc[0][:2]), rtol=1e-6)
 
 
 def test_normalize_false_leaves_features_as_they_are():
     train = _split("t", [np.full((3, 2), 7.0, np.float32)], [np.ones((2, 1), np.float32)])
-    prep = preprocess.fit(train, "mfcc", percentile=95, normalize=False)
+    prep = preprocess.fit(list(train.mfcc), percentile=95, normalize=False)
     assert prep.scaler is None
-    assert preprocess.apply(prep, train, "mfcc").x[0, 0].tolist() == [7.0, 7.0]
+    assert prep.apply(list(train.mfcc)).frames[0].tolist() == [7.0, 7.0]
 
 
 def test_stretch_frames_matches_hand_computed_values():
@@ -91,7 +94,9 @@ def test_early_stream_is_cut_to_the_acoustic_target_length():
     mfcc = [np.ones((n, 2), np.float32) for n in (10, 20, 30, 40)]
     aus = [np.ones((n // 3, 1), np.float32) for n in (10, 20, 30, 40)]
     train = _split("t", mfcc, aus)
-    early = preprocess.fit(train, "early", percentile=95, normalize=False)
-    acoustic = preprocess.fit(train, "mfcc", percentile=95, normalize=False)
+    fused = pipeline.model_inputs(train, "early", ["acoustic", "visual"])
+    early = preprocess.fit(fused["early"], percentile=95, normalize=False)
+    acoustic = preprocess.fit(list(train.mfcc), percentile=95, normalize=False)
     assert early.target.length == acoustic.target.length == 39
-    assert preprocess.apply(early, train, "early").x.shape == (4, 39, 3)
+    ragged = early.apply(fused["early"])
+    assert ragged.lengths.tolist() == [10, 20, 30, 39] and ragged.n_features == 3

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import STREAM, bilstm
 from mer_cli import preprocess, synthetic, train
 from mer_cli.artifacts import load_checkpoint
-from mer_cli.models import BiLSTMClassifier
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 EPOCHS = 4
@@ -23,15 +23,19 @@ EPOCHS = 4
 
 def _sets() -> tuple[preprocess.SequenceSet, preprocess.SequenceSet]:
     splits = synthetic.generate(synthetic.Spec(n_actors=8, clips_per_actor_per_class=1)).limit(24)
-    prep = preprocess.fit(splits.train, "aus", percentile=95, normalize=True)
-    return preprocess.apply(prep, splits.train, "aus"), preprocess.apply(prep, splits.val, "aus")
+    preps = {STREAM: preprocess.fit(list(splits.train.aus), percentile=95, normalize=True)}
+    train_set, val_set = (
+        preprocess.apply(preps, {STREAM: list(s.aus)}, s.labels, s.clip_ids)
+        for s in (splits.train, splits.val)
+    )
+    return train_set, val_set
 
 
 def _fit(out_dir: Path, init_seed: int, resume: bool = False, stop_after: int | None = None) -> train.History:
     """The pipeline's pieces at toy size; ``stop_after``: Ctrl-C right after that epoch."""
     torch.manual_seed(init_seed)  # a resumed run must not depend on how its model was initialised
     train_set, val_set = _sets()
-    model = BiLSTMClassifier(train_set.n_features, 6, hidden_sizes=(8,), dense_size=16, dropout=0.5)
+    model = bilstm(train_set.n_features[STREAM], 6, hidden_sizes=(8,), dense_size=16, dropout=0.5)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     # mode max, patience 0: the LR halves after every epoch whose val/loss fell, so the
     # scheduler's state (best value, bad-epoch count, LR) must survive the interruption

@@ -5,10 +5,9 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import bilstm, inputs, padded_set
 from mer_cli import train
 from mer_cli.errors import ConfigError
-from mer_cli.models import BiLSTMClassifier
-from mer_cli.preprocess import SequenceSet
 
 
 def _set(n=40, t=20, f=3, seed=0):
@@ -17,7 +16,7 @@ def _set(n=40, t=20, f=3, seed=0):
     y = torch.arange(n) % 3
     x = torch.randn(n, t, f, generator=g) + y[:, None, None].float()  # learnable: mean = class
     x = x * (torch.arange(t)[None, :] < lengths[:, None])[:, :, None]
-    return SequenceSet(x, lengths, y, tuple(f"c{i}" for i in range(n)))
+    return padded_set(x, lengths, y)
 
 
 @pytest.mark.parametrize("bucket", [True, False])
@@ -55,7 +54,7 @@ def test_bucketing_pads_less_than_random_batches():
 
 def _fit(tmp_path: Path, epochs: int, seed: int = 0, **loop):
     torch.manual_seed(seed)
-    model = BiLSTMClassifier(3, 3, hidden_sizes=(6,), dense_size=8, dropout=0.1)
+    model = bilstm(3, 3, hidden_sizes=(6,), dense_size=8, dropout=0.1)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.8, patience=3, min_lr=3e-5)
     settings = train.Settings(
@@ -113,14 +112,14 @@ def test_unknown_settings_are_rejected():
 
 def test_train_step_lowers_the_loss_on_a_fixed_batch():
     torch.manual_seed(0)
-    model = BiLSTMClassifier(3, 2, hidden_sizes=(8,), dense_size=8, dropout=0.0)
+    model = bilstm(3, 2, hidden_sizes=(8,), dense_size=8, dropout=0.0)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     x, lengths = torch.randn(16, 5, 3), torch.full((16,), 5)
     y = (x[:, :, 0].mean(1) > 0).long()
     loss_fn = torch.nn.CrossEntropyLoss()
     losses = [
-        train.train_step(model, optimizer, scaler, loss_fn, x, lengths, y, torch.float32)[0].item()
+        train.train_step(model, optimizer, scaler, loss_fn, inputs(x, lengths), y, torch.float32)[0].item()
         for _ in range(30)
     ]
     assert losses[-1] < 0.5 * losses[0]
@@ -149,7 +148,7 @@ def test_inference_batches_cover_every_clip_once_longest_first_and_predictions_k
 
     # predictions come back in the data's order whatever the batching: same as one clip at a time
     torch.manual_seed(0)
-    model = BiLSTMClassifier(3, 4, hidden_sizes=(5,), dense_size=8, dropout=0.0)
+    model = bilstm(3, 4, hidden_sizes=(5,), dense_size=8, dropout=0.0)
     data = _set(n=40, seed=2)
     together = train.predict_proba(model, data, 16, torch.device("cpu"), torch.float32)
     one_by_one = train.predict_proba(model, data, 1, torch.device("cpu"), torch.float32)
@@ -187,7 +186,7 @@ def test_no_batch_holds_a_single_clip(n, bucket):
 @pytest.mark.parametrize("bucket", [True, False])
 def test_training_on_one_more_clip_than_a_whole_batch_works(tmp_path, bucket):
     torch.manual_seed(0)
-    model = BiLSTMClassifier(3, 3, hidden_sizes=(4,), dense_size=8, dropout=0.1)
+    model = bilstm(3, 3, hidden_sizes=(4,), dense_size=8, dropout=0.1)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=3)
     settings = train.Settings(
@@ -234,7 +233,7 @@ def test_the_lr_is_cut_on_the_third_epoch_without_a_better_val_loss_as_in_keras(
 def test_early_stopping_and_the_lr_schedule_count_patience_the_same_way(tmp_path):
     # the optimizer moves a parameter outside the model, so val/loss never improves after epoch 1
     torch.manual_seed(0)
-    model = BiLSTMClassifier(3, 3, hidden_sizes=(4,), dense_size=8, dropout=0.1)
+    model = bilstm(3, 3, hidden_sizes=(4,), dense_size=8, dropout=0.1)
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     sched = train.PlateauScheduler(opt, patience_epochs=3, factor=0.8)
     settings = train.Settings(max_epochs=50, batch_size=8, patience_epochs=5, progress=False, device="cpu")

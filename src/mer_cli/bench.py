@@ -38,7 +38,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from mer_cli import train
-from mer_cli.preprocess import SequenceSet
+from mer_cli.preprocess import Ragged, SequenceSet
 
 SHAPES = {"acoustic": (356, 52), "visual": (105, 17), "early": (356, 69)}
 MODELS = ("bilstm", "bilstm_notebook")  # configs/model/<name>.yaml
@@ -101,15 +101,17 @@ def make_lengths(rng: np.random.Generator, n: int, max_len: int) -> np.ndarray:
     return lengths
 
 
+STREAM = "acoustic"  # the one input stream of the benchmarked models
+
+
 def make_set(n: int, max_len: int, n_features: int, seed: int) -> SequenceSet:
-    """``n`` random clips as a preprocessed ``SequenceSet``: zero after each clip's length."""
+    """``n`` random clips of at most ``max_len`` frames as a preprocessed ``SequenceSet``."""
     rng = np.random.default_rng(seed)
     lengths = make_lengths(rng, n, max_len)
-    x = rng.standard_normal((n, max_len, n_features), dtype=np.float32)
-    x *= (np.arange(max_len)[None, :] < lengths[:, None])[:, :, None]
+    frames = rng.standard_normal((int(lengths.sum()), n_features), dtype=np.float32)
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     return SequenceSet(
-        x=torch.from_numpy(x),
-        lengths=torch.from_numpy(lengths.astype(np.int64)),
+        streams={STREAM: Ragged(frames, offsets, max_len)},
         y=torch.from_numpy(rng.integers(0, N_CLASSES, n).astype(np.int64)),
         clip_ids=tuple(f"clip{i}" for i in range(n)),
     )
@@ -203,13 +205,14 @@ def build(model_name: str, n_features: int, masking: str) -> tuple[nn.Module, di
     from mer_cli.pipeline import build_model
 
     cfg = model_config(model_name)
+    encoder = cfg["encoder"]
     if masking not in ("config", "none"):
-        cfg["masking"] = masking
-    model = build_model(cfg, n_features, N_CLASSES)
+        encoder["masking"] = masking
+    model = build_model(cfg, {STREAM: n_features}, N_CLASSES)
     if masking == "none":
-        sizes = [n_features] + [2 * h for h in cfg["hidden_sizes"][:-1]]
-        model.lstms = nn.ModuleList(
-            PaddedBiLSTM(d, h) for d, h in zip(sizes, cfg["hidden_sizes"], strict=True)
+        sizes = [n_features] + [2 * h for h in encoder["hidden_sizes"][:-1]]
+        model.get_submodule("encoder").lstms = nn.ModuleList(
+            PaddedBiLSTM(d, h) for d, h in zip(sizes, encoder["hidden_sizes"], strict=True)
         )
     return model, cfg
 
@@ -281,10 +284,10 @@ def run_case(case: Case, peaks: dict[str, float]) -> dict[str, Any]:
         sync()
         t0 = time.perf_counter()
         for idx in batches:
-            x, lengths, y = train.gather_batch(data, idx, device)
-            loss, _ = train.train_step(model, optimizer, scaler, loss_fn, x, lengths, y, dtype)
+            inputs, y = train.gather_batch(data, idx, device)
+            loss, _ = train.train_step(model, optimizer, scaler, loss_fn, inputs, y, dtype)
             losses.append(loss.item())
-            frames += x.shape[0] * x.shape[1]
+            frames += inputs[STREAM][0].shape[0] * inputs[STREAM][0].shape[1]
         sync()
         return time.perf_counter() - t0, frames, losses
 
@@ -298,7 +301,7 @@ def run_case(case: Case, peaks: dict[str, float]) -> dict[str, Any]:
         train_s.append(seconds)
     # inference warm-up on a slice, then timed passes through predict_proba (length-sorted
     # batches of at most eval_batch_size, inference_mode)
-    warm = SequenceSet(infer_set.x[:64], infer_set.lengths[:64], infer_set.y[:64], infer_set.clip_ids[:64])
+    warm = infer_set.take(range(min(64, len(infer_set))))
     train.predict_proba(model, warm, settings.eval_batch_size, device, dtype)
     for _ in range(case.rounds):
         sync()
@@ -311,7 +314,7 @@ def run_case(case: Case, peaks: dict[str, float]) -> dict[str, Any]:
         for idx in train.inference_batches(infer_set.lengths, settings.eval_batch_size)
     )
 
-    hidden, dense = list(cfg["hidden_sizes"]), int(cfg["dense_size"])
+    hidden, dense = list(cfg["encoder"]["hidden_sizes"]), int(cfg["dense_size"])
     n_train = len(train_set)
     train_cps = n_train / statistics.median(train_s)
     infer_cps = len(infer_set) / statistics.median(infer_s)
@@ -333,7 +336,7 @@ def run_case(case: Case, peaks: dict[str, float]) -> dict[str, Any]:
         "params": sum(p.numel() for p in model.parameters()),
         "device": str(device),
         "precision": str(dtype).removeprefix("torch.").replace("float32", "fp32").replace("bfloat16", "bf16"),
-        "masking": cfg["masking"] if case.masking == "config" else case.masking,
+        "masking": cfg["encoder"]["masking"] if case.masking == "config" else case.masking,
         "bucket_by_length": case.bucket,
         "optimizer": case.optimizer,
         "batch": case.batch,
@@ -397,7 +400,7 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, st
 
 def peer_hidden(model: str) -> tuple[list[int], int]:
     cfg = model_config(model)
-    return list(cfg["hidden_sizes"]), int(cfg["dense_size"])
+    return list(cfg["encoder"]["hidden_sizes"]), int(cfg["dense_size"])
 
 
 # the peer runs with the Makefile's malloc setting, as mer-cli does (without it the peer ran 1.2-5x slower)

@@ -31,6 +31,10 @@ NOTEBOOK_CLASS_NAMES = ("neutral", "anger", "happy", "fear", "disgust", "sad")
 NAN_POLICIES = ("error", "zero", "drop")
 
 
+# the file formats' two streams, under the names the rest of mer-cli uses (config, models, reports)
+STREAM_FIELDS = {"acoustic": "mfcc", "visual": "aus"}
+
+
 @dataclass(frozen=True)
 class Split:
     """One split: parallel per-clip lists. ``mfcc[i]`` is (T_a, D_a), ``aus[i]`` is (T_v, D_v)."""
@@ -43,6 +47,11 @@ class Split:
 
     def __len__(self) -> int:
         return len(self.clip_ids)
+
+    @property
+    def streams(self) -> dict[str, tuple[np.ndarray, ...]]:
+        """``{"acoustic": mfcc, "visual": aus}``: each clip's frames by stream name."""
+        return {name: getattr(self, field) for name, field in STREAM_FIELDS.items()}
 
     def take(self, index: Sequence[int] | np.ndarray) -> Split:
         """The clips at ``index``, in that order."""

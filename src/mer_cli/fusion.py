@@ -1,6 +1,7 @@
-"""Fusion of the two streams: early (align frames, concatenate) and late (combine probabilities).
+"""Fusion of streams: early (align frames, concatenate) and late (combine probabilities).
 
-Early fusion input: one clip's mfcc (T_a, D_a) and action units (T_v, D_v); output (T_a, D_a+D_v).
+Early fusion input: one clip's frames of each stream, e.g. mfcc (T_a, D_a) and action units
+(T_v, D_v); output (T_a, D_a+D_v), at the first stream's frame rate.
 Late fusion input: per-clip class probabilities of an acoustic and a visual model; output the same.
 """
 
@@ -26,9 +27,10 @@ def stretch_frames(x: np.ndarray, n_frames: int) -> np.ndarray:
     return x[lo] * (1 - w) + x[hi] * w
 
 
-def early_fuse(mfcc: np.ndarray, aus: np.ndarray) -> np.ndarray:
-    """Per-frame concatenation at the audio frame rate: (T_a, D_a) + (T_v, D_v) -> (T_a, D_a+D_v)."""
-    return np.concatenate([mfcc, stretch_frames(aus, mfcc.shape[0])], axis=1)
+def early_fuse(first: np.ndarray, *others: np.ndarray) -> np.ndarray:
+    """Per-frame concatenation at the first stream's frame rate: every other stream is stretched
+    to its frame count, e.g. mfcc (T_a, D_a) + aus (T_v, D_v) -> (T_a, D_a + D_v)."""
+    return np.concatenate([first, *(stretch_frames(x, first.shape[0]) for x in others)], axis=1)
 
 
 def late_fuse(prob_acoustic: np.ndarray, prob_visual: np.ndarray, acoustic_weight: float) -> np.ndarray:

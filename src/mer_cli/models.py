@@ -1,12 +1,15 @@
-"""The notebook's BiLSTM classifier with exact masking: padded frames never change an output.
+"""Classifiers = an encoder (frames, lengths -> per-frame features and a pooled vector) + one head.
 
-Input: frames ``x`` (B, T, F), zero-padded after each clip's ``lengths`` (B,). Output: class
-logits (B, C) (softmax is in the loss, or applied at prediction time).
+Input: named streams, ``{"acoustic": (x, lengths), ...}`` with frames ``x`` (B, T, F) zero-padded
+after each clip's ``lengths`` (B,). Output: class logits (B, C) (softmax is in the loss, or
+applied at prediction time). Every encoder is exact under padding: padded frames never change an
+output. A new encoder is a class with the `Encoder` signature and a ``configs/model/`` file.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Protocol, cast
 
 import torch
 from torch import nn
@@ -131,41 +134,82 @@ def keras_init_(module: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-class BiLSTMClassifier(nn.Module):
-    """BiLSTM(h1, sequences) -> Dropout -> ... -> BiLSTM(h_last, last state) -> Dropout ->
-    Dense(d) -> BatchNorm -> ReLU -> Dropout -> Dense(d, ReLU) -> Dense(C): the notebook's stack.
+# one stream of a batch: frames (B, T, F), zero after each clip's length, and the lengths (B,)
+Frames = tuple[torch.Tensor, torch.Tensor]
 
-    ``hidden_sizes`` (512, 256), ``dense_size`` 512 and ``dropout`` 0.8 are the notebook's sizes.
-    ``init="keras"`` draws the initial weights as Keras does (`keras_init_`); ``"torch"`` keeps
-    PyTorch's defaults. ``batchnorm_momentum`` and ``batchnorm_eps`` are ``nn.BatchNorm1d``'s
-    (PyTorch's momentum is the weight of the new batch: Keras' momentum 0.99 is 0.01 here).
-    """
+
+class Encoder(Protocol):
+    """What the head needs of an encoder: ``out_features`` and ``forward(x, lengths)`` returning
+    per-frame features (B, T, H), zero past each clip's length, and one pooled vector (B, H)."""
+
+    out_features: int
+
+    def __call__(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+class BiLSTMEncoder(nn.Module):
+    """BiLSTM(h1, sequences) -> per-frame dropout -> ... -> BiLSTM(h_last): the notebook's
+    recurrent stack. Pooled vector: the last layer's final states of both directions (2 h_last)."""
 
     def __init__(
         self,
         n_features: int,
-        n_classes: int,
         hidden_sizes: Sequence[int] = (512, 256),
-        dense_size: int = 512,
         dropout: float = 0.8,
         masking: str = "reverse",
-        init: str = "torch",
-        batchnorm_momentum: float = 0.1,
-        batchnorm_eps: float = 1e-5,
     ) -> None:
         super().__init__()
         if not hidden_sizes:
             raise ValueError("hidden_sizes needs at least one LSTM size")
-        if init not in INITS:
-            raise ValueError(f"init {init!r}: valid: {', '.join(INITS)}")
         sizes = [n_features] + [2 * h for h in hidden_sizes[:-1]]
         self.lstms = nn.ModuleList(
             MaskedBiLSTM(d_in, h, impl=masking) for d_in, h in zip(sizes, hidden_sizes, strict=True)
         )
         self.frame_dropout = FrameDropout(dropout)  # between LSTM layers, on every frame
+        self.out_features = 2 * hidden_sizes[-1]
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        last_state = x.new_zeros(0)
+        for i, lstm in enumerate(self.lstms):
+            x, last_state = lstm(x, lengths)
+            if i < len(self.lstms) - 1:
+                x = self.frame_dropout(x)  # per-frame dropout between LSTM layers, as the notebook
+        return x, last_state
+
+
+class Classifier(nn.Module):
+    """One stream's encoder, then the head every encoder shares: Dropout -> Dense(d) -> BatchNorm
+    -> ReLU -> Dropout -> Dense(d, ReLU) -> Dense(C), the notebook's classifier.
+
+    ``n_features``: ``{stream: features per frame}`` of the one stream this model reads (a run-time
+    fact from the data). ``encoder``: builds the encoder from that feature count (a partial from
+    the config). ``dense_size`` 512 and ``dropout`` 0.8 are the notebook's sizes. ``init="keras"``
+    draws the initial weights as Keras does (`keras_init_`); ``"torch"`` keeps PyTorch's defaults.
+    ``batchnorm_momentum`` and ``batchnorm_eps`` are ``nn.BatchNorm1d``'s (PyTorch's momentum is
+    the weight of the new batch: Keras' momentum 0.99 is 0.01 here).
+    """
+
+    def __init__(
+        self,
+        n_features: Mapping[str, int],
+        n_classes: int,
+        encoder: Callable[[int], nn.Module],
+        dense_size: int = 512,
+        dropout: float = 0.8,
+        init: str = "torch",
+        batchnorm_momentum: float = 0.1,
+        batchnorm_eps: float = 1e-5,
+    ) -> None:
+        super().__init__()
+        if len(n_features) != 1:
+            raise ValueError(f"a single-stream classifier reads one stream, not {sorted(n_features)}")
+        if init not in INITS:
+            raise ValueError(f"init {init!r}: valid: {', '.join(INITS)}")
+        ((self.stream, features),) = n_features.items()
+        self.encoder = encoder(features)
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Sequential(
-            nn.Linear(2 * hidden_sizes[-1], dense_size),
+            nn.Linear(cast(Encoder, self.encoder).out_features, dense_size),
             nn.BatchNorm1d(dense_size, eps=batchnorm_eps, momentum=batchnorm_momentum),
             nn.ReLU(),
             nn.Dropout(dropout),
@@ -176,10 +220,7 @@ class BiLSTMClassifier(nn.Module):
         if init == "keras":
             keras_init_(self)
 
-    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        last_state = x.new_zeros(0)
-        for i, lstm in enumerate(self.lstms):
-            x, last_state = lstm(x, lengths)
-            if i < len(self.lstms) - 1:
-                x = self.frame_dropout(x)  # per-frame dropout between LSTM layers, as the notebook
-        return self.head(self.dropout(last_state))
+    def forward(self, inputs: Mapping[str, Frames]) -> torch.Tensor:
+        x, lengths = inputs[self.stream]
+        _, pooled = self.encoder(x, lengths)
+        return self.head(self.dropout(pooled))

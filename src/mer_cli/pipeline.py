@@ -16,6 +16,7 @@ Every file in a run directory is written by a function called from here:
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import random
@@ -28,7 +29,7 @@ from typing import Any, cast
 import numpy as np
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from mer_cli import compare, data, evaluate, folds, fusion, preprocess, report, sweep, synthetic, train
 from mer_cli.artifacts import load_checkpoint, write_json, write_text
@@ -36,10 +37,12 @@ from mer_cli.errors import ConfigError, MerError
 
 log = logging.getLogger(__name__)
 
-# modality -> the stream its model reads; late fusion combines an acoustic and a visual model
-STREAM_OF_MODALITY = {"acoustic": "mfcc", "visual": "aus", "early": "early"}
-MODALITIES = (*STREAM_OF_MODALITY, "late")
-CHECKPOINT_FORMAT = 1
+# modality -> how its model's input streams are made from the data's (``modality.streams``):
+# one stream as it is, or several fused per frame; late fusion combines an acoustic and a visual model
+INPUTS = {"acoustic": "single", "visual": "single", "early": "early"}
+MODALITIES = (*INPUTS, "late")
+CHECKPOINT_FORMAT = 2  # 1: before encoders and heads were separate (read through upgrade_format_1)
+LATE_FORMAT = 1  # late.json
 PRECISION_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
@@ -77,7 +80,7 @@ def run(
     )
     if modality == "late":
         return run_late(cfg, splits, out_dir, resume, sweep_dir)
-    result = train_stream(cfg, splits, STREAM_OF_MODALITY[modality], out_dir, resume)
+    result = train_model(cfg, splits, out_dir, resume)
     return result.metrics
 
 
@@ -166,24 +169,53 @@ class StreamResult:
     predictions: dict[str, report.Predictions]  # by split
 
 
-def train_stream(
-    cfg: DictConfig, splits: data.Splits, stream: str, out_dir: Path, resume: bool = False
-) -> StreamResult:
-    """Fit preprocessing, build, train, evaluate and report one single-stream model."""
+def model_inputs(split: data.Split, modality: str, streams: list[str]) -> dict[str, list[np.ndarray]]:
+    """The input streams (name -> each clip's frames) a ``modality`` model reads from ``split``."""
+    available = split.streams
+    missing = [s for s in streams if s not in available]
+    if missing or not streams:
+        raise ConfigError(f"modality.streams={streams}: the data has the streams {', '.join(available)}")
+    kind = INPUTS[modality]
+    if kind == "single":
+        if len(streams) != 1:
+            raise ConfigError(f"modality={modality} reads one stream, not modality.streams={streams}")
+        return {streams[0]: list(available[streams[0]])}
+    # early: every stream stretched to the first one's frame count, joined per frame
+    clips = zip(*(available[s] for s in streams), strict=True)
+    return {modality: [fusion.early_fuse(*c) for c in clips]}
+
+
+def prepare(
+    splits: data.Splits, modality: str, streams: list[str], preps: dict[str, preprocess.StreamPrep]
+) -> tuple[preprocess.SequenceSet, ...]:
+    """Train, validation and test as the model reads them, through the fitted ``preps``."""
+    return tuple(
+        preprocess.apply(preps, model_inputs(s, modality, streams), s.labels, s.clip_ids)
+        for s in splits.all()
+    )
+
+
+def train_model(cfg: DictConfig, splits: data.Splits, out_dir: Path, resume: bool = False) -> StreamResult:
+    """Fit preprocessing, build, train, evaluate and report one model (every modality but late)."""
     settings = train.Settings(**cfg.trainer.loop)
     train.configure_threads(settings)
     seed_everything(cfg.seed)
-    prep = preprocess.fit(
-        splits.train, stream, percentile=cfg.preprocess.length_percentile, normalize=cfg.preprocess.normalize
-    )
-    train_set, val_set, test_set = (preprocess.apply(prep, s, stream) for s in splits.all())
-    log.info(
-        "%s: target length %d frames, %d features, normalize=%s",
-        stream,
-        prep.target.length,
-        train_set.n_features,
-        prep.scaler is not None,
-    )
+    modality, streams = cfg.modality.name, list(cfg.modality.streams)
+    preps = {
+        name: preprocess.fit(
+            frames, percentile=cfg.preprocess.length_percentile, normalize=cfg.preprocess.normalize
+        )
+        for name, frames in model_inputs(splits.train, modality, streams).items()
+    }
+    train_set, val_set, test_set = prepare(splits, modality, streams, preps)
+    for name, prep in preps.items():
+        log.info(
+            "%s: target length %d frames, %d features, normalize=%s",
+            name,
+            prep.target.length,
+            train_set.n_features[name],
+            prep.scaler is not None,
+        )
 
     model = build_model(cfg.model, train_set.n_features, splits.n_classes)
     n_params = sum(p.numel() for p in model.parameters())
@@ -194,14 +226,15 @@ def train_stream(
     dtype = train.resolve_precision(settings.precision, device)
     meta = {
         "format": CHECKPOINT_FORMAT,
-        "stream": stream,
+        "modality": modality,
+        "streams": streams,
         # every later prediction of this model (late fusion, mer-evaluate) uses the same precision
         "precision": PRECISION_NAMES[dtype],
         "eval_batch_size": settings.eval_batch_size,
         "model_config": OmegaConf.to_container(cfg.model, resolve=True),
         "n_features": train_set.n_features,
         "class_names": list(splits.class_names),
-        "prep": prep.state(),
+        "prep": {name: prep.state() for name, prep in preps.items()},
     }
     started = time.perf_counter()
     history = train.fit(
@@ -253,7 +286,9 @@ def train_stream(
     return StreamResult(metrics, predictions)
 
 
-def build_model(model_cfg: DictConfig | dict[str, Any], n_features: int, n_classes: int) -> torch.nn.Module:
+def build_model(
+    model_cfg: DictConfig | dict[str, Any], n_features: dict[str, int], n_classes: int
+) -> torch.nn.Module:
     # run-time facts (feature and class counts) come from the data, never from the config
     return instantiate(model_cfg, n_features=n_features, n_classes=n_classes, _convert_="all")
 
@@ -289,9 +324,9 @@ def run_late(
         else:
             log.info("late fusion: training the %s model", member)
             member_dir = out_dir / member
-            member_cfg = cast(DictConfig, OmegaConf.merge(cfg, {"modality": {"name": member}}))
+            member_cfg = member_config(cfg, member)
             write_text(member_dir / "config.yaml", OmegaConf.to_yaml(member_cfg, resolve=True))
-            result = train_stream(member_cfg, splits, STREAM_OF_MODALITY[member], member_dir, resume)
+            result = train_model(member_cfg, splits, member_dir, resume)
             members[member] = result.predictions
             sources[member] = member
     return fuse_and_report(
@@ -304,6 +339,14 @@ def run_late(
         data_source=splits.source,
         save_plots=cfg.save_plots,
     )
+
+
+def member_config(cfg: DictConfig, member: str) -> DictConfig:
+    """A late fusion member's config: this run's, with the single-stream modality ``member``."""
+    member_cfg = copy.deepcopy(cfg)
+    with open_dict(member_cfg):
+        member_cfg.modality = {"name": member, "streams": [member]}
+    return member_cfg
 
 
 def late_predictions(
@@ -360,9 +403,7 @@ def fuse_and_report(
         },
         **{p.split: evaluate.score(p.y_true, p.y_prob, class_names) for p in predictions},
     }
-    write_json(
-        out_dir / "late.json", {"format": CHECKPOINT_FORMAT, "acoustic_weight": weight, "members": sources}
-    )
+    write_json(out_dir / "late.json", {"format": LATE_FORMAT, "acoustic_weight": weight, "members": sources})
     report.write(out_dir, metrics, None, predictions, class_names, save_plots=save_plots)
     return metrics
 
@@ -371,8 +412,8 @@ def fuse_and_report(
 # Reloading a trained run
 
 
-def load_trained(run_dir: Path) -> tuple[torch.nn.Module, preprocess.StreamPrep, dict[str, Any]]:
-    """Rebuild the model and preprocessing of a single-stream run from its checkpoint."""
+def load_trained(run_dir: Path) -> tuple[torch.nn.Module, dict[str, preprocess.StreamPrep], dict[str, Any]]:
+    """Rebuild the model and the fitted preprocessing of a trained run from its checkpoint."""
     path = run_dir / "checkpoint.pt"
     if not path.exists():
         raise MerError(
@@ -380,11 +421,50 @@ def load_trained(run_dir: Path) -> tuple[torch.nn.Module, preprocess.StreamPrep,
             "stopped before its first epoch)"
         )
     meta = load_checkpoint(path)
+    if meta.get("format") == 1:
+        meta = upgrade_format_1(meta)
     if meta.get("format") != CHECKPOINT_FORMAT:
-        raise MerError(f"{path}: checkpoint format {meta.get('format')!r} is not supported")
+        raise MerError(
+            f"{path}: checkpoint format {meta.get('format')!r} is not supported (this mer-cli reads "
+            f"formats 1 and {CHECKPOINT_FORMAT})"
+        )
     model = build_model(meta["model_config"], meta["n_features"], len(meta["class_names"]))
     model.load_state_dict(meta["model"])
-    return model, preprocess.StreamPrep.from_state(meta["prep"]), meta
+    preps = {name: preprocess.StreamPrep.from_state(state) for name, state in meta["prep"].items()}
+    return model, preps, meta
+
+
+# format 1 (one BiLSTMClassifier per run, streams named as in the files) -> modality and streams
+_FORMAT_1_STREAMS = {"mfcc": ("acoustic", ["acoustic"]), "aus": ("visual", ["visual"])}
+
+
+def upgrade_format_1(meta: dict[str, Any]) -> dict[str, Any]:
+    """A format-1 checkpoint (before encoders and heads were separate) as format 2: the same
+    weights under the encoder's names, the same numbers out."""
+    modality, streams = _FORMAT_1_STREAMS.get(meta["stream"], ("early", ["acoustic", "visual"]))
+    name = streams[0] if modality != "early" else "early"
+    old = {k: v for k, v in meta["model_config"].items() if k != "_target_"}
+    encoder = {
+        "_target_": "mer_cli.models.BiLSTMEncoder",
+        "_partial_": True,
+        "hidden_sizes": old.pop("hidden_sizes", [512, 256]),
+        "dropout": old.get("dropout", 0.8),
+        "masking": old.pop("masking", "reverse"),
+    }
+    weights = {
+        (f"encoder.{k}" if k.startswith(("lstms.", "frame_dropout.")) else k): v
+        for k, v in meta["model"].items()
+    }
+    return {
+        **meta,
+        "format": 2,
+        "modality": modality,
+        "streams": streams,
+        "model_config": {"_target_": "mer_cli.models.Classifier", "encoder": encoder, **old},
+        "n_features": {name: meta["n_features"]},
+        "prep": {name: meta["prep"]},
+        "model": weights,
+    }
 
 
 def predict_run(
@@ -393,10 +473,9 @@ def predict_run(
     split_names: tuple[str, ...] = ("val", "test"),
     batch_size: int = 512,
 ) -> dict[str, report.Predictions]:
-    """Predictions of a trained single-stream run on ``splits`` (its own fitted preprocessing),
-    made at the precision and batch size it was evaluated with when it was trained."""
-    model, prep, meta = load_trained(run_dir)
-    stream = meta["stream"]
+    """Predictions of a trained run on ``splits`` (its own fitted preprocessing), made at the
+    precision and batch size it was evaluated with when it was trained."""
+    model, preps, meta = load_trained(run_dir)
     if tuple(meta["class_names"]) != splits.class_names:
         raise MerError(
             f"{run_dir}: trained on classes {meta['class_names']}, "
@@ -409,12 +488,15 @@ def predict_run(
     model.to(device)
     for s in split_names:
         split = getattr(splits, s)
-        seqs = preprocess.apply(prep, split, stream)
-        if seqs.n_features != meta["n_features"]:
-            raise MerError(
-                f"{run_dir}: the model reads {meta['n_features']} {stream} features per "
-                f"frame, the data has {seqs.n_features}"
-            )
+        seqs = preprocess.apply(
+            preps, model_inputs(split, meta["modality"], list(meta["streams"])), split.labels, split.clip_ids
+        )
+        for name, n in seqs.n_features.items():
+            if n != meta["n_features"][name]:
+                raise MerError(
+                    f"{run_dir}: the model reads {meta['n_features'][name]} {name} features per "
+                    f"frame, the data has {n}"
+                )
         prob = train.predict_proba(model, seqs, batch_size, device, dtype)
         out[s] = report.Predictions(s, seqs.clip_ids, seqs.y.numpy(), prob)
     return out

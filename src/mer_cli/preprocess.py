@@ -1,37 +1,21 @@
 """Fit preprocessing on train (target lengths, per-feature scaling), apply it to every split.
 
-Input: `data.Split` (variable-length clips). Output: `SequenceSet`, ready tensors: frames (N, T, F)
-zero-padded to the stream's target length, the true length of each clip, labels and clip ids.
-Nothing here ever looks at validation or test data while fitting.
+Input: per stream, each clip's frames (a model's input streams, see `pipeline.model_inputs`).
+Output: `SequenceSet`: named streams of ragged frames (every clip cut to the stream's target
+length and scaled, stored end to end, never padded), labels and clip ids. A batch is padded
+when it is gathered (`Ragged.pad`). Nothing here ever looks at validation or test data while
+fitting.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
-
-from mer_cli.data import Split
-from mer_cli.errors import ConfigError
-from mer_cli.fusion import early_fuse
-
-# A stream is one sequence per clip that a model reads: the MFCCs, the action units, or both
-# fused per frame (early fusion).
-STREAMS = ("mfcc", "aus", "early")
-
-
-def stream_frames(split: Split, stream: str) -> list[np.ndarray]:
-    """The per-clip (T, F) arrays of ``stream``."""
-    if stream == "mfcc":
-        return list(split.mfcc)
-    if stream == "aus":
-        return list(split.aus)
-    if stream == "early":
-        return [early_fuse(m, a) for m, a in zip(split.mfcc, split.aus, strict=True)]
-    raise ConfigError(f"unknown stream {stream!r}; valid: {', '.join(STREAMS)}")
 
 
 @dataclass(frozen=True)
@@ -73,20 +57,72 @@ def fit_scaler(train: Sequence[np.ndarray]) -> Scaler:
 
 
 @dataclass(frozen=True)
-class SequenceSet:
-    """One split of one stream as tensors; ``x[i, lengths[i]:]`` is zero padding."""
+class Ragged:
+    """One stream of one split: every clip's frames end to end, clip ``i`` at rows
+    ``offsets[i]:offsets[i + 1]`` of ``frames``; padded only per batch, by `pad`."""
 
-    x: torch.Tensor  # (N, T, F) float32
-    lengths: torch.Tensor  # (N,) int64, 1 <= lengths <= T
+    frames: np.ndarray  # (sum of lengths, F) float32
+    offsets: np.ndarray  # (N + 1,) int64, offsets[0] == 0
+    max_length: int  # no clip is longer: a batch is never padded beyond it
+
+    @cached_property
+    def lengths(self) -> torch.Tensor:
+        """(N,) int64: each clip's frame count."""
+        return torch.from_numpy(np.diff(self.offsets))
+
+    @property
+    def n_features(self) -> int:
+        return int(self.frames.shape[1])
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def pad(self, idx: torch.Tensor, length: int) -> torch.Tensor:
+        """Clips ``idx`` as (B, ``length``, F) float32, zero after each clip's end (``length`` at
+        least the longest clip of ``idx``)."""
+        x = torch.zeros(len(idx), length, self.n_features)
+        frames = torch.from_numpy(self.frames)
+        for row, i in enumerate(idx.tolist()):
+            start, end = int(self.offsets[i]), int(self.offsets[i + 1])
+            x[row, : end - start] = frames[start:end]
+        return x
+
+    def take(self, idx: Sequence[int]) -> Ragged:
+        """The clips ``idx``, in that order, as a new (compact) `Ragged`."""
+        parts = [self.frames[self.offsets[i] : self.offsets[i + 1]] for i in idx]
+        offsets = np.concatenate([[0], np.cumsum([len(p) for p in parts])]).astype(np.int64)
+        frames = np.concatenate(parts) if parts else self.frames[:0]
+        return Ragged(frames, offsets, self.max_length)
+
+
+@dataclass(frozen=True)
+class SequenceSet:
+    """One split as a model reads it: its named input streams, labels and clip ids."""
+
+    streams: Mapping[str, Ragged]
     y: torch.Tensor  # (N,) int64
     clip_ids: tuple[str, ...]
 
     @property
-    def n_features(self) -> int:
-        return int(self.x.shape[2])
+    def lengths(self) -> torch.Tensor:
+        """(N,) frame counts of the first stream: the one batches are bucketed and sorted by."""
+        return next(iter(self.streams.values())).lengths
+
+    @property
+    def n_features(self) -> dict[str, int]:
+        return {name: r.n_features for name, r in self.streams.items()}
 
     def __len__(self) -> int:
-        return int(self.x.shape[0])
+        return int(self.y.shape[0])
+
+    def take(self, idx: Sequence[int]) -> SequenceSet:
+        """The clips ``idx``, in that order."""
+        idx = list(idx)
+        return SequenceSet(
+            {name: r.take(idx) for name, r in self.streams.items()},
+            self.y[idx],
+            tuple(self.clip_ids[i] for i in idx),
+        )
 
 
 @dataclass(frozen=True)
@@ -96,14 +132,14 @@ class StreamPrep:
     target: TargetLength
     scaler: Scaler | None  # None: features left as they are (the notebook)
 
-    def apply(self, frames: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        x = np.zeros((len(frames), self.target.length, frames[0].shape[1]), dtype=np.float32)
-        lengths = np.empty(len(frames), dtype=np.int64)
-        for i, f in enumerate(frames):
-            n = min(f.shape[0], self.target.length)
-            x[i, :n] = self.scaler.transform(f[:n]) if self.scaler else f[:n]
-            lengths[i] = n
-        return x, lengths
+    def apply(self, frames: Sequence[np.ndarray]) -> Ragged:
+        """Every clip cut to the target length (keeping its start, as the notebook) and scaled."""
+        lengths = [min(f.shape[0], self.target.length) for f in frames]
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        out = np.empty((int(offsets[-1]), frames[0].shape[1]), dtype=np.float32)
+        for f, start, n in zip(frames, offsets, lengths, strict=False):
+            out[start : start + n] = self.scaler.transform(f[:n]) if self.scaler else f[:n]
+        return Ragged(out, offsets, self.target.length)
 
     def state(self) -> dict[str, object]:
         return {
@@ -120,21 +156,25 @@ class StreamPrep:
         return StreamPrep(TargetLength(int(state["length"])), scaler)  # type: ignore[call-overload]
 
 
-def fit(train: Split, stream: str, percentile: float, normalize: bool) -> StreamPrep:
-    """Fit target length and (if ``normalize``) the scaler of ``stream`` on the train split."""
-    frames = stream_frames(train, stream)
-    # early fusion is standardized to the acoustic target length, as in the notebook: its
-    # frames are audio frames, so the fused and the MFCC lengths coincide
-    target = fit_target_length(frames, percentile)
-    scaler = fit_scaler([target.pad_or_truncate(f)[: f.shape[0]] for f in frames]) if normalize else None
+def fit(train_frames: Sequence[np.ndarray], percentile: float, normalize: bool) -> StreamPrep:
+    """Fit target length and (if ``normalize``) the scaler of one stream on its train clips."""
+    # fitted on train only: validation and test clips never move the cut-off or the statistics
+    target = fit_target_length(train_frames, percentile)
+    scaler = (
+        fit_scaler([target.pad_or_truncate(f)[: f.shape[0]] for f in train_frames]) if normalize else None
+    )
     return StreamPrep(target, scaler)
 
 
-def apply(prep: StreamPrep, split: Split, stream: str) -> SequenceSet:
-    x, lengths = prep.apply(stream_frames(split, stream))
+def apply(
+    preps: Mapping[str, StreamPrep],
+    streams: Mapping[str, Sequence[np.ndarray]],
+    labels: np.ndarray,
+    clip_ids: tuple[str, ...],
+) -> SequenceSet:
+    """One split's input ``streams`` (name -> per-clip frames) through their fitted preps."""
     return SequenceSet(
-        x=torch.from_numpy(x),
-        lengths=torch.from_numpy(lengths),
-        y=torch.from_numpy(split.labels.copy()),
-        clip_ids=split.clip_ids,
+        streams={name: prep.apply(streams[name]) for name, prep in preps.items()},
+        y=torch.from_numpy(np.asarray(labels, dtype=np.int64).copy()),
+        clip_ids=clip_ids,
     )

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from mer_cli.artifacts import load_checkpoint, save_checkpoint
 from mer_cli.errors import ConfigError
+from mer_cli.models import Frames
 from mer_cli.preprocess import SequenceSet
 
 log = logging.getLogger(__name__)
@@ -218,19 +219,22 @@ def _fold_single_clip(batches: list[torch.Tensor]) -> list[torch.Tensor]:
 
 def gather_batch(
     data: SequenceSet, idx: torch.Tensor, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Frames cut to the batch's longest clip (rounded up to ``PAD_MULTIPLE``), lengths and
-    labels, moved to ``device``."""
-    lengths = data.lengths[idx]
-    x = data.x[idx, : min(data.x.shape[1], padded_length(int(lengths.max())))]
+) -> tuple[dict[str, Frames], torch.Tensor]:
+    """The clips ``idx`` as model inputs on ``device``: per stream, frames padded to the batch's
+    own longest clip (rounded up to ``PAD_MULTIPLE``, never beyond the stream's target length)
+    and lengths; and the labels."""
     non_blocking = device.type == "cuda"
-    if non_blocking:
-        x = x.pin_memory()
-    return (
-        x.to(device, non_blocking=non_blocking),
-        lengths.to(device, non_blocking=non_blocking),
-        data.y[idx].to(device, non_blocking=non_blocking),
-    )
+    inputs = {}
+    for name, stream in data.streams.items():
+        lengths = stream.lengths[idx]
+        x = stream.pad(idx, min(stream.max_length, padded_length(int(lengths.max()))))
+        if non_blocking:
+            x = x.pin_memory()
+        inputs[name] = (
+            x.to(device, non_blocking=non_blocking),
+            lengths.to(device, non_blocking=non_blocking),
+        )
+    return inputs, data.y[idx].to(device, non_blocking=non_blocking)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,8 +250,8 @@ def predict_proba(
     out: list[torch.Tensor] = []
     with torch.inference_mode(), autocast(device, dtype):
         for idx in batches:
-            x, lengths, _ = gather_batch(data, idx, device)
-            out.append(torch.softmax(model(x, lengths).float(), dim=1).cpu())
+            inputs, _ = gather_batch(data, idx, device)
+            out.append(torch.softmax(model(inputs).float(), dim=1).cpu())
     probs = torch.empty(len(data), out[0].shape[1])
     probs[torch.cat(batches)] = torch.cat(out)
     return probs.numpy()
@@ -297,14 +301,13 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler,
     loss_fn: nn.Module,
-    x: torch.Tensor,
-    lengths: torch.Tensor,
+    inputs: dict[str, Frames],
     y: torch.Tensor,
     dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step on one batch; returns the loss and the logits (``make bench`` times this)."""
-    with autocast(x.device, dtype):
-        logits = model(x, lengths)
+    with autocast(y.device, dtype):
+        logits = model(inputs)
         loss = loss_fn(logits.float(), y)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
@@ -390,8 +393,8 @@ def fit(
             unit="batch",
         )
         for idx in bar:
-            x, lengths, y = gather_batch(train_set, idx, device)
-            loss, logits = train_step(model, optimizer, scaler, loss_fn, x, lengths, y, dtype)
+            inputs, y = gather_batch(train_set, idx, device)
+            loss, logits = train_step(model, optimizer, scaler, loss_fn, inputs, y, dtype)
             total_loss += loss.item() * len(idx)
             y_true.append(y.cpu())
             y_prob.append(torch.softmax(logits.detach().float(), dim=1).cpu())
