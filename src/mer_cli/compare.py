@@ -395,6 +395,9 @@ def compare_pairs(models: Sequence[Model], n_classes: int, settings: Settings) -
             pairs, n_classes, "f1_macro", settings.bootstrap_samples, settings.confidence, seed=settings.seed
         )
         tests = [stats.mcnemar(pa.y_pred == pa.y_true, pb.y_pred == pb.y_true) for pa, pb in pairs]
+        # one McNemar test per matched run, never combined: runs of different seeds share their
+        # test clips, so their tests are not independent, and pooling their b/c would count each
+        # clip once per seed
         out.append(
             {
                 "a": a.label,
@@ -406,16 +409,41 @@ def compare_pairs(models: Sequence[Model], n_classes: int, settings: Settings) -
                 "bootstrap_unit": "actors" if use_groups else "clips",
                 "p_bootstrap": boot.p_value,
                 "mcnemar": [
-                    {"b": t.b, "c": t.c, "statistic": t.statistic, "p_value": t.p_value, "method": t.method}
-                    for t in tests
+                    {
+                        "run": _run_label(ra, rb),
+                        "b": t.b,
+                        "c": t.c,
+                        "statistic": t.statistic,
+                        "p_value": t.p_value,
+                        "method": t.method,
+                    }
+                    for t, (ra, rb) in zip(tests, matched, strict=True)
                 ],
+                "mcnemar_significant_runs": sum(t.p_value < settings.alpha for t in tests),
             }
         )
     adjusted = stats.holm([p["p_bootstrap"] for p in out])
+    # the smallest p the bootstrap can return, and after Holm's factor (the number of pairs)
+    floor = stats.p_floor(settings.bootstrap_samples)
+    holm_floor = min(1.0, len(out) * floor)
     for p, adj in zip(out, adjusted, strict=True):
         p["p_holm"] = adj
         p["significant"] = adj < settings.alpha
+        p["p_bootstrap_floor"] = floor
+        p["p_holm_floor"] = holm_floor
+        p["p_holm_at_floor"] = adj <= holm_floor * (1 + 1e-9)
     return out
+
+
+def _run_label(ra: Run, rb: Run) -> str:
+    """Which matched run a McNemar test is on: "seed0", "fold2", "seed0-fold2" (A/B when they differ)."""
+
+    def one(r: Run) -> str:
+        parts = [f"{name}{v}" for name, v in (("seed", r.seed), ("fold", r.fold)) if v is not None]
+        return "-".join(parts) or "run"
+
+    a, b = one(ra), one(rb)
+    return a if a == b else f"{a}/{b}"
 
 
 def _match_by_clips(runs_a: Sequence[Run], runs_b: Sequence[Run]) -> list[tuple[Run, Run]]:
@@ -440,8 +468,27 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None or not math.isfinite(x) else f"{100 * x:.1f} %"
 
 
-def _p(p: float) -> str:
-    return f"{p:.3f}" if p >= 0.001 else "< 0.001"
+def _p_is(p: float, floor: float | None = None) -> str:
+    """ "p = 0.034", "p < 0.001", or "p ≤ 0.012" at the bootstrap's resolution floor."""
+    text = stats.format_p(p, floor)
+    return f"p {text}" if text[0] in "<≤" else f"p = {text}"
+
+
+def _unreachable_alpha(result: dict[str, Any]) -> str:
+    """A warning when B is too small for any pair to reach α after Holm's adjustment, else ""."""
+    pairs, alpha = result["pairwise"], result["settings"]["alpha"]
+    if not pairs or pairs[0]["p_holm_floor"] < alpha:
+        return ""
+    # m * 2 / (B + 1) < alpha  <=>  B > 2 m / alpha - 1
+    needed = math.floor(2 * len(pairs) / alpha - 1) + 1
+    return (
+        f" With {result['settings']['bootstrap_samples']} bootstrap samples and {len(pairs)} pair(s) "
+        f"no pair can be significant at α = {alpha}: use compare.bootstrap_samples ≥ {needed}."
+    )
+
+
+def _holm_p(p: dict[str, Any]) -> str:
+    return _p_is(p["p_holm"], p["p_holm_floor"])
 
 
 def summary_sentences(result: dict[str, Any]) -> list[str]:
@@ -519,7 +566,7 @@ def summary_sentences(result: dict[str, Any]) -> list[str]:
 
     def pair(p: dict[str, Any]) -> str:
         better, worse = (p["a"], p["b"]) if p["f1_macro_diff"] >= 0 else (p["b"], p["a"])
-        return f"{better} > {worse} (Δ {100 * abs(p['f1_macro_diff']):.1f} points, p = {_p(p['p_holm'])})"
+        return f"{better} > {worse} (Δ {100 * abs(p['f1_macro_diff']):.1f} points, {_holm_p(p)})"
 
     if result["pairwise"]:
         head = f"Paired bootstrap on macro F1, Holm-adjusted, α = {alpha}: "
@@ -528,10 +575,15 @@ def summary_sentences(result: dict[str, Any]) -> list[str]:
             parts.append("significant: " + "; ".join(pair(p) for p in sig))
         if not_sig:
             parts.append(
-                "not significant: "
-                + "; ".join(f"{p['a']} vs {p['b']} (p = {_p(p['p_holm'])})" for p in not_sig)
+                "not significant: " + "; ".join(f"{p['a']} vs {p['b']} ({_holm_p(p)})" for p in not_sig)
             )
-        out.append(head + ". ".join(parts) + ".")
+        floored = any(p["p_holm_at_floor"] for p in result["pairwise"])
+        note = (
+            " ≤ marks a p at the smallest value the bootstrap can show (see Pairwise tests)."
+            if floored
+            else ""
+        )
+        out.append(head + ". ".join(parts) + "." + note + _unreachable_alpha(result))
     elif len(models) > 1:
         out.append("No two models were evaluated on the same test clips, so no paired test was run.")
 
@@ -694,27 +746,65 @@ def document(result: dict[str, Any], runs: Sequence[Run], figures: dict[str, str
         blocks.append(Block("img", text=f"test/{key}", path=figures[key]))
     if result["pairwise"]:
         blocks.append(Block("h2", "Pairwise tests"))
+        pairs = result["pairwise"]
+        n_boot = result["settings"]["bootstrap_samples"]
+        alpha = result["settings"]["alpha"]
         blocks.append(
             Block(
                 "p",
                 "Δ = macro F1 of A minus B (mean over matched runs) with its paired-bootstrap "
-                f"{conf} % interval; p: paired bootstrap, Holm-adjusted over all pairs; McNemar on "
-                "per-clip correctness (b: only A right, c: only B right), one per matched run.",
+                f"{conf} % interval; p: paired bootstrap, Holm-adjusted over all {len(pairs)} pair(s); "
+                f"significant: Holm-adjusted p < α = {alpha}.",
             )
         )
-        header = ("A", "B", "Δ macro F1", "p (bootstrap)", "p (Holm)", "significant", "McNemar b/c, p")
+        blocks.append(
+            Block(
+                "p",
+                f"With B = {n_boot} bootstrap samples the smallest p the paired bootstrap can show is "
+                f"2/(B+1) ≈ {stats.round_up(pairs[0]['p_bootstrap_floor'])}, and after Holm's "
+                f"adjustment over {len(pairs)} pair(s) {len(pairs)} × 2/(B+1) ≈ "
+                f"{stats.round_up(pairs[0]['p_holm_floor'])}. A p at that floor is written as a bound, "
+                '"≤": no resample reversed the difference, and the true p may be smaller; '
+                "compare.bootstrap_samples (mer-compare --bootstrap-samples) lowers the floor."
+                + _unreachable_alpha(result),
+            )
+        )
+        blocks.append(
+            Block(
+                "p",
+                "McNemar's test on per-clip correctness (b: clips only A gets right, c: only B) is "
+                "shown for each matched run (seed, fold) separately, not combined: runs of different "
+                "seeds are tested on the same clips, so their tests are not independent and pooling "
+                "their counts would count every clip once per seed. The last column counts the runs "
+                f"with McNemar p < α = {alpha} (not adjusted for the number of pairs).",
+            )
+        )
+        header = (
+            "A",
+            "B",
+            "Δ macro F1",
+            "p (bootstrap)",
+            "p (Holm)",
+            "significant",
+            "McNemar per run: b/c, p",
+            "McNemar p < α",
+        )
         rows = [
             (
                 p["a"],
                 p["b"],
                 f"{100 * p['f1_macro_diff']:+.1f} [{100 * p['f1_macro_diff_ci'][0]:+.1f}, "
                 f"{100 * p['f1_macro_diff_ci'][1]:+.1f}]",
-                _p(p["p_bootstrap"]),
-                _p(p["p_holm"]),
+                stats.format_p(p["p_bootstrap"], p["p_bootstrap_floor"]),
+                stats.format_p(p["p_holm"], p["p_holm_floor"]),
                 "yes" if p["significant"] else "no",
-                "; ".join(f"{t['b']}/{t['c']}, {_p(t['p_value'])} ({t['method']})" for t in p["mcnemar"]),
+                "; ".join(
+                    f"{t['run']}: {t['b']}/{t['c']}, {stats.format_p(t['p_value'])} ({t['method']})"
+                    for t in p["mcnemar"]
+                ),
+                f"{p['mcnemar_significant_runs']} of {len(p['mcnemar'])}",
             )
-            for p in result["pairwise"]
+            for p in pairs
         ]
         blocks.append(Block("table", rows=(header, *rows)))
     blocks.append(Block("h2", "Per class (mean over runs)"))
@@ -925,15 +1015,20 @@ def _pairwise_csv(result: dict[str, Any]) -> str:
             "ci_low",
             "ci_high",
             "p_bootstrap",
+            "p_bootstrap_floor",
             "p_holm",
+            "p_holm_floor",
+            "p_holm_at_floor",
             "significant",
+            "mcnemar_runs",
             "mcnemar_b",
             "mcnemar_c",
             "mcnemar_p",
+            "mcnemar_significant_runs",
         ]
     ]
     for p in result["pairwise"]:
-        first = p["mcnemar"][0]
+        tests = p["mcnemar"]  # one per matched run, in the order of mcnemar_runs, ";"-separated
         rows.append(
             [
                 p["a"],
@@ -943,11 +1038,16 @@ def _pairwise_csv(result: dict[str, Any]) -> str:
                 _num(p["f1_macro_diff_ci"][0]),
                 _num(p["f1_macro_diff_ci"][1]),
                 _num(p["p_bootstrap"]),
+                _num(p["p_bootstrap_floor"]),
                 _num(p["p_holm"]),
+                _num(p["p_holm_floor"]),
+                p["p_holm_at_floor"],
                 p["significant"],
-                first["b"],
-                first["c"],
-                _num(first["p_value"]),
+                ";".join(t["run"] for t in tests),
+                ";".join(str(t["b"]) for t in tests),
+                ";".join(str(t["c"]) for t in tests),
+                ";".join(_num(t["p_value"]) for t in tests),
+                p["mcnemar_significant_runs"],
             ]
         )
     return _csv(rows)

@@ -243,11 +243,11 @@ def format_p(p: float, floor: float | None = None) -> str:
     written as a bound (rounded up to two significant digits, which keeps the bound true).
     """
     if floor is not None and p <= floor * (1 + 1e-9):
-        return f"≤ {_round_up(min(1.0, floor))}"
+        return f"≤ {round_up(min(1.0, floor))}"
     return f"{p:.3f}" if p >= 0.001 else "< 0.001"
 
 
-def _round_up(x: float, digits: int = 2) -> str:
+def round_up(x: float, digits: int = 2) -> str:
     """``x`` rounded up to ``digits`` significant digits: 0.011988 -> "0.012", 0.001998 -> "0.002"."""
     decimals = digits - 1 - math.floor(math.log10(x))
     up = math.ceil(x * 10.0**decimals - 1e-9) / 10.0**decimals
