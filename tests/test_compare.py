@@ -128,13 +128,20 @@ def test_sweep_ends_with_a_report_whose_numbers_are_the_runs_own(sweep_a):
         assert p["p_holm_floor"] == pytest.approx(6 * 2 / 201)
         assert p["p_holm"] >= max(p["p_bootstrap"], p["p_holm_floor"] * (1 - 1e-9))
         assert p["significant"] == (p["p_holm"] < 0.05)
-    # ranking: the models by their runs' mean macro F1
-    assert result["ranking"] == sorted(mean_f1, key=lambda k: -mean_f1[k])
+    # ranking: the models by their runs' mean macro F1, ties (equal as printed) grouped
+    tiers: list[list[str]] = []
+    for label in sorted(mean_f1, key=lambda k: -mean_f1[k]):
+        if tiers and f"{100 * mean_f1[label]:.1f}" == f"{100 * mean_f1[tiers[-1][0]]:.1f}":
+            tiers[-1].append(label)
+        else:
+            tiers.append([label])
+    assert result["ranking"] == tiers
     assert result["chance"]["accuracy"] == pytest.approx(1 / 6)  # the smoke test split is balanced
     assert result["human_rates"] is None  # embedded data is not CREMA-D
 
     md = (sweep_a / "report.md").read_text()
-    assert "By macro F1 the ranking is " + " > ".join(result["ranking"]) in md
+    head = "By macro F1 the ranking is " if len(tiers) > 1 else "By macro F1 the models tie: "
+    assert head + compare.order_text(tiers) in md
     assert "Paired bootstrap on macro F1, Holm-adjusted" in md
     assert "resample actors" in md
     # self-contained HTML: every figure embedded as a PNG, nothing fetched from elsewhere
@@ -332,6 +339,45 @@ def fake_run(root: Path, modality: str, seed: int, y_true: np.ndarray, y_pred: n
     report.write(run, metrics, None, [test], CLASSES, save_plots=False)
     (run / "config.yaml").write_text(f"seed: {seed}\nmodality:\n  name: {modality}\n")
     return run
+
+
+def markdown(result: dict, runs: list[compare.Run]) -> str:
+    figures = {k: "x.png" for k in (*compare.BAR_METRICS, *compare.GRIDS)}
+    return compare.to_markdown("t", compare.document(result, runs, figures, Path("/")))
+
+
+def test_models_tied_at_the_precision_shown_are_ranked_as_ties(tmp_path):
+    y = np.arange(48) % 4
+    worse = np.where(np.arange(48) % 3 == 0, (y + 1) % 4, y)
+    for modality, pred in (("acoustic", y), ("visual", y), ("early", worse)):
+        fake_run(tmp_path, modality, 0, y, pred)
+    runs, _ = compare.collect([tmp_path])
+    result = compare.build(runs, [], compare.Settings(bootstrap_samples=100))
+    assert result["ranking"] == [["acoustic", "visual"], ["early"]]
+    assert result["ranking_by_metric"]["accuracy"] == [["acoustic", "visual"], ["early"]]
+    text = markdown(result, runs)
+    assert "- by macro F1: acoustic = visual > early" in text
+    assert "By macro F1 the ranking is acoustic = visual > early; best: acoustic (100.0 %" in text
+    assert ") and visual (100.0 %, 95 % CI 100.0 % to 100.0 %), tied; last: early (" in text
+
+    # every model at 100 %: no order at all
+    shutil.rmtree(tmp_path / "early_seed0")
+    runs, _ = compare.collect([tmp_path])
+    result = compare.build(runs, [], compare.Settings(bootstrap_samples=100))
+    assert result["ranking"] == [["acoustic", "visual"]]
+    assert "By macro F1 the models tie: acoustic = visual, each 100.0 %." in result["summary"]
+
+
+def test_a_tie_is_equality_as_printed_not_closeness():
+    def model(label: str, f1: float) -> compare.Model:
+        return compare.Model(label, "acoustic", [], summary={"f1_macro": {"mean": f1}})
+
+    # 80.04 % and 79.96 % both print as 80.0 %; 80.06 % and 79.94 % print as 80.1 % and 79.9 %
+    tied = [model("x", 0.7996), model("y", 0.8004), model("z", float("nan"))]
+    assert compare.ranking_tiers(tied, "f1_macro") == [["y", "x"], ["z"]]
+    apart = [model("x", 0.7994), model("y", 0.8006)]
+    assert compare.ranking_tiers(apart, "f1_macro") == [["y"], ["x"]]
+    assert compare.order_text([["y", "x"], ["z"]]) == "y = x > z"
 
 
 def test_pairwise_report_shows_the_p_floor_as_a_bound_and_mcnemar_for_each_seed(tmp_path):

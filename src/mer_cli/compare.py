@@ -264,7 +264,6 @@ def build(runs: Sequence[Run], failures: Sequence[Failure], settings: Settings) 
     for m in models:
         summarize(m, n_classes, settings)
     pairwise = compare_pairs(models, n_classes, settings)
-    ranking = _ranked(models, "f1_macro")
     test_sets = {r.test_key: r.test.y_true for r in runs}
     majority = [stats.majority_scores(y, n_classes) for y in test_sets.values()]
     chance = {k: float(np.mean([m[k] for m in majority])) for k in stats.BOOTSTRAP_METRICS}
@@ -292,8 +291,9 @@ def build(runs: Sequence[Run], failures: Sequence[Failure], settings: Settings) 
             }
             for m in models
         ],
-        "ranking": [m.label for m in ranking],
-        "ranking_by_metric": {k: [m.label for m in _ranked(models, k)] for k in BAR_METRICS},
+        # best first; models tied at the precision the report shows share one inner list
+        "ranking": ranking_tiers(models, "f1_macro"),
+        "ranking_by_metric": {k: ranking_tiers(models, k) for k in BAR_METRICS},
         "pairwise": pairwise,
         "failures": [_failure_dict(f) for f in failures],
     }
@@ -362,8 +362,28 @@ def summarize(model: Model, n_classes: int, settings: Settings) -> None:
     }
 
 
-def _ranked(models: Sequence[Model], metric: str) -> list[Model]:
-    return sorted(models, key=lambda m: -_mean(m, metric))
+def ranking_tiers(models: Sequence[Model], metric: str) -> list[list[str]]:
+    """Model labels best first, grouped into ties: [["late", "early"], ["visual"], ...].
+
+    Two models tie when their mean ``metric`` is the same at the precision the report shows (one
+    decimal of a percentage, `_pct`): a strict order between numbers printed equal would claim a
+    difference the report does not show. Within a tie, models keep the report's model order.
+    """
+    tiers: list[list[str]] = []
+    shown = None
+    for m in sorted(models, key=lambda m: -_mean(m, metric)):
+        text = _pct(m.summary[metric]["mean"])
+        if tiers and text == shown:
+            tiers[-1].append(m.label)
+        else:
+            tiers.append([m.label])
+            shown = text
+    return tiers
+
+
+def order_text(tiers: Sequence[Sequence[str]]) -> str:
+    """``[["late", "early"], ["visual"]]`` -> "late = early > visual"."""
+    return " > ".join(" = ".join(t) for t in tiers)
 
 
 def _mean(m: Model, metric: str) -> float:
@@ -491,6 +511,10 @@ def _holm_p(p: dict[str, Any]) -> str:
     return _p_is(p["p_holm"], p["p_holm_floor"])
 
 
+def _f1(models: dict[str, dict[str, Any]], label: str) -> float:
+    return float(models[label]["test"]["f1_macro"]["mean"])
+
+
 def summary_sentences(result: dict[str, Any]) -> list[str]:
     """The plain-language summary, generated from the numbers."""
     models = {m["label"]: m for m in result["models"]}
@@ -513,14 +537,24 @@ def summary_sentences(result: dict[str, Any]) -> list[str]:
         ci_txt = f", {conf} % CI {_pct(ci[0])} to {_pct(ci[1])}" if ci else ""
         return f"{label} ({_pct(t['mean'])}{spread}{ci_txt})"
 
+    def describe_tier(tier: Sequence[str]) -> str:
+        return " and ".join(map(describe, tier)) + (", tied" if len(tier) > 1 else "")
+
     ranking = result["ranking"]
-    if len(ranking) > 1:
+    if len(models) == 1:
+        out.append(f"One model: {describe(ranking[0][0])}.")
+    elif len(ranking) == 1:
         out.append(
-            f"By macro F1 the ranking is {' > '.join(ranking)}; best: {describe(ranking[0])}, "
-            f"last: {describe(ranking[-1])}."
+            f"By macro F1 the models tie: {order_text(ranking)}, each {_pct(_f1(models, ranking[0][0]))}."
         )
+    else:
+        out.append(
+            f"By macro F1 the ranking is {order_text(ranking)}; best: {describe_tier(ranking[0])}; "
+            f"last: {describe_tier(ranking[-1])}."
+        )
+    if len(models) > 1:
         others = [
-            f"{METRIC_TITLES[k]} ({' > '.join(order)})"
+            f"{METRIC_TITLES[k]} ({order_text(order)})"
             for k, order in result["ranking_by_metric"].items()
             if k != "f1_macro" and order != ranking
         ]
@@ -529,8 +563,6 @@ def summary_sentences(result: dict[str, Any]) -> list[str]:
             if not others
             else f"Other metrics order them differently: {'; '.join(others)}."
         )
-    else:
-        out.append(f"One model: {describe(ranking[0])}.")
 
     units = {m["ci_unit"] for m in models.values()}
     out.append(
@@ -735,9 +767,16 @@ def document(result: dict[str, Any], runs: Sequence[Run], figures: dict[str, str
     blocks.append(Block("h2", "Ranking"))
     blocks.append(
         Block(
+            "p",
+            "By the mean over runs, best first; models whose means are equal as the table shows "
+            "them (to 0.1 percentage point) are tied, written with =.",
+        )
+    )
+    blocks.append(
+        Block(
             "ul",
             items=tuple(
-                f"by {METRIC_TITLES[k]}: {' > '.join(order)}"
+                f"by {METRIC_TITLES[k]}: {order_text(order)}"
                 for k, order in result["ranking_by_metric"].items()
             ),
         )
