@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import importlib
 import json
 import pickle
@@ -33,6 +34,20 @@ RUN_FILES = [
 HEADLINE = ["f1_macro", "accuracy", "balanced_accuracy", "roc_auc_micro", "confusion_matrix"]
 
 
+def scores_from_predictions(path: Path, split: str) -> tuple[float, float]:
+    """Accuracy and macro F1 (over every class column) counted from predictions.csv's labels."""
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    n_classes = sum(k.startswith("prob_") for k in rows[0])
+    y = np.array([[int(r["y_true"]), int(r["y_pred"])] for r in rows if r["split"] == split])
+    f1 = []
+    for c in range(n_classes):
+        tp = np.sum((y[:, 0] == c) & (y[:, 1] == c))
+        denom = np.sum(y[:, 0] == c) + np.sum(y[:, 1] == c)  # 2 tp + fp + fn
+        f1.append(2 * tp / denom if denom else 0.0)
+    return float(np.mean(y[:, 0] == y[:, 1])), float(np.mean(f1))
+
+
 def _train(run_dir: Path, *overrides: str, cwd: Path | None = None):
     return run_cli("train", "experiment=smoke", f"hydra.run.dir={run_dir}", *overrides, cwd=cwd)
 
@@ -48,7 +63,9 @@ def test_smoke_run_writes_a_complete_run_directory(tmp_path, modality):
     for split in ("val", "test"):
         for key in HEADLINE:
             assert key in metrics[split]
-        assert 0.0 <= metrics[split]["f1_macro"] <= 1.0
+        accuracy, f1_macro = scores_from_predictions(run / "predictions.csv", split)
+        assert metrics[split]["accuracy"] == pytest.approx(accuracy)
+        assert metrics[split]["f1_macro"] == pytest.approx(f1_macro)
         assert np.array(metrics[split]["confusion_matrix"]).sum() == metrics[split]["n_clips"]
     assert metrics["run"]["modality"] == modality
     preds = (run / "predictions.csv").read_text().splitlines()
