@@ -489,7 +489,7 @@ def _pct(x: float | None) -> str:
 
 
 def _p_is(p: float, floor: float | None = None) -> str:
-    """ "p = 0.034", "p < 0.001", or "p ≤ 0.012" at the bootstrap's resolution floor."""
+    """The p-value in a sentence: "p = 0.034", "p < 0.001", or "p ≤ 0.012" at the ``floor``."""
     text = stats.format_p(p, floor)
     return f"p {text}" if text[0] in "<≤" else f"p = {text}"
 
