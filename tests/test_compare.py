@@ -15,8 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy import stats as sps
 
-from mer_cli import compare, folds, report, sweep
+from mer_cli import compare, evaluate, folds, report, sweep
 from mer_cli.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,6 +82,8 @@ def test_sweep_ends_with_a_report_whose_numbers_are_the_runs_own(sweep_a):
     result = json.loads((sweep_a / "comparison.json").read_text())
     assert [m["label"] for m in result["models"]] == ["acoustic", "visual", "late", "early"]
     assert result["settings"]["bootstrap_samples"] == 200  # compare.* from the sweep's command line
+    mean_f1 = {}
+    t_975 = sps.t.ppf(0.975, df=1)  # two runs: the t-interval across seeds has 1 degree of freedom
     for model in result["models"]:
         runs = job_dirs(sweep_a, model["modality"])
         assert (model["n_runs"], model["seeds"], model["ci_unit"]) == (2, [0, 1], "actors")
@@ -89,7 +92,14 @@ def test_sweep_ends_with_a_report_whose_numbers_are_the_runs_own(sweep_a):
             entry = model["test"][key]
             assert entry["mean"] == pytest.approx(np.mean(values))
             assert entry["std"] == pytest.approx(np.std(values, ddof=1))
-            assert entry["ci"][0] <= entry["ci"][1]
+            half = t_975 * np.std(values, ddof=1) / np.sqrt(2)
+            seed_ci = [max(0.0, np.mean(values) - half), min(1.0, np.mean(values) + half)]
+            if key == "roc_auc_micro":  # no bootstrap for a probability-based metric: the t-interval
+                assert (entry["ci"], entry["ci_method"]) == (pytest.approx(seed_ci), "t across runs")
+            else:
+                assert entry["ci_method"] == "bootstrap over actors and runs"
+                assert entry["seed_ci"] == pytest.approx(seed_ci)
+        mean_f1[model["label"]] = np.mean([metrics(r)["test"]["f1_macro"] for r in runs])
     with (sweep_a / "runs.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 8
@@ -97,15 +107,41 @@ def test_sweep_ends_with_a_report_whose_numbers_are_the_runs_own(sweep_a):
         assert float(row["test/f1_macro"]) == pytest.approx(
             metrics(sweep_a / row["path"])["test"]["f1_macro"], abs=1e-6
         )
-    # six pairs, each tested on both seeds' matched runs
+    # six pairs, each with one McNemar per seed on that seed's clips (counted here from predictions)
     assert len(result["pairwise"]) == 6
-    assert all(len(p["mcnemar"]) == 2 and 0 < p["p_holm"] <= 1 for p in result["pairwise"])
-    assert set(result["ranking"]) == {"acoustic", "visual", "late", "early"}
+    right = {}  # (model, seed) -> per-clip correctness
+    for m in mean_f1:
+        for s, run in enumerate(job_dirs(sweep_a, m)):
+            pred = report.read_predictions(run / "predictions.csv", "test")
+            order = np.argsort(pred.clip_ids)  # line the two models' clips up
+            right[m, s] = (pred.y_prob.argmax(1) == pred.y_true)[order]
+    for p in result["pairwise"]:
+        assert [(t["run"], t["b"], t["c"]) for t in p["mcnemar"]] == [
+            (
+                f"seed{s}",
+                int(np.sum(right[p["a"], s] & ~right[p["b"], s])),
+                int(np.sum(~right[p["a"], s] & right[p["b"], s])),
+            )
+            for s in (0, 1)
+        ]
+        # Holm never lowers a p, never goes below 6 x 2/(B+1), and decides significance
+        assert p["p_holm_floor"] == pytest.approx(6 * 2 / 201)
+        assert p["p_holm"] >= max(p["p_bootstrap"], p["p_holm_floor"] * (1 - 1e-9))
+        assert p["significant"] == (p["p_holm"] < 0.05)
+    # ranking: the models by their runs' mean macro F1, ties (equal as printed) grouped
+    tiers: list[list[str]] = []
+    for label in sorted(mean_f1, key=lambda k: -mean_f1[k]):
+        if tiers and f"{100 * mean_f1[label]:.1f}" == f"{100 * mean_f1[tiers[-1][0]]:.1f}":
+            tiers[-1].append(label)
+        else:
+            tiers.append([label])
+    assert result["ranking"] == tiers
     assert result["chance"]["accuracy"] == pytest.approx(1 / 6)  # the smoke test split is balanced
     assert result["human_rates"] is None  # embedded data is not CREMA-D
 
     md = (sweep_a / "report.md").read_text()
-    assert "By macro F1 the ranking is " + " > ".join(result["ranking"]) in md
+    head = "By macro F1 the ranking is " if len(tiers) > 1 else "By macro F1 the models tie: "
+    assert head + compare.order_text(tiers) in md
     assert "Paired bootstrap on macro F1, Holm-adjusted" in md
     assert "resample actors" in md
     # self-contained HTML: every figure embedded as a PNG, nothing fetched from elsewhere
@@ -283,3 +319,117 @@ def test_compare_enabled_false_writes_no_report_and_a_failing_sweep_still_exits_
     error = json.loads((job / "failed.json").read_text())["error"]
     assert error.startswith(f"{tmp_path / 'nowhere'}: no checkpoint.pt")
     assert not (root / "report.md").exists() and not (root / "comparison.json").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Reports of hand-made runs (no training): known answers for ties, p-value floors and McNemar
+
+CLASSES = ("a", "b", "c", "d")
+
+
+def fake_run(root: Path, modality: str, seed: int, y_true: np.ndarray, y_pred: np.ndarray) -> Path:
+    """A run directory as mer-train leaves it, predicting ``y_pred`` with confidence 0.7."""
+    run = root / f"{modality}_seed{seed}"
+    run.mkdir(parents=True)
+    prob = np.full((len(y_true), len(CLASSES)), 0.1)
+    prob[np.arange(len(y_true)), y_pred] = 0.7
+    clip_ids = tuple(f"{actor:04d}_clip{i}" for i, actor in enumerate(1001 + np.arange(len(y_true)) // 4))
+    test = report.Predictions("test", clip_ids, y_true, prob)
+    metrics = {"run": {"seed": seed, "modality": modality}, "test": evaluate.score(y_true, prob, CLASSES)}
+    report.write(run, metrics, None, [test], CLASSES, save_plots=False)
+    (run / "config.yaml").write_text(f"seed: {seed}\nmodality:\n  name: {modality}\n")
+    return run
+
+
+def markdown(result: dict, runs: list[compare.Run]) -> str:
+    figures = {k: "x.png" for k in (*compare.BAR_METRICS, *compare.GRIDS)}
+    return compare.to_markdown("t", compare.document(result, runs, figures, Path("/")))
+
+
+def test_models_tied_at_the_precision_shown_are_ranked_as_ties(tmp_path):
+    y = np.arange(48) % 4
+    worse = np.where(np.arange(48) % 3 == 0, (y + 1) % 4, y)
+    for modality, pred in (("acoustic", y), ("visual", y), ("early", worse)):
+        fake_run(tmp_path, modality, 0, y, pred)
+    runs, _ = compare.collect([tmp_path])
+    result = compare.build(runs, [], compare.Settings(bootstrap_samples=100))
+    assert result["ranking"] == [["acoustic", "visual"], ["early"]]
+    assert result["ranking_by_metric"]["accuracy"] == [["acoustic", "visual"], ["early"]]
+    text = markdown(result, runs)
+    assert "- by macro F1: acoustic = visual > early" in text
+    assert "By macro F1 the ranking is acoustic = visual > early; best: acoustic (100.0 %" in text
+    assert ") and visual (100.0 %, 95 % CI 100.0 % to 100.0 %), tied; last: early (" in text
+
+    # every model at 100 %: no order at all
+    shutil.rmtree(tmp_path / "early_seed0")
+    runs, _ = compare.collect([tmp_path])
+    result = compare.build(runs, [], compare.Settings(bootstrap_samples=100))
+    assert result["ranking"] == [["acoustic", "visual"]]
+    assert "By macro F1 the models tie: acoustic = visual, each 100.0 %." in result["summary"]
+
+
+def test_a_tie_is_equality_as_printed_not_closeness():
+    def model(label: str, f1: float) -> compare.Model:
+        return compare.Model(label, "acoustic", [], summary={"f1_macro": {"mean": f1}})
+
+    # 80.04 % and 79.96 % both print as 80.0 %; 80.06 % and 79.94 % print as 80.1 % and 79.9 %
+    tied = [model("x", 0.7996), model("y", 0.8004), model("z", float("nan"))]
+    assert compare.ranking_tiers(tied, "f1_macro") == [["y", "x"], ["z"]]
+    apart = [model("x", 0.7994), model("y", 0.8006)]
+    assert compare.ranking_tiers(apart, "f1_macro") == [["y"], ["x"]]
+    assert compare.order_text([["y", "x"], ["z"]]) == "y = x > z"
+
+
+def test_pairwise_report_shows_the_p_floor_as_a_bound_and_mcnemar_for_each_seed(tmp_path):
+    rng = np.random.default_rng(0)
+    y = np.arange(80) % 4
+    flips = {}
+    for seed in (0, 1):
+        fake_run(tmp_path, "acoustic", seed, y, y)  # always right
+        for modality in ("visual", "early"):  # wrong on about half the clips, differently per seed
+            flips[modality, seed] = rng.random(80) < 0.5
+            fake_run(tmp_path, modality, seed, y, np.where(flips[modality, seed], (y + 1) % 4, y))
+    out = tmp_path / "report"
+    runs, _ = compare.collect([tmp_path])
+    result = compare.write(out, runs, [], compare.Settings(bootstrap_samples=100))
+    floor = 2 / 101
+    by_pair = {(p["a"], p["b"]): p for p in result["pairwise"]}
+    for other in ("visual", "early"):
+        p = by_pair["acoustic", other]
+        # acoustic is right everywhere: no resample reverses the difference, p sits at the floor
+        assert p["p_bootstrap"] == pytest.approx(floor)
+        assert p["p_holm"] == pytest.approx(3 * floor)  # Holm's factor: three pairs
+        # 3 x 2/101 = 0.059 > alpha: with B = 100 no pair of three can be significant
+        assert p["p_holm_at_floor"] and not p["significant"]
+        # one McNemar per seed, on that seed's clips: b = only acoustic right, c = only other right
+        assert [(t["run"], t["b"], t["c"]) for t in p["mcnemar"]] == [
+            (f"seed{s}", int(flips[other, s].sum()), 0) for s in (0, 1)
+        ]
+        assert p["mcnemar_significant_runs"] == 2
+    assert not by_pair["visual", "early"]["p_holm_at_floor"]
+
+    with (out / "pairwise.csv").open() as f:
+        rows = {(r["a"], r["b"]): r for r in csv.DictReader(f)}
+    row = rows["acoustic", "visual"]
+    assert float(row["p_holm"]) == pytest.approx(3 * floor, rel=1e-5)
+    assert float(row["p_holm_floor"]) == pytest.approx(3 * floor, rel=1e-5)
+    assert row["p_holm_at_floor"] == "True"
+    assert row["mcnemar_runs"] == "seed0;seed1"
+    assert row["mcnemar_b"] == ";".join(str(int(flips["visual", s].sum())) for s in (0, 1))
+    assert row["mcnemar_c"] == "0;0"
+    assert rows["visual", "early"]["p_holm_at_floor"] == "False"
+
+    md = (out / "report.md").read_text()
+    # 3 x 2/101 = 0.0594: shown as a bound, rounded up; explained once
+    assert md.count("2/(B+1)") == 2
+    assert "smallest p the paired bootstrap can show is 2/(B+1) ≈ 0.02, " in md
+    assert "over 3 pair(s) 3 × 2/(B+1) ≈ 0.06." in md
+    assert "| acoustic | visual | +" in md and "| ≤ 0.02 | ≤ 0.06 | no | seed0: " in md
+    assert "acoustic vs visual (p ≤ 0.06); acoustic vs early (p ≤ 0.06); visual vs early (p = 0." in md
+    assert "≤ marks a p at the smallest value the bootstrap can show (see Pairwise tests)." in md
+    assert f"seed1: {int(flips['visual', 1].sum())}/0, < 0.001 (chi2) | 2 of 2 |" in md
+    assert "shown for each matched run (seed, fold) separately, not combined" in md
+    warning = "With 100 bootstrap samples and 3 pair(s) no pair can be significant at α = 0.05: "
+    assert warning + "use compare.bootstrap_samples ≥ 120." in md  # 3 x 2/121 = 0.0496 < 0.05
+    assert any(warning in line for line in result["summary"])
+    assert "≤ 0.06" in (out / "report.html").read_text()

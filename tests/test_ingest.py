@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -200,7 +201,10 @@ def test_mer_ingest_then_mer_train_runs_end_to_end(tmp_path):
     assert trained.returncode == 0, trained.stderr
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["run"]["data"] == str(out)
-    assert 0.0 <= metrics["test"]["accuracy"] <= 1.0
+    with (run_dir / "predictions.csv").open(newline="") as f:
+        test = [(r["y_true"], r["y_pred"]) for r in csv.DictReader(f) if r["split"] == "test"]
+    assert len(test) == metrics["test"]["n_clips"] > 0
+    assert metrics["test"]["accuracy"] == pytest.approx(np.mean([t == p for t, p in test]))
 
 
 @pytest.mark.slow

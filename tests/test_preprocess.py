@@ -73,12 +73,25 @@ def test_stretch_frames_matches_hand_computed_values():
     np.testing.assert_allclose(stretch_frames(aus, 5), expected)
 
 
-@pytest.mark.parametrize(("t_in", "t_out"), [(31, 100), (105, 356), (7, 7), (10, 4)])
-def test_stretch_frames_matches_the_notebooks_scipy_zoom(t_in, t_out):
-    x = np.random.default_rng(t_in).random((t_in, 17)).astype(np.float64)
-    ref = ndimage.zoom(x, (t_out / t_in, 1), order=1)
-    assert ref.shape[0] == t_out
-    np.testing.assert_allclose(stretch_frames(x, t_out), ref, atol=1e-9)
+# (16, 80) and (8, 26): sizes where zoom's default mode writes 0 for the last frame
+SIZES = [(31, 100), (105, 356), (7, 7), (10, 4), (16, 80), (8, 26)]
+
+
+@pytest.mark.parametrize(("t_in", "t_out"), SIZES)
+def test_stretch_frames_matches_the_notebooks_scipy_zoom_except_its_zeroed_last_frame(t_in, t_out):
+    x = np.random.default_rng(t_in).random((t_in, 17)) + 1.0  # no zero anywhere in the input
+    ours = stretch_frames(x, t_out)
+    notebook = ndimage.zoom(x, (t_out / t_in, 1), order=1)  # the notebook's call, default mode
+    assert notebook.shape == ours.shape == (t_out, 17)
+    np.testing.assert_allclose(ours[:-1], notebook[:-1], atol=1e-9)
+    # the first and last input frames are kept, as the docstring says
+    np.testing.assert_allclose(ours[[0, -1]], x[[0, -1]], atol=1e-12)
+    # zoom with mode="nearest" agrees everywhere, the last frame included
+    np.testing.assert_allclose(ours, ndimage.zoom(x, (t_out / t_in, 1), order=1, mode="nearest"), atol=1e-9)
+    if (t_in, t_out) in ((16, 80), (8, 26)):  # the documented difference
+        np.testing.assert_array_equal(notebook[-1], 0.0)
+    else:
+        np.testing.assert_allclose(notebook[-1], x[-1], atol=1e-9)
 
 
 def test_early_fuse_concatenates_at_the_audio_frame_rate():

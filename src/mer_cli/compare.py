@@ -264,7 +264,6 @@ def build(runs: Sequence[Run], failures: Sequence[Failure], settings: Settings) 
     for m in models:
         summarize(m, n_classes, settings)
     pairwise = compare_pairs(models, n_classes, settings)
-    ranking = _ranked(models, "f1_macro")
     test_sets = {r.test_key: r.test.y_true for r in runs}
     majority = [stats.majority_scores(y, n_classes) for y in test_sets.values()]
     chance = {k: float(np.mean([m[k] for m in majority])) for k in stats.BOOTSTRAP_METRICS}
@@ -292,8 +291,9 @@ def build(runs: Sequence[Run], failures: Sequence[Failure], settings: Settings) 
             }
             for m in models
         ],
-        "ranking": [m.label for m in ranking],
-        "ranking_by_metric": {k: [m.label for m in _ranked(models, k)] for k in BAR_METRICS},
+        # best first; models tied at the precision the report shows share one inner list
+        "ranking": ranking_tiers(models, "f1_macro"),
+        "ranking_by_metric": {k: ranking_tiers(models, k) for k in BAR_METRICS},
         "pairwise": pairwise,
         "failures": [_failure_dict(f) for f in failures],
     }
@@ -362,8 +362,28 @@ def summarize(model: Model, n_classes: int, settings: Settings) -> None:
     }
 
 
-def _ranked(models: Sequence[Model], metric: str) -> list[Model]:
-    return sorted(models, key=lambda m: -_mean(m, metric))
+def ranking_tiers(models: Sequence[Model], metric: str) -> list[list[str]]:
+    """Model labels best first, grouped into ties: [["late", "early"], ["visual"], ...].
+
+    Two models tie when their mean ``metric`` is the same at the precision the report shows (one
+    decimal of a percentage, `_pct`): a strict order between numbers printed equal would claim a
+    difference the report does not show. Within a tie, models keep the report's model order.
+    """
+    tiers: list[list[str]] = []
+    shown = None
+    for m in sorted(models, key=lambda m: -_mean(m, metric)):
+        text = _pct(m.summary[metric]["mean"])
+        if tiers and text == shown:
+            tiers[-1].append(m.label)
+        else:
+            tiers.append([m.label])
+            shown = text
+    return tiers
+
+
+def order_text(tiers: Sequence[Sequence[str]]) -> str:
+    """``[["late", "early"], ["visual"]]`` -> "late = early > visual"."""
+    return " > ".join(" = ".join(t) for t in tiers)
 
 
 def _mean(m: Model, metric: str) -> float:
@@ -395,6 +415,9 @@ def compare_pairs(models: Sequence[Model], n_classes: int, settings: Settings) -
             pairs, n_classes, "f1_macro", settings.bootstrap_samples, settings.confidence, seed=settings.seed
         )
         tests = [stats.mcnemar(pa.y_pred == pa.y_true, pb.y_pred == pb.y_true) for pa, pb in pairs]
+        # one McNemar test per matched run, never combined: runs of different seeds share their
+        # test clips, so their tests are not independent, and pooling their b/c would count each
+        # clip once per seed
         out.append(
             {
                 "a": a.label,
@@ -406,16 +429,41 @@ def compare_pairs(models: Sequence[Model], n_classes: int, settings: Settings) -
                 "bootstrap_unit": "actors" if use_groups else "clips",
                 "p_bootstrap": boot.p_value,
                 "mcnemar": [
-                    {"b": t.b, "c": t.c, "statistic": t.statistic, "p_value": t.p_value, "method": t.method}
-                    for t in tests
+                    {
+                        "run": _run_label(ra, rb),
+                        "b": t.b,
+                        "c": t.c,
+                        "statistic": t.statistic,
+                        "p_value": t.p_value,
+                        "method": t.method,
+                    }
+                    for t, (ra, rb) in zip(tests, matched, strict=True)
                 ],
+                "mcnemar_significant_runs": sum(t.p_value < settings.alpha for t in tests),
             }
         )
     adjusted = stats.holm([p["p_bootstrap"] for p in out])
+    # the smallest p the bootstrap can return, and after Holm's factor (the number of pairs)
+    floor = stats.p_floor(settings.bootstrap_samples)
+    holm_floor = min(1.0, len(out) * floor)
     for p, adj in zip(out, adjusted, strict=True):
         p["p_holm"] = adj
         p["significant"] = adj < settings.alpha
+        p["p_bootstrap_floor"] = floor
+        p["p_holm_floor"] = holm_floor
+        p["p_holm_at_floor"] = adj <= holm_floor * (1 + 1e-9)
     return out
+
+
+def _run_label(ra: Run, rb: Run) -> str:
+    """Which matched run a McNemar test is on: "seed0", "fold2", "seed0-fold2" (A/B when they differ)."""
+
+    def one(r: Run) -> str:
+        parts = [f"{name}{v}" for name, v in (("seed", r.seed), ("fold", r.fold)) if v is not None]
+        return "-".join(parts) or "run"
+
+    a, b = one(ra), one(rb)
+    return a if a == b else f"{a}/{b}"
 
 
 def _match_by_clips(runs_a: Sequence[Run], runs_b: Sequence[Run]) -> list[tuple[Run, Run]]:
@@ -440,8 +488,31 @@ def _pct(x: float | None) -> str:
     return "n/a" if x is None or not math.isfinite(x) else f"{100 * x:.1f} %"
 
 
-def _p(p: float) -> str:
-    return f"{p:.3f}" if p >= 0.001 else "< 0.001"
+def _p_is(p: float, floor: float | None = None) -> str:
+    """The p-value in a sentence: "p = 0.034", "p < 0.001", or "p ≤ 0.012" at the ``floor``."""
+    text = stats.format_p(p, floor)
+    return f"p {text}" if text[0] in "<≤" else f"p = {text}"
+
+
+def _unreachable_alpha(result: dict[str, Any]) -> str:
+    """A warning when B is too small for any pair to reach α after Holm's adjustment, else ""."""
+    pairs, alpha = result["pairwise"], result["settings"]["alpha"]
+    if not pairs or pairs[0]["p_holm_floor"] < alpha:
+        return ""
+    # m * 2 / (B + 1) < alpha  <=>  B > 2 m / alpha - 1
+    needed = math.floor(2 * len(pairs) / alpha - 1) + 1
+    return (
+        f" With {result['settings']['bootstrap_samples']} bootstrap samples and {len(pairs)} pair(s) "
+        f"no pair can be significant at α = {alpha}: use compare.bootstrap_samples ≥ {needed}."
+    )
+
+
+def _holm_p(p: dict[str, Any]) -> str:
+    return _p_is(p["p_holm"], p["p_holm_floor"])
+
+
+def _f1(models: dict[str, dict[str, Any]], label: str) -> float:
+    return float(models[label]["test"]["f1_macro"]["mean"])
 
 
 def summary_sentences(result: dict[str, Any]) -> list[str]:
@@ -466,14 +537,24 @@ def summary_sentences(result: dict[str, Any]) -> list[str]:
         ci_txt = f", {conf} % CI {_pct(ci[0])} to {_pct(ci[1])}" if ci else ""
         return f"{label} ({_pct(t['mean'])}{spread}{ci_txt})"
 
+    def describe_tier(tier: Sequence[str]) -> str:
+        return " and ".join(map(describe, tier)) + (", tied" if len(tier) > 1 else "")
+
     ranking = result["ranking"]
-    if len(ranking) > 1:
+    if len(models) == 1:
+        out.append(f"One model: {describe(ranking[0][0])}.")
+    elif len(ranking) == 1:
         out.append(
-            f"By macro F1 the ranking is {' > '.join(ranking)}; best: {describe(ranking[0])}, "
-            f"last: {describe(ranking[-1])}."
+            f"By macro F1 the models tie: {order_text(ranking)}, each {_pct(_f1(models, ranking[0][0]))}."
         )
+    else:
+        out.append(
+            f"By macro F1 the ranking is {order_text(ranking)}; best: {describe_tier(ranking[0])}; "
+            f"last: {describe_tier(ranking[-1])}."
+        )
+    if len(models) > 1:
         others = [
-            f"{METRIC_TITLES[k]} ({' > '.join(order)})"
+            f"{METRIC_TITLES[k]} ({order_text(order)})"
             for k, order in result["ranking_by_metric"].items()
             if k != "f1_macro" and order != ranking
         ]
@@ -482,8 +563,6 @@ def summary_sentences(result: dict[str, Any]) -> list[str]:
             if not others
             else f"Other metrics order them differently: {'; '.join(others)}."
         )
-    else:
-        out.append(f"One model: {describe(ranking[0])}.")
 
     units = {m["ci_unit"] for m in models.values()}
     out.append(
@@ -519,7 +598,7 @@ def summary_sentences(result: dict[str, Any]) -> list[str]:
 
     def pair(p: dict[str, Any]) -> str:
         better, worse = (p["a"], p["b"]) if p["f1_macro_diff"] >= 0 else (p["b"], p["a"])
-        return f"{better} > {worse} (Δ {100 * abs(p['f1_macro_diff']):.1f} points, p = {_p(p['p_holm'])})"
+        return f"{better} > {worse} (Δ {100 * abs(p['f1_macro_diff']):.1f} points, {_holm_p(p)})"
 
     if result["pairwise"]:
         head = f"Paired bootstrap on macro F1, Holm-adjusted, α = {alpha}: "
@@ -528,10 +607,15 @@ def summary_sentences(result: dict[str, Any]) -> list[str]:
             parts.append("significant: " + "; ".join(pair(p) for p in sig))
         if not_sig:
             parts.append(
-                "not significant: "
-                + "; ".join(f"{p['a']} vs {p['b']} (p = {_p(p['p_holm'])})" for p in not_sig)
+                "not significant: " + "; ".join(f"{p['a']} vs {p['b']} ({_holm_p(p)})" for p in not_sig)
             )
-        out.append(head + ". ".join(parts) + ".")
+        floored = any(p["p_holm_at_floor"] for p in result["pairwise"])
+        note = (
+            " ≤ marks a p at the smallest value the bootstrap can show (see Pairwise tests)."
+            if floored
+            else ""
+        )
+        out.append(head + ". ".join(parts) + "." + note + _unreachable_alpha(result))
     elif len(models) > 1:
         out.append("No two models were evaluated on the same test clips, so no paired test was run.")
 
@@ -683,9 +767,16 @@ def document(result: dict[str, Any], runs: Sequence[Run], figures: dict[str, str
     blocks.append(Block("h2", "Ranking"))
     blocks.append(
         Block(
+            "p",
+            "By the mean over runs, best first; models whose means are equal as the table shows "
+            "them (to 0.1 percentage point) are tied, written with =.",
+        )
+    )
+    blocks.append(
+        Block(
             "ul",
             items=tuple(
-                f"by {METRIC_TITLES[k]}: {' > '.join(order)}"
+                f"by {METRIC_TITLES[k]}: {order_text(order)}"
                 for k, order in result["ranking_by_metric"].items()
             ),
         )
@@ -694,27 +785,65 @@ def document(result: dict[str, Any], runs: Sequence[Run], figures: dict[str, str
         blocks.append(Block("img", text=f"test/{key}", path=figures[key]))
     if result["pairwise"]:
         blocks.append(Block("h2", "Pairwise tests"))
+        pairs = result["pairwise"]
+        n_boot = result["settings"]["bootstrap_samples"]
+        alpha = result["settings"]["alpha"]
         blocks.append(
             Block(
                 "p",
                 "Δ = macro F1 of A minus B (mean over matched runs) with its paired-bootstrap "
-                f"{conf} % interval; p: paired bootstrap, Holm-adjusted over all pairs; McNemar on "
-                "per-clip correctness (b: only A right, c: only B right), one per matched run.",
+                f"{conf} % interval; p: paired bootstrap, Holm-adjusted over all {len(pairs)} pair(s); "
+                f"significant: Holm-adjusted p < α = {alpha}.",
             )
         )
-        header = ("A", "B", "Δ macro F1", "p (bootstrap)", "p (Holm)", "significant", "McNemar b/c, p")
+        blocks.append(
+            Block(
+                "p",
+                f"With B = {n_boot} bootstrap samples the smallest p the paired bootstrap can show is "
+                f"2/(B+1) ≈ {stats.round_up(pairs[0]['p_bootstrap_floor'])}, and after Holm's "
+                f"adjustment over {len(pairs)} pair(s) {len(pairs)} × 2/(B+1) ≈ "
+                f"{stats.round_up(pairs[0]['p_holm_floor'])}. A p at that floor is written as a bound, "
+                '"≤": no resample reversed the difference, and the true p may be smaller; '
+                "compare.bootstrap_samples (mer-compare --bootstrap-samples) lowers the floor."
+                + _unreachable_alpha(result),
+            )
+        )
+        blocks.append(
+            Block(
+                "p",
+                "McNemar's test on per-clip correctness (b: clips only A gets right, c: only B) is "
+                "shown for each matched run (seed, fold) separately, not combined: runs of different "
+                "seeds are tested on the same clips, so their tests are not independent and pooling "
+                "their counts would count every clip once per seed. The last column counts the runs "
+                f"with McNemar p < α = {alpha} (not adjusted for the number of pairs).",
+            )
+        )
+        header = (
+            "A",
+            "B",
+            "Δ macro F1",
+            "p (bootstrap)",
+            "p (Holm)",
+            "significant",
+            "McNemar per run: b/c, p",
+            "McNemar p < α",
+        )
         rows = [
             (
                 p["a"],
                 p["b"],
                 f"{100 * p['f1_macro_diff']:+.1f} [{100 * p['f1_macro_diff_ci'][0]:+.1f}, "
                 f"{100 * p['f1_macro_diff_ci'][1]:+.1f}]",
-                _p(p["p_bootstrap"]),
-                _p(p["p_holm"]),
+                stats.format_p(p["p_bootstrap"], p["p_bootstrap_floor"]),
+                stats.format_p(p["p_holm"], p["p_holm_floor"]),
                 "yes" if p["significant"] else "no",
-                "; ".join(f"{t['b']}/{t['c']}, {_p(t['p_value'])} ({t['method']})" for t in p["mcnemar"]),
+                "; ".join(
+                    f"{t['run']}: {t['b']}/{t['c']}, {stats.format_p(t['p_value'])} ({t['method']})"
+                    for t in p["mcnemar"]
+                ),
+                f"{p['mcnemar_significant_runs']} of {len(p['mcnemar'])}",
             )
-            for p in result["pairwise"]
+            for p in pairs
         ]
         blocks.append(Block("table", rows=(header, *rows)))
     blocks.append(Block("h2", "Per class (mean over runs)"))
@@ -925,15 +1054,20 @@ def _pairwise_csv(result: dict[str, Any]) -> str:
             "ci_low",
             "ci_high",
             "p_bootstrap",
+            "p_bootstrap_floor",
             "p_holm",
+            "p_holm_floor",
+            "p_holm_at_floor",
             "significant",
+            "mcnemar_runs",
             "mcnemar_b",
             "mcnemar_c",
             "mcnemar_p",
+            "mcnemar_significant_runs",
         ]
     ]
     for p in result["pairwise"]:
-        first = p["mcnemar"][0]
+        tests = p["mcnemar"]  # one per matched run, in the order of mcnemar_runs, ";"-separated
         rows.append(
             [
                 p["a"],
@@ -943,11 +1077,16 @@ def _pairwise_csv(result: dict[str, Any]) -> str:
                 _num(p["f1_macro_diff_ci"][0]),
                 _num(p["f1_macro_diff_ci"][1]),
                 _num(p["p_bootstrap"]),
+                _num(p["p_bootstrap_floor"]),
                 _num(p["p_holm"]),
+                _num(p["p_holm_floor"]),
+                p["p_holm_at_floor"],
                 p["significant"],
-                first["b"],
-                first["c"],
-                _num(first["p_value"]),
+                ";".join(t["run"] for t in tests),
+                ";".join(str(t["b"]) for t in tests),
+                ";".join(str(t["c"]) for t in tests),
+                ";".join(_num(t["p_value"]) for t in tests),
+                p["mcnemar_significant_runs"],
             ]
         )
     return _csv(rows)

@@ -14,8 +14,13 @@ from sklearn.metrics import log_loss
 def stretch_frames(x: np.ndarray, n_frames: int) -> np.ndarray:
     """Linearly interpolate ``x`` (T, F) along time to ``n_frames`` frames.
 
-    Same grid as the notebook's ``scipy.ndimage.zoom(x, (n_frames / T, 1), order=1)``: the first
-    and last frames are kept and output frame i samples input time ``i * (T - 1) / (n_frames - 1)``.
+    Output frame i samples input time ``i * (T - 1) / (n_frames - 1)``: the first and last frames
+    are kept. That is the grid of the notebook's ``scipy.ndimage.zoom(x, (n_frames / T, 1),
+    order=1)``, with one difference: zoom computes the last position in floating point, which for
+    some sizes (e.g. 16 -> 80, 8 -> 26) lands a hair past T - 1, and in zoom's default
+    ``mode="constant"`` that frame is outside the input and written as 0. mer-cli keeps the last
+    input frame there (as zoom does with ``mode="nearest"``), so the fused clip does not end in
+    a frame of zero action units. Every other frame equals zoom's.
     """
     t_in = x.shape[0]
     if n_frames == 1 or t_in == 1:

@@ -201,7 +201,7 @@ def paired_bootstrap(
 
     Each iteration draws matched pairs (seeds) with replacement and one resample (actors or clips)
     per test set, applied to both models. Two-sided p-value: twice the smaller share of draws on
-    either side of zero (add-one smoothed, at most 1).
+    either side of zero (add-one smoothed, at most 1), so never below `p_floor` (n_boot).
     """
     rng = np.random.default_rng(seed)
     a_samples = [a for a, _ in pairs]
@@ -224,6 +224,36 @@ def paired_bootstrap(
     below = (np.sum(draws <= 0) + 1) / (n_boot + 1)
     above = (np.sum(draws >= 0) + 1) / (n_boot + 1)
     return PairedDifference(observed, interval(draws, confidence), float(min(1.0, 2 * min(below, above))))
+
+
+def p_floor(n_boot: int) -> float:
+    """The smallest p-value `paired_bootstrap` can return with ``n_boot`` draws: 2 / (n_boot + 1).
+
+    A p at this floor means no draw fell on the other side of zero; the data may support a smaller
+    one, which only more draws can show. Holm's adjustment over m tests multiplies it by m.
+    """
+    return 2.0 / (n_boot + 1)
+
+
+def format_p(p: float, floor: float | None = None) -> str:
+    """A p-value for people: "0.034", "< 0.001", or "≤ 0.012" when ``p`` is at its ``floor``.
+
+    ``floor``: the smallest value the test can return (`p_floor`, times the Holm factor), None for
+    a test without one. At the floor the true p is only known to be at most that value, so it is
+    written as a bound (rounded up to two significant digits, which keeps the bound true).
+    """
+    if floor is not None and p <= floor * (1 + 1e-9):
+        return f"≤ {round_up(min(1.0, floor))}"
+    return f"{p:.3f}" if p >= 0.001 else "< 0.001"
+
+
+def round_up(x: float, digits: int = 2) -> str:
+    """``x`` rounded up to ``digits`` significant digits: 0.011988 -> "0.012", 0.001998 -> "0.002"."""
+    decimals = digits - 1 - math.floor(math.log10(x))
+    up = math.ceil(x * 10.0**decimals - 1e-9) / 10.0**decimals
+    if up < 1e-4:
+        return f"{up:.{digits - 1}e}"
+    return f"{up:.{max(0, decimals)}f}".rstrip("0").rstrip(".") if decimals > 0 else f"{up:.0f}"
 
 
 def holm(p_values: Sequence[float]) -> list[float]:
