@@ -79,7 +79,7 @@ def test_smoke_run_writes_a_complete_run_directory(tmp_path, modality):
 def test_a_training_split_of_one_clip_more_than_a_batch_trains(tmp_path):
     # 17 training clips, batches of 16 (experiment=smoke): the 17th clip once made a batch of its
     # own, on which BatchNorm raised
-    proc = _train(tmp_path / "run", "modality=visual", "data.limit_per_split=17", "save_plots=false")
+    proc = _train(tmp_path / "run", "modality=visual", "data.limit_per_split=17", "runtime.save_plots=false")
     assert proc.returncode == 0, proc.stderr
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["run"]["epochs_trained"] == 2
@@ -145,7 +145,7 @@ def test_mer_evaluate_reloads_the_checkpoint_into_a_new_directory(tmp_path):
 )
 def test_a_bf16_run_is_reproduced_exactly_by_mer_evaluate_members_and_late_fusion(tmp_path):
     run = tmp_path / "late"
-    proc = _train(run, "modality=late", "trainer.loop.precision=bf16", "save_plots=false")
+    proc = _train(run, "modality=late", "trainer.loop.precision=bf16", "runtime.save_plots=false")
     assert proc.returncode == 0, proc.stderr
     for target in (run / "visual", run):  # a single-stream run, and late fusion re-predicting both
         proc = run_cli("evaluate", str(target), "--split", "all", "--no-plots")

@@ -22,7 +22,7 @@ from mer_cli.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 # tiny models, no per-run figures (the report draws its own), a quick bootstrap
-SMOKE = ["experiment=smoke", "save_plots=false", "compare.bootstrap_samples=200"]
+SMOKE = ["experiment=smoke", "runtime.save_plots=false", "compare.bootstrap_samples=200"]
 
 
 def cli(entry: str, *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:

@@ -473,9 +473,9 @@ def test_pickle_to_npz_to_training_gives_the_same_metrics(tmp_path):
         result = run_cli(
             "train_main",
             "experiment=smoke",
-            "trainer.loop.num_threads=1",  # tiny model: one thread is fastest, even on a busy machine
+            "runtime.num_threads=1",  # tiny model: one thread is fastest, even on a busy machine
             "modality=visual",  # the shortest sequences: the fastest model to train
-            "save_plots=false",
+            "runtime.save_plots=false",
             f"data={name}",
             f"data.path={path}",
             f"hydra.run.dir={run_dir}",

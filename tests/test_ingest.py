@@ -191,9 +191,9 @@ def test_mer_ingest_then_mer_train_runs_end_to_end(tmp_path):
     trained = _run(
         "train_main",
         "experiment=smoke",
-        "trainer.loop.num_threads=1",  # tiny model: one thread is fastest, even on a busy machine
+        "runtime.num_threads=1",  # tiny model: one thread is fastest, even on a busy machine
         "modality=early",
-        "save_plots=false",
+        "runtime.save_plots=false",
         "data=npz",
         f"data.path={out}",
         f"hydra.run.dir={run_dir}",

@@ -122,9 +122,9 @@ def _env() -> dict[str, str]:
 
 ARGS = (
     "experiment=smoke",
-    "trainer.loop.num_threads=1",  # tiny model: one thread is fastest, even on a busy machine
+    "runtime.num_threads=1",  # tiny model: one thread is fastest, even on a busy machine
     "modality=visual",
-    "save_plots=false",
+    "runtime.save_plots=false",
     # enough epochs (0.1 s each on 2 cores) that Ctrl-C after the first one lands mid-training
     "trainer.loop.max_epochs=20",
     "trainer.loop.patience_epochs=20",

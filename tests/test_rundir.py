@@ -18,7 +18,7 @@ from mer_cli import rundir
 from mer_cli.artifacts import load_checkpoint
 
 SRC = Path(__file__).resolve().parents[1] / "src"
-SMOKE = ("experiment=smoke", "modality=visual", "save_plots=false", "trainer.loop.num_threads=1")
+SMOKE = ("experiment=smoke", "modality=visual", "runtime.save_plots=false", "runtime.num_threads=1")
 
 
 def _claim_after(barrier, path: str, results) -> None:  # type: ignore[no-untyped-def]
@@ -144,3 +144,84 @@ def test_ctrl_c_at_any_moment_ends_with_one_line_and_exit_130(tmp_path):
             assert last.startswith("mer-train: interrupted"), (name, last)
             assert "nothing to resume" in last
             assert not run_dir.exists(), (name, sorted(p.name for p in run_dir.iterdir()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Which model is this: one definition for the report's grouping, the sweep's reuse and resume
+
+
+def _config(*overrides: str) -> dict:
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from mer_cli.cli import config_dir
+
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["experiment=smoke", *overrides])
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+RUNTIME = (
+    "runtime.num_threads=2",
+    "runtime.progress=true",
+    "runtime.save_plots=false",
+    "runtime.eval_batch_size=7",
+    "runtime.device=auto",
+    "compare.bootstrap_samples=300",
+)
+
+
+def test_runtime_knobs_are_not_part_of_a_model_but_seeds_and_sizes_are():
+    base = _config()
+    assert rundir.model_identity(_config(*RUNTIME)) == rundir.model_identity(base)
+    assert rundir.run_identity(_config(*RUNTIME)) == rundir.run_identity(base)
+    # another seed: the same model, another run of it
+    assert rundir.model_identity(_config("seed=1")) == rundir.model_identity(base)
+    assert rundir.run_identity(_config("seed=1")) != rundir.run_identity(base)
+    # another dropout or precision: another model
+    assert rundir.differences(
+        rundir.model_identity(base), rundir.model_identity(_config("model.dropout=0.3"))
+    ) == [
+        "model.dropout: 0.5 -> 0.3",
+        "model.encoder.dropout: 0.5 -> 0.3",
+    ]
+    assert rundir.model_identity(_config("trainer.loop.precision=bf16")) != rundir.model_identity(base)
+
+
+def test_resume_accepts_other_runtime_knobs_and_names_a_changed_model_setting(tmp_path):
+    from omegaconf import OmegaConf
+
+    from mer_cli import pipeline
+    from mer_cli.errors import ConfigError
+
+    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(_config()))
+    (tmp_path / "last.pt").write_bytes(b"")
+    pipeline.check_resumable(OmegaConf.create(_config(*RUNTIME, "resume=true")), tmp_path, resume=True)
+    with pytest.raises(ConfigError, match=r"model\.dense_size: 16 -> 32"):
+        pipeline.check_resumable(OmegaConf.create(_config("model.dense_size=32")), tmp_path, resume=True)
+
+
+def test_the_report_groups_runs_that_differ_only_in_runtime_knobs_or_seed_as_one_model(tmp_path):
+    from mer_cli import compare
+
+    def run(name: str, cfg: dict) -> compare.Run:
+        return compare.Run(
+            path=tmp_path / name,
+            modality="early",
+            seed=cfg["seed"],
+            fold=None,
+            config=rundir.flatten(cfg),
+            metrics={},
+            class_names=("a",),
+            test=None,  # type: ignore[arg-type]  # labels need the config only
+            groups=None,
+        )
+
+    runs = [
+        run("a", _config()),
+        run("b", _config("seed=1", *RUNTIME)),
+        run("c", _config("model.dense_size=32")),
+    ]
+    labels = compare.label_runs(runs)
+    assert labels[tmp_path / "a"] == labels[tmp_path / "b"] == "early (model.dense_size=16)"
+    assert labels[tmp_path / "c"] == "early (model.dense_size=32)"

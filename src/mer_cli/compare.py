@@ -20,7 +20,6 @@ import itertools
 import json
 import logging
 import math
-import re
 import shutil
 import time
 from collections.abc import Iterable, Sequence
@@ -36,6 +35,7 @@ from mer_cli import report, stats
 from mer_cli.artifacts import write_json, write_text
 from mer_cli.errors import MerError
 from mer_cli.folds import CREMA_D_ACTOR_PATTERN, maybe_actor_ids
+from mer_cli.rundir import flatten, model_identity
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +55,6 @@ METRIC_TITLES = {
 HUMAN_RATES = {"voice": 0.409, "face": 0.582, "both": 0.636}
 HUMAN_RATE_OF_MODALITY = {"acoustic": "voice", "visual": "face", "late": "both", "early": "both"}
 HUMAN_REFERENCE_CHOICES = ("auto", "true", "false")
-# config keys that never make two runs different models
-_NOT_A_MODEL_KEY = re.compile(
-    r"^(seed|resume|save_plots|cv\.fold|modality\.name|modality\.acoustic_run|modality\.visual_run"
-    r"|trainer\.loop\.(progress|num_threads|eval_batch_size|device)|compare\..*)$"
-)
 
 
 @dataclass(frozen=True)
@@ -151,7 +146,7 @@ def load_run(path: Path, actor_pattern: str | None = None) -> Run:
     metrics = _read_json(path / "metrics.json")
     cfg: dict[str, Any] = {}
     if (path / "config.yaml").is_file():
-        cfg = flatten_keys(OmegaConf.to_container(OmegaConf.load(path / "config.yaml"), resolve=False))
+        cfg = flatten(OmegaConf.to_container(OmegaConf.load(path / "config.yaml"), resolve=False))
     pred_path = path / "predictions.csv"
     if not pred_path.is_file():
         raise MerError(f"{path}: no predictions.csv (not a finished mer-train run)")
@@ -201,28 +196,14 @@ def _read_json(path: Path) -> dict[str, Any]:
     return obj
 
 
-def flatten_keys(obj: Any, prefix: str = "") -> dict[str, Any]:
-    """A nested config dict as ``{"trainer.loop.max_epochs": 100, ...}`` (to list what differs)."""
-    if isinstance(obj, dict):
-        out: dict[str, Any] = {}
-        for k, v in obj.items():
-            out.update(flatten_keys(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: obj}
-
-
 def label_runs(runs: Sequence[Run]) -> dict[Path, str]:
     """Model label per run: its modality, plus the config values that differ within that modality."""
     labels = {}
     for modality in {r.modality for r in runs}:
         group = [r for r in runs if r.modality == modality]
-        keys = sorted(
-            k
-            for k in {k for r in group for k in r.config}
-            # only late fusion reads modality.* options (an extra key elsewhere changes nothing)
-            if not _NOT_A_MODEL_KEY.match(k) and (modality == "late" or not k.startswith("modality."))
-        )
-        differing = [k for k in keys if len({repr(r.config.get(k)) for r in group}) > 1]
+        identities = [model_identity(r.config) for r in group]
+        keys = sorted({k for i in identities for k in i} - {"modality.name"})
+        differing = [k for k in keys if len({repr(i.get(k)) for i in identities}) > 1]
         for r in group:
             extra = ", ".join(f"{k}={r.config.get(k)}" for k in differing)
             labels[r.path] = f"{modality} ({extra})" if extra else modality

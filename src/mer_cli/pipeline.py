@@ -31,7 +31,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from mer_cli import compare, data, evaluate, folds, fusion, preprocess, report, sweep, synthetic, train
+from mer_cli import data, evaluate, folds, fusion, preprocess, report, rundir, sweep, synthetic, train
 from mer_cli.artifacts import load_checkpoint, write_json, write_text
 from mer_cli.errors import ConfigError, MerError
 
@@ -63,7 +63,7 @@ def run(
     if cfg.cv.folds is not None and cfg.cv.fold is None:
         return run_folds(cfg, out_dir, resume, sweep_dir)
     if sweep_dir is not None and modality != "late":
-        done = sweep.find_trained(sweep_dir, cfg, modality, out_dir)
+        done = sweep.find_trained(sweep_dir, cfg, out_dir)
         if done is not None:  # trained earlier in this sweep, as a late fusion member
             log.info(
                 "%s: this sweep already trained the same model in %s: copied, not retrained", modality, done
@@ -98,11 +98,12 @@ def check_resumable(cfg: DictConfig, out_dir: Path, resume: bool) -> None:
     old_path = out_dir / "config.yaml"
     if not old_path.is_file():
         raise ConfigError(f"resume=true: {out_dir} holds no run to resume (no config.yaml)")
-    old = compare.flatten_keys(OmegaConf.to_container(OmegaConf.load(old_path)))
-    new = compare.flatten_keys(OmegaConf.to_container(cfg, resolve=True))
-    changed = sorted(k for k in old.keys() | new.keys() if k != "resume" and old.get(k) != new.get(k))
+    # run-time knobs (threads, device, progress bar, ...) may change; nothing that is learned
+    old = rundir.run_identity(cast(dict, OmegaConf.to_container(OmegaConf.load(old_path))))
+    new = rundir.run_identity(cast(dict, OmegaConf.to_container(cfg, resolve=True)))
+    changed = rundir.differences(old, new)
     if changed:
-        shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:3])
+        shown = ", ".join(changed[:3])
         raise ConfigError(
             f"resume=true: the settings differ from the run in {out_dir} ({shown}); "
             "resume with the same overrides"
@@ -169,6 +170,12 @@ class StreamResult:
     predictions: dict[str, report.Predictions]  # by split
 
 
+def loop_settings(cfg: DictConfig) -> train.Settings:
+    """The training loop's settings: ``trainer.loop`` and the run-time knobs it needs."""
+    runtime = {k: v for k, v in cfg.runtime.items() if k != "save_plots"}
+    return train.Settings(**cfg.trainer.loop, **runtime)
+
+
 def model_inputs(split: data.Split, modality: str, streams: list[str]) -> dict[str, list[np.ndarray]]:
     """The input streams (name -> each clip's frames) a ``modality`` model reads from ``split``."""
     available = split.streams
@@ -197,7 +204,7 @@ def prepare(
 
 def train_model(cfg: DictConfig, splits: data.Splits, out_dir: Path, resume: bool = False) -> StreamResult:
     """Fit preprocessing, build, train, evaluate and report one model (every modality but late)."""
-    settings = train.Settings(**cfg.trainer.loop)
+    settings = loop_settings(cfg)
     train.configure_threads(settings)
     seed_everything(cfg.seed)
     modality, streams = cfg.modality.name, list(cfg.modality.streams)
@@ -281,7 +288,7 @@ def train_model(cfg: DictConfig, splits: data.Splits, out_dir: Path, resume: boo
         history.rows,
         list(predictions.values()),
         splits.class_names,
-        save_plots=cfg.save_plots,
+        save_plots=cfg.runtime.save_plots,
     )
     return StreamResult(metrics, predictions)
 
@@ -315,7 +322,7 @@ def run_late(
     for member in ("acoustic", "visual"):
         reuse = cfg.modality.get(f"{member}_run")
         if not reuse and sweep_dir is not None:
-            reuse = sweep.find_trained(sweep_dir, cfg, member, out_dir)
+            reuse = sweep.find_trained(sweep_dir, member_config(cfg, member), out_dir)
         if reuse:
             run_dir = Path(reuse).expanduser().resolve()
             log.info("late fusion: reusing the %s model in %s", member, run_dir)
@@ -337,7 +344,7 @@ def run_late(
         out_dir,
         seed=int(cfg.seed),
         data_source=splits.source,
-        save_plots=cfg.save_plots,
+        save_plots=cfg.runtime.save_plots,
     )
 
 

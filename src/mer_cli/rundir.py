@@ -1,4 +1,5 @@
-"""Run directories: each run claims its own, atomically, and holds it while it runs.
+"""Run directories: each run claims its own, atomically, and holds it while it runs; and the one
+definition of which model a run is (`model_identity`).
 
 Light on purpose (no torch, no Hydra): the console entry points import it before anything else.
 """
@@ -8,10 +9,12 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import re
 import shutil
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 from mer_cli.errors import MerError
 
@@ -94,3 +97,62 @@ def started() -> list[Path]:
         if sep and key.lstrip("+") == "hydra.run.dir" and value:
             dirs.append(Path(value).expanduser())
     return dirs
+
+
+# ---------------------------------------------------------------------------------------------
+# Which model is this run
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested config dict as ``{"trainer.loop.max_epochs": 100, ...}`` (flat input stays as is)."""
+    if isinstance(obj, Mapping):
+        out: dict[str, Any] = {}
+        for k, v in obj.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: obj}
+
+
+# how a run executed, what happens after it, and whether it was resumed: never part of a model
+_NOT_IDENTITY = re.compile(r"^(runtime|compare|hydra)\.|^resume$")
+# which run of a model: runs that differ only here are the same model (a comparison's samples)
+RUN_KEYS = ("seed", "cv.fold")
+# where late fusion read its members from: the members' own identities decide, not their paths
+_MEMBER_SOURCES = re.compile(r"^modality\.\w+_run$")
+_SINGLE_MODALITY_KEYS = ("modality.name", "modality.streams")
+
+
+def model_identity(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The one answer to "which model is this": the resolved config (nested or flattened) without
+    run-time knobs (``runtime.*``), report settings, ``resume``, where late fusion's members came
+    from, and the keys that tell one run of the model from another (seed, CV fold). The
+    comparison report groups runs by it; `run_identity` adds seed and fold for the sweep's reuse
+    of trained runs and the resume check."""
+    flat = flatten(cfg)
+    # only late fusion reads modality options beyond these: a stray one elsewhere (a sweep-wide
+    # ++modality.acoustic_weight=...) changes nothing a single model learns
+    single = flat.get("modality.name") != "late"
+    return {
+        k: v
+        for k, v in flat.items()
+        if not _NOT_IDENTITY.match(k)
+        and k not in RUN_KEYS
+        and not _MEMBER_SOURCES.match(k)
+        and not (single and k.startswith("modality.") and k not in _SINGLE_MODALITY_KEYS)
+    }
+
+
+def run_identity(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """`model_identity` plus seed and CV fold: two configs with equal run identities train the
+    very same weights (on the same hardware)."""
+    flat = flatten(cfg)
+    return {**model_identity(flat), **{k: flat.get(k) for k in RUN_KEYS}}
+
+
+def differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """``key: old -> new`` for every key whose value differs (a missing key reads as None)."""
+    return [
+        f"{k}: {old.get(k)!r} -> {new.get(k)!r}"
+        for k in sorted(old.keys() | new.keys())
+        if old.get(k) != new.get(k)
+    ]

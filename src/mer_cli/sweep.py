@@ -2,8 +2,8 @@
 
 No model is trained twice in a sweep. Every job writes its resolved config.yaml first; a job about
 to train a single-stream model (acoustic, visual, early, or a late fusion member) first looks in
-the sweep directory for a finished run of the same modality whose config is equal in everything but
-the ``modality`` node and run-time switches (`REUSE_IGNORES`):
+the sweep directory for a finished run of the same model and run (`rundir.run_identity`: the
+config less run-time knobs):
   - late fusion reuses such acoustic and visual runs as its members (by reference, in late.json);
   - a single-stream job that finds one (trained earlier as a late fusion member, when the sweep
     lists late first) copies it instead of training again.
@@ -27,30 +27,18 @@ from omegaconf import DictConfig, OmegaConf
 from mer_cli import compare
 from mer_cli.artifacts import write_json
 from mer_cli.errors import MerError
-from mer_cli.rundir import LOCK_NAME
+from mer_cli.rundir import LOCK_NAME, run_identity
 
 log = logging.getLogger(__name__)
 
-# top-level keys that do not change what a model learns
-REUSE_IGNORES = ("modality", "resume", "save_plots", "compare")
 # files of a finished single-stream run: a run counts as reusable only when all are there
 FINISHED_RUN_FILES = ("checkpoint.pt", "metrics.json", "predictions.csv")
 
 
-def reuse_key(cfg: dict[str, Any]) -> dict[str, Any]:
-    key = {k: v for k, v in cfg.items() if k not in REUSE_IGNORES}
-    loop = key.get("trainer", {}).get("loop")
-    if isinstance(loop, dict):  # the progress bar changes nothing learned
-        key["trainer"] = {**key["trainer"], "loop": {k: v for k, v in loop.items() if k != "progress"}}
-    return key
-
-
-def find_trained(sweep_dir: Path, cfg: DictConfig, modality: str, exclude: Path) -> Path | None:
-    """A finished ``modality`` run in ``sweep_dir`` trained with the same settings as ``cfg``.
-
-    ``cfg``: this job's config; ``exclude``: this job's own directory.
-    """
-    want = reuse_key(_container(cfg))
+def find_trained(sweep_dir: Path, cfg: DictConfig, exclude: Path) -> Path | None:
+    """A finished run in ``sweep_dir`` of the model and run ``cfg`` describes (a late fusion
+    member's config, or this job's). ``exclude``: this job's own directory."""
+    want = run_identity(_container(cfg))
     exclude = exclude.resolve()
     for config_path in sorted(sweep_dir.glob("**/config.yaml")):
         run_dir = config_path.parent.resolve()
@@ -58,8 +46,7 @@ def find_trained(sweep_dir: Path, cfg: DictConfig, modality: str, exclude: Path)
             continue
         if not all((run_dir / f).is_file() for f in FINISHED_RUN_FILES):
             continue
-        other = _container(OmegaConf.load(config_path))
-        if other.get("modality", {}).get("name") == modality and reuse_key(other) == want:
+        if run_identity(_container(OmegaConf.load(config_path))) == want:
             return run_dir
     return None
 

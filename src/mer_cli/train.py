@@ -47,7 +47,8 @@ HISTORY_COLUMNS = (
 
 @dataclass(frozen=True)
 class Settings:
-    """``trainer.loop`` in the config; an unknown key is a TypeError at construction."""
+    """``trainer.loop`` and ``runtime`` (less ``save_plots``) in the config; an unknown key is a
+    TypeError at construction."""
 
     max_epochs: int = 100
     batch_size: int = 128
@@ -63,7 +64,7 @@ class Settings:
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
-            raise ConfigError(f"trainer.loop.device={self.device!r}: valid: {', '.join(DEVICES)}")
+            raise ConfigError(f"runtime.device={self.device!r}: valid: {', '.join(DEVICES)}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"trainer.loop.precision={self.precision!r}: valid: {', '.join(PRECISIONS)}")
         if self.batch_size < 2:  # BatchNorm cannot normalize one clip by the batch's statistics
@@ -123,7 +124,7 @@ def physical_cores() -> int:
 
 def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("trainer.loop.device=cuda, but no CUDA device is available")
+        raise ConfigError("runtime.device=cuda, but no CUDA device is available")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(name)
