@@ -7,11 +7,10 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 SEEDS ?= 0,1,2
 STAMP := $(VENV)/.installed
-# glibc returns big freed blocks to the OS and re-faults them on every step; keeping them makes
-# CPU training markedly faster (make bench, default model, 3 interleaved rounds on a shared 2-core
-# box: median 1.6x train, 2.1x inference) for about 2x the peak memory (README). Applies to
-# the targets below; export it yourself when calling mer-train directly.
-export GLIBC_TUNABLES ?= glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736
+# No malloc setting here any more: mer-train, mer-evaluate and mer-bench set glibc's malloc
+# themselves at start-up (src/mer_cli/allocator.py), so typing mer-train directly is as fast as
+# make run. MER_MALLOC=system turns it off; a GLIBC_TUNABLES=glibc.malloc.* of your own is kept.
+# Speed and peak memory per setting: docs/memory.md.
 
 .PHONY: help venv run compare test smoke lint bench bench-peer clean
 
