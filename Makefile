@@ -8,9 +8,12 @@ BIN := $(VENV)/bin
 SEEDS ?= 0,1,2
 STAMP := $(VENV)/.installed
 # No malloc setting here any more: mer-train, mer-evaluate and mer-bench set glibc's malloc
-# themselves at start-up (src/mer_cli/allocator.py), so typing mer-train directly is as fast as
-# make run. MER_MALLOC=system turns it off; a GLIBC_TUNABLES=glibc.malloc.* of your own is kept.
-# Speed and peak memory per setting: docs/memory.md.
+# themselves at start-up (src/mer_cli/allocator.py: big blocks kept in the heap, as the
+# GLIBC_TUNABLES this file used to export), so mer-train typed directly is as fast as make run.
+# MER_MALLOC=system turns it off; a GLIBC_TUNABLES=glibc.malloc.* of your own is kept. Full default
+# run, 2 interleaved rounds on the shared 2-core box: 1.8-2.3 GiB peak RSS, 95-118 s training;
+# glibc's defaults 1.0 GiB, 145-147 s; GLIBC_TUNABLES=glibc.malloc.hugetlb=1 1.0 GiB, 104-120 s
+# (mer-bench: 9 % slower training than the heap). Table and the other settings: docs/memory.md.
 
 .PHONY: help venv run compare test smoke lint bench bench-peer clean
 
