@@ -1,12 +1,15 @@
 """glibc malloc settings applied at start-up, so ``mer-train`` typed directly runs as fast as
 ``make run`` without exporting anything.
 
-Why: every training step allocates a few oneDNN LSTM workspaces of tens to hundreds of MB (about
-3 KB per clip x frame per LSTM direction and layer). glibc serves blocks above 32 MB with a fresh
-``mmap`` and returns them on ``free``, so each step page-faults and zeroes them anew: 1.3-1.8x
-slower training. Keeping big blocks in the heap (``M_MMAP_MAX=0``) and never trimming it
+Why: every training step allocates and frees a few oneDNN LSTM workspaces of tens to hundreds of
+MB (about 3 KB per clip x frame, for each LSTM layer and direction). glibc mmaps every block above
+32 MB and unmaps it on ``free``, so each step page-faults and zeroes them anew: training 1.2-1.6x
+slower (docs/memory.md). Keeping big blocks in the heap (``M_MMAP_MAX=0``) and not trimming it
 (``M_TRIM_THRESHOLD``) removes that cost: the setting the Makefile used to export as
-``GLIBC_TUNABLES``, now applied by the tool itself.
+``GLIBC_TUNABLES``, now applied by the tool itself. Its price is memory: the heap fragments
+(1.8-2.3 GiB peak for a default run, vs 1.0 GiB with glibc's defaults). Where memory matters
+more, ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (glibc reads it at process start only, so it must
+be in the environment) gave 1.0 GiB at 9-19 % below this setting's speed.
 
 ``configure()`` is called once, first thing, by the entry points (mer-train, mer-evaluate,
 mer-bench). It does nothing where:
