@@ -7,11 +7,13 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 SEEDS ?= 0,1,2
 STAMP := $(VENV)/.installed
-# glibc returns big freed blocks to the OS and re-faults them on every step; keeping them makes
-# CPU training markedly faster (make bench, default model, 3 interleaved rounds on a shared 2-core
-# box: median 1.6x train, 2.1x inference) for about 2x the peak memory (docs/benchmarks.md). Applies to
-# the targets below; export it yourself when calling mer-train directly.
-export GLIBC_TUNABLES ?= glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736
+# No malloc setting here any more: mer-train, mer-evaluate and mer-bench set glibc's malloc
+# themselves at start-up (src/mer_cli/allocator.py: big blocks kept in the heap, as the
+# GLIBC_TUNABLES this file used to export), so mer-train typed directly is as fast as make run.
+# MER_MALLOC=system turns it off; a GLIBC_TUNABLES=glibc.malloc.* of your own is kept. Full default
+# run, 2 interleaved rounds on the shared 2-core box: 1.8-2.3 GiB peak RSS, 95-118 s training;
+# glibc's defaults 1.0 GiB, 145-147 s; GLIBC_TUNABLES=glibc.malloc.hugetlb=1 1.0 GiB, 104-120 s
+# (mer-bench: 9 % slower training than the heap). Table and the other settings: docs/memory.md.
 
 .PHONY: help venv run compare test smoke lint bench bench-peer clean
 

@@ -37,7 +37,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
-from mer_cli import train
+from mer_cli import allocator, train
 from mer_cli.preprocess import Ragged, SequenceSet
 
 SHAPES = {"acoustic": (356, 52), "visual": (105, 17), "early": (356, 69)}
@@ -84,6 +84,7 @@ FIELDS = (
     "torch",
     "threads",
     "glibc_tunables",
+    "malloc",
     "omp_wait_policy",
     "cpu",
     "time_utc",
@@ -363,6 +364,7 @@ def run_case(case: Case, peaks: dict[str, float]) -> dict[str, Any]:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+        "malloc": allocator.describe(),  # what mer_cli.allocator set at start-up, and why
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
         "cpu": cpu_name() if device.type == "cpu" else torch.cuda.get_device_name(device),
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -483,6 +485,7 @@ def side_by_side(args: argparse.Namespace) -> list[dict[str, Any]]:
                         "torch": ours[p][0]["torch"],
                         "threads": ours[p][0]["threads"],
                         "glibc_tunables": ours[p][0]["glibc_tunables"],
+                        "malloc": ours[p][0]["malloc"],
                         "omp_wait_policy": ours[p][0]["omp_wait_policy"],
                         "cpu": ours[p][0]["cpu"],
                         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -564,6 +567,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    allocator.configure()  # first: mer-train's malloc setting, so the bench times what it runs
     args = parse_args(argv)
     train.configure_threads(train.Settings(num_threads=args.threads))
     out = sys.stdout if args.out == "-" else open(args.out, "a") if args.out else None  # noqa: SIM115

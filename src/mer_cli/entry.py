@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable
 from types import FrameType
 
-from mer_cli import rundir
+from mer_cli import allocator, rundir
 
 
 def stop_on_sigterm() -> None:

@@ -1,0 +1,108 @@
+"""glibc malloc settings applied at start-up, so ``mer-train`` typed directly runs as fast as
+``make run`` without exporting anything.
+
+Why: every training step allocates and frees a few oneDNN LSTM workspaces of tens to hundreds of
+MB (about 3 KB per clip x frame, for each LSTM layer and direction). glibc mmaps every block above
+32 MB and unmaps it on ``free``, so each step page-faults and zeroes them anew: training 1.2-1.6x
+slower (docs/memory.md). Keeping big blocks in the heap (``M_MMAP_MAX=0``) and not trimming it
+(``M_TRIM_THRESHOLD``) removes that cost: the setting the Makefile used to export as
+``GLIBC_TUNABLES``, now applied by the tool itself. Its price is memory: the heap fragments
+(1.8-2.3 GiB peak for a default run, vs 1.0 GiB with glibc's defaults). Where memory matters
+more, ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (glibc reads it at process start only, so it must
+be in the environment) gave 1.0 GiB at 9-19 % below this setting's speed.
+
+``configure()`` is called once, first thing, by the entry points (mer-train, mer-evaluate,
+mer-bench). It does nothing where:
+- the C library is not glibc (macOS, musl): nothing to tune;
+- ``MER_MALLOC=system``: glibc's own defaults (least memory, slower training);
+- the user set glibc's malloc themselves (``GLIBC_TUNABLES`` with a ``glibc.malloc.`` entry, or
+  one of the ``MALLOC_*_`` variables): theirs is kept, untouched.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+from collections.abc import Mapping
+
+log = logging.getLogger(__name__)
+
+SWITCH = "MER_MALLOC"  # tuned (default) | system
+CHOICES = ("tuned", "system")
+
+# mallopt parameter numbers (glibc's malloc.h)
+M_TRIM_THRESHOLD = -1
+M_MMAP_MAX = -4
+
+# name -> (mallopt parameter, value); the names are glibc.malloc.<name> tunables with the same effect
+TUNED = {
+    "mmap_max": (M_MMAP_MAX, 0),  # no mmap: big blocks come from the heap and stay there
+    "trim_threshold": (M_TRIM_THRESHOLD, 2**31 - 1),  # keep up to 2 GiB free at the heap's top
+}
+
+# glibc's environment variables for the same knobs (the user's own setting wins)
+USER_VARIABLES = (
+    "MALLOC_ARENA_MAX",
+    "MALLOC_ARENA_TEST",
+    "MALLOC_MMAP_MAX_",
+    "MALLOC_MMAP_THRESHOLD_",
+    "MALLOC_TOP_PAD_",
+    "MALLOC_TRIM_THRESHOLD_",
+)
+
+_applied: dict[str, int] | None = None
+_reason = "not configured yet"
+
+
+def user_setting(environ: Mapping[str, str]) -> str | None:
+    """The user's own malloc setting in ``environ`` (a description), or None."""
+    tunables = [t for t in environ.get("GLIBC_TUNABLES", "").split(":") if t.startswith("glibc.malloc.")]
+    if tunables:
+        return "GLIBC_TUNABLES=" + ":".join(tunables)
+    for name in USER_VARIABLES:
+        if environ.get(name, "") != "":
+            return f"{name}={environ[name]}"
+    return None
+
+
+def _glibc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version  # noqa: B018 (AttributeError where the C library is not glibc)
+        libc.mallopt  # noqa: B018
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+def configure(environ: Mapping[str, str] | None = None) -> dict[str, int]:
+    """Apply the tuned malloc settings (see the module's docstring); returns what was applied,
+    ``{}`` where nothing was. Only the first call acts: later ones return the first's result."""
+    global _applied, _reason
+    if _applied is not None:
+        return dict(_applied)
+    env = os.environ if environ is None else environ
+    choice = env.get(SWITCH, "tuned").strip().lower() or "tuned"
+    _applied = {}
+    if choice not in CHOICES:
+        _reason = f"{SWITCH}={choice!r} is not one of {', '.join(CHOICES)}: glibc's defaults"
+        log.warning("%s", _reason)
+    elif choice == "system":
+        _reason = f"{SWITCH}=system: glibc's defaults"
+    elif (user := user_setting(env)) is not None:
+        _reason = f"the user's own setting kept: {user}"
+    elif (libc := _glibc()) is None:
+        _reason = "not glibc: the C library's defaults"
+    else:
+        for name, (param, value) in TUNED.items():
+            if libc.mallopt(param, value) == 1:  # mallopt returns 1 on success
+                _applied[name] = value
+        _reason = "tuned: " + ", ".join(f"{k}={v}" for k, v in _applied.items())
+    log.info("malloc: %s", _reason)
+    return dict(_applied)
+
+
+def describe() -> str:
+    """One line: what ``configure`` did and why (for logs and the bench's rows)."""
+    return _reason
