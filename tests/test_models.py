@@ -4,7 +4,7 @@ from omegaconf import OmegaConf
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from conftest import REPO, STREAM, bilstm, inputs
+from conftest import REPO, STREAM, bilstm, inputs, run_cli
 from mer_cli.models import MASKING_IMPLS, BiLSTMEncoder, BiRNNEncoder, MaskedBiLSTM, reverse_within_length
 from mer_cli.pipeline import build_model
 
@@ -151,3 +151,31 @@ def test_gru_encoder_uses_gru_cells_and_keeps_the_lstm_state_dict_names():
     lstm = BiLSTMEncoder(4, (6, 3))  # the names of every checkpoint written before GRUs existed
     assert "lstms.0.forward_lstm.weight_ih_l0" in lstm.state_dict()
     assert "lstms.1.backward_lstm.bias_hh_l0" in lstm.state_dict()
+
+
+SMOKE_MODALITIES = ("acoustic", "visual", "early", "late")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_name", sorted(p.stem for p in MODEL_DIR.glob("*.yaml")))
+def test_every_model_trains_every_modality_in_a_smoke_run(model_name, tmp_path):
+    # one multirun per model (late reuses the sweep's acoustic and visual members): experiment=smoke
+    # shrinks every encoder through the size key they all take, model.encoder.hidden_sizes
+    sweep = tmp_path / "sweep"
+    proc = run_cli(
+        "train",
+        "-m",
+        "experiment=smoke",
+        f"model={model_name}",
+        f"modality={','.join(SMOKE_MODALITIES)}",
+        "compare.enabled=false",
+        "runtime.save_plots=false",
+        f"hydra.sweep.dir={sweep}",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    target = OmegaConf.load(MODEL_DIR / f"{model_name}.yaml").encoder._target_
+    for i, modality in enumerate(SMOKE_MODALITIES):
+        job = sweep / f"{i}_{modality}_seed0"
+        assert (job / "metrics.json").is_file(), f"{model_name} x {modality}: no metrics.json"
+        cfg = OmegaConf.load(job / "config.yaml")
+        assert cfg.model.encoder._target_ == target and list(cfg.model.encoder.hidden_sizes) == [8, 8]
