@@ -179,3 +179,19 @@ def test_every_model_trains_every_modality_in_a_smoke_run(model_name, tmp_path):
         assert (job / "metrics.json").is_file(), f"{model_name} x {modality}: no metrics.json"
         cfg = OmegaConf.load(job / "config.yaml")
         assert cfg.model.encoder._target_ == target and list(cfg.model.encoder.hidden_sizes) == [8, 8]
+
+
+def test_tcn_mean_and_max_pooling_reads_real_frames_only():
+    from mer_cli.models import TCNEncoder
+
+    torch.manual_seed(0)
+    encoder = TCNEncoder(4, (8, 8), pooling="meanmax").eval()
+    x, lengths = _batch(b=4, t=10, f=4, seed=3)
+    padded = torch.cat([x, torch.full((4, 7, 4), -123.0)], dim=1)
+    with torch.no_grad():
+        _, pooled = encoder(padded, lengths)
+        assert pooled.shape == (4, 16)
+        for i, n in enumerate(lengths.tolist()):
+            torch.testing.assert_close(
+                pooled[i], encoder(x[i : i + 1, :n], lengths[i : i + 1])[1][0], atol=1e-5, rtol=1e-5
+            )
