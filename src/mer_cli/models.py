@@ -3,7 +3,8 @@
 Input: named streams, ``{"acoustic": (x, lengths), ...}`` with frames ``x`` (B, T, F) zero-padded
 after each clip's ``lengths`` (B,). Output: class logits (B, C) (softmax is in the loss, or
 applied at prediction time). Every encoder is exact under padding: padded frames never change an
-output. A new encoder is a class with the `Encoder` signature and a ``configs/model/`` file.
+output. A new encoder is a class with the `Encoder` signature and a ``configs/model/`` file; every
+encoder takes ``hidden_sizes`` (one size per layer), the one key ``experiment=smoke`` shrinks.
 """
 
 from __future__ import annotations
