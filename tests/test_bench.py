@@ -127,3 +127,37 @@ def test_mer_bench_names_a_missing_peer_script(capsys):
         bench.parse_args(["--peer-python", sys.executable, "--peer-script", "no/such/peer.py"])
     assert exit_info.value.code == 2
     assert "no/such/peer.py: no such file" in capsys.readouterr().err
+
+
+def test_quick_bench_runs_the_other_encoders_with_their_own_flop_counts(tmp_path):
+    out = tmp_path / "bench.jsonl"
+    bench.main(["--quick", "--model", "gru", "transformer", "tcn", "--precision", "fp32", "--out", str(out)])
+    rows = {r["model"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert list(rows) == ["gru", "transformer", "tcn"]
+    for row in rows.values():
+        assert set(bench.FIELDS) <= set(row) and row["train_clips_per_s"] > 0
+        assert row["train_gflop_per_clip_padded"] > row["train_gflop_per_clip_useful"] > 0
+        assert row["frac_of_peak"] > 0 and math.isfinite(row["loss_last"])
+    assert rows["gru"]["masking"] == "reverse" and rows["tcn"]["masking"] is None
+    # a GRU: 3 gates where the LSTM has 4 (the padded clip's FLOPs, per training step = 3 forwards)
+    assert rows["gru"]["train_gflop_per_clip_padded"] == round(
+        3 * bench.forward_flops(105, 17, [64, 32], 128, 6, 3) / 1e9, 4
+    )
+
+
+def test_counted_flops_agree_with_the_formula_and_include_attention():
+    from mer_cli.pipeline import build_model
+
+    def model(name):
+        cfg = bench.model_config(name)
+        return build_model(cfg, {bench.STREAM: 17}, 6), cfg
+
+    gru, cfg = model("gru")  # the counter sees the GRU's matmuls: it must agree with the formula
+    assert bench.counted_forward_flops(gru, 50, 17) == bench.forward_flops(50, 17, [64, 32], 128, 6, gates=3)
+    assert bench.flops_function(gru, cfg, 17)(50) == bench.forward_flops(50, 17, [64, 32], 128, 6, gates=3)
+    transformer, _ = model("transformer")
+    # attention is quadratic in frames: the rest is linear, so doubling adds more than twice
+    f50, f100 = (bench.counted_forward_flops(transformer, t, 17) for t in (50, 100))
+    head = 2 * (64 * 128 + 128 * 128 + 128 * 6)
+    attention = 2 * 2 * 2 * 64 * (100**2 - 2 * 50**2)  # 2 layers x (QK^T, AV) x 2 FLOPs/MAC x width
+    assert f100 - 2 * f50 == attention - head

@@ -1,10 +1,12 @@
 import pytest
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from conftest import bilstm, inputs
-from mer_cli.models import MaskedBiLSTM, reverse_within_length
+from conftest import REPO, STREAM, bilstm, inputs, run_cli
+from mer_cli.models import MASKING_IMPLS, BiLSTMEncoder, BiRNNEncoder, MaskedBiLSTM, reverse_within_length
+from mer_cli.pipeline import build_model
 
 
 def _batch(b=5, t=12, f=4, seed=0):
@@ -102,3 +104,94 @@ def test_frame_dropout_drops_the_requested_fraction_and_keeps_the_expected_value
     torch.manual_seed(0)
     assert torch.equal(FrameDropout(0.8)(x), y)  # seeded: reproducible
     assert torch.equal(layer.eval()(x), x)  # identity at inference
+
+
+# every encoder of configs/model/*.yaml (bilstm and gru with each masking impl), at the smoke sizes
+MODEL_DIR = REPO / "configs" / "model"
+
+
+def _encoder_cases() -> list[tuple[str, str | None]]:
+    cases: list[tuple[str, str | None]] = []
+    for path in sorted(MODEL_DIR.glob("*.yaml")):
+        encoder = OmegaConf.load(path).encoder
+        impls = MASKING_IMPLS if "masking" in encoder else (None,)
+        cases += [(path.stem, impl) for impl in impls]
+    return cases
+
+
+@pytest.mark.parametrize(("model_name", "masking"), _encoder_cases())
+def test_every_encoder_is_exact_under_padding_and_batching(model_name, masking):
+    cfg = OmegaConf.load(MODEL_DIR / f"{model_name}.yaml")
+    cfg.encoder.hidden_sizes = [8, 8]  # the smoke size every encoder takes
+    if masking is not None:
+        cfg.encoder.masking = masking
+    torch.manual_seed(0)
+    model = build_model(cfg, {STREAM: 4}, 6).eval()
+    x, lengths = _batch(b=5, t=12, f=4, seed=2)
+    lengths[1] = 1  # a one-frame clip too
+    padded = torch.cat([x, torch.full((x.shape[0], 20, x.shape[2]), 123.0)], dim=1)
+    padded[1, 1:] = 123.0  # garbage, not zeros, in every clip's padding
+    with torch.no_grad():
+        frames, pooled = model.encoder(padded, lengths)
+        logits = model(inputs(padded, lengths))
+        assert frames.shape[:2] == padded.shape[:2] and pooled.shape == (5, model.encoder.out_features)
+        for i, n in enumerate(lengths.tolist()):
+            alone_frames, alone_pooled = model.encoder(x[i : i + 1, :n], lengths[i : i + 1])
+            alone_logits = model(inputs(x[i : i + 1, :n], lengths[i : i + 1]))
+            torch.testing.assert_close(frames[i, :n], alone_frames[0], atol=1e-5, rtol=1e-5)
+            assert torch.all(frames[i, n:] == 0), "per-frame outputs are zero past the clip's end"
+            torch.testing.assert_close(pooled[i], alone_pooled[0], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(logits[i], alone_logits[0], atol=1e-5, rtol=1e-5)
+
+
+def test_gru_encoder_uses_gru_cells_and_keeps_the_lstm_state_dict_names():
+    gru = BiRNNEncoder(4, (6, 3), cell="gru")
+    assert all(isinstance(m, nn.GRU) for m in gru.modules() if isinstance(m, nn.RNNBase))
+    assert "grus.0.forward_gru.weight_ih_l0" in gru.state_dict()
+    lstm = BiLSTMEncoder(4, (6, 3))  # the names of every checkpoint written before GRUs existed
+    assert "lstms.0.forward_lstm.weight_ih_l0" in lstm.state_dict()
+    assert "lstms.1.backward_lstm.bias_hh_l0" in lstm.state_dict()
+
+
+SMOKE_MODALITIES = ("acoustic", "visual", "early", "late")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_name", sorted(p.stem for p in MODEL_DIR.glob("*.yaml")))
+def test_every_model_trains_every_modality_in_a_smoke_run(model_name, tmp_path):
+    # one multirun per model (late reuses the sweep's acoustic and visual members): experiment=smoke
+    # shrinks every encoder through the size key they all take, model.encoder.hidden_sizes
+    sweep = tmp_path / "sweep"
+    proc = run_cli(
+        "train",
+        "-m",
+        "experiment=smoke",
+        f"model={model_name}",
+        f"modality={','.join(SMOKE_MODALITIES)}",
+        "compare.enabled=false",
+        "runtime.save_plots=false",
+        f"hydra.sweep.dir={sweep}",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    target = OmegaConf.load(MODEL_DIR / f"{model_name}.yaml").encoder._target_
+    for i, modality in enumerate(SMOKE_MODALITIES):
+        job = sweep / f"{i}_{modality}_seed0"
+        assert (job / "metrics.json").is_file(), f"{model_name} x {modality}: no metrics.json"
+        cfg = OmegaConf.load(job / "config.yaml")
+        assert cfg.model.encoder._target_ == target and list(cfg.model.encoder.hidden_sizes) == [8, 8]
+
+
+def test_tcn_mean_and_max_pooling_reads_real_frames_only():
+    from mer_cli.models import TCNEncoder
+
+    torch.manual_seed(0)
+    encoder = TCNEncoder(4, (8, 8), pooling="meanmax").eval()
+    x, lengths = _batch(b=4, t=10, f=4, seed=3)
+    padded = torch.cat([x, torch.full((4, 7, 4), -123.0)], dim=1)
+    with torch.no_grad():
+        _, pooled = encoder(padded, lengths)
+        assert pooled.shape == (4, 16)
+        for i, n in enumerate(lengths.tolist()):
+            torch.testing.assert_close(
+                pooled[i], encoder(x[i : i + 1, :n], lengths[i : i + 1])[1][0], atol=1e-5, rtol=1e-5
+            )

@@ -7,7 +7,7 @@ shape x model x device x precision (``--out``). Each row trains through ``train.
 (length buckets), ``train.gather_batch`` and ``train.train_step`` (the loop ``mer-train`` runs)
 and infers through ``train.predict_proba``.
 
-    mer-bench                                    # every shape, both models, fp32 and bf16
+    mer-bench                                    # every shape, every model, fp32 and bf16
     mer-bench --shape acoustic --model bilstm_notebook --precision bf16 --batches 4
     mer-bench --quick --out bench.jsonl          # seconds: checks it runs (CI)
     mer-bench --peer-python ~/.venvs/peer-tf/bin/python     # the Keras peer: benchmarks/peer_keras.py
@@ -29,7 +29,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -38,10 +38,14 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from mer_cli import allocator, train
+from mer_cli.models import BiRNNEncoder
 from mer_cli.preprocess import Ragged, SequenceSet
 
 SHAPES = {"acoustic": (356, 52), "visual": (105, 17), "early": (356, 69)}
-MODELS = ("bilstm", "bilstm_notebook")  # configs/model/<name>.yaml
+MODELS = ("bilstm", "bilstm_notebook", "gru", "transformer", "tcn")  # configs/model/<name>.yaml
+PEER_MODELS = ("bilstm", "bilstm_notebook")  # the Keras peer's model at these sizes
+RNN_ENCODERS = ("mer_cli.models.BiLSTMEncoder", "mer_cli.models.BiRNNEncoder")
+GATES = {"lstm": 4, "gru": 3}
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 MASKINGS = ("config", "reverse", "packed", "none")  # none: plain padded nn.LSTM (wrong masking)
 N_CLASSES = 6
@@ -118,14 +122,59 @@ def make_set(n: int, max_len: int, n_features: int, seed: int) -> SequenceSet:
     )
 
 
-def forward_flops(frames: float, n_features: int, hidden: Sequence[int], dense: int, n_classes: int) -> float:
+def forward_flops(
+    frames: float, n_features: int, hidden: Sequence[int], dense: int, n_classes: int, gates: int = 4
+) -> float:
     """Matmul FLOPs of one forward pass of one clip with ``frames`` LSTM steps (peer_keras.py's
-    formula: 2 directions x 4 gates x (input + hidden) x hidden per frame, plus the dense head)."""
+    formula: 2 directions x 4 gates x (input + hidden) x hidden per frame, plus the dense head;
+    ``gates=3``: a GRU's)."""
     f, d_in = 0.0, n_features
     for h in hidden:
-        f += 2 * frames * 2 * (d_in + h) * 4 * h
+        f += 2 * frames * 2 * (d_in + h) * gates * h
         d_in = 2 * h
     return f + 2 * (2 * hidden[-1] * dense + dense * dense + dense * n_classes)
+
+
+def counted_forward_flops(model: nn.Module, frames: int, n_features: int) -> float:
+    """FLOPs of one forward pass of one clip of ``frames`` frames, counted by
+    ``torch.utils.flop_counter`` (matmuls, convolutions, attention), for encoders without a
+    formula. (PyTorch's fused LSTM kernel is invisible to the counter: recurrent encoders use
+    `forward_flops`.)"""
+    from torch.utils import flop_counter
+
+    # the CPU attention kernel has no formula of its own in torch 2.x: the flash kernel's is it
+    def attention(q: Any, k: Any, v: Any, *args: Any, **kwargs: Any) -> int:
+        return int(flop_counter.sdpa_flop_count(q, k, v))  # shapes: the counter passes them
+
+    cpu_attention = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: attention}
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    x = torch.zeros(1, frames, n_features, device=device)
+    try:
+        with (
+            torch.no_grad(),
+            flop_counter.FlopCounterMode(display=False, custom_mapping=cpu_attention) as counter,
+        ):
+            model({STREAM: (x, torch.tensor([frames], device=device))})
+    finally:
+        model.train(was_training)
+    return float(counter.get_total_flops())
+
+
+def flops_function(model: nn.Module, cfg: dict[str, Any], n_features: int) -> Any:
+    """Frames of one clip -> forward FLOPs of ``model``: the peer's formula for recurrent
+    encoders, counted on one forward pass for the others (attention grows with frames squared,
+    so the count is taken at the clip's length, rounded)."""
+    encoder = cfg["encoder"]
+    if encoder["_target_"] in RNN_ENCODERS:
+        hidden, dense, gates = (
+            list(encoder["hidden_sizes"]),
+            int(cfg["dense_size"]),
+            GATES[encoder.get("cell", "lstm")],
+        )
+        return lambda frames: forward_flops(frames, n_features, hidden, dense, N_CLASSES, gates)
+    return lambda frames: counted_forward_flops(model, max(1, round(frames)), n_features)
 
 
 def matmul_peak(dtype: torch.dtype = torch.float32, quick: bool = False) -> float:
@@ -182,16 +231,19 @@ def cpu_name() -> str:
 # One row
 
 
-class PaddedBiLSTM(nn.Module):
-    """Reference only (``--masking none``): a plain bidirectional ``nn.LSTM`` over the padded
-    batch. Its backward direction starts in the padding: fast and wrong, the speed to match."""
+class PaddedBiRNN(nn.Module):
+    """Reference only (``--masking none``): a plain bidirectional ``nn.LSTM`` (or ``nn.GRU``) over
+    the padded batch. Its backward direction starts in the padding: fast and wrong, the speed to
+    match."""
 
-    def __init__(self, input_size: int, hidden_size: int) -> None:
+    def __init__(self, input_size: int, hidden_size: int, cell: str = "lstm") -> None:
         super().__init__()
-        self.lstm = nn.LSTM(input_size, hidden_size, batch_first=True, bidirectional=True)
+        rnn = nn.LSTM if cell == "lstm" else nn.GRU
+        self.lstm = rnn(input_size, hidden_size, batch_first=True, bidirectional=True)
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out, (h, _) = self.lstm(x)
+        out, state = self.lstm(x)
+        h = state[0] if isinstance(state, tuple) else state
         return out, torch.cat([h[0], h[1]], dim=1)
 
 
@@ -207,13 +259,21 @@ def build(model_name: str, n_features: int, masking: str) -> tuple[nn.Module, di
 
     cfg = model_config(model_name)
     encoder = cfg["encoder"]
+    if "masking" not in encoder:  # exact by construction (attention key mask, re-zeroed convs)
+        return build_model(cfg, {STREAM: n_features}, N_CLASSES), cfg
     if masking not in ("config", "none"):
         encoder["masking"] = masking
     model = build_model(cfg, {STREAM: n_features}, N_CLASSES)
     if masking == "none":
         sizes = [n_features] + [2 * h for h in encoder["hidden_sizes"][:-1]]
-        model.get_submodule("encoder").lstms = nn.ModuleList(
-            PaddedBiLSTM(d, h) for d, h in zip(sizes, encoder["hidden_sizes"], strict=True)
+        cell = encoder.get("cell", "lstm")
+        rnn = cast(BiRNNEncoder, model.get_submodule("encoder"))
+        setattr(
+            rnn,
+            rnn.layers_name,
+            nn.ModuleList(
+                PaddedBiRNN(d, h, cell) for d, h in zip(sizes, encoder["hidden_sizes"], strict=True)
+            ),
         )
     return model, cfg
 
@@ -320,11 +380,12 @@ def run_case(case: Case, peaks: dict[str, float]) -> dict[str, Any]:
     train_cps = n_train / statistics.median(train_s)
     infer_cps = len(infer_set) / statistics.median(infer_s)
     mean_len = float(train_set.lengths.float().mean())
-    flop_padded = 3 * forward_flops(max_len, n_features, hidden, dense, N_CLASSES)
-    flop_useful = 3 * forward_flops(mean_len, n_features, hidden, dense, N_CLASSES)
+    flops = flops_function(model, cfg, n_features)  # training: forward + backward = 3 forwards
+    flop_padded = 3 * flops(max_len)
+    flop_useful = 3 * flops(mean_len)
     computed_len = train_frames / n_train
-    flop_computed = 3 * forward_flops(computed_len, n_features, hidden, dense, N_CLASSES)
-    infer_flop = forward_flops(infer_frames / len(infer_set), n_features, hidden, dense, N_CLASSES)
+    flop_computed = 3 * flops(computed_len)
+    infer_flop = flops(infer_frames / len(infer_set))
     peak = peaks["bf16" if dtype == torch.bfloat16 else "fp32"]
     gflops_computed = flop_computed * train_cps / 1e9
     return {
@@ -337,7 +398,10 @@ def run_case(case: Case, peaks: dict[str, float]) -> dict[str, Any]:
         "params": sum(p.numel() for p in model.parameters()),
         "device": str(device),
         "precision": str(dtype).removeprefix("torch.").replace("float32", "fp32").replace("bfloat16", "bf16"),
-        "masking": cfg["encoder"]["masking"] if case.masking == "config" else case.masking,
+        # None: an encoder without masking variants (exact by construction)
+        "masking": (cfg["encoder"]["masking"] if case.masking == "config" else case.masking)
+        if "masking" in cfg["encoder"]
+        else None,
         "bucket_by_length": case.bucket,
         "optimizer": case.optimizer,
         "batch": case.batch,
@@ -521,7 +585,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "side with the Keras peer.",
     )
     ap.add_argument("--shape", nargs="+", choices=sorted(SHAPES), default=None, help="default: all")
-    ap.add_argument("--model", nargs="+", choices=MODELS, default=None, help="default: both")
+    ap.add_argument(
+        "--model", nargs="+", choices=MODELS, default=None, help="default: all (with the peer: the LSTM ones)"
+    )
     ap.add_argument("--precision", nargs="+", choices=PRECISIONS, default=["fp32", "bf16"])
     ap.add_argument("--device", choices=train.DEVICES, default="cpu")
     ap.add_argument("--batch", type=int, default=128)
@@ -562,7 +628,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.rounds is None:
         args.rounds = 2 if args.peer_python else 1
     if args.model is None:
-        args.model = ["bilstm"] if args.quick else list(MODELS)
+        args.model = ["bilstm"] if args.quick else list(PEER_MODELS if args.peer_python else MODELS)
+    if args.peer_python and set(args.model) - set(PEER_MODELS):
+        ap.error(f"the Keras peer has the notebook's BiLSTM only: --model {' '.join(PEER_MODELS)}")
     return args
 
 

@@ -3,11 +3,14 @@
 Input: named streams, ``{"acoustic": (x, lengths), ...}`` with frames ``x`` (B, T, F) zero-padded
 after each clip's ``lengths`` (B,). Output: class logits (B, C) (softmax is in the loss, or
 applied at prediction time). Every encoder is exact under padding: padded frames never change an
-output. A new encoder is a class with the `Encoder` signature and a ``configs/model/`` file.
+output. A new encoder is a class with the `Encoder` signature and a ``configs/model/`` file; every
+encoder takes ``hidden_sizes`` (one size per layer), the one key ``experiment=smoke`` shrinks.
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol, cast
 
@@ -32,51 +35,71 @@ def reverse_within_length(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tenso
     return x.reshape(batch * steps, -1).index_select(0, idx.reshape(-1)).view(x.shape)
 
 
-class MaskedBiLSTM(nn.Module):
-    """One bidirectional LSTM layer that reads each clip only up to its own length.
+CELLS = {"lstm": nn.LSTM, "gru": nn.GRU}
 
-    ``impl="reverse"`` (default, fast on CPU): a forward LSTM over the padded batch (padding comes
-    after the real frames, so it cannot reach them) and a backward LSTM over each clip reversed
+
+class MaskedBiRNN(nn.Module):
+    """One bidirectional recurrent layer (``cell``: ``lstm`` or ``gru``) that reads each clip only
+    up to its own length.
+
+    ``impl="reverse"`` (default, fast on CPU): a forward RNN over the padded batch (padding comes
+    after the real frames, so it cannot reach them) and a backward RNN over each clip reversed
     within its length, so the backward direction starts at the clip's true last frame, not in the
-    padding. Both keep the fused dense LSTM kernels. ``impl="packed"``: the same result through
-    ``pack_padded_sequence`` (per-step loop on CPU; cuDNN handles it well on GPU).
+    padding. Both keep the fused dense kernels. ``impl="packed"``: the same result through
+    ``pack_padded_sequence`` (per-step loop on CPU; cuDNN handles it well on GPU). The two RNNs
+    are the submodules ``forward_<cell>`` and ``backward_<cell>`` (an LSTM's state-dict names are
+    those of every checkpoint written before GRUs existed).
     """
 
-    def __init__(self, input_size: int, hidden_size: int, impl: str = "reverse") -> None:
+    def __init__(self, input_size: int, hidden_size: int, impl: str = "reverse", cell: str = "lstm") -> None:
         super().__init__()
         if impl not in MASKING_IMPLS:
             raise ValueError(f"masking impl {impl!r}: valid: {', '.join(MASKING_IMPLS)}")
+        if cell not in CELLS:
+            raise ValueError(f"cell {cell!r}: valid: {', '.join(CELLS)}")
         self.impl = impl
+        self.cell = cell
         self.hidden_size = hidden_size
-        # one LSTM per direction; the packed path uses them as one bidirectional LSTM's weights
-        self.forward_lstm = nn.LSTM(input_size, hidden_size, batch_first=True)
-        self.backward_lstm = nn.LSTM(input_size, hidden_size, batch_first=True)
+        # one RNN per direction; the packed path uses them as one bidirectional RNN's weights
+        self.add_module(f"forward_{cell}", CELLS[cell](input_size, hidden_size, batch_first=True))
+        self.add_module(f"backward_{cell}", CELLS[cell](input_size, hidden_size, batch_first=True))
+
+    def _rnns(self) -> tuple[nn.Module, nn.Module]:
+        return self.get_submodule(f"forward_{self.cell}"), self.get_submodule(f"backward_{self.cell}")
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns per-frame outputs (B, T, 2H) (zero at padded frames) and last states (B, 2H)."""
         if self.impl == "packed":
             return self._packed(x, lengths)
+        forward_rnn, backward_rnn = self._rnns()
         last = (lengths - 1).clamp(min=0)
         batch = torch.arange(x.shape[0], device=x.device)
-        fwd, _ = self.forward_lstm(x)
-        bwd_rev, _ = self.backward_lstm(reverse_within_length(x, lengths))
+        fwd, _ = forward_rnn(x)
+        bwd_rev, _ = backward_rnn(reverse_within_length(x, lengths))
         last_state = torch.cat([fwd[batch, last], bwd_rev[batch, last]], dim=1)
         out = torch.cat([fwd, reverse_within_length(bwd_rev, lengths)], dim=2)
         mask = torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None]
         return out * mask[:, :, None].to(out.dtype), last_state
 
     def _packed(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        forward_rnn, backward_rnn = self._rnns()
         packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
-        fwd, (h_f, _) = self.forward_lstm(packed)
+        fwd, state_f = forward_rnn(packed)
         # the backward direction: the same packed data, each clip reversed within its length
         rev = pack_padded_sequence(
             reverse_within_length(x, lengths), lengths.cpu(), batch_first=True, enforce_sorted=False
         )
-        bwd, (h_b, _) = self.backward_lstm(rev)
+        bwd, state_b = backward_rnn(rev)
         fwd_pad, _ = pad_packed_sequence(fwd, batch_first=True, total_length=x.shape[1])
         bwd_pad, _ = pad_packed_sequence(bwd, batch_first=True, total_length=x.shape[1])
         out = torch.cat([fwd_pad, reverse_within_length(bwd_pad, lengths)], dim=2)
+        # an LSTM's state is (h, c), a GRU's h alone
+        h_f = state_f[0] if isinstance(state_f, tuple) else state_f
+        h_b = state_b[0] if isinstance(state_b, tuple) else state_b
         return out, torch.cat([h_f[0], h_b[0]], dim=1)
+
+
+MaskedBiLSTM = MaskedBiRNN  # the LSTM layer (cell="lstm" is the default)
 
 
 class FrameDropout(nn.Module):
@@ -108,17 +131,18 @@ class FrameDropout(nn.Module):
 
 
 def keras_init_(module: nn.Module) -> None:
-    """Re-draw the weights of every LSTM and Linear in ``module`` as Keras' defaults draw them.
+    """Re-draw the weights of every LSTM, GRU and Linear in ``module`` as Keras' defaults draw them.
 
     LSTM: input kernel Glorot-uniform over the whole (4H, F) matrix, recurrent kernel orthogonal,
     bias zero except the forget gate's 1 (``unit_forget_bias``; PyTorch's second bias ``b_hh``
-    stays zero, so the sum is Keras' single bias). Linear (Dense): Glorot-uniform, zero bias.
+    stays zero, so the sum is Keras' single bias). GRU: the same kernels, all biases zero (Keras'
+    ``reset_after=True`` keeps two, as PyTorch). Linear (Dense): Glorot-uniform, zero bias.
     BatchNorm needs nothing: PyTorch's gamma 1, beta 0 and running statistics 0 / 1 are Keras'.
     PyTorch's defaults instead draw every LSTM weight and bias from U(+-1/sqrt(H)) and Linear
     weights and biases from U(+-1/sqrt(fan_in)).
     """
     for m in module.modules():
-        if isinstance(m, nn.LSTM):
+        if isinstance(m, (nn.LSTM, nn.GRU)):
             h = m.hidden_size
             for name, p in m.named_parameters():
                 if name.startswith("weight_ih"):
@@ -127,7 +151,7 @@ def keras_init_(module: nn.Module) -> None:
                     nn.init.orthogonal_(p)
                 elif name.startswith("bias"):
                     nn.init.zeros_(p)
-                    if name.startswith("bias_ih"):  # gate order i, f, g, o in both libraries
+                    if isinstance(m, nn.LSTM) and name.startswith("bias_ih"):  # gates i, f, g, o in both
                         nn.init.ones_(p[h : 2 * h])
         elif isinstance(m, nn.Linear):
             nn.init.xavier_uniform_(m.weight)
@@ -147,9 +171,20 @@ class Encoder(Protocol):
     def __call__(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
-class BiLSTMEncoder(nn.Module):
-    """BiLSTM(h1, sequences) -> per-frame dropout -> ... -> BiLSTM(h_last): the notebook's
-    recurrent stack. Pooled vector: the last layer's final states of both directions (2 h_last)."""
+def frame_mask(lengths: torch.Tensor, steps: int) -> torch.Tensor:
+    """(B, T, 1) float mask: 1 at each clip's real frames, 0 in its padding."""
+    return (torch.arange(steps, device=lengths.device)[None, :] < lengths[:, None])[:, :, None].float()
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over each clip's real frames of ``x`` (B, T, H) that is zero past them: (B, H)."""
+    return x.sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+
+
+class BiRNNEncoder(nn.Module):
+    """BiRNN(h1, sequences) -> per-frame dropout -> ... -> BiRNN(h_last): the notebook's
+    recurrent stack, with LSTM (the notebook's) or GRU cells. Pooled vector: the last layer's
+    final states of both directions (2 h_last)."""
 
     def __init__(
         self,
@@ -157,24 +192,185 @@ class BiLSTMEncoder(nn.Module):
         hidden_sizes: Sequence[int] = (512, 256),
         dropout: float = 0.8,
         masking: str = "reverse",
+        cell: str = "lstm",
     ) -> None:
         super().__init__()
         if not hidden_sizes:
-            raise ValueError("hidden_sizes needs at least one LSTM size")
+            raise ValueError(f"hidden_sizes needs at least one {cell.upper()} size")
         sizes = [n_features] + [2 * h for h in hidden_sizes[:-1]]
-        self.lstms = nn.ModuleList(
-            MaskedBiLSTM(d_in, h, impl=masking) for d_in, h in zip(sizes, hidden_sizes, strict=True)
+        layers = nn.ModuleList(
+            MaskedBiRNN(d_in, h, impl=masking, cell=cell) for d_in, h in zip(sizes, hidden_sizes, strict=True)
         )
-        self.frame_dropout = FrameDropout(dropout)  # between LSTM layers, on every frame
+        self.layers_name = f"{cell}s"  # "lstms": the state-dict names of every LSTM checkpoint
+        self.add_module(self.layers_name, layers)
+        self.frame_dropout = FrameDropout(dropout)  # between recurrent layers, on every frame
         self.out_features = 2 * hidden_sizes[-1]
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         last_state = x.new_zeros(0)
-        for i, lstm in enumerate(self.lstms):
-            x, last_state = lstm(x, lengths)
-            if i < len(self.lstms) - 1:
-                x = self.frame_dropout(x)  # per-frame dropout between LSTM layers, as the notebook
+        layers = cast(nn.ModuleList, self.get_submodule(self.layers_name))
+        for i, rnn in enumerate(layers):
+            x, last_state = rnn(x, lengths)
+            if i < len(layers) - 1:
+                x = self.frame_dropout(x)  # per-frame dropout between recurrent layers, as the notebook
         return x, last_state
+
+
+BiLSTMEncoder = BiRNNEncoder  # configs/model/bilstm*.yaml and checkpoints name it (cell="lstm")
+
+
+def sinusoidal_positions(steps: int, dim: int, device: torch.device) -> torch.Tensor:
+    """(T, dim) sine/cosine position codes of "Attention is all you need" (any ``dim``)."""
+    pos = torch.arange(steps, device=device, dtype=torch.float32)[:, None]
+    freq = torch.exp(torch.arange(0, dim, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    codes = torch.zeros(steps, dim, device=device)
+    codes[:, 0::2] = torch.sin(pos * freq)
+    codes[:, 1::2] = torch.cos(pos * freq[: dim // 2])
+    return codes
+
+
+class MaskedSelfAttentionLayer(nn.Module):
+    """Pre-norm transformer layer: x + MHA(LN(x)), then x + FF(LN(x)). Padded keys are never
+    attended (a key-padding mask in ``scaled_dot_product_attention``)."""
+
+    def __init__(self, dim: int, heads: int, ff_size: int, dropout: float) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"model width {dim} is not a multiple of heads={heads}")
+        self.heads = heads
+        self.dropout = dropout
+        self.norm1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.ff = nn.Sequential(
+            nn.Linear(dim, ff_size), nn.GELU(), nn.Dropout(dropout), nn.Linear(ff_size, dim)
+        )
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+        """``x`` (B, T, D); ``key_mask`` (B, 1, 1, T) bool, True at real frames."""
+        batch, steps, dim = x.shape
+        q, k, v = (
+            self.qkv(self.norm1(x))
+            .view(batch, steps, 3, self.heads, dim // self.heads)
+            .permute(2, 0, 3, 1, 4)
+        )
+        att = nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=key_mask, dropout_p=self.dropout if self.training else 0.0
+        )
+        x = x + self.drop(self.proj(att.transpose(1, 2).reshape(batch, steps, dim)))
+        return x + self.drop(self.ff(self.norm2(x)))
+
+
+class TransformerEncoder(nn.Module):
+    """Linear projection to the model width + sinusoidal positions -> N pre-norm layers of masked
+    self-attention and feed-forward -> LayerNorm. ``hidden_sizes``: the model width of each layer
+    (one entry per layer, all equal: attention layers keep their width); ``heads`` divides it;
+    the feed-forward is ``ff_mult`` x wider. Per-frame outputs are zero past each clip's length;
+    pooled vector: their mean over the clip's real frames."""
+
+    def __init__(
+        self,
+        n_features: int,
+        hidden_sizes: Sequence[int] = (64, 64),
+        heads: int = 4,
+        ff_mult: int = 2,
+        dropout: float = 0.1,
+    ) -> None:
+        super().__init__()
+        if not hidden_sizes or len(set(hidden_sizes)) != 1:
+            raise ValueError(f"hidden_sizes {list(hidden_sizes)}: one equal width per transformer layer")
+        dim = hidden_sizes[0]
+        self.input_proj = nn.Linear(n_features, dim)
+        self.layers = nn.ModuleList(
+            MaskedSelfAttentionLayer(dim, heads, ff_mult * dim, dropout) for _ in hidden_sizes
+        )
+        self.input_dropout = nn.Dropout(dropout)
+        self.norm = nn.LayerNorm(dim)
+        self.out_features = dim
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        steps = x.shape[1]
+        mask = frame_mask(lengths, steps)
+        # padded frames are zeroed first: garbage there (even inf/nan) never reaches a real frame
+        x = self.input_proj(torch.where(mask.bool(), x, 0.0))
+        x = self.input_dropout(x + sinusoidal_positions(steps, x.shape[2], x.device).to(x.dtype))
+        # a clip of length 0 attends its first frame, so no softmax row is empty
+        key_mask = (torch.arange(steps, device=x.device)[None, :] < lengths.clamp(min=1)[:, None])[
+            :, None, None
+        ]
+        for layer in self.layers:
+            x = layer(x, key_mask)
+        out = self.norm(x) * mask.to(x.dtype)
+        return out, masked_mean(out, mask.to(out.dtype))
+
+
+POOLINGS = ("mean", "meanmax")
+
+
+class TemporalBlock(nn.Module):
+    """Residual block of two dilated "same" 1-D convolutions (odd kernel, centred, so a frame sees
+    ``(k - 1) * dilation`` frames on each side per conv). Activations are re-zeroed past each
+    clip's end after every conv: the next conv then reads zeros there, exactly what it reads
+    beyond the end of an unpadded clip. No normalization (BatchNorm would couple the clips)."""
+
+    def __init__(self, d_in: int, d_out: int, kernel_size: int, dilation: int, dropout: float) -> None:
+        super().__init__()
+        pad = (kernel_size - 1) // 2 * dilation
+        self.conv1 = nn.Conv1d(d_in, d_out, kernel_size, dilation=dilation, padding=pad)
+        self.conv2 = nn.Conv1d(d_out, d_out, kernel_size, dilation=dilation, padding=pad)
+        self.residual = nn.Conv1d(d_in, d_out, 1) if d_in != d_out else nn.Identity()
+        self.dropout = FrameDropout(dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``x`` (B, F, T), zero past each clip's end; ``mask`` (B, 1, T)."""
+        y = self.dropout(torch.relu(self.conv1(x) * mask))
+        y = self.dropout(torch.relu(self.conv2(y) * mask))
+        return torch.relu(y + self.residual(x) * mask)
+
+
+class TCNEncoder(nn.Module):
+    """Temporal convolutional network: one residual `TemporalBlock` per ``hidden_sizes`` entry
+    (its channels), dilation 1, 2, 4, ... Per-frame outputs are zero past each clip's length;
+    pooled vector: the mean over real frames (``pooling="meanmax"``: mean and max, 2x wide)."""
+
+    def __init__(
+        self,
+        n_features: int,
+        hidden_sizes: Sequence[int] = (64, 64, 64),
+        kernel_size: int = 3,
+        dropout: float = 0.1,
+        pooling: str = "mean",
+    ) -> None:
+        super().__init__()
+        if not hidden_sizes:
+            raise ValueError("hidden_sizes needs at least one block's channels")
+        if kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size {kernel_size}: odd, so the convolutions are centred")
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling {pooling!r}: valid: {', '.join(POOLINGS)}")
+        sizes = [n_features, *hidden_sizes]
+        self.blocks = nn.ModuleList(
+            TemporalBlock(d_in, d_out, kernel_size, 2**i, dropout)
+            for i, (d_in, d_out) in enumerate(itertools.pairwise(sizes))
+        )
+        self.pooling = pooling
+        self.out_features = hidden_sizes[-1] * (2 if pooling == "meanmax" else 1)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mask = frame_mask(lengths, x.shape[1]).to(x.dtype)  # (B, T, 1)
+        h = torch.where(mask.bool(), x, 0.0).transpose(1, 2)  # (B, F, T); garbage padding zeroed
+        mask_t = mask.transpose(1, 2)
+        for block in self.blocks:
+            h = block(h, mask_t)
+        out = h.transpose(1, 2)  # (B, T, H), zero past each clip's end
+        pooled = masked_mean(out, mask)
+        if self.pooling == "meanmax":
+            # activations are >= 0 after the ReLU, so zeros in the padding never win a max over a
+            # clip with at least one frame
+            pooled = torch.cat([pooled, out.amax(dim=1)], dim=1)
+        return out, pooled
 
 
 class Classifier(nn.Module):
