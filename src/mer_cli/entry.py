@@ -37,6 +37,7 @@ def guarded(prog: str, command: Callable[[], object], interrupted: str = "interr
     itself (during imports or Hydra's start-up) removes the run directories this process
     started where nothing was trained, prints ``prog: interrupted`` and exits 130."""
     stop_on_sigterm()
+    allocator.configure()  # before torch loads, so its own start-up allocations follow it too
     try:
         command()
     except KeyboardInterrupt:
