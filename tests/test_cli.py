@@ -93,7 +93,8 @@ def test_late_fusion_trains_both_members_then_reuses_them(tmp_path):
     for member in ("acoustic", "visual"):
         assert (run / member / "checkpoint.pt").is_file()
     late = json.loads((run / "metrics.json").read_text())
-    assert late["run"]["acoustic_weight"] == 0.5
+    assert late["run"]["combiner"] == "mean"
+    assert late["run"]["weights"] == {"acoustic": 0.5, "visual": 0.5}
 
     # the fused probabilities are the average of the members' probabilities
     def probs(path):
@@ -114,6 +115,44 @@ def test_late_fusion_trains_both_members_then_reuses_them(tmp_path):
     assert not (reuse / "acoustic").exists()  # nothing trained again
     again = json.loads((reuse / "metrics.json").read_text())
     assert again["test"]["f1_macro"] == pytest.approx(late["test"]["f1_macro"], abs=1e-6)
+
+
+def test_fitted_late_fusion_is_reproduced_exactly_by_mer_evaluate(tmp_path):
+    run = tmp_path / "stacking"
+    proc = _train(run, "modality=late", "modality.combiner=stacking", "runtime.save_plots=false")
+    assert proc.returncode == 0, proc.stderr
+    late = json.loads((run / "late.json").read_text())
+    assert late["format"] == 2 and late["combiner"] == "stacking"
+    assert (
+        len(late["stacker"]["coef"]) == 6 and len(late["stacker"]["coef"][0]) == 12
+    )  # 6 classes x 2 members
+    # the same members, their weights fitted instead: nothing trained again
+    weighted = tmp_path / "weighted"
+    members = [f"modality.{m}_run={run / m}" for m in ("acoustic", "visual")]
+    proc = _train(
+        weighted, "modality=late", "modality.combiner=weighted", *members, "runtime.save_plots=false"
+    )
+    assert proc.returncode == 0, proc.stderr
+    fitted = json.loads((weighted / "metrics.json").read_text())["run"]
+    assert fitted["combiner"] == "weighted" and sum(fitted["weights"].values()) == pytest.approx(1.0)
+    for target in (run, weighted):
+        proc = run_cli("evaluate", str(target), "--split", "all", "--no-plots")
+        assert proc.returncode == 0, proc.stderr
+        (out,) = (target / "evaluations").iterdir()
+        trained = json.loads((target / "metrics.json").read_text())
+        again = json.loads((out / "metrics.json").read_text())
+        assert again["run"]["combiner"] == trained["run"]["combiner"]
+        for split in ("val", "test"):
+            assert again[split] == trained[split], (target.name, split)  # exactly, loss included
+
+    # the key the weighted combiner replaced: one line, before anything is trained
+    proc = _train(tmp_path / "old", "modality=late", "modality.acoustic_weight=fit")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "mer-train: error: modality.acoustic_weight=fit is now modality.combiner=weighted "
+        "(weights fitted on validation)"
+    )
+    assert not (tmp_path / "old").exists()
 
 
 def test_same_seed_gives_identical_metrics(tmp_path):

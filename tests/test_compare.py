@@ -433,3 +433,31 @@ def test_pairwise_report_shows_the_p_floor_as_a_bound_and_mcnemar_for_each_seed(
     assert warning + "use compare.bootstrap_samples ≥ 120." in md  # 3 x 2/121 = 0.0496 < 0.05
     assert any(warning in line for line in result["summary"])
     assert "≤ 0.06" in (out / "report.html").read_text()
+
+
+def test_the_report_says_how_each_late_run_combined_its_members(tmp_path):
+    y = np.arange(48) % 4
+    fake_run(tmp_path, "acoustic", 0, y, y)
+    fitted = {
+        "weighted": {"weights": {"acoustic": 0.35, "visual": 0.65}},
+        "stacking": {},
+        "mean": {"acoustic_weight": 0.5},  # a run from before modality.combiner
+    }
+    for seed, (combiner, run_info) in enumerate(fitted.items()):
+        run = fake_run(tmp_path, "late", seed, y, y)
+        metrics = json.loads((run / "metrics.json").read_text())
+        if combiner != "mean":
+            metrics["run"]["combiner"] = combiner
+        metrics["run"].update(run_info)
+        (run / "metrics.json").write_text(json.dumps(metrics))
+    runs, _ = compare.collect([tmp_path])
+    text = markdown(compare.build(runs, [], compare.Settings(bootstrap_samples=100)), runs)
+    assert "## Late fusion" in text
+    assert "| late | 0 |  | weighted | acoustic 0.35, visual 0.65 | " in text
+    assert (
+        "| late | 1 |  | stacking | logistic regression on the members' probabilities (late.json) |" in text
+    )
+    assert "| late | 2 |  | mean | acoustic 0.50, visual 0.50 | " in text
+    assert "## Late fusion" not in markdown(
+        compare.build(runs[:1], [], compare.Settings(bootstrap_samples=100)), runs[:1]
+    )

@@ -67,6 +67,14 @@ def test_every_modality_is_known_to_the_pipeline():
     assert set(_options("modality")) == set(pipeline.MODALITIES)
 
 
+def test_late_fusion_defaults_to_the_notebooks_plain_average():
+    from mer_cli import fusion
+
+    late = _compose("modality=late").modality
+    assert late.combiner == "mean" and late.acoustic_weight is None
+    assert late.combiner in fusion.COMBINERS
+
+
 def _readme_commands(tool: str) -> list[list[str]]:
     import shlex
 

@@ -225,3 +225,21 @@ def test_the_report_groups_runs_that_differ_only_in_runtime_knobs_or_seed_as_one
     labels = compare.label_runs(runs)
     assert labels[tmp_path / "a"] == labels[tmp_path / "b"] == "early (model.dense_size=16)"
     assert labels[tmp_path / "c"] == "early (model.dense_size=32)"
+
+
+def test_a_late_run_from_before_combiners_is_the_same_model_as_todays_equivalent():
+    today = rundir.model_identity(_config("modality=late"))
+    before = _config("modality=late")
+    del before["modality"]["combiner"]
+    before["modality"]["acoustic_weight"] = 0.5
+    assert rundir.model_identity(before) == today
+    assert rundir.model_identity(_config("modality=late", "modality.acoustic_weight=0.5")) == today
+    before["modality"]["acoustic_weight"] = "fit"
+    assert rundir.model_identity(before) == rundir.model_identity(
+        _config("modality=late", "modality.combiner=weighted")
+    )
+    before["modality"]["acoustic_weight"] = 0.3
+    assert rundir.model_identity(before) == rundir.model_identity(
+        _config("modality=late", "modality.acoustic_weight=0.3")
+    )
+    assert rundir.model_identity(_config("modality=late", "modality.combiner=stacking")) != today

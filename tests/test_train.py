@@ -167,7 +167,14 @@ def test_late_fusion_refuses_members_that_predicted_different_clips_before_fitti
     visual = {"val": preds("val", ["a", "b"]), "test": preds("test", ["a", "b", "c"])}
     with pytest.raises(MerError, match="val predictions are for different clips"):
         pipeline.fuse_and_report(
-            "fit", {"acoustic": acoustic, "visual": visual}, {}, ("x", "y"), tmp_path, 0, "test data"
+            "weighted",
+            None,
+            {"acoustic": acoustic, "visual": visual},
+            {},
+            ("x", "y"),
+            tmp_path,
+            0,
+            "test data",
         )
     assert not any(tmp_path.iterdir())  # nothing written
 

@@ -853,7 +853,48 @@ def document(result: dict[str, Any], runs: Sequence[Run], figures: dict[str, str
         for r in runs
     ]
     blocks.append(Block("table", rows=(header, *rows)))
-    return blocks + failure_blocks(result["failures"], root)
+    return blocks + late_fusion_blocks(runs, labels, root) + failure_blocks(result["failures"], root)
+
+
+def late_fusion_of(run: Run) -> tuple[str, str]:
+    """A late run's combiner and what it weighed its members with (metrics.json's run section;
+    runs from before ``modality.combiner`` held one ``acoustic_weight``)."""
+    info = run.metrics.get("run", {})
+    weights = info.get("weights")
+    if weights is None and "acoustic_weight" in info:
+        w = float(info["acoustic_weight"])
+        weights = {"acoustic": w, "visual": 1.0 - w}
+    combiner = str(info.get("combiner", "mean"))
+    if weights is None:
+        return combiner, "logistic regression on the members' probabilities (late.json)"
+    return combiner, ", ".join(f"{m} {float(w):.2f}" for m, w in weights.items())
+
+
+def late_fusion_blocks(runs: Sequence[Run], labels: dict[Path, str], root: Path) -> list[Block]:
+    late = [r for r in runs if r.modality == "late"]
+    if not late:
+        return []
+    header = ("model", "seed", "fold", "combiner", "weights", "run directory")
+    rows = [
+        (
+            labels[r.path],
+            "" if r.seed is None else str(r.seed),
+            "" if r.fold is None else str(r.fold),
+            *late_fusion_of(r),
+            _rel(r.path, root),
+        )
+        for r in late
+    ]
+    return [
+        Block("h2", "Late fusion"),
+        Block(
+            "p",
+            "How each late fusion run combined its members' class probabilities (modality.combiner): "
+            "mean averages them, weighted uses weights fitted on validation, stacking a classifier "
+            "fitted on validation; the test split chose none of them.",
+        ),
+        Block("table", rows=(header, *rows)),
+    ]
 
 
 def failure_blocks(failures: Sequence[dict[str, Any]], root: Path) -> list[Block]:

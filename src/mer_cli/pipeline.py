@@ -9,7 +9,7 @@ Every file in a run directory is written by a function called from here:
   predictions.csv          per clip: split, clip id, true label, predicted label, probabilities
   plots/*.png              training curves; test split: confusion matrix, ROC, per-class ROC, PR
   acoustic/, visual/       late fusion only: the two member runs (same layout), unless reused
-  late.json                late fusion only: members and fusion weight, for mer-evaluate
+  late.json                late fusion only: members, combiner and what it fitted, for mer-evaluate
   fold<i>/, cv.json        cv.folds=K only: one run per fold (same layout), mean over folds
   failed.json              a failed job of a sweep (written by cli.py): its error, for the report
 """
@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 INPUTS = {"acoustic": "single", "visual": "single", "early": "early"}
 MODALITIES = (*INPUTS, "late")
 CHECKPOINT_FORMAT = 2  # 1: before encoders and heads were separate (read through upgrade_format_1)
-LATE_FORMAT = 1  # late.json
+LATE_FORMAT = 2  # late.json; 1: one acoustic weight, before modality.combiner (read by read_late)
 PRECISION_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
@@ -304,6 +304,10 @@ def build_model(
 # Late fusion
 
 
+# one member per stream of the data, each a single-stream model of that name
+LATE_MEMBERS = ("acoustic", "visual")
+
+
 def run_late(
     cfg: DictConfig,
     splits: data.Splits,
@@ -311,15 +315,17 @@ def run_late(
     resume: bool = False,
     sweep_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Average (or weight) the class probabilities of an acoustic and a visual model.
+    """Combine the class probabilities of an acoustic and a visual model (``modality.combiner``).
 
     Each member is reused from ``modality.<member>_run`` when given, else from a run of this sweep
     with the same settings, else trained into ``out_dir/<member>/`` with this run's data, model,
     trainer and seed.
     """
+    combiner, acoustic_weight = cfg.modality.get("combiner", "mean"), cfg.modality.get("acoustic_weight")
+    check_combiner(combiner, acoustic_weight)  # before any member is trained
     members: dict[str, dict[str, report.Predictions]] = {}
     sources: dict[str, str] = {}
-    for member in ("acoustic", "visual"):
+    for member in LATE_MEMBERS:
         reuse = cfg.modality.get(f"{member}_run")
         if not reuse and sweep_dir is not None:
             reuse = sweep.find_trained(sweep_dir, member_config(cfg, member), out_dir)
@@ -337,7 +343,8 @@ def run_late(
             members[member] = result.predictions
             sources[member] = member
     return fuse_and_report(
-        cfg.modality.acoustic_weight,
+        combiner,
+        acoustic_weight,
         members,
         sources,
         splits.class_names,
@@ -356,29 +363,68 @@ def member_config(cfg: DictConfig, member: str) -> DictConfig:
     return member_cfg
 
 
+def check_combiner(combiner: str, acoustic_weight: float | str | None) -> None:
+    """``modality.combiner`` is known, and ``modality.acoustic_weight`` goes with it."""
+    if combiner not in fusion.COMBINERS:
+        raise ConfigError(f"modality.combiner={combiner!r}: valid: {', '.join(fusion.COMBINERS)}")
+    if acoustic_weight == "fit":
+        raise ConfigError(
+            "modality.acoustic_weight=fit is now modality.combiner=weighted (weights fitted on validation)"
+        )
+    if acoustic_weight is not None and combiner != "mean":
+        raise ConfigError(
+            f"modality.acoustic_weight={acoustic_weight}: fixed weights are for modality.combiner=mean; "
+            f"{combiner} fits its own on validation"
+        )
+
+
+def late_weights(combiner: str, acoustic_weight: float | str | None) -> dict[str, float] | None:
+    """``modality.acoustic_weight`` as the mean combiner's member weights (acoustic, visual);
+    None: equal weights. The key predates ``modality.combiner`` and names the data's two streams."""
+    check_combiner(combiner, acoustic_weight)
+    if acoustic_weight is None:
+        return None
+    try:
+        weight = float(acoustic_weight)
+    except ValueError:
+        raise ConfigError(
+            f"modality.acoustic_weight={acoustic_weight!r}: must be a number in [0, 1]"
+        ) from None
+    if not 0.0 <= weight <= 1.0:
+        raise ConfigError(f"modality.acoustic_weight={weight}: must be in [0, 1]")
+    return {"acoustic": weight, "visual": 1.0 - weight}
+
+
 def late_predictions(
-    members: dict[str, dict[str, report.Predictions]], acoustic_weight: float, split_names: tuple[str, ...]
+    members: dict[str, dict[str, report.Predictions]],
+    combined: fusion.LateFusion,
+    split_names: tuple[str, ...],
 ) -> list[report.Predictions]:
-    """The members' class probabilities combined per split; both must cover the same clips."""
+    """The members' class probabilities combined per split; all must cover the same clips."""
     check_same_clips(members, split_names)
-    a, v = members["acoustic"], members["visual"]
+    first = members[combined.members[0]]
     return [
         report.Predictions(
-            s, a[s].clip_ids, a[s].y_true, fusion.late_fuse(a[s].y_prob, v[s].y_prob, acoustic_weight)
+            s,
+            first[s].clip_ids,
+            first[s].y_true,
+            combined.combine({m: members[m][s].y_prob for m in combined.members}),
         )
         for s in split_names
     ]
 
 
 def check_same_clips(members: dict[str, dict[str, report.Predictions]], split_names: tuple[str, ...]) -> None:
-    a, v = members["acoustic"], members["visual"]
+    (first, *others) = members
     for s in split_names:
-        if a[s].clip_ids != v[s].clip_ids:
-            raise MerError(f"late fusion: the acoustic and visual {s} predictions are for different clips")
+        for m in others:
+            if members[m][s].clip_ids != members[first][s].clip_ids:
+                raise MerError(f"late fusion: the {first} and {m} {s} predictions are for different clips")
 
 
 def fuse_and_report(
-    acoustic_weight: float | str,
+    combiner: str,
+    acoustic_weight: float | str | None,
     members: dict[str, dict[str, report.Predictions]],
     sources: dict[str, str],
     class_names: tuple[str, ...],
@@ -387,32 +433,46 @@ def fuse_and_report(
     data_source: str,
     save_plots: bool = True,
 ) -> dict[str, Any]:
-    a, v = members["acoustic"], members["visual"]
-    check_same_clips(members, ("val", "test"))  # before a weight is fitted on them
-    if acoustic_weight == "fit":
-        # fitted on validation predictions only: the test split never chooses its own fusion
-        weight = fusion.fit_acoustic_weight(
-            a["val"].y_prob, v["val"].y_prob, a["val"].y_true, len(class_names)
-        )
-        log.info("late fusion: acoustic weight %.2f fitted on validation", weight)
+    weights = late_weights(combiner, acoustic_weight)
+    check_same_clips(members, ("val", "test"))  # before anything is fitted on them
+    val = next(iter(members.values()))["val"]
+    # fitted on validation predictions and labels only: the test split never chooses its own fusion
+    combined = fusion.fit_late(
+        combiner, {m: p["val"].y_prob for m, p in members.items()}, val.y_true, len(class_names), weights
+    )
+    fitted = combined.state()
+    if combined.weights is not None:
+        log.info("late fusion: %s, weights %s", combiner, fitted["weights"])
     else:
-        weight = float(acoustic_weight)
-        if not 0.0 <= weight <= 1.0:
-            raise ConfigError(f"modality.acoustic_weight={weight}: must be in [0, 1] or 'fit'")
-    predictions = late_predictions(members, weight, ("val", "test"))
+        log.info("late fusion: %s, fitted on validation", combiner)
+    predictions = late_predictions(members, combined, ("val", "test"))
     metrics = {
         "run": {
             "modality": "late",
             "seed": seed,
             "data": data_source,
-            "acoustic_weight": weight,
+            **{k: v for k, v in fitted.items() if k != "stacker"},  # its coefficients: late.json
             "members": sources,
         },
         **{p.split: evaluate.score(p.y_true, p.y_prob, class_names) for p in predictions},
     }
-    write_json(out_dir / "late.json", {"format": LATE_FORMAT, "acoustic_weight": weight, "members": sources})
+    write_json(out_dir / "late.json", {"format": LATE_FORMAT, **fitted, "members": sources})
     report.write(out_dir, metrics, None, predictions, class_names, save_plots=save_plots)
     return metrics
+
+
+def read_late(late: dict[str, Any], path: Path) -> fusion.LateFusion:
+    """late.json's combiner. Format 1 (before ``modality.combiner``) held one acoustic weight."""
+    members = list(late["members"])
+    if late.get("format") == 1:
+        w = float(late["acoustic_weight"])
+        return fusion.LateFusion("mean", ("acoustic", "visual"), weights=(w, 1.0 - w))
+    if late.get("format") != LATE_FORMAT:
+        raise MerError(
+            f"{path}: format {late.get('format')!r} is not supported (this mer-cli reads formats 1 "
+            f"and {LATE_FORMAT})"
+        )
+    return fusion.LateFusion.from_state(late, members)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -550,17 +610,25 @@ def evaluate_run(
     cv_cfg = cfg.cv if data_path is None and "cv" in cfg else None
     splits = load_data(data_cfg, cv_cfg)
     late_path = run_dir / "late.json"
+    late_info: dict[str, Any] = {}
     if late_path.exists():
         late = json.loads(late_path.read_text())
+        combined = read_late(late, late_path)
         members = {
             m: predict_run(_member_dir(run_dir, src), splits, split_names)
             for m, src in late["members"].items()
         }
-        predictions = late_predictions(members, float(late["acoustic_weight"]), split_names)
+        predictions = late_predictions(members, combined, split_names)
+        late_info = {"combiner": combined.combiner}
     else:
         predictions = list(predict_run(run_dir, splits, split_names).values())
     metrics = {
-        "run": {"evaluated_run": str(run_dir), "modality": cfg.modality.name, "data": splits.source},
+        "run": {
+            "evaluated_run": str(run_dir),
+            "modality": cfg.modality.name,
+            **late_info,
+            "data": splits.source,
+        },
         **{p.split: evaluate.score(p.y_true, p.y_prob, splits.class_names) for p in predictions},
     }
     stamp = time.strftime("%Y-%m-%d_%H-%M-%S")

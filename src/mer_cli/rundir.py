@@ -120,6 +120,8 @@ RUN_KEYS = ("seed", "cv.fold")
 # where late fusion read its members from: the members' own identities decide, not their paths
 _MEMBER_SOURCES = re.compile(r"^modality\.\w+_run$")
 _SINGLE_MODALITY_KEYS = ("modality.name", "modality.streams")
+# late fusion before modality.combiner: its acoustic_weight (0.5, a number, or "fit") in today's keys
+_LATE_BEFORE_COMBINER = {0.5: ("mean", None), "fit": ("weighted", None)}
 
 
 def model_identity(cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -132,6 +134,12 @@ def model_identity(cfg: Mapping[str, Any]) -> dict[str, Any]:
     # only late fusion reads modality options beyond these: a stray one elsewhere (a sweep-wide
     # ++modality.acoustic_weight=...) changes nothing a single model learns
     single = flat.get("modality.name") != "late"
+    if not single and "modality.combiner" not in flat:  # a late run from before combiners
+        weight = flat.get("modality.acoustic_weight", 0.5)
+        combiner, weight = _LATE_BEFORE_COMBINER.get(weight, ("mean", weight))
+        flat = {**flat, "modality.combiner": combiner, "modality.acoustic_weight": weight}
+    if not single and flat.get("modality.acoustic_weight") == 0.5:
+        flat = {**flat, "modality.acoustic_weight": None}  # equal weights either way
     return {
         k: v
         for k, v in flat.items()
