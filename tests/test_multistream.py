@@ -6,6 +6,7 @@ import copy
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -143,3 +144,26 @@ def test_smoke_run_and_mer_evaluate_reproduce_its_metrics(tmp_path, modality):
     again = json.loads((out / "metrics.json").read_text())
     for split in ("val", "test"):
         assert again[split] == trained[split], split  # exactly, loss included
+
+
+def test_the_comparison_report_shows_each_streams_contribution_when_runs_recorded_it(tmp_path):
+    from mer_cli import compare
+    from test_compare import fake_run, markdown
+
+    y = np.arange(48) % 4
+    fake_run(tmp_path, "acoustic", 0, y, y)
+    for seed, (a, v) in enumerate(((0.5, 0.25), (0.7, 0.35))):
+        run = fake_run(tmp_path, "joint", seed, y, y)
+        metrics = json.loads((run / "metrics.json").read_text())
+        metrics["test"]["stream_contribution"] = {"acoustic": a, "visual": v}
+        (run / "metrics.json").write_text(json.dumps(metrics))
+    runs, _ = compare.collect([tmp_path])
+    result = compare.build(runs, [], compare.Settings(bootstrap_samples=100))
+    by_label = {m["label"]: m for m in result["models"]}
+    assert by_label["acoustic"]["stream_contribution"] is None
+    assert by_label["joint"]["stream_contribution"] == pytest.approx({"acoustic": 0.6, "visual": 0.3})
+    text = markdown(result, runs)
+    assert "## Stream contribution" in text
+    assert "| model | accuracy | acoustic only | visual only |" in text
+    assert "| joint | 100.0 % | 60.0 % | 30.0 % |" in text
+    assert "| acoustic | 100.0 % |" not in text.split("## Stream contribution")[1].split("##")[0]
