@@ -135,7 +135,7 @@ def test_smoke_run_and_mer_evaluate_reproduce_its_metrics(tmp_path, modality):
     assert proc.returncode == 0, proc.stderr
     trained = json.loads((run / "metrics.json").read_text())
     assert trained["run"]["modality"] == modality
-    contribution = trained["test"].pop("stream_contribution")
+    contribution = trained["test"]["stream_contribution"]
     assert sorted(contribution) == ["acoustic", "visual"]
     assert all(0.0 <= v <= 1.0 for v in contribution.values())
     proc = run_cli("evaluate", str(run), "--split", "all", "--no-plots")
@@ -143,7 +143,7 @@ def test_smoke_run_and_mer_evaluate_reproduce_its_metrics(tmp_path, modality):
     (out,) = (run / "evaluations").iterdir()
     again = json.loads((out / "metrics.json").read_text())
     for split in ("val", "test"):
-        assert again[split] == trained[split], split  # exactly, loss included
+        assert again[split] == trained[split], split  # exactly, loss and stream contribution included
 
 
 def test_the_comparison_report_shows_each_streams_contribution_when_runs_recorded_it(tmp_path):

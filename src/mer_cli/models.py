@@ -344,8 +344,8 @@ class MultiStreamClassifier(nn.Module):
 
     def forward(self, inputs: Mapping[str, Frames]) -> torch.Tensor:
         pooled = self.pooled(inputs)
-        if self.training and self.ogm_alpha is not None:
-            self._pooled = {s: p.detach() for s, p in pooled.items()}
+        if self.training and self.ogm_alpha is not None:  # read after backward, outside autocast
+            self._pooled = {s: p.detach().float() for s, p in pooled.items()}
         return self.head(self.dropout(torch.cat([pooled[s] for s in self.streams], dim=1)))
 
     def stream_scores(self, y: torch.Tensor) -> dict[str, torch.Tensor]:

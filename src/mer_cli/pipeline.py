@@ -563,6 +563,18 @@ def predict_run(
     return out
 
 
+def run_stream_contribution(run_dir: Path, split: data.Split) -> dict[str, float]:
+    """`stream_contribution` of a trained multi-stream run on ``split``, as it was evaluated."""
+    model, preps, meta = load_trained(run_dir)
+    device = train.resolve_device("auto")
+    dtype = train.resolve_precision(trained_precision(run_dir, meta), device)
+    seqs = preprocess.apply(
+        preps, model_inputs(split, meta["modality"], list(meta["streams"])), split.labels, split.clip_ids
+    )
+    model.to(device)
+    return stream_contribution(model, seqs, int(meta.get("eval_batch_size", 512)), device, dtype)
+
+
 def trained_precision(run_dir: Path, meta: dict[str, Any]) -> str:
     """``fp32`` | ``bf16`` | ``fp16``: what the run trained and evaluated with. Checkpoints from
     before it was recorded there: the run's metrics.json says it (``run.precision``)."""
@@ -617,6 +629,8 @@ def evaluate_run(
         "run": {"evaluated_run": str(run_dir), "modality": cfg.modality.name, "data": splits.source},
         **{p.split: evaluate.score(p.y_true, p.y_prob, splits.class_names) for p in predictions},
     }
+    if cfg.modality.name in STREAM_MODELS and "test" in split_names:
+        metrics["test"]["stream_contribution"] = run_stream_contribution(run_dir, splits.test)
     stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
     out_dir = run_dir / "evaluations" / stamp
     n = 1
