@@ -265,10 +265,11 @@ def ogm_coefficients(scores: Mapping[str, torch.Tensor], alpha: float) -> dict[s
     """OGM's gradient coefficient per stream from its contribution score (Peng et al., CVPR 2022).
 
     ``scores``: each stream's summed softmax probability of the true class over the batch. A
-    stream's ratio is its score over the mean score of the other streams; a dominant stream
-    (ratio > 1) gets ``1 - tanh(alpha * (ratio - 1))``, every other stream 1. The paper's
-    formula; the authors' code uses ``tanh(alpha * ratio)`` (no ``- 1``), which also slows a
-    stream that is only just ahead.
+    stream's ratio is its score over the mean score of the other streams (two streams: the
+    paper's ratio); a dominant stream (ratio > 1) gets ``1 - tanh(alpha * (ratio - 1))``, every
+    other stream 1. The paper's Eq. 10 and the authors' code use ``1 - tanh(alpha * ratio)``
+    instead: a jump at ratio 1, where a stream only just ahead is already slowed by
+    ``1 - tanh(alpha)``; with ``- 1`` the coefficient grows continuously from 1.
     """
     names = list(scores)
     if len(names) < 2:
@@ -369,7 +370,9 @@ class MultiStreamClassifier(nn.Module):
         """OGM(-GE), after backward and before the optimizer step: the encoder of the stream that
         dominates this batch has its gradients scaled by its coefficient (`ogm_coefficients`);
         with ``ogm_noise``, every encoder gradient also gets Gaussian noise of its own standard
-        deviation (GE). Nothing when ``ogm_alpha`` is None."""
+        deviation (GE). Nothing when ``ogm_alpha`` is None. Unlike the authors' code (which
+        modulates only convolution kernels, within an epoch range), every parameter of an
+        encoder is modulated, in every epoch; the head and the cross-attention layers never."""
         if self.ogm_alpha is None or not self._pooled:
             return
         self.last_coefficients = ogm_coefficients(self.stream_scores(y), self.ogm_alpha)
