@@ -167,3 +167,13 @@ def test_the_comparison_report_shows_each_streams_contribution_when_runs_recorde
     assert "| model | accuracy | acoustic only | visual only |" in text
     assert "| joint | 100.0 % | 60.0 % | 30.0 % |" in text
     assert "| acoustic | 100.0 % |" not in text.split("## Stream contribution")[1].split("##")[0]
+
+
+def test_ogm_and_attention_options_are_part_of_a_models_identity():
+    from mer_cli import pipeline, rundir
+
+    base = {"seed": 0, "modality": {"name": "xattn", "streams": ["acoustic", "visual"], "ogm_alpha": None}}
+    ogm = {**base, "modality": {**base["modality"], "ogm_alpha": 0.5}}
+    # else a sweep would reuse a run trained without OGM for one with it, and a report merge them
+    assert rundir.model_identity(base) != rundir.model_identity(ogm)
+    assert set(pipeline.STREAM_MODELS) == {"joint", "xattn"}  # the modalities rundir lists

@@ -129,9 +129,10 @@ def model_identity(cfg: Mapping[str, Any]) -> dict[str, Any]:
     comparison report groups runs by it; `run_identity` adds seed and fold for the sweep's reuse
     of trained runs and the resume check."""
     flat = flatten(cfg)
-    # only late fusion reads modality options beyond these: a stray one elsewhere (a sweep-wide
+    # only late fusion and the jointly trained fusions (pipeline.STREAM_MODELS: OGM, attention
+    # heads) read modality options beyond these: a stray one elsewhere (a sweep-wide
     # ++modality.acoustic_weight=...) changes nothing a single model learns
-    single = flat.get("modality.name") != "late"
+    single = flat.get("modality.name") not in ("late", "joint", "xattn")
     return {
         k: v
         for k, v in flat.items()
