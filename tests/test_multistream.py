@@ -176,4 +176,5 @@ def test_ogm_and_attention_options_are_part_of_a_models_identity():
     ogm = {**base, "modality": {**base["modality"], "ogm_alpha": 0.5}}
     # else a sweep would reuse a run trained without OGM for one with it, and a report merge them
     assert rundir.model_identity(base) != rundir.model_identity(ogm)
-    assert set(pipeline.STREAM_MODELS) == {"joint", "xattn"}  # the modalities rundir lists
+    for modality, (_, options) in pipeline.STREAM_MODELS.items():  # rundir lists the same options
+        assert rundir._JOINT_OPTIONS[modality] == tuple(f"modality.{o}" for o in options)

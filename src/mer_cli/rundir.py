@@ -129,18 +129,29 @@ def model_identity(cfg: Mapping[str, Any]) -> dict[str, Any]:
     comparison report groups runs by it; `run_identity` adds seed and fold for the sweep's reuse
     of trained runs and the resume check."""
     flat = flatten(cfg)
-    # only late fusion and the jointly trained fusions (pipeline.STREAM_MODELS: OGM, attention
-    # heads) read modality options beyond these: a stray one elsewhere (a sweep-wide
+    # only late fusion reads modality options beyond these: a stray one elsewhere (a sweep-wide
     # ++modality.acoustic_weight=...) changes nothing a single model learns
-    single = flat.get("modality.name") not in ("late", "joint", "xattn")
+    single = flat.get("modality.name") != "late"
     return {
         k: v
         for k, v in flat.items()
         if not _NOT_IDENTITY.match(k)
         and k not in RUN_KEYS
         and not _MEMBER_SOURCES.match(k)
-        and not (single and k.startswith("modality.") and k not in _SINGLE_MODALITY_KEYS)
+        and not (single and k.startswith("modality.") and k not in _model_options(flat))
     }
+
+
+# the jointly trained fusions' modality options (pipeline.STREAM_MODELS): they change the model
+_JOINT_OPTIONS: dict[str, tuple[str, ...]] = {
+    "joint": ("modality.ogm_alpha", "modality.ogm_noise"),
+    "xattn": ("modality.ogm_alpha", "modality.ogm_noise", "modality.attention_heads"),
+}
+
+
+def _model_options(flat: Mapping[str, Any]) -> tuple[str, ...]:
+    """The ``modality`` keys a single model's identity keeps (its name, streams, joint options)."""
+    return _SINGLE_MODALITY_KEYS + _JOINT_OPTIONS.get(str(flat.get("modality.name")), ())
 
 
 def run_identity(cfg: Mapping[str, Any]) -> dict[str, Any]:
