@@ -8,7 +8,6 @@ output. A new encoder is a class with the `Encoder` signature and a ``configs/mo
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, cast
 
@@ -278,7 +277,7 @@ def ogm_coefficients(scores: Mapping[str, torch.Tensor], alpha: float) -> dict[s
     for s in names:
         others = torch.stack([scores[o] for o in names if o != s]).mean()
         ratio = float(scores[s] / others.clamp(min=1e-12))
-        out[s] = 1.0 - math.tanh(alpha * max(0.0, ratio - 1.0))
+        out[s] = 1.0 - torch.tensor(alpha * max(0.0, ratio - 1.0), dtype=torch.float64).tanh().item()
     return out
 
 
