@@ -253,7 +253,7 @@ def shared_head(
 # Jointly trained multi-stream models (modality=joint, modality=xattn)
 
 
-def masked_mean(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+def mean_within_length(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """Mean over each clip's first ``lengths[b]`` frames of ``x`` (B, T, H); padding never read."""
     mask = torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None]
     summed = torch.where(mask[:, :, None], x, x.new_zeros(())).sum(dim=1)
@@ -460,5 +460,5 @@ class CrossAttentionClassifier(MultiStreamClassifier):
         for s, o in ((a, b), (b, a)):
             frames, _, lengths = encoded[s]
             attended = self.attend[s](frames, encoded[o][0], encoded[o][2])
-            out[s] = masked_mean(attended, lengths)
+            out[s] = mean_within_length(attended, lengths)
         return out
