@@ -25,7 +25,7 @@ def _compose(*overrides: str):
 
 
 def test_every_group_has_the_documented_options():
-    assert _options("modality") == ["acoustic", "early", "late", "visual"]
+    assert _options("modality") == ["acoustic", "early", "joint", "late", "visual", "xattn"]
     assert {"bilstm", "bilstm_notebook"} <= set(_options("model"))
     assert {"smoke", "notebook"} <= set(_options("experiment"))
     assert {"synthetic", "pickle"} <= set(_options("data"))

@@ -39,7 +39,7 @@ from mer_cli.rundir import flatten, model_identity
 
 log = logging.getLogger(__name__)
 
-MODALITY_ORDER = ("acoustic", "visual", "late", "early")
+MODALITY_ORDER = ("acoustic", "visual", "late", "early", "joint", "xattn")
 # test metrics in the tables: the label-based ones also get a bootstrap interval
 TABLE_METRICS = ("f1_macro", "accuracy", "balanced_accuracy", "roc_auc_micro", "roc_auc_macro", "loss")
 BAR_METRICS = ("f1_macro", "accuracy", "balanced_accuracy")
@@ -53,7 +53,14 @@ METRIC_TITLES = {
 }
 # people rating CREMA-D clips (accuracy per rating, the dataset paper): drawn on the bar charts
 HUMAN_RATES = {"voice": 0.409, "face": 0.582, "both": 0.636}
-HUMAN_RATE_OF_MODALITY = {"acoustic": "voice", "visual": "face", "late": "both", "early": "both"}
+HUMAN_RATE_OF_MODALITY = {
+    "acoustic": "voice",
+    "visual": "face",
+    "late": "both",
+    "early": "both",
+    "joint": "both",
+    "xattn": "both",
+}
 HUMAN_REFERENCE_CHOICES = ("auto", "true", "false")
 
 
@@ -268,6 +275,7 @@ def build(runs: Sequence[Run], failures: Sequence[Failure], settings: Settings) 
                 "folds": sorted({r.fold for r in m.runs if r.fold is not None}),
                 "ci_unit": m.ci_unit,
                 "test": m.summary,
+                "stream_contribution": stream_contribution(m),
                 "runs": [str(r.path) for r in m.runs],
             }
             for m in models
@@ -280,6 +288,19 @@ def build(runs: Sequence[Run], failures: Sequence[Failure], settings: Settings) 
     }
     result["summary"] = summary_sentences(result)
     return result
+
+
+def stream_contribution(model: Model) -> dict[str, float] | None:
+    """Mean over the model's runs of each stream's test accuracy with the other streams zeroed
+    (``stream_contribution`` in metrics.json: jointly trained multi-stream models); None when a
+    run lacks it."""
+    per_run = [r.metrics["test"].get("stream_contribution") for r in model.runs]
+    if not per_run or any(not isinstance(c, dict) for c in per_run):
+        return None
+    streams = list(per_run[0])
+    if any(list(c) != streams for c in per_run):
+        return None
+    return {s: float(np.mean([c[s] for c in per_run])) for s in streams}
 
 
 def _failure_dict(f: Failure) -> dict[str, Any]:
@@ -745,6 +766,7 @@ def document(result: dict[str, Any], runs: Sequence[Run], figures: dict[str, str
         for m in result["models"]
     ]
     blocks.append(Block("table", rows=(header, *rows)))
+    blocks += contribution_blocks(result)
     blocks.append(Block("h2", "Ranking"))
     blocks.append(
         Block(
@@ -895,6 +917,28 @@ def late_fusion_blocks(runs: Sequence[Run], labels: dict[Path, str], root: Path)
         ),
         Block("table", rows=(header, *rows)),
     ]
+
+
+def contribution_blocks(result: dict[str, Any]) -> list[Block]:
+    """Each stream's contribution to the multi-stream models that recorded it (empty if none)."""
+    models = [m for m in result["models"] if m.get("stream_contribution")]
+    if not models:
+        return []
+    streams = list(dict.fromkeys(s for m in models for s in m["stream_contribution"]))
+    header = ("model", METRIC_TITLES["accuracy"], *(f"{s} only" for s in streams))
+    rows = [
+        (
+            m["label"],
+            _pct(m["test"]["accuracy"]["mean"]),
+            *(_pct(m["stream_contribution"].get(s)) for s in streams),
+        )
+        for m in models
+    ]
+    text = (
+        "Test accuracy of each jointly trained model with all its streams, and with one stream "
+        "kept and the others' frames zeroed (mean over runs): how much the model relies on each."
+    )
+    return [Block("h2", "Stream contribution"), Block("p", text), Block("table", rows=(header, *rows))]
 
 
 def failure_blocks(failures: Sequence[dict[str, Any]], root: Path) -> list[Block]:

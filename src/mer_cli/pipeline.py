@@ -38,8 +38,15 @@ from mer_cli.errors import ConfigError, MerError
 log = logging.getLogger(__name__)
 
 # modality -> how its model's input streams are made from the data's (``modality.streams``):
-# one stream as it is, or several fused per frame; late fusion combines an acoustic and a visual model
-INPUTS = {"acoustic": "single", "visual": "single", "early": "early"}
+# one stream as it is, several fused per frame, or several each as it is (one encoder per stream,
+# trained jointly); late fusion combines an acoustic and a visual model
+INPUTS = {"acoustic": "single", "visual": "single", "early": "early", "joint": "streams", "xattn": "streams"}
+# multi-stream modalities -> their model (the `model` group's encoder and head sizes, per stream)
+# and the ``modality`` options it takes
+STREAM_MODELS = {
+    "joint": ("mer_cli.models.JointClassifier", ("ogm_alpha", "ogm_noise")),
+    "xattn": ("mer_cli.models.CrossAttentionClassifier", ("ogm_alpha", "ogm_noise", "attention_heads")),
+}
 MODALITIES = (*INPUTS, "late")
 CHECKPOINT_FORMAT = 2  # 1: before encoders and heads were separate (read through upgrade_format_1)
 LATE_FORMAT = 2  # late.json; 1: one acoustic weight, before modality.combiner (read by read_late)
@@ -187,6 +194,12 @@ def model_inputs(split: data.Split, modality: str, streams: list[str]) -> dict[s
         if len(streams) != 1:
             raise ConfigError(f"modality={modality} reads one stream, not modality.streams={streams}")
         return {streams[0]: list(available[streams[0]])}
+    if kind == "streams":  # each stream at its own frame rate, for its own encoder
+        if len(streams) < 2:
+            raise ConfigError(
+                f"modality={modality} reads two streams or more, not modality.streams={streams}"
+            )
+        return {s: list(available[s]) for s in streams}
     # early: every stream stretched to the first one's frame count, joined per frame
     clips = zip(*(available[s] for s in streams), strict=True)
     return {modality: [fusion.early_fuse(*c) for c in clips]}
@@ -224,9 +237,10 @@ def train_model(cfg: DictConfig, splits: data.Splits, out_dir: Path, resume: boo
             prep.scaler is not None,
         )
 
-    model = build_model(cfg.model, train_set.n_features, splits.n_classes)
+    model_cfg = model_config(cfg)
+    model = build_model(model_cfg, train_set.n_features, splits.n_classes)
     n_params = sum(p.numel() for p in model.parameters())
-    log.info("model: %s, %s parameters", cfg.model._target_, f"{n_params:,}")
+    log.info("model: %s, %s parameters", model_cfg["_target_"], f"{n_params:,}")
     optimizer = instantiate(cfg.trainer.optimizer)(model.parameters())
     scheduler = instantiate(cfg.trainer.scheduler)(optimizer)
     device = train.resolve_device(settings.device)
@@ -238,7 +252,7 @@ def train_model(cfg: DictConfig, splits: data.Splits, out_dir: Path, resume: boo
         # every later prediction of this model (late fusion, mer-evaluate) uses the same precision
         "precision": PRECISION_NAMES[dtype],
         "eval_batch_size": settings.eval_batch_size,
-        "model_config": OmegaConf.to_container(cfg.model, resolve=True),
+        "model_config": model_cfg,
         "n_features": train_set.n_features,
         "class_names": list(splits.class_names),
         "prep": {name: prep.state() for name, prep in preps.items()},
@@ -282,6 +296,13 @@ def train_model(cfg: DictConfig, splits: data.Splits, out_dir: Path, resume: boo
         },
         **{s: evaluate.score(p.y_true, p.y_prob, splits.class_names) for s, p in predictions.items()},
     }
+    if modality in STREAM_MODELS:
+        metrics["test"]["stream_contribution"] = stream_contribution(
+            model, test_set, settings.eval_batch_size, device, dtype
+        )
+        log.info(
+            "test accuracy with only one stream's frames kept: %s", metrics["test"]["stream_contribution"]
+        )
     report.write(
         out_dir,
         metrics,
@@ -291,6 +312,39 @@ def train_model(cfg: DictConfig, splits: data.Splits, out_dir: Path, resume: boo
         save_plots=cfg.runtime.save_plots,
     )
     return StreamResult(metrics, predictions)
+
+
+def model_config(cfg: DictConfig) -> dict[str, Any]:
+    """The ``model`` group as the model to build: for a multi-stream modality (`STREAM_MODELS`)
+    its encoder, once per stream, and its head sizes, in that modality's model with its options."""
+    model_cfg = cast(dict[str, Any], OmegaConf.to_container(cfg.model, resolve=True))
+    if cfg.modality.name in STREAM_MODELS:
+        target, options = STREAM_MODELS[cfg.modality.name]
+        model_cfg["_target_"] = target
+        model_cfg.update({k: cfg.modality[k] for k in options if k in cfg.modality})
+    return model_cfg
+
+
+def stream_contribution(
+    model: torch.nn.Module,
+    seqs: preprocess.SequenceSet,
+    batch_size: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> dict[str, float]:
+    """Per stream: accuracy on ``seqs`` when every other stream's frames are zeros (their lengths
+    kept; zero is the training mean where features are standardized)."""
+    out = {}
+    for keep in seqs.streams:
+        streams = {
+            name: r if name == keep else preprocess.Ragged(np.zeros_like(r.frames), r.offsets, r.max_length)
+            for name, r in seqs.streams.items()
+        }
+        prob = train.predict_proba(
+            model, preprocess.SequenceSet(streams, seqs.y, seqs.clip_ids), batch_size, device, dtype
+        )
+        out[keep] = float((prob.argmax(1) == seqs.y.numpy()).mean())
+    return out
 
 
 def build_model(
@@ -569,6 +623,18 @@ def predict_run(
     return out
 
 
+def run_stream_contribution(run_dir: Path, split: data.Split) -> dict[str, float]:
+    """`stream_contribution` of a trained multi-stream run on ``split``, as it was evaluated."""
+    model, preps, meta = load_trained(run_dir)
+    device = train.resolve_device("auto")
+    dtype = train.resolve_precision(trained_precision(run_dir, meta), device)
+    seqs = preprocess.apply(
+        preps, model_inputs(split, meta["modality"], list(meta["streams"])), split.labels, split.clip_ids
+    )
+    model.to(device)
+    return stream_contribution(model, seqs, int(meta.get("eval_batch_size", 512)), device, dtype)
+
+
 def trained_precision(run_dir: Path, meta: dict[str, Any]) -> str:
     """``fp32`` | ``bf16`` | ``fp16``: what the run trained and evaluated with. Checkpoints from
     before it was recorded there: the run's metrics.json says it (``run.precision``)."""
@@ -631,6 +697,8 @@ def evaluate_run(
         },
         **{p.split: evaluate.score(p.y_true, p.y_prob, splits.class_names) for p in predictions},
     }
+    if cfg.modality.name in STREAM_MODELS and "test" in split_names:
+        metrics["test"]["stream_contribution"] = run_stream_contribution(run_dir, splits.test)
     stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
     out_dir = run_dir / "evaluations" / stamp
     n = 1

@@ -146,8 +146,20 @@ def model_identity(cfg: Mapping[str, Any]) -> dict[str, Any]:
         if not _NOT_IDENTITY.match(k)
         and k not in RUN_KEYS
         and not _MEMBER_SOURCES.match(k)
-        and not (single and k.startswith("modality.") and k not in _SINGLE_MODALITY_KEYS)
+        and not (single and k.startswith("modality.") and k not in _model_options(flat))
     }
+
+
+# the jointly trained fusions' modality options (pipeline.STREAM_MODELS): they change the model
+_JOINT_OPTIONS: dict[str, tuple[str, ...]] = {
+    "joint": ("modality.ogm_alpha", "modality.ogm_noise"),
+    "xattn": ("modality.ogm_alpha", "modality.ogm_noise", "modality.attention_heads"),
+}
+
+
+def _model_options(flat: Mapping[str, Any]) -> tuple[str, ...]:
+    """The ``modality`` keys a single model's identity keeps (its name, streams, joint options)."""
+    return _SINGLE_MODALITY_KEYS + _JOINT_OPTIONS.get(str(flat.get("modality.name")), ())
 
 
 def run_identity(cfg: Mapping[str, Any]) -> dict[str, Any]:

@@ -306,12 +306,19 @@ def train_step(
     y: torch.Tensor,
     dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step on one batch; returns the loss and the logits (``make bench`` times this)."""
+    """One optimizer step on one batch; returns the loss and the logits (``make bench`` times this).
+
+    A model with a ``modulate_gradients(inputs, y)`` method (multi-stream models: OGM gradient
+    modulation) has it called between backward and the optimizer step, to change the gradients;
+    other models train exactly as without the hook."""
     with autocast(y.device, dtype):
         logits = model(inputs)
         loss = loss_fn(logits.float(), y)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
+    modulate = getattr(model, "modulate_gradients", None)
+    if modulate is not None:
+        modulate(inputs, y)
     scaler.step(optimizer)
     scaler.update()
     return loss, logits
