@@ -19,6 +19,9 @@ from mer_cli.artifacts import load_checkpoint
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 SMOKE = ("experiment=smoke", "modality=visual", "runtime.save_plots=false", "runtime.num_threads=1")
+# far more epochs than a test lasts, and no early stop: a signal never meets a run that is
+# already ending on its own (during interpreter shutdown Python restores the default handlers)
+ENDLESS = ("trainer.loop.max_epochs=100000", "trainer.loop.patience_epochs=100000")
 
 
 def _claim_after(barrier, path: str, results) -> None:  # type: ignore[no-untyped-def]
@@ -88,7 +91,7 @@ def test_runs_launched_together_each_keep_their_own_directory(tmp_path):
 def test_a_second_run_into_a_directory_in_use_fails_with_one_line_and_leaves_the_first_alone(tmp_path):
     run_dir = tmp_path / "run"
     # far more epochs than the test lasts: the first run is still training when the second starts
-    first = _start(*SMOKE, "trainer.loop.max_epochs=100000", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    first = _start(*SMOKE, *ENDLESS, f"hydra.run.dir={run_dir}", cwd=tmp_path)
     try:
         while not (run_dir / "last.pt").exists() and first.poll() is None:
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -126,7 +129,7 @@ def test_ctrl_c_at_any_moment_ends_with_one_line_and_exit_130(tmp_path):
     }
     for name, reached in moments.items():
         run_dir = tmp_path / name.replace(" ", "_")
-        proc = _start(*SMOKE, "trainer.loop.max_epochs=40", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+        proc = _start(*SMOKE, *ENDLESS, f"hydra.run.dir={run_dir}", cwd=tmp_path)
         try:
             while proc.poll() is None and not reached(run_dir):
                 time.sleep(0.005)
