@@ -46,6 +46,8 @@ def _fail(prog: str, message: str) -> None:
 def train_main(cfg: DictConfig) -> float:
     """mer-train: train and evaluate one model; returns val/f1_macro for sweepers."""
     allocator.configure()  # first: the malloc setting that makes CPU training fast (docs/memory.md)
+    # the console entry may have configured it before Hydra's logging existed: say it in train.log
+    log.info("malloc: %s", allocator.describe())
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     stop_on_sigterm()
