@@ -449,13 +449,6 @@ def shared_head(
 # Jointly trained multi-stream models (modality=joint, modality=xattn)
 
 
-def mean_within_length(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """Mean over each clip's first ``lengths[b]`` frames of ``x`` (B, T, H); padding never read."""
-    mask = torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None]
-    summed = torch.where(mask[:, :, None], x, x.new_zeros(())).sum(dim=1)
-    return summed / lengths.clamp(min=1)[:, None].to(x.dtype)
-
-
 def ogm_coefficients(scores: Mapping[str, torch.Tensor], alpha: float) -> dict[str, float]:
     """OGM's gradient coefficient per stream from its contribution score (Peng et al., CVPR 2022).
 
@@ -656,5 +649,7 @@ class CrossAttentionClassifier(MultiStreamClassifier):
         for s, o in ((a, b), (b, a)):
             frames, _, lengths = encoded[s]
             attended = self.attend[s](frames, encoded[o][0], encoded[o][2])
-            out[s] = mean_within_length(attended, lengths)
+            # attended padded queries are not zero: zero them, then the encoders' masked mean
+            mask = frame_mask(lengths, attended.shape[1]).to(attended.dtype)
+            out[s] = masked_mean(torch.where(mask.bool(), attended, 0.0), mask)
         return out
