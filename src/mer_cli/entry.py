@@ -85,3 +85,20 @@ def bench() -> None:
         bench.main()
 
     guarded("mer-bench", command)
+
+
+def _module_main(module: str) -> Callable[[], object]:
+    def command() -> object:
+        import importlib
+
+        return importlib.import_module(f"mer_cli.{module}").main()
+
+    return command
+
+
+def predict() -> None:
+    guarded("mer-predict", _module_main("predict"))
+
+
+def export() -> None:
+    guarded("mer-export", _module_main("export"))
