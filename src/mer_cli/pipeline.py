@@ -31,7 +31,19 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from mer_cli import data, evaluate, folds, fusion, preprocess, report, rundir, sweep, synthetic, train
+from mer_cli import (
+    data,
+    evaluate,
+    folds,
+    fusion,
+    preprocess,
+    report,
+    rundir,
+    scaling,
+    sweep,
+    synthetic,
+    train,
+)
 from mer_cli.artifacts import load_checkpoint, write_json, write_text
 from mer_cli.errors import ConfigError, MerError
 
@@ -64,6 +76,7 @@ def run(
     modality = cfg.modality.name
     if modality not in MODALITIES:
         raise ConfigError(f"modality={modality!r}: valid: {', '.join(MODALITIES)}")
+    scaling.check_kind(cfg.preprocess.scaling)
     out_dir.mkdir(parents=True, exist_ok=True)
     check_resumable(cfg, out_dir, resume)
     write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
@@ -205,6 +218,18 @@ def model_inputs(split: data.Split, modality: str, streams: list[str]) -> dict[s
     return {modality: [fusion.early_fuse(*c) for c in clips]}
 
 
+def log_profile(name: str, prep: preprocess.StreamPrep) -> None:
+    """The stream's data profile and fitted preprocessing in the log; a warning when its feature
+    scales differ by orders of magnitude and the scaling does not cope with that."""
+    kind = None if prep.scaler is None else prep.scaler.kind
+    log.info("%s: target length %d frames, scaling %s", name, prep.target.length, kind or "none")
+    if prep.profile is not None:
+        log.info("%s", prep.profile.summary(name))
+        warning = prep.profile.warning(name, kind)
+        if warning:
+            log.warning("%s", warning)
+
+
 def prepare(
     splits: data.Splits, modality: str, streams: list[str], preps: dict[str, preprocess.StreamPrep]
 ) -> tuple[preprocess.SequenceSet, ...]:
@@ -223,19 +248,16 @@ def train_model(cfg: DictConfig, splits: data.Splits, out_dir: Path, resume: boo
     modality, streams = cfg.modality.name, list(cfg.modality.streams)
     preps = {
         name: preprocess.fit(
-            frames, percentile=cfg.preprocess.length_percentile, normalize=cfg.preprocess.normalize
+            frames,
+            percentile=cfg.preprocess.length_percentile,
+            normalize=cfg.preprocess.normalize,
+            scaling=cfg.preprocess.scaling,
         )
         for name, frames in model_inputs(splits.train, modality, streams).items()
     }
     train_set, val_set, test_set = prepare(splits, modality, streams, preps)
     for name, prep in preps.items():
-        log.info(
-            "%s: target length %d frames, %d features, normalize=%s",
-            name,
-            prep.target.length,
-            train_set.n_features[name],
-            prep.scaler is not None,
-        )
+        log_profile(name, prep)
 
     model_cfg = model_config(cfg)
     model = build_model(model_cfg, train_set.n_features, splits.n_classes)

@@ -140,6 +140,9 @@ def model_identity(cfg: Mapping[str, Any]) -> dict[str, Any]:
         flat = {**flat, "modality.combiner": combiner, "modality.acoustic_weight": weight}
     if not single and flat.get("modality.acoustic_weight") == 0.5:
         flat = {**flat, "modality.acoustic_weight": None}  # equal weights either way
+    if "preprocess.normalize" in flat:  # a run from before scaling options was standardized
+        scaling = flat.get("preprocess.scaling", "standard") if flat["preprocess.normalize"] else None
+        flat = {**flat, "preprocess.scaling": scaling}  # unscaled: the scaling option changes nothing
     return {
         k: v
         for k, v in flat.items()
