@@ -281,13 +281,20 @@ def _streamed_quartiles(clips: Iterable[np.ndarray], moments: _Moments) -> tuple
         below = np.zeros((len(ranks), n_features), dtype=np.int64)
         counts = np.zeros((len(ranks), n_features * _BINS), dtype=np.int64)
         offsets = np.arange(n_features) * _BINS
+        # ranks k and k + 1 mostly share a bracket: counted once then
+        same = [r > 0 and np.array_equal(lo[r], lo[r - 1]) for r in range(len(ranks))]
         for x in _chunks(clips):
             for r in range(len(ranks)):
+                if same[r]:
+                    continue
                 idx = np.floor((x - lo[r]) / bin_width[r])
                 below[r] += (idx < 0).sum(axis=0)
                 inside = (idx >= 0) & (idx < _BINS)
                 flat = (idx.astype(np.int64) + offsets)[inside]
                 counts[r] += np.bincount(flat, minlength=n_features * _BINS)
+        for r in range(len(ranks)):
+            if same[r]:
+                below[r], counts[r] = below[r - 1], counts[r - 1]
         cum = below[:, :, None] + np.cumsum(counts.reshape(len(ranks), n_features, _BINS), axis=2)
         holds = cum > ranks[:, None, None]  # bins at or past the rank
         # float rounding at a bin edge can leave a rank past the last bin: keep the last one
