@@ -9,10 +9,12 @@ import math
 
 import numpy as np
 import pytest
+from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from conftest import run_cli
 from mer_cli import data, pipeline, preprocess, rundir, scaling
+from mer_cli.cli import config_dir
 from mer_cli.errors import ConfigError
 
 SPAN = np.array([1e-3, 1.0, 1e3, 1e6])  # feature scales as in raw energies next to MFCCs
@@ -147,9 +149,12 @@ def test_profile_warns_when_feature_scales_differ_by_orders_of_magnitude():
     assert tame.warning("visual", "standard") is None
 
 
-def test_an_unknown_scaling_is_one_config_error():
-    with pytest.raises(ConfigError, match=r"preprocess\.scaling=minmax is not one of: standard, robust"):
-        scaling.fit("minmax", [np.zeros((2, 2))])
+def test_an_unknown_scaling_is_one_config_error_before_anything_is_written(tmp_path):
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["experiment=smoke", "preprocess.scaling=minmax"])
+    with pytest.raises(ConfigError, match=r"^preprocess\.scaling=minmax is not one of: standard, robust"):
+        pipeline.run(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()  # no half-written run directory
 
 
 def _awkward_npz(path):

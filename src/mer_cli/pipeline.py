@@ -31,21 +31,10 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from mer_cli import (
-    data,
-    evaluate,
-    folds,
-    fusion,
-    preprocess,
-    report,
-    rundir,
-    scaling,
-    sweep,
-    synthetic,
-    train,
-)
+from mer_cli import data, evaluate, folds, fusion, preprocess, report, rundir, sweep, synthetic, train
 from mer_cli.artifacts import load_checkpoint, write_json, write_text
 from mer_cli.errors import ConfigError, MerError
+from mer_cli.scaling import check_kind as check_scaling
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +65,7 @@ def run(
     modality = cfg.modality.name
     if modality not in MODALITIES:
         raise ConfigError(f"modality={modality!r}: valid: {', '.join(MODALITIES)}")
-    scaling.check_kind(cfg.preprocess.scaling)
+    check_scaling(cfg.preprocess.scaling)
     out_dir.mkdir(parents=True, exist_ok=True)
     check_resumable(cfg, out_dir, resume)
     write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
