@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -194,3 +195,17 @@ def test_a_directory_without_a_run_is_one_line_and_writes_nothing(tmp_path, caps
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("mer-export: error: ") and "no checkpoint.pt" in line
     assert list(tmp_path.iterdir()) == []
+
+
+def test_mer_export_console_script_writes_the_file_and_says_what_it_takes(runs, tmp_path):
+    # as the console script runs: entry.export() -> export.main(), arguments from sys.argv
+    out = tmp_path / "acoustic.pt"
+    code = "import sys; from mer_cli import entry; sys.argv[0] = 'mer-export'; entry.export()"
+    argv = [str(runs["acoustic"]), "--format", "torchscript", "--out", str(out)]
+    proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith(f"wrote {out} (torchscript) and {out}.json: acoustic, inputs acoustic")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["acoustic.pt", "acoustic.pt.json"]
+    with torch.no_grad():
+        prob = torch.jit.load(str(out))(torch.zeros(2, 30, 52), torch.tensor([30, 11]))
+    assert prob.shape == (2, 6) and torch.allclose(prob.sum(dim=1), torch.ones(2))
