@@ -218,7 +218,10 @@ def input_features(run_dir: Path, meta: dict[str, Any]) -> dict[str, int]:
 def late_graph(run_dir: Path) -> tuple[LateGraph, dict[str, Any]]:
     """The graph of a late fusion run (both members and the combiner) and its sidecar fields."""
     late_path = run_dir / "late.json"
-    late = json.loads(late_path.read_text())
+    try:
+        late = json.loads(late_path.read_text())
+    except (OSError, ValueError) as e:
+        raise MerError(f"{late_path}: unreadable ({e})") from None
     combined = pipeline.read_late(late, late_path)
     members: dict[str, RunGraph] = {}
     about: dict[str, Any] = {}
@@ -232,7 +235,7 @@ def late_graph(run_dir: Path) -> tuple[LateGraph, dict[str, Any]]:
         class_names = list(meta["class_names"])
         members[m] = graph
         features.update(counts)
-        about[m] = member_fields(member_dir, meta, graph)
+        about[m] = member_fields(member_dir, meta)
     assert class_names is not None
     late_fused = LateGraph(members, combined, len(class_names)).eval()
     fields = {
@@ -244,7 +247,7 @@ def late_graph(run_dir: Path) -> tuple[LateGraph, dict[str, Any]]:
     return late_fused, fields
 
 
-def member_fields(run_dir: Path, meta: dict[str, Any], graph: RunGraph) -> dict[str, Any]:
+def member_fields(run_dir: Path, meta: dict[str, Any]) -> dict[str, Any]:
     """What the sidecar says of one trained run: its preprocessing as plain numbers, the
     precision it was trained and evaluated at, its feature spec where the checkpoint has one."""
     return {
@@ -278,7 +281,7 @@ def build(run_dir: Path) -> tuple[nn.Module, list[str], dict[str, Any]]:
         "modality": meta["modality"],
         "class_names": list(meta["class_names"]),
         "n_features": counts,
-        **member_fields(run_dir, meta, single),
+        **member_fields(run_dir, meta),
     }
     return single, list(single.inputs), fields
 
