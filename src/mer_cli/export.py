@@ -339,8 +339,9 @@ def to_onnx(graph: nn.Module, inputs: list[str], example: tuple[torch.Tensor, ..
     torch's legacy (TorchScript-tracing) exporter, not the dynamo one: with torch 2.13 and
     onnxscript 0.7 the dynamo exporter's graph of a tiny BiLSTM classifier failed in onnxruntime
     on a batch of another shape than the traced one (a Reshape in the within-length reversal
-    asked for a wrong size), and took 11 s to export where this one takes under 1 s. The legacy exporter maps each nn.LSTM to ONNX's LSTM operator,
-    keeps the reversal's index arithmetic on the dynamic sizes, and matches torch to 1e-7.
+    asked for a wrong size), and took 11 s to export where this one takes under 1 s. The legacy
+    exporter maps each nn.LSTM to ONNX's LSTM operator, keeps the reversal's index arithmetic on
+    the dynamic sizes, and matches torch to 1e-7.
     """
     names = [n for s in inputs for n in (s, f"{s}_lengths")]
     # each stream's time axis has its own name: the streams' frame counts differ
