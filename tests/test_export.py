@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from mer_cli import export, fusion, pipeline
 from mer_cli.artifacts import load_checkpoint
@@ -59,7 +60,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def mer_cli_test_predictions(run_dir: Path) -> tuple[np.ndarray, dict[str, list[np.ndarray]], int]:
     """mer-cli's own probabilities on the run's test clips (as mer-evaluate makes them), the raw
     test clips per stream, and the longest target length the run cuts to."""
-    cfg = pipeline.OmegaConf.load(run_dir / "config.yaml")
+    cfg = OmegaConf.load(run_dir / "config.yaml")
     splits = pipeline.load_data(cfg.data)
     late_path = run_dir / "late.json"
     if late_path.is_file():
