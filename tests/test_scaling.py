@@ -9,6 +9,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -218,3 +219,19 @@ def test_the_scaling_option_is_part_of_a_models_identity():
     assert rundir.model_identity(before_options) == rundir.model_identity(base)  # old runs: standard
     unscaled = [{**c, "preprocess": {**c["preprocess"], "normalize": False}} for c in (base, robust)]
     assert rundir.model_identity(unscaled[0]) == rundir.model_identity(unscaled[1])  # nothing scaled
+
+
+@pytest.mark.parametrize("kind", scaling.KINDS)
+def test_the_exported_graphs_preprocessing_gives_the_pipelines_numbers(kind):
+    from mer_cli import export  # torch only: the onnx extra is imported when a file is written
+
+    train = clips_spanning(np.random.default_rng(9), 30, min_frames=1, max_frames=20)
+    prep = preprocess.fit(train, percentile=80, normalize=True, scaling=kind)
+    ragged = prep.apply(train)
+    idx = torch.arange(len(train))
+    raw = preprocess.Ragged(
+        np.concatenate(train), np.cumsum([0] + [len(x) for x in train]), max(len(x) for x in train)
+    )
+    x, lengths = export.StreamPreprocess(prep)(raw.pad(idx, raw.max_length), raw.lengths)
+    assert lengths.tolist() == ragged.lengths.tolist()
+    np.testing.assert_allclose(x.numpy(), ragged.pad(idx, prep.target.length).numpy(), rtol=1e-6, atol=1e-6)
