@@ -12,6 +12,8 @@ Every file in a run directory is written by a function called from here:
   late.json                late fusion only: members, combiner and what it fitted, for mer-evaluate
   fold<i>/, cv.json        cv.folds=K only: one run per fold (same layout), mean over folds
   failed.json              a failed job of a sweep (written by cli.py): its error, for the report
+  tensorboard/             logger=tensorboard only: event files (tracking.py; logger=mlflow writes
+                           outside the run directory, by default into outputs/mlflow.db)
 """
 
 from __future__ import annotations
