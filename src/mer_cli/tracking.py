@@ -308,7 +308,8 @@ class TensorBoard:
         self.writer.flush()
         self.last_step = max(self.last_step, epoch)
 
-    def logged_epochs(self) -> set[int]:
+    def earlier_steps(self, tag: str) -> set[int]:
+        """The steps of ``tag`` in the event files this run directory held before this process."""
         if not self.earlier_files:
             return set()
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -316,14 +317,19 @@ class TensorBoard:
         self.writer.flush()
         events = EventAccumulator(str(self.log_dir), size_guidance={"scalars": 0})
         events.Reload()
-        if "val/loss" not in events.Tags()["scalars"]:
+        if tag not in events.Tags()["scalars"]:
             return set()
-        return {e.step for e in events.Scalars("val/loss")}
+        return {e.step for e in events.Scalars(tag)}
+
+    def logged_epochs(self) -> set[int]:
+        return self.earlier_steps("val/loss")
 
     def log_results(self, out_dir: Path, final: dict[str, float], texts: dict[str, str]) -> None:
         from tensorboard.compat.proto.summary_pb2 import Summary
         from torch.utils.tensorboard.summary import hparams
 
+        if self.earlier_steps("final/run/seed"):
+            return  # a run copied from another job of the sweep: its results came with its files
         step = self.last_step
         # the HPARAMS tab: one row per run, the config beside its final metrics
         for summary in hparams(self.params, final):
