@@ -81,6 +81,7 @@ def client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
+@pytest.mark.slow
 def test_csv_is_the_default_and_writes_history_csv_as_before(csv_run):
     assert OmegaConf.load(csv_run / "config.yaml").logger == {"name": "csv"}
     assert "tensorboard" not in {p.name for p in csv_run.iterdir()}
@@ -90,6 +91,7 @@ def test_csv_is_the_default_and_writes_history_csv_as_before(csv_run):
     assert [r["epoch"] for r in history(csv_run)] == [1.0, 2.0]
 
 
+@pytest.mark.slow
 def test_tensorboard_event_files_hold_every_epoch_of_history_csv(tmp_path, csv_run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -123,6 +125,7 @@ def test_tensorboard_event_files_hold_every_epoch_of_history_csv(tmp_path, csv_r
     }
 
 
+@pytest.mark.slow
 def test_an_unreachable_tracking_server_is_one_warning_and_the_run_is_the_csv_loggers(tmp_path, csv_run):
     run = tmp_path / "run"
     proc = mer_train(
@@ -141,68 +144,14 @@ def test_an_unreachable_tracking_server_is_one_warning_and_the_run_is_the_csv_lo
     assert files(run) == files(csv_run)
 
 
-def test_an_mlflow_run_holds_epochs_params_final_metrics_and_artifacts_late_members_as_children(
-    tmp_path, mlflow_db
-):
-    run = tmp_path / "late"
-    proc = mer_train(
-        "experiment=smoke",
-        "modality=late",
-        "logger=mlflow",
-        f"logger.tracking_uri={mlflow_db}",
-        "logger.experiment=late",
-        f"hydra.run.dir={run}",
-        cwd=tmp_path,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    mlflow = client(mlflow_db)
-    experiment = mlflow.get_experiment_by_name("late")
-    runs = {r.data.tags[tracking.RUN_DIR_TAG]: r for r in mlflow.search_runs([experiment.experiment_id])}
-    assert set(runs) == {str(run), str(run / "acoustic"), str(run / "visual")}
-    late = runs[str(run)]
-    assert {r.info.status for r in runs.values()} == {"FINISHED"}
-
-    for member in ("acoustic", "visual"):
-        child, member_dir = runs[str(run / member)], run / member
-        assert child.data.tags["mlflow.parentRunId"] == late.info.run_id
-        assert child.info.run_name == f"{late.info.run_name}/{member}"
-        rows = history(member_dir)
-        for key in rows[0]:
-            if key != "epoch":
-                logged = [(m.step, m.value) for m in mlflow.get_metric_history(child.info.run_id, key)]
-                assert sorted(logged) == [(int(r["epoch"]), r[key]) for r in rows], key
-        assert child.data.params["modality.name"] == member
-        metrics = json.loads((member_dir / "metrics.json").read_text())
-        assert child.data.metrics["final/test/f1_macro"] == metrics["test"]["f1_macro"]
-        assert child.data.metrics["final/run/epochs_trained"] == 2
-
-    # the late run: its config, the fused metrics, its files; where its members came from
-    assert late.data.params["modality.name"] == "late"
-    assert late.data.params["model.encoder.hidden_sizes"] == "[8, 8]"
-    assert late.data.params["trainer.loop.max_epochs"] == "2"
-    assert late.data.params["modality.acoustic_weight"] == "null"
-    metrics = json.loads((run / "metrics.json").read_text())
-    assert late.data.metrics["final/test/f1_macro"] == metrics["test"]["f1_macro"]
-    assert (
-        late.data.metrics["final/test/per_class/anger/recall"]
-        == metrics["test"]["per_class"]["anger"]["recall"]
-    )
-    assert late.data.tags["final/run/members/acoustic"] == "acoustic"
-    artifacts = {a.path for a in mlflow.list_artifacts(late.info.run_id)}
-    assert artifacts == {"config.yaml", "metrics.json", "late.json", "plots"}
-    plots = {Path(a.path).name for a in mlflow.list_artifacts(late.info.run_id, "plots")}
-    assert plots == {p.name for p in (run / "plots").glob("*.png")}
-    copy = mlflow.download_artifacts(late.info.run_id, "metrics.json", str(tmp_path))
-    assert Path(copy).read_text() == (run / "metrics.json").read_text()
-
-
-def test_a_sweep_is_one_mlflow_experiment_named_by_its_directory(tmp_path, mlflow_db):
+@pytest.mark.slow
+def test_a_sweep_is_one_mlflow_experiment_with_late_fusion_members_as_child_runs(tmp_path, mlflow_db):
+    # late first: it trains its members, then the acoustic job copies its acoustic member
     sweep = tmp_path / "sweep"
     proc = mer_train(
         "-m",
         "experiment=smoke",
-        "modality=acoustic,visual",
-        "runtime.save_plots=false",
+        "modality=late,acoustic",
         "compare.enabled=false",
         "logger=mlflow",
         f"logger.tracking_uri={mlflow_db}",
@@ -211,17 +160,50 @@ def test_a_sweep_is_one_mlflow_experiment_named_by_its_directory(tmp_path, mlflo
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     mlflow = client(mlflow_db)
-    experiment = mlflow.get_experiment_by_name(str(sweep))
-    runs = mlflow.search_runs([experiment.experiment_id])
-    assert sorted(r.info.run_name for r in runs) == ["0_acoustic_seed0", "1_visual_seed0"]
-    for r in runs:
-        assert r.info.status == "FINISHED"
-        job = sweep / r.info.run_name
-        assert [m.value for m in mlflow.get_metric_history(r.info.run_id, "val/loss")] == [
-            row["val/loss"] for row in history(job)
-        ]
+    experiment = mlflow.get_experiment_by_name(str(sweep))  # one experiment per sweep
+    runs = {r.info.run_name: r for r in mlflow.search_runs([experiment.experiment_id])}
+    assert sorted(runs) == [
+        "0_late_seed0",
+        "0_late_seed0/acoustic",
+        "0_late_seed0/visual",
+        "1_acoustic_seed0",
+    ]
+    assert {r.info.status for r in runs.values()} == {"FINISHED"}
+    for name, r in runs.items():
+        run_dir = sweep / name
+        assert r.data.tags[tracking.RUN_DIR_TAG] == str(run_dir)
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        assert r.data.metrics["final/test/f1_macro"] == metrics["test"]["f1_macro"]
+        assert r.data.params["modality.name"] == metrics["run"]["modality"]
+        if name == "0_late_seed0":
+            continue
+        rows = history(run_dir)  # the copied run too: its history came with its files
+        for key in rows[0]:
+            if key != "epoch":
+                logged = [(m.step, m.value) for m in mlflow.get_metric_history(r.info.run_id, key)]
+                assert sorted(logged) == [(int(row["epoch"]), row[key]) for row in rows], (name, key)
+        assert r.data.metrics["final/run/epochs_trained"] == 2
+
+    late, late_dir = runs["0_late_seed0"], sweep / "0_late_seed0"
+    for member in ("acoustic", "visual"):
+        assert runs[f"0_late_seed0/{member}"].data.tags["mlflow.parentRunId"] == late.info.run_id
+    assert "mlflow.parentRunId" not in runs["1_acoustic_seed0"].data.tags
+    # the late run: its config, the fused metrics, its files, where its members came from
+    assert late.data.params["model.encoder.hidden_sizes"] == "[8, 8]"
+    assert late.data.params["trainer.loop.max_epochs"] == "2"
+    assert late.data.params["modality.acoustic_weight"] == "null"
+    anger = json.loads((late_dir / "metrics.json").read_text())["test"]["per_class"]["anger"]
+    assert late.data.metrics["final/test/per_class/anger/recall"] == anger["recall"]
+    assert late.data.tags["final/run/members/acoustic"] == "acoustic"
+    artifacts = {a.path for a in mlflow.list_artifacts(late.info.run_id)}
+    assert artifacts == {"config.yaml", "metrics.json", "late.json", "plots"}
+    plots = {Path(a.path).name for a in mlflow.list_artifacts(late.info.run_id, "plots")}
+    assert plots == {p.name for p in (late_dir / "plots").glob("*.png")}
+    copy = mlflow.download_artifacts(late.info.run_id, "metrics.json", str(tmp_path))
+    assert Path(copy).read_text() == (late_dir / "metrics.json").read_text()
 
 
+@pytest.mark.slow
 def test_ctrl_c_then_resume_continues_the_same_mlflow_run_each_epoch_once(tmp_path, mlflow_db):
     run = tmp_path / "run"
     args = (
