@@ -286,10 +286,11 @@ def test_a_missing_extra_is_one_warning_naming_it_and_the_run_goes_on(tmp_path, 
     for module in ("tensorboard", "torch.utils.tensorboard"):
         monkeypatch.setitem(sys.modules, module, None)  # as if not installed: importing it fails
     cfg = OmegaConf.create(_config("logger=tensorboard"))
-    with caplog.at_level(logging.WARNING, logger="mer_cli.tracking"):
+    with caplog.at_level(logging.WARNING, logger="mer_cli.tracking"), tracking.session():
         tracked = tracking.start(cfg, tmp_path)
         tracked.log_epoch({"epoch": 1, "val/loss": 1.0})
         tracked.finish()
+        tracking.start(cfg, tmp_path / "member").finish()  # the job's later runs: no second warning
     (warning,) = [r.getMessage() for r in caplog.records]
     assert warning.startswith("logger=tensorboard needs pip install 'mer-cli[tracking]' (")
     assert warning.endswith("): this run is not tracked")

@@ -112,28 +112,32 @@ class Tracker:
     def _call(self, what: str, action: Any) -> bool:
         if self.backend is None:
             return False
-        try:
-            with quiet_retries():
+        with quiet_retries():
+            try:
                 action(self.backend)
-            return True
-        except Exception as e:
-            log.warning(
-                "logger=%s: sending %s of %s failed, the run goes on without it: %s",
-                self.logger,
-                what,
-                self.run_name,
-                one_line(e),
-            )
-            backend, self.backend = self.backend, None
-            with contextlib.suppress(Exception):
-                backend.close("FAILED")
-            return False
+                return True
+            except Exception as e:
+                log.warning(
+                    "logger=%s: sending %s of %s failed, the run goes on without it: %s",
+                    self.logger,
+                    what,
+                    self.run_name,
+                    one_line(e),
+                )
+                _failed.add(self.logger)
+                backend, self.backend = self.backend, None
+                with contextlib.suppress(Exception):
+                    backend.close("FAILED")
+                return False
 
 
 # the trackers started and not yet closed in this process: a run directory inside one of theirs
 # is its child (late fusion members, CV folds)
 _open: list[Tracker] = []
 _sweep_dir: Path | None = None
+# loggers that failed in this job: its later runs (late fusion members, folds) are not tracked
+# either, rather than each paying for a dead server and repeating the warning
+_failed: set[str] = set()
 
 
 @contextlib.contextmanager
@@ -152,6 +156,7 @@ def session(sweep_dir: Path | None = None) -> Iterator[None]:
         for tracker in reversed(list(_open)):
             tracker.close(status)
         _sweep_dir = None
+        _failed.clear()
 
 
 def start(cfg: DictConfig, out_dir: Path) -> Tracker:
@@ -163,7 +168,7 @@ def start(cfg: DictConfig, out_dir: Path) -> Tracker:
     out_dir = out_dir.resolve()
     parent = _parent_of(out_dir)
     run_name = _run_name(out_dir, parent)
-    if logger == "csv":
+    if logger == "csv" or logger in _failed:
         return Tracker(logger, out_dir, run_name, None)
     params = parameters(cast(dict, OmegaConf.to_container(cfg, resolve=True)))
     backend: Backend | None = None
@@ -177,8 +182,10 @@ def start(cfg: DictConfig, out_dir: Path) -> Tracker:
                 backend = MLflow(settings, out_dir, run_name, params, member_of)
     except ImportError as e:
         log.warning("logger=%s needs %s (%s): this run is not tracked", logger, EXTRA_HINT, one_line(e))
+        _failed.add(logger)
     except Exception as e:
         log.warning("logger=%s: this run is not tracked: %s", logger, one_line(e))
+        _failed.add(logger)
     tracker = Tracker(logger, out_dir, run_name, backend)
     if backend is not None:
         _open.append(tracker)
