@@ -13,7 +13,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from mer_cli import allocator, compare, pipeline, rundir, sweep
+from mer_cli import allocator, compare, pipeline, rundir, sweep, tracking
 from mer_cli.entry import debug, stop_on_sigterm
 from mer_cli.errors import MerError
 
@@ -52,11 +52,10 @@ def train_main(cfg: DictConfig) -> float:
     run_dir = Path(hc.runtime.output_dir)
     stop_on_sigterm()
     multirun = hc.mode == RunMode.MULTIRUN
+    sweep_dir = Path(hc.sweep.dir) if multirun else None
     try:
-        with rundir.hold(run_dir):
-            metrics = pipeline.run(
-                cfg, run_dir, resume=cfg.resume, sweep_dir=Path(hc.sweep.dir) if multirun else None
-            )
+        with rundir.hold(run_dir), tracking.session(sweep_dir):  # a failed run's tracked runs say so
+            metrics = pipeline.run(cfg, run_dir, resume=cfg.resume, sweep_dir=sweep_dir)
     except Exception as e:
         if not multirun:
             if not isinstance(e, MerError):

@@ -12,6 +12,8 @@ Every file in a run directory is written by a function called from here:
   late.json                late fusion only: members, combiner and what it fitted, for mer-evaluate
   fold<i>/, cv.json        cv.folds=K only: one run per fold (same layout), mean over folds
   failed.json              a failed job of a sweep (written by cli.py): its error, for the report
+  tensorboard/             logger=tensorboard only: event files (tracking.py; logger=mlflow writes
+                           outside the run directory, by default into outputs/mlflow.db)
 """
 
 from __future__ import annotations
@@ -31,7 +33,19 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from mer_cli import data, evaluate, folds, fusion, preprocess, report, rundir, sweep, synthetic, train
+from mer_cli import (
+    data,
+    evaluate,
+    folds,
+    fusion,
+    preprocess,
+    report,
+    rundir,
+    sweep,
+    synthetic,
+    tracking,
+    train,
+)
 from mer_cli.artifacts import load_checkpoint, write_json, write_text
 from mer_cli.errors import ConfigError, MerError
 from mer_cli.scaling import check_kind as check_scaling
@@ -77,7 +91,9 @@ def run(
             log.info(
                 "%s: this sweep already trained the same model in %s: copied, not retrained", modality, done
             )
-            return sweep.adopt(done, out_dir)
+            metrics = sweep.adopt(done, out_dir)
+            tracking.start(cfg, out_dir).finish()  # the copy is this job's tracked run
+            return metrics
     splits = load_data(cfg.data, cfg.cv)
     log.info(
         "data: %s: %d train / %d val / %d test clips, %d classes",
@@ -128,6 +144,7 @@ READERS = {
 
 def run_folds(cfg: DictConfig, out_dir: Path, resume: bool, sweep_dir: Path | None) -> dict[str, Any]:
     """cv.folds=K: run every fold into ``out_dir/fold<i>/``; cv.json holds the mean over folds."""
+    tracked = tracking.start(cfg, out_dir)  # the folds' runs are its children
     per_fold = []
     for i in range(cfg.cv.folds):
         log.info("cross-validation: fold %d of %d", i + 1, cfg.cv.folds)
@@ -143,6 +160,7 @@ def run_folds(cfg: DictConfig, out_dir: Path, resume: bool, sweep_dir: Path | No
     write_json(
         out_dir / "cv.json", {**summary, "per_fold": [{s: m[s] for s in ("val", "test")} for m in per_fold]}
     )
+    tracked.finish()
     return summary
 
 
@@ -268,6 +286,7 @@ def train_model(cfg: DictConfig, splits: data.Splits, out_dir: Path, resume: boo
         "class_names": list(splits.class_names),
         "prep": {name: prep.state() for name, prep in preps.items()},
     }
+    tracked = tracking.start(cfg, out_dir)  # logger=tensorboard|mlflow; csv: history.csv alone
     started = time.perf_counter()
     history = train.fit(
         model,
@@ -280,6 +299,7 @@ def train_model(cfg: DictConfig, splits: data.Splits, out_dir: Path, resume: boo
         seed=cfg.seed,
         checkpoint_meta=meta,
         resume=resume,
+        on_epoch=tracked.log_epoch,
     )
     train_seconds = time.perf_counter() - started
 
@@ -322,6 +342,7 @@ def train_model(cfg: DictConfig, splits: data.Splits, out_dir: Path, resume: boo
         splits.class_names,
         save_plots=cfg.runtime.save_plots,
     )
+    tracked.finish()  # the files just written: final metrics, plots, metrics.json
     return StreamResult(metrics, predictions)
 
 
@@ -388,6 +409,7 @@ def run_late(
     """
     combiner, acoustic_weight = cfg.modality.get("combiner", "mean"), cfg.modality.get("acoustic_weight")
     check_combiner(combiner, acoustic_weight)  # before any member is trained
+    tracked = tracking.start(cfg, out_dir)  # the members trained here are its children
     members: dict[str, dict[str, report.Predictions]] = {}
     sources: dict[str, str] = {}
     for member in LATE_MEMBERS:
@@ -407,7 +429,7 @@ def run_late(
             result = train_model(member_cfg, splits, member_dir, resume)
             members[member] = result.predictions
             sources[member] = member
-    return fuse_and_report(
+    metrics = fuse_and_report(
         combiner,
         acoustic_weight,
         members,
@@ -418,6 +440,8 @@ def run_late(
         data_source=splits.source,
         save_plots=cfg.runtime.save_plots,
     )
+    tracked.finish()
+    return metrics
 
 
 def member_config(cfg: DictConfig, member: str) -> DictConfig:
