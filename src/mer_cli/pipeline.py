@@ -31,7 +31,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from mer_cli import data, evaluate, folds, fusion, preprocess, report, rundir, sweep, synthetic, train
+from mer_cli import data, evaluate, folds, fusion, preprocess, report, rundir, spec, sweep, synthetic, train
 from mer_cli.artifacts import load_checkpoint, write_json, write_text
 from mer_cli.errors import ConfigError, MerError
 
@@ -256,6 +256,9 @@ def train_model(cfg: DictConfig, splits: data.Splits, out_dir: Path, resume: boo
         "n_features": train_set.n_features,
         "class_names": list(splits.class_names),
         "prep": {name: prep.state() for name, prep in preps.items()},
+        # what the model reads (streams, feature counts and names, frame rates, ingestion
+        # settings, label map): mer-predict and exported models check new input against it
+        "feature_spec": spec.build(splits, modality, streams, train_set.n_features),
     }
     started = time.perf_counter()
     history = train.fit(
