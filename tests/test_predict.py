@@ -7,6 +7,8 @@ clips must be exactly what mer-evaluate computes for the same clips ingested int
 from __future__ import annotations
 
 import csv
+import dataclasses
+import pickle
 import shutil
 from pathlib import Path
 
@@ -76,7 +78,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def runs(files: dict[str, Path]) -> dict[str, Path]:
-    return {m: train(files["root"] / m, m, files["train"]) for m in ("early", "late")}
+    return {m: train(files["root"] / m, m, files["train"]) for m in ("early", "late", "xattn")}
 
 
 def run_predict(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, list[str]]:
@@ -164,7 +166,7 @@ def test_data_without_a_record_of_its_ingestion_cannot_be_predicted_from_raw_fil
 # Predictions: raw files and feature files, every one equal to mer-evaluate's
 
 
-@pytest.mark.parametrize("modality", ["early", "late"])
+@pytest.mark.parametrize("modality", ["early", "late", "xattn"])
 def test_predictions_from_wav_and_csv_files_equal_mer_evaluate_on_the_same_clips(
     files, runs, capsys, tmp_path, modality
 ):
@@ -184,6 +186,40 @@ def test_predictions_from_wav_and_csv_files_equal_mer_evaluate_on_the_same_clips
     assert list(next(iter(rows.values()))) == ["clip_id", "y_pred", *(f"prob_{c}" for c in names)]
     first = stdout.splitlines()[1].split()
     assert first[0] in rows and first[1] == rows[first[0]]["y_pred"]
+
+
+def test_a_one_stream_model_needs_only_its_own_files(files, runs, capsys, tmp_path):
+    member = runs["late"] / "acoustic"  # late fusion's acoustic member: a run of its own
+    out = tmp_path / "p.csv"
+    code, _, stderr = run_predict(capsys, member, "--audio", files["audio"], "--out", out)
+    assert (code, stderr) == (0, [])
+    expected = evaluated(member, files["new"])
+    for clip_id, p in probabilities(read_rows(out), data.NOTEBOOK_CLASS_NAMES).items():
+        np.testing.assert_allclose(p, expected[clip_id], atol=2e-6, err_msg=clip_id)
+    code, _, stderr = run_predict(capsys, member, "--video", files["video"], "--out", out)
+    assert code == 2 and stderr == [
+        f"mer-predict: error: {member}: the model reads the acoustic stream: give --audio"
+    ]
+
+
+def test_a_video_at_another_frame_rate_is_predicted_with_a_warning(files, runs, capsys, tmp_path):
+    wav = files["audio"] / "2001_IEO_HAP_HI.wav"
+    fast = tmp_path / "2001_IEO_HAP_HI.csv"
+    write_openface_csv(fast, 60, level=1.0)
+    lines = fast.read_text().splitlines()  # timestamps i / 30 -> i / 60: a 60 frames/s video
+    rows = [line.split(", ") for line in lines[1:]]
+    fast.write_text(
+        "\n".join([lines[0], *(", ".join([r[0], r[1], f"{i / 60:.3f}", *r[3:]]) for i, r in enumerate(rows))])
+        + "\n"
+    )
+    code, _, stderr = run_predict(
+        capsys, runs["early"], "--audio", wav, "--video", fast, "--out", tmp_path / "p.csv"
+    )
+    assert code == 0
+    assert stderr == [
+        f"mer-predict: warning: {fast}: video at 60 frames/s, the model was trained on 30 frames/s "
+        "(predicted anyway: its faces move faster or slower than in training)"
+    ]
 
 
 def test_one_clip_from_two_files(files, runs, capsys, tmp_path):
@@ -207,6 +243,22 @@ def test_an_npz_without_labels_predicts_as_mer_evaluate(files, runs, capsys, tmp
     expected = evaluated(runs["late"], files["new"])
     for clip_id, p in probabilities(rows, new.class_names).items():
         np.testing.assert_allclose(p, expected[clip_id], atol=2e-6, err_msg=clip_id)
+
+
+def test_a_clip_with_nan_values_in_a_feature_file_is_one_line_and_the_others_are_predicted(
+    files, runs, capsys, tmp_path
+):
+    new = data.load_npz(files["new"])
+    bad = new.test.mfcc[0].copy()
+    bad[3, 5] = np.nan
+    broken = dataclasses.replace(new, test=dataclasses.replace(new.test, mfcc=(bad, *new.test.mfcc[1:])))
+    path = tmp_path / "nan.npz"
+    write_unlabelled_npz(path, broken)
+    out = tmp_path / "p.csv"
+    code, _, stderr = run_predict(capsys, runs["early"], "--data", path, "--out", out)
+    assert code == 1
+    assert stderr == [f"mer-predict: error: {path}: {new.test.clip_ids[0]}: acoustic: NaN or infinite values"]
+    assert len(read_rows(out)) == 17 and new.test.clip_ids[0] not in read_rows(out)
 
 
 def test_a_labelled_npz_keeps_splits_and_labels_and_the_default_output_spares_the_runs_own(
@@ -286,6 +338,20 @@ def test_a_run_without_a_feature_spec_predicts_from_features_and_refuses_raw_fil
     got = probabilities(read_rows(out), splits.class_names)
     for clip_id, p in zip(expected.clip_ids, expected.y_prob, strict=True):
         np.testing.assert_allclose(got[clip_id], p, atol=2e-6)
+
+    pickled = tmp_path / "clips.pkl"  # the notebook's format: every split, with labels
+    raw = {
+        s.name: dict(zip(s.clip_ids, zip(s.mfcc, s.aus, s.labels.tolist(), strict=True), strict=True))
+        for s in splits.all()
+    }
+    pickled.write_bytes(pickle.dumps(raw))
+    code, _, stderr = run_predict(capsys, run, "--data", pickled, "--out", out)
+    assert (code, stderr) == (0, [])
+    rows = read_rows(out)
+    assert len(rows) == sum(len(s) for s in splits.all())
+    for clip_id, p in zip(expected.clip_ids, expected.y_prob, strict=True):
+        np.testing.assert_allclose(probabilities(rows, splits.class_names)[clip_id], p, atol=2e-6)
+        assert rows[clip_id]["split"] == "test"
 
     write_unlabelled_npz(path, splits, mfcc_features=40)
     code, _, stderr = run_predict(capsys, run, "--data", path, "--out", out)

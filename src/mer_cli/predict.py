@@ -200,7 +200,7 @@ def frame_rate_warning(path: Path, fps: float | None, trained_fps: float | None)
     if fps is None or not trained_fps or abs(fps - trained_fps) <= FRAME_RATE_TOLERANCE * trained_fps:
         return []
     return [
-        f"{path}: video at {fps:.4g} frames/s, the model was trained on {trained_fps:.4g} frames/s "
+        f"{path}: video at {fps:.3g} frames/s, the model was trained on {trained_fps:.3g} frames/s "
         "(predicted anyway: its faces move faster or slower than in training)"
     ]
 
