@@ -43,6 +43,7 @@ NPZ_GROUPS = ("", "train.", "val.", "test.")  # clips of an .npz: un-split, or m
 class Run:
     """What predicts: one model, or late fusion's members and their fitted combiner."""
 
+    run_dir: Path
     models: dict[str, Path]  # member name ("model" for a single model) -> run dir with checkpoint.pt
     specs: dict[str, dict[str, Any]]  # the same keys -> its feature spec
     combiner: fusion.LateFusion | None
@@ -67,10 +68,16 @@ class Clips:
     failed: list[str] = field(default_factory=list)  # one line per clip that cannot be predicted
     warnings: list[str] = field(default_factory=list)
 
-    def add(self, clip_id: str, frames: dict[str, np.ndarray]) -> None:
+    def add(
+        self, clip_id: str, frames: dict[str, np.ndarray], label: int | None = None, split: str | None = None
+    ) -> None:
         self.clip_ids.append(clip_id)
         for stream, x in frames.items():
             self.frames.setdefault(stream, []).append(x)
+        if self.labels is not None and label is not None:
+            self.labels.append(label)
+        if self.splits is not None and split is not None:
+            self.splits.append(split)
 
 
 def load_run(run_dir: Path) -> Run:
@@ -93,7 +100,7 @@ def load_run(run_dir: Path) -> Run:
         names.add(tuple(meta["class_names"]))
     if len(names) != 1:
         raise MerError(f"{run_dir}: its late fusion members were trained on different classes")
-    return Run(models, specs, combiner, names.pop())
+    return Run(run_dir, models, specs, combiner, names.pop())
 
 
 def count_mismatch(run: Run, counts: dict[str, int]) -> str | None:
@@ -227,9 +234,7 @@ def read_data(run: Run, path: Path) -> Clips:
             if problem is not None:
                 clips.failed.append(f"{path}: {split.name}/{clip_id}: {problem}")
                 continue
-            clips.add(clip_id, frames)
-            clips.labels.append(int(split.labels[i]))  # type: ignore[union-attr]
-            clips.splits.append(split.name)  # type: ignore[union-attr]
+            clips.add(clip_id, frames, int(split.labels[i]), split.name)
     return clips
 
 
@@ -288,11 +293,7 @@ def read_npz(run: Run, path: Path) -> Clips:
             if problem is not None:
                 clips.failed.append(f"{where}: {problem}")
                 continue
-            clips.add(clip_id, clip)
-            if clips.labels is not None and labels is not None:
-                clips.labels.append(int(labels[i]))
-            if clips.splits is not None:
-                clips.splits.append(g.rstrip("."))
+            clips.add(clip_id, clip, None if labels is None else int(labels[i]), g.rstrip("."))
     return clips
 
 
@@ -385,12 +386,11 @@ def default_out(run_dir: Path) -> Path:
 
 
 def check_out(out: Path, run: Run) -> None:
-    own = {(d / "predictions.csv").resolve() for d in run.models.values()}
-    for d in run.models.values():  # a late fusion run's own file sits above its members
-        own.add((d.parent / "predictions.csv").resolve())
-    if out.expanduser().resolve() in own:
+    """``out`` may be written: neither the run's (or a member's) own predictions.csv nor a folder."""
+    own = {(d / "predictions.csv").resolve() for d in (run.run_dir, *run.models.values())}
+    if out.resolve() in own:
         raise MerError(f"--out {out}: that is a run's own predictions.csv (its val/test predictions)")
-    if out.expanduser().is_dir():
+    if out.is_dir():
         raise MerError(f"--out {out}: a folder; give the .csv file to write")
 
 
@@ -416,6 +416,12 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("give --audio/--video (raw files) or --data (a feature file), not both")
     try:
         run = load_run(args.run_dir)
+        out = (
+            args.out.expanduser()
+            if args.out is not None
+            else default_out(args.run_dir.expanduser().resolve())
+        )
+        check_out(out, run)
         where = str(args.run_dir)
         clips = read_data(run, args.data) if args.data else read_files(run, args.audio, args.video, where)
         for line in clips.warnings:
@@ -424,10 +430,11 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{PROG}: error: {line}", file=sys.stderr)
         if not clips.clip_ids:
             raise DataError(f"{clips.source}: no clip could be predicted")
-        out = args.out if args.out is not None else default_out(args.run_dir.expanduser().resolve())
-        check_out(out, run)
         pred = predict(run, clips)
-        write_predictions(out.expanduser(), clips, pred, run.class_names)
+        try:
+            write_predictions(out, clips, pred, run.class_names)
+        except OSError as e:
+            raise MerError(f"{out}: cannot write: {e.strerror or e}") from e
     except MerError as e:
         if debug():
             raise
