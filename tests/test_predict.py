@@ -298,6 +298,19 @@ def test_features_of_another_size_are_one_line_naming_the_mismatch(files, runs, 
     assert not out.exists()
 
 
+def test_a_feature_file_ingested_with_other_settings_is_refused_naming_them(files, runs, capsys, tmp_path):
+    coarse = ingest.AudioSettings(hop_ms=20.0)  # still 52 features per frame, but 50 frames/s
+    splits, _ = ingest.build(files["audio"], files["video"], coarse, ingest.Names(), progress=False)
+    path = tmp_path / "hop20.npz"
+    data.save_npz(splits, path)
+    code, _, stderr = run_predict(capsys, runs["early"], "--data", path, "--out", tmp_path / "p.csv")
+    assert code == 2
+    assert stderr == [
+        f"mer-predict: error: {path}: acoustic computed with hop_ms=20.0; the model's training data with "
+        "hop_ms=10.0"
+    ]
+
+
 def test_bad_clips_are_one_line_each_and_the_others_are_still_predicted(files, runs, capsys, tmp_path):
     audio, video = tmp_path / "wav", tmp_path / "csv"
     shutil.copytree(files["audio"], audio)

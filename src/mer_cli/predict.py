@@ -85,6 +85,10 @@ def load_run(run_dir: Path) -> Run:
     run_dir = run_dir.expanduser().resolve()
     if not run_dir.is_dir():
         raise MerError(f"{run_dir}: not a folder (expected a mer-train run directory)")
+    if (run_dir / "cv.json").exists() and not (run_dir / "checkpoint.pt").exists():
+        raise MerError(
+            f"{run_dir}: a cross-validation run: give one fold's directory, e.g. {run_dir / 'fold0'}"
+        )
     late_path = run_dir / "late.json"
     combiner = None
     if late_path.exists():
@@ -249,6 +253,12 @@ def read_npz(run: Run, path: Path) -> Clips:
             f"{path}: no clip_ids array (expected clip_ids, mfcc, mfcc_offsets, aus, aus_offsets, "
             "or the same per split as mer-ingest writes them)"
         )
+    recorded = data.read_ingest_settings(arrays, path)
+    if recorded is not None:  # written by mer-ingest: were its features computed as the model's?
+        for sp in run.specs.values():
+            problem = spec.settings_mismatch(sp, recorded)
+            if problem is not None:
+                raise DataError(f"{path}: {problem}")
     labelled = all(f"{g}labels" in arrays for g in groups)
     if labelled and "class_names" in arrays:
         stored = tuple(str(c) for c in np.atleast_1d(arrays["class_names"]).tolist())

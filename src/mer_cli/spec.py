@@ -130,6 +130,24 @@ def mismatch(spec: Mapping[str, Any], frames: Mapping[str, int]) -> str | None:
     return None
 
 
+def settings_mismatch(spec: Mapping[str, Any], recorded: Mapping[str, Any]) -> str | None:
+    """What differs between how a feature file's streams were computed (its ``ingest_settings``)
+    and how the model's training data's were, or None. Measured values (frame rates) and names
+    derived from the settings are not compared."""
+    for name, stream_spec in spec["streams"].items():
+        trained, new = stream_spec.get("ingest"), recorded.get(name)
+        if not trained or not new:
+            continue
+        keys = [k for k in trained if k not in ("frame_rate_hz", "feature_names") and k in new]
+        differ = [k for k in keys if new[k] != trained[k]]
+        if differ:
+            return (
+                f"{name} computed with {', '.join(f'{k}={new[k]}' for k in differ)}; the model's "
+                f"training data with {', '.join(f'{k}={trained[k]}' for k in differ)}"
+            )
+    return None
+
+
 def check_features(spec: Mapping[str, Any], frames: Mapping[str, int], where: str) -> None:
     """`mismatch` as a `DataError` naming ``where`` (a file, a clip)."""
     problem = mismatch(spec, frames)
