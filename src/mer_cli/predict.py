@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from mer_cli import data, fusion, pipeline, report, spec
 from mer_cli.artifacts import write_text
@@ -180,7 +181,7 @@ def read_files(run: Run, audio: Path | None, video: Path | None, where: str) -> 
     audio_settings = (
         ingest.AudioSettings.from_record(settings["acoustic"]) if "acoustic" in settings else None
     )
-    for clip_id, clip_files in files.items():
+    for clip_id, clip_files in tqdm(files.items(), desc="features", unit="clip", disable=None):
         frames: dict[str, np.ndarray] = {}
         for stream, path in clip_files.items():
             got: np.ndarray | str
