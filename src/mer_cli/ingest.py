@@ -2,8 +2,9 @@
 
 Input: a folder of OpenFace ``FeatureExtraction`` CSVs and a folder of WAV files, one of each per
 clip, named like CREMA-D (``1001_DFA_ANG_XX``: actor, sentence, emotion, intensity). Output:
-`data.Splits` split by actor (seeded), ready for `data.save_npz`, and an `IngestReport` of what
-could not be used and why.
+`data.Splits` split by actor (seeded), ready for `data.save_npz`, carrying the settings that made
+its features (`settings_record`, reused by mer-predict on new files), and an `IngestReport` of
+what could not be used and why.
 """
 
 from __future__ import annotations
