@@ -41,6 +41,7 @@ from mer_cli import (
     preprocess,
     report,
     rundir,
+    spec,
     sweep,
     synthetic,
     tracking,
@@ -285,6 +286,9 @@ def train_model(cfg: DictConfig, splits: data.Splits, out_dir: Path, resume: boo
         "n_features": train_set.n_features,
         "class_names": list(splits.class_names),
         "prep": {name: prep.state() for name, prep in preps.items()},
+        # what the model reads (streams, feature counts and names, frame rates, ingestion
+        # settings, label map): mer-predict and exported models check new input against it
+        "feature_spec": spec.build(splits, modality, streams, train_set.n_features),
     }
     tracked = tracking.start(cfg, out_dir)  # logger=tensorboard|mlflow; csv: history.csv alone
     started = time.perf_counter()
