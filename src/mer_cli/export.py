@@ -207,10 +207,14 @@ def run_graph(run_dir: Path) -> tuple[RunGraph, dict[str, Any], dict[str, int]]:
 
 
 def input_features(run_dir: Path, meta: dict[str, Any]) -> dict[str, int]:
-    """Features per frame of each raw input stream. Early fusion's checkpoint has the fused count
-    only: the split between its streams is read from the run's data (the run's own config)."""
+    """Features per frame of each raw input stream. Early fusion's split between its streams comes
+    from the checkpoint's feature spec; a checkpoint from before specs has the fused count only,
+    and the split is read from the run's data (the run's own config)."""
     if pipeline.INPUTS[meta["modality"]] != "early":
         return {s: int(meta["n_features"][s]) for s in meta["streams"]}
+    recorded = meta.get("feature_spec", {}).get("streams", {})
+    if all(recorded.get(s, {}).get("n_features") for s in meta["streams"]):  # the run's feature spec
+        return {s: int(recorded[s]["n_features"]) for s in meta["streams"]}
     config_path = run_dir / "config.yaml"
     try:
         cfg = OmegaConf.load(config_path)
