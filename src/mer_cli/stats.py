@@ -53,6 +53,34 @@ METRIC_FROM_CONFUSION: dict[str, Callable[[np.ndarray], float]] = {
 }
 
 
+def f1_macro_batched(cms: np.ndarray) -> np.ndarray:
+    """`f1_macro` of every matrix in a stack (..., C, C)."""
+    tp = np.diagonal(cms, axis1=-2, axis2=-1).astype(float)
+    denom = cms.sum(axis=-2) + cms.sum(axis=-1)
+    return np.mean(np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0), axis=-1)
+
+
+def accuracy_batched(cms: np.ndarray) -> np.ndarray:
+    return np.trace(cms, axis1=-2, axis2=-1) / cms.sum(axis=(-2, -1))
+
+
+def balanced_accuracy_batched(cms: np.ndarray) -> np.ndarray:
+    support = cms.sum(axis=-1)
+    present = support > 0
+    recall = np.divide(
+        np.diagonal(cms, axis1=-2, axis2=-1), support, out=np.zeros(support.shape), where=present
+    )
+    return recall.sum(axis=-1) / present.sum(axis=-1)
+
+
+# the same metrics over a stack of confusion matrices (bootstrap draws x runs), one call each
+METRIC_FROM_CONFUSIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "f1_macro": f1_macro_batched,
+    "accuracy": accuracy_batched,
+    "balanced_accuracy": balanced_accuracy_batched,
+}
+
+
 @dataclass(frozen=True)
 class Sample:
     """One run's test predictions, the unit the bootstrap works on.
@@ -111,20 +139,29 @@ def bootstrap(
     """
     rng = np.random.default_rng(seed)
     resampler = _Resampler(samples, rng)
-    out = {m: np.empty(n_boot) for m in metrics}
+    chosen = np.zeros((n_boot, len(samples)))  # how often draw b picked each run
+    draws = []
     for b in range(n_boot):
         runs = rng.integers(0, len(samples), size=len(samples)) if len(samples) > 1 else [0]
-        idx = resampler.draw()
-        values: dict[str, list[float]] = {m: [] for m in metrics}
-        for r in runs:
-            s = samples[r]
-            i = idx[s.test_key]
-            cm = confusion(s.y_true[i], s.y_pred[i], n_classes)
-            for m in metrics:
-                values[m].append(METRIC_FROM_CONFUSION[m](cm))
-        for m in metrics:
-            out[m][b] = float(np.mean(values[m]))
+        np.add.at(chosen[b], runs, 1)
+        draws.append(resampler.draw())
+    out = {}
+    # every run's confusion matrix on every draw at once: (n_boot, runs, C, C)
+    cms = np.stack([_confusions(s, [d[s.test_key] for d in draws], n_classes) for s in samples], axis=1)
+    for m in metrics:
+        values = METRIC_FROM_CONFUSIONS[m](cms)  # (n_boot, runs)
+        out[m] = np.sum(values * chosen, axis=1) / len(samples)
     return out
+
+
+def _confusions(sample: Sample, draws: Sequence[np.ndarray], n_classes: int) -> np.ndarray:
+    """(len(draws), C, C): ``sample``'s confusion matrix on each resample (index arrays of any
+    length), counted in one ``bincount`` with the draw number as the leading digit."""
+    idx = np.concatenate(draws)
+    draw_of = np.repeat(np.arange(len(draws)), [len(d) for d in draws])
+    codes = (draw_of * n_classes + sample.y_true[idx]) * n_classes + sample.y_pred[idx]
+    counts = np.bincount(codes, minlength=len(draws) * n_classes * n_classes)
+    return counts.reshape(len(draws), n_classes, n_classes)
 
 
 def interval(draws: np.ndarray, confidence: float) -> tuple[float, float]:
@@ -206,21 +243,24 @@ def paired_bootstrap(
     rng = np.random.default_rng(seed)
     a_samples = [a for a, _ in pairs]
     resampler = _Resampler(a_samples, rng)
-    fn = METRIC_FROM_CONFUSION[metric]
     observed = float(np.mean([point(a, n_classes, metric) - point(b, n_classes, metric) for a, b in pairs]))
-    draws = np.empty(n_boot)
+    chosen = np.zeros((n_boot, len(pairs)))  # how often draw k picked each matched pair
+    index_draws = []
     for k in range(n_boot):
-        chosen = rng.integers(0, len(pairs), size=len(pairs)) if len(pairs) > 1 else [0]
-        idx = resampler.draw()
-        diffs = []
-        for r in chosen:
-            a, b = pairs[r]
-            i = idx[a.test_key]
-            diffs.append(
-                fn(confusion(a.y_true[i], a.y_pred[i], n_classes))
-                - fn(confusion(b.y_true[i], b.y_pred[i], n_classes))
-            )
-        draws[k] = float(np.mean(diffs))
+        picked = rng.integers(0, len(pairs), size=len(pairs)) if len(pairs) > 1 else [0]
+        np.add.at(chosen[k], picked, 1)
+        index_draws.append(resampler.draw())
+    fn = METRIC_FROM_CONFUSIONS[metric]
+    # both models of a pair on the same resampled clips: (n_boot,) differences per pair
+    diffs = np.stack(
+        [
+            fn(_confusions(a, [d[a.test_key] for d in index_draws], n_classes))
+            - fn(_confusions(b, [d[a.test_key] for d in index_draws], n_classes))
+            for a, b in pairs
+        ],
+        axis=1,
+    )
+    draws = np.sum(diffs * chosen, axis=1) / len(pairs)
     below = (np.sum(draws <= 0) + 1) / (n_boot + 1)
     above = (np.sum(draws >= 0) + 1) / (n_boot + 1)
     return PairedDifference(observed, interval(draws, confidence), float(min(1.0, 2 * min(below, above))))
