@@ -342,7 +342,7 @@ def fake_run(root: Path, modality: str, seed: int, y_true: np.ndarray, y_pred: n
 
 
 def markdown(result: dict, runs: list[compare.Run]) -> str:
-    figures = {k: "x.png" for k in (*compare.BAR_METRICS, *compare.GRIDS)}
+    figures = {k: ["x.png"] for k in (*compare.BAR_METRICS, *compare.GRIDS)}
     return compare.to_markdown("t", compare.document(result, runs, figures, Path("/")))
 
 

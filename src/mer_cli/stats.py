@@ -139,29 +139,44 @@ def bootstrap(
     """
     rng = np.random.default_rng(seed)
     resampler = _Resampler(samples, rng)
-    chosen = np.zeros((n_boot, len(samples)))  # how often draw b picked each run
+    picked = np.zeros((n_boot, len(samples)), dtype=np.int64)  # the runs draw b picks
     draws = []
     for b in range(n_boot):
-        runs = rng.integers(0, len(samples), size=len(samples)) if len(samples) > 1 else [0]
-        np.add.at(chosen[b], runs, 1)
+        if len(samples) > 1:
+            picked[b] = rng.integers(0, len(samples), size=len(samples))
         draws.append(resampler.draw())
+    chosen = _counts(picked, len(samples))
+    stacked = {key: _stack(draws, key) for key in resampler.shape}
     out = {}
     # every run's confusion matrix on every draw at once: (n_boot, runs, C, C)
-    cms = np.stack([_confusions(s, [d[s.test_key] for d in draws], n_classes) for s in samples], axis=1)
+    cms = np.stack([_confusions(s, stacked[s.test_key], n_classes) for s in samples], axis=1)
     for m in metrics:
         values = METRIC_FROM_CONFUSIONS[m](cms)  # (n_boot, runs)
         out[m] = np.sum(values * chosen, axis=1) / len(samples)
     return out
 
 
-def _confusions(sample: Sample, draws: Sequence[np.ndarray], n_classes: int) -> np.ndarray:
-    """(len(draws), C, C): ``sample``'s confusion matrix on each resample (index arrays of any
-    length), counted in one ``bincount`` with the draw number as the leading digit."""
-    idx = np.concatenate(draws)
-    draw_of = np.repeat(np.arange(len(draws)), [len(d) for d in draws])
-    codes = (draw_of * n_classes + sample.y_true[idx]) * n_classes + sample.y_pred[idx]
-    counts = np.bincount(codes, minlength=len(draws) * n_classes * n_classes)
-    return counts.reshape(len(draws), n_classes, n_classes)
+def _counts(picked: np.ndarray, n: int) -> np.ndarray:
+    """(draws, n): how often each row of ``picked`` (draws, n) holds each of 0 .. n-1."""
+    return (picked[:, :, None] == np.arange(n)).sum(axis=1).astype(float)
+
+
+def _stack(draws: Sequence[dict[str, np.ndarray]], key: str) -> tuple[np.ndarray, np.ndarray]:
+    """Test set ``key``'s resamples (index arrays of any length) end to end, and the draw each
+    index belongs to."""
+    parts = [d[key] for d in draws]
+    return np.concatenate(parts), np.repeat(np.arange(len(parts)), [len(p) for p in parts])
+
+
+def _confusions(sample: Sample, stacked: tuple[np.ndarray, np.ndarray], n_classes: int) -> np.ndarray:
+    """(draws, C, C): ``sample``'s confusion matrix on each resample (`_stack`), counted in one
+    ``bincount`` with the draw number as the leading digit."""
+    idx, draw_of = stacked
+    n_draws = int(draw_of[-1]) + 1 if len(draw_of) else 0
+    cell = sample.y_true * n_classes + sample.y_pred  # each clip's cell in one matrix
+    codes = draw_of * (n_classes * n_classes) + cell[idx]
+    counts = np.bincount(codes, minlength=n_draws * n_classes * n_classes)
+    return counts.reshape(n_draws, n_classes, n_classes)
 
 
 def interval(draws: np.ndarray, confidence: float) -> tuple[float, float]:
@@ -244,18 +259,20 @@ def paired_bootstrap(
     a_samples = [a for a, _ in pairs]
     resampler = _Resampler(a_samples, rng)
     observed = float(np.mean([point(a, n_classes, metric) - point(b, n_classes, metric) for a, b in pairs]))
-    chosen = np.zeros((n_boot, len(pairs)))  # how often draw k picked each matched pair
+    picked = np.zeros((n_boot, len(pairs)), dtype=np.int64)  # the matched pairs draw k picks
     index_draws = []
     for k in range(n_boot):
-        picked = rng.integers(0, len(pairs), size=len(pairs)) if len(pairs) > 1 else [0]
-        np.add.at(chosen[k], picked, 1)
+        if len(pairs) > 1:
+            picked[k] = rng.integers(0, len(pairs), size=len(pairs))
         index_draws.append(resampler.draw())
+    chosen = _counts(picked, len(pairs))
+    stacked = {key: _stack(index_draws, key) for key in resampler.shape}
     fn = METRIC_FROM_CONFUSIONS[metric]
     # both models of a pair on the same resampled clips: (n_boot,) differences per pair
     diffs = np.stack(
         [
-            fn(_confusions(a, [d[a.test_key] for d in index_draws], n_classes))
-            - fn(_confusions(b, [d[a.test_key] for d in index_draws], n_classes))
+            fn(_confusions(a, stacked[a.test_key], n_classes))
+            - fn(_confusions(b, stacked[a.test_key], n_classes))
             for a, b in pairs
         ],
         axis=1,
