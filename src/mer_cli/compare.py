@@ -714,16 +714,23 @@ def summary_sentences(result: dict[str, Any]) -> list[str]:
             f"last: {describe_tier(ranking[-1])}."
         )
     if len(models) > 1:
-        others = [
-            f"{METRIC_TITLES[k]} ({_order_text_short(order)})"
+        differ = {
+            k: order
             for k, order in result["ranking_by_metric"].items()
             if k != "f1_macro" and order != ranking
-        ]
-        out.append(
-            "Accuracy and balanced accuracy rank the models the same way."
-            if not others
-            else f"Other metrics order them differently: {'; '.join(others)}."
-        )
+        }
+        # a long ranking is shortened in words: say so when only its unshown tail differs
+        shown = {k: o for k, o in differ.items() if _order_text_short(o) != _order_text_short(ranking)}
+        if not differ:
+            out.append("Accuracy and balanced accuracy rank the models the same way.")
+        elif not shown:
+            out.append(
+                f"{' and '.join(METRIC_TITLES[k] for k in differ).capitalize()} agree on the first "
+                f"{SUMMARY_TIERS} and order the rest differently (see Ranking)."
+            )
+        else:
+            others = [f"{METRIC_TITLES[k]} ({_order_text_short(o)})" for k, o in differ.items()]
+            out.append(f"Other metrics order them differently: {'; '.join(others)}.")
 
     units = {m["ci_unit"] for m in models.values()}
     out.append(
@@ -803,28 +810,45 @@ def summary_sentences(result: dict[str, Any]) -> list[str]:
 # Figures
 
 
+# more models than this: bars run across (one row per model, labels readable at any count)
+COLUMN_BARS_UP_TO = 8
+
+
 def bar_chart(result: dict[str, Any], metric: str) -> plt.Figure:
-    """Models side by side: mean (value above the bar), CI as error bar, chance and human lines."""
+    """Models side by side: mean (value beside the bar), CI as error bar, chance and human lines.
+    Up to COLUMN_BARS_UP_TO models as columns, more as rows (a 30-model sweep stays readable)."""
     models = result["models"]
     labels = [m["label"] for m in models]
     means = np.array([m["test"][metric]["mean"] for m in models], dtype=float)
     cis = [m["test"][metric]["ci"] or [mu, mu] for m, mu in zip(models, means, strict=True)]
     lo = np.array([c[0] for c in cis], dtype=float)
     hi = np.array([c[1] for c in cis], dtype=float)
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.5 * len(models) + 2.5), 4.8))
+    rows = len(models) > COLUMN_BARS_UP_TO
+    if rows:
+        fig, ax = plt.subplots(figsize=(8.0, 0.32 * len(models) + 1.6))
+    else:
+        fig, ax = plt.subplots(figsize=(max(5.0, 1.5 * len(models) + 2.5), 4.8))
     x = np.arange(len(models))
     colors = [
         f"C{MODALITY_ORDER.index(m['modality']) if m['modality'] in MODALITY_ORDER else 4}" for m in models
     ]
-    ax.bar(x, means, color=colors, alpha=0.85, width=0.6)
-    ax.errorbar(x, means, yerr=[means - lo, hi - means], fmt="none", ecolor="black", capsize=5, lw=1.2)
-    for xi, mu, top in zip(x, means, hi, strict=True):
-        ax.text(float(xi), top + 0.01, f"{100 * mu:.1f} %", ha="center", va="bottom", fontsize=9)
+    err = [means - lo, hi - means]
+    if rows:
+        ax.barh(x, means, color=colors, alpha=0.85, height=0.6)
+        ax.errorbar(means, x, xerr=err, fmt="none", ecolor="black", capsize=3, lw=1.0)
+        for xi, mu, top in zip(x, means, hi, strict=True):
+            ax.text(top + 0.01, float(xi), f"{100 * mu:.1f} %", ha="left", va="center", fontsize=8)
+    else:
+        ax.bar(x, means, color=colors, alpha=0.85, width=0.6)
+        ax.errorbar(x, means, yerr=err, fmt="none", ecolor="black", capsize=5, lw=1.2)
+        for xi, mu, top in zip(x, means, hi, strict=True):
+            ax.text(float(xi), top + 0.01, f"{100 * mu:.1f} %", ha="center", va="bottom", fontsize=9)
+    line = ax.axvline if rows else ax.axhline
     chance = result["chance"][metric]
-    ax.axhline(chance, color="gray", ls="--", lw=1, label=f"chance: majority class ({100 * chance:.1f} %)")
+    line(chance, color="gray", ls="--", lw=1, label=f"chance: majority class ({100 * chance:.1f} %)")
     if result["human_rates"]:
         for (name, rate), style in zip(result["human_rates"].items(), (":", "-.", (0, (5, 1))), strict=True):
-            ax.axhline(
+            line(
                 rate,
                 color="darkred",
                 ls=style,
@@ -832,17 +856,26 @@ def bar_chart(result: dict[str, Any], metric: str) -> plt.Figure:
                 label=f"human raters, {name} ({100 * rate:.1f} % accuracy)",
             )
     conf = round(100 * result["settings"]["confidence"])
-    ax.set_xticks(
-        x,
-        labels,
-        rotation=15 if max(map(len, labels)) > 10 else 0,
-        ha="right" if max(map(len, labels)) > 10 else "center",
-    )
-    ax.set_ylabel(f"test/{metric}")
+    top = min(1.0, max(float(np.nanmax(hi)), chance, 0.65 if result["human_rates"] else 0) + 0.15)
     ax.set_title(f"test/{metric}: mean, {conf} % CI")
-    ax.set_ylim(0, min(1.0, max(float(np.nanmax(hi)), chance, 0.65 if result["human_rates"] else 0) + 0.15))
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, never on them
-    ax.grid(axis="y", alpha=0.3)
+    if rows:
+        ax.set_yticks(x, labels, fontsize=8)
+        ax.invert_yaxis()  # the report's model order, top to bottom
+        ax.set_xlabel(f"test/{metric}")
+        ax.set_xlim(0, top)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(0.0, -0.6 / (0.32 * len(models) + 1.6)))
+        ax.grid(axis="x", alpha=0.3)
+    else:
+        ax.set_xticks(
+            x,
+            labels,
+            rotation=15 if max(map(len, labels)) > 10 else 0,
+            ha="right" if max(map(len, labels)) > 10 else "center",
+        )
+        ax.set_ylabel(f"test/{metric}")
+        ax.set_ylim(0, top)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, never on them
+        ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     return fig
 
@@ -1239,7 +1272,8 @@ def write(
         for i, chunk in enumerate(chunks, 1):
             name = f"figures/grid_{kind}_{i}.png" if len(chunks) > 1 else f"figures/grid_{kind}.png"
             part = f"{i} of {len(chunks)}" if len(chunks) > 1 else ""
-            report.save_figure(grid(chunk, kind, class_names, part), out_dir / name)
+            # laid out by tight_layout, nothing outside the panels: no cropping pass (the slow part)
+            report.save_figure(grid(chunk, kind, class_names, part), out_dir / name, crop=False)
             figures[kind].append(name)
     write_json(out_dir / "comparison.json", result)
     write_text(out_dir / "comparison.csv", _models_csv(result))
