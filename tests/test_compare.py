@@ -534,7 +534,21 @@ def test_a_30_model_comparison_tests_each_model_against_the_best_plus_the_named_
     )
     real = [p["b"] for p in pairs if p["tested_because"] == "best" and p["significant"]]
     chance = [p["b"] for p in pairs if p["tested_because"] == "best" and not p["significant"]]
-    line = next(s for s in summary if s.startswith(("Real differences", "No model is significantly")))
+    # B = 200 cannot reach alpha over 30 tests (30 x 2/201 > 0.05): the summary says so
+    assert (
+        not real
+        and f"No difference from {best} can be significant with this few bootstrap samples." in summary
+    )
+    assert summary[-1].startswith("With 200 bootstrap samples and 30 pair(s) no pair can be significant")
+    # with enough resamples the clear best beats the near-chance models for real
+    result = compare.build(runs, [], compare.Settings(bootstrap_samples=2000, pairs=named))
+    summary = result["summary"]
+    pairs = result["pairwise"]
+    real = [p["b"] for p in pairs if p["tested_because"] == "best" and p["significant"]]
+    chance = [p["b"] for p in pairs if p["tested_because"] == "best" and not p["significant"]]
+    assert {"acoustic/bilstm", "visual/bilstm"} <= set(real)
+    line = next(s for s in summary if s.startswith("Real differences"))
+    assert line.startswith(f"Real differences: {best} is better than {len(real)} of the 29 others: ")
     assert all(label in line for label in real) and not any(f"{label} (" in line for label in chance)
     if chance:
         line = next(s for s in summary if s.startswith(f"Not told apart from {best}"))
@@ -544,6 +558,36 @@ def test_a_30_model_comparison_tests_each_model_against_the_best_plus_the_named_
     with (tmp_path / "report" / "pairwise.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert [r["tested_because"] for r in rows].count("best") == 29 and len(rows) == 30
+
+
+@pytest.mark.slow
+def test_a_30_model_smoke_sweep_writes_its_report(tmp_path):
+    """Issue 11: every encoder in every modality, one sweep, one report; as small as it goes (120
+    generated clips, one epoch; the report's time is benchmarks/compare_report.py's business)."""
+    root = run_sweep(
+        tmp_path / "sweep",
+        "trainer.loop.max_epochs=1",
+        "data.generator.n_actors=20",
+        "data.generator.clips_per_actor_per_class=1",
+        f"model={','.join(bench.ENCODERS)}",
+        f"modality={','.join(compare.MODALITY_ORDER)}",
+        "compare.pairs=[[early/bilstm,visual/bilstm]]",
+    )
+    result = json.loads((root / "comparison.json").read_text())
+    labels = [f"{m}/{e}" for m in compare.MODALITY_ORDER for e in sorted(bench.ENCODERS)]
+    assert [m["label"] for m in result["models"]] == labels and result["failures"] == []
+    assert trainings(root) == 25  # late fusion reuses each encoder's acoustic and visual runs
+    best = result["ranking"][0][0]
+    pairs = result["pairwise"]
+    assert [(p["a"], p["b"]) for p in pairs if p["tested_because"] == "best"] == [
+        (best, label) for label in labels if label != best
+    ]
+    named = {"early/bilstm", "visual/bilstm"}
+    assert [{p["a"], p["b"]} for p in pairs if p["named"]] == [named]
+    assert len(pairs) == 29 + (best not in named)
+    figures = sorted(p.name for p in (root / "figures").iterdir())
+    assert len(figures) == 3 + 4 * 3 and "grid_pr_per_class_3.png" in figures
+    assert (root / "report.md").read_text().count("](figures/grid_") == 12
 
 
 def test_every_pair_is_tested_up_to_six_models_or_on_request(tmp_path):

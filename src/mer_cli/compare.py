@@ -442,15 +442,27 @@ def order_text(tiers: Sequence[Sequence[str]]) -> str:
     return " > ".join(" = ".join(t) for t in tiers)
 
 
-SUMMARY_TIERS = 5  # a ranking in the summary names this many tiers at most (the Ranking section all)
+SUMMARY_MODELS = 5  # a ranking in the summary names this many models at most (Ranking: all)
 
 
 def _order_text_short(tiers: Sequence[Sequence[str]]) -> str:
-    """`order_text` of the first SUMMARY_TIERS tiers, then how many models follow."""
-    if len(tiers) <= SUMMARY_TIERS + 1:
+    """`order_text` of the best SUMMARY_MODELS models (whole tiers; a larger first tier cut
+    short), then how many models follow."""
+    total = sum(len(t) for t in tiers)
+    if total <= SUMMARY_MODELS + 1:
         return order_text(tiers)
-    rest = sum(len(t) for t in tiers[SUMMARY_TIERS:])
-    return f"{order_text(tiers[:SUMMARY_TIERS])} > {rest} more (see Ranking)"
+    parts: list[str] = []
+    named = 0
+    for tier in tiers:
+        if parts and named + len(tier) > SUMMARY_MODELS:
+            break
+        if len(tier) > SUMMARY_MODELS:  # a tie too large to list: its first few
+            parts.append(" = ".join(tier[:SUMMARY_MODELS]) + f" = {len(tier) - SUMMARY_MODELS} more tied")
+        else:
+            parts.append(" = ".join(tier))
+        named += len(tier)
+    rest = total - named
+    return " > ".join(parts) + (f" > {rest} more (see Ranking)" if rest else " (see Ranking)")
 
 
 def _mean(m: Model, metric: str) -> float:
@@ -646,6 +658,8 @@ def against_best_sentences(result: dict[str, Any]) -> list[str]:
                 + "; ".join(map(diff, real))
                 + "."
             )
+        elif vs_best[0]["p_holm_floor"] >= alpha:  # too few resamples: see _unreachable_alpha
+            out.append(f"No difference from {best} can be significant with this few bootstrap samples.")
         else:
             out.append(f"No model is significantly worse than {best}.")
         if chance:
@@ -719,14 +733,14 @@ def summary_sentences(result: dict[str, Any]) -> list[str]:
             for k, order in result["ranking_by_metric"].items()
             if k != "f1_macro" and order != ranking
         }
-        # a long ranking is shortened in words: say so when only its unshown tail differs
+        # a long ranking is cut short in words: say so when only its unnamed tail differs
         shown = {k: o for k, o in differ.items() if _order_text_short(o) != _order_text_short(ranking)}
         if not differ:
             out.append("Accuracy and balanced accuracy rank the models the same way.")
         elif not shown:
             out.append(
                 f"{' and '.join(METRIC_TITLES[k] for k in differ).capitalize()} agree on the first "
-                f"{SUMMARY_TIERS} and order the rest differently (see Ranking)."
+                f"{SUMMARY_MODELS} and order the rest differently (see Ranking)."
             )
         else:
             others = [f"{METRIC_TITLES[k]} ({_order_text_short(o)})" for k, o in differ.items()]
