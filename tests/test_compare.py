@@ -668,3 +668,28 @@ def test_mer_compare_options_reach_the_report_settings(tmp_path, monkeypatch, ca
         }
     )
     assert sweep.settings_of(cfg).pairs == (("acoustic/gru", "visual/gru"),)
+
+
+def test_models_are_labelled_by_their_model_config_also_for_cross_validation_folds(tmp_path):
+    y = np.arange(48) % 4
+    for encoder in ("gru", "tcn"):
+        run_dir = tmp_path / f"visual_{encoder}"
+        for fold in (0, 1):
+            run = fake_run(run_dir, "visual", 0, y, y)  # the fold's files, as mer-train writes them
+            run.rename(run_dir / f"fold{fold}")
+            cfg = f"seed: 0\nmodality:\n  name: visual\ncv:\n  fold: {fold}\nmodel:\n  tag: {encoder}\n"
+            (run_dir / f"fold{fold}" / "config.yaml").write_text(cfg)
+        (run_dir / ".hydra").mkdir()  # the CV run's, one level above its folds
+        (run_dir / ".hydra" / "hydra.yaml").write_text(
+            f"hydra:\n  runtime:\n    choices:\n      model: {encoder}\n"
+        )
+    runs, _ = compare.collect([tmp_path])
+    assert {m.label: len(m.runs) for m in compare.group_models(runs)} == {"visual/gru": 2, "visual/tcn": 2}
+    # without the record of the choice: the values that differ, as before
+    for encoder in ("gru", "tcn"):
+        shutil.rmtree(tmp_path / f"visual_{encoder}" / ".hydra")
+    runs, _ = compare.collect([tmp_path])
+    assert sorted(m.label for m in compare.group_models(runs)) == [
+        "visual (model.tag=gru)",
+        "visual (model.tag=tcn)",
+    ]

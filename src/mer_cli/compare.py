@@ -20,6 +20,7 @@ import itertools
 import json
 import logging
 import math
+import re
 import shutil
 import time
 from collections.abc import Iterable, Sequence
@@ -214,8 +215,10 @@ def load_run(path: Path, actor_pattern: str | None = None) -> Run:
 
 def _hydra_choices(path: Path) -> dict[str, str]:
     """The config group options a run picked (``hydra.runtime.choices`` in the .hydra/hydra.yaml
-    Hydra writes in each job's directory); empty for a run without one."""
+    Hydra writes in each job's directory, the CV run's for a fold); empty for a run without one."""
     hydra_yaml = path / ".hydra" / "hydra.yaml"
+    if not hydra_yaml.is_file() and re.fullmatch(r"fold\d+", path.name):
+        hydra_yaml = path.parent / ".hydra" / "hydra.yaml"
     if not hydra_yaml.is_file():
         return {}
     try:
