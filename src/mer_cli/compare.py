@@ -86,7 +86,8 @@ class Settings:
 
     def __post_init__(self) -> None:
         # from a config or the command line: lists of two labels (or "A,B" strings)
-        object.__setattr__(self, "pairs", tuple(_named_pair(p) for p in self.pairs or ()))
+        pairs = [self.pairs] if isinstance(self.pairs, str) else self.pairs or ()
+        object.__setattr__(self, "pairs", tuple(_named_pair(p) for p in pairs))
         if self.bootstrap_samples < 100:
             raise MerError(f"compare.bootstrap_samples={self.bootstrap_samples}: use at least 100")
         if not 0.5 <= self.confidence < 1.0:
@@ -781,17 +782,13 @@ def summary_sentences(result: dict[str, Any]) -> list[str]:
     not_sig = [p for p in result["pairwise"] if not p["significant"]]
     alpha = result["settings"]["alpha"]
 
-    def pair(p: dict[str, Any]) -> str:
-        better, worse = (p["a"], p["b"]) if p["f1_macro_diff"] >= 0 else (p["b"], p["a"])
-        return f"{better} > {worse} (Δ {100 * abs(p['f1_macro_diff']):.1f} points, {_holm_p(p)})"
-
     if result["pairwise"] and result["settings"]["pairwise"] == "best":
         out += against_best_sentences(result)
     elif result["pairwise"]:
         head = f"Paired bootstrap on macro F1, Holm-adjusted, α = {alpha}: "
         parts = []
         if sig:
-            parts.append("significant: " + "; ".join(pair(p) for p in sig))
+            parts.append("significant: " + "; ".join(map(_pair_text, sig)))
         if not_sig:
             parts.append(
                 "not significant: " + "; ".join(f"{p['a']} vs {p['b']} ({_holm_p(p)})" for p in not_sig)
