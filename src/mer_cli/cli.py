@@ -244,6 +244,23 @@ def compare_main(argv: list[str] | None = None) -> None:
         default=None,
         help="regex whose first group is the actor in a clip id (default: each run's cv.actor_pattern)",
     )
+    parser.add_argument(
+        "--pairwise",
+        choices=compare.PAIRWISE_CHOICES,
+        default=defaults.pairwise,
+        help="pairs tested: all, each model against the best, or auto "
+        f"(all up to {compare.ALL_PAIRS_UP_TO} models)",
+    )
+    parser.add_argument(
+        "--pair",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("A", "B"),
+        help="also test model A against model B (labels as in the report, e.g. early/gru "
+        "visual/gru); repeatable",
+    )
+    parser.add_argument("--grid-panels", type=int, default=defaults.grid_panels, help="models per figure")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     try:
@@ -253,6 +270,9 @@ def compare_main(argv: list[str] | None = None) -> None:
             alpha=args.alpha,
             human_reference=args.human_reference,
             actor_pattern=args.actor_pattern,
+            pairwise=args.pairwise,
+            pairs=tuple(args.pair),
+            grid_panels=args.grid_panels,
         )
         out = compare.into_new_dir(args.dirs, Path("outputs") / "comparisons", settings, args.out)
     except MerError as e:
