@@ -153,6 +153,29 @@ def test_a_model_being_trained_by_one_job_is_waited_for_by_another(tmp_path):
     assert events == ["other model", "first done", "second starts"]
 
 
+def test_the_same_metrics_script_pairs_runs_by_name_and_flags_any_difference(tmp_path):
+    def job(sweep_dir: str, name: str, f1: float) -> None:
+        d = tmp_path / sweep_dir / name
+        d.mkdir(parents=True)
+        metrics = {"run": {"train_seconds": f1}, "val": {"f1_macro": 0.5}, "test": {"f1_macro": f1}}
+        (d / "metrics.json").write_text(json.dumps(metrics))
+
+    job("a", "0_acoustic_seed0", 0.25)
+    job("a", "1_late_seed0", 0.75)
+    job("b", "0_late_seed0", 0.75)  # another job order: paired by name
+    job("b", "1_acoustic_seed0", 0.25)
+    job("c", "0_acoustic_seed0", 0.25)
+    job("c", "1_late_seed0", 0.7)
+    script = [sys.executable, str(SRC.parent / "benchmarks" / "same_metrics.py")]
+
+    same = subprocess.run([*script, tmp_path / "a", tmp_path / "b"], capture_output=True, text=True)
+    assert same.returncode == 0, same.stdout
+    assert same.stdout.splitlines()[-1] == "2 runs paired: same metrics run for run"
+    other = subprocess.run([*script, tmp_path / "a", tmp_path / "c"], capture_output=True, text=True)
+    assert other.returncode == 1
+    assert "late_seed0: DIFFERENT (largest difference 0.05)" in other.stdout
+
+
 # ---------------------------------------------------------------------------------------------
 # End to end
 
