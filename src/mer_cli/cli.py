@@ -23,6 +23,7 @@ log = logging.getLogger("mer_cli")
 
 # configs/train.yaml: hydra.run.dir: ${claim_dir:outputs/<modality>/<time>}
 OmegaConf.register_new_resolver("claim_dir", rundir.claim, replace=True)
+launchers.register_submitit_launchers()  # hydra/launcher=submitit_local|submitit_slurm
 # configs/hydra/launcher/<name>.yaml take the place of the launcher plugins' entries of the same
 # name, and Hydra checks them against those entries (a mistyped key is an error): by design here,
 # so its deprecation notice about that check is not shown on every sweep

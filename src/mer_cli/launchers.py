@@ -55,6 +55,23 @@ def parallel_jobs(launcher: Mapping[str, Any], environ: Mapping[str, str] = os.e
     return max(1, int(environ.get(PARALLEL_JOBS_ENV, "1")))
 
 
+def register_submitit_launchers() -> None:
+    """Tell Hydra about the presets' submitit launchers (``hydra_plugins.mer_cli_launcher``)
+    itself: its plugin scan lists the ``hydra_plugins`` folders on disk, and misses them in an
+    editable install (``pip install -e``), which serves the package through an import hook."""
+    try:
+        from hydra_plugins import mer_cli_launcher
+    except ImportError:
+        return
+    from hydra.core.plugins import Plugins
+
+    plugins = Plugins.instance()  # first: its scan may re-run the module, making new classes
+    for name in ("SubmititSlurmLauncher", "SubmititLocalLauncher"):
+        launcher = getattr(mer_cli_launcher, name, None)  # absent without the sweep extra
+        if launcher is not None:
+            plugins.register(launcher)
+
+
 def resuming(overrides: Sequence[str]) -> list[str]:
     """A job's overrides for its requeued copy: any ``resume=...`` replaced by ``resume=auto``."""
     kept = [o for o in overrides if o.partition("=")[0].lstrip("+~") != "resume"]
