@@ -63,7 +63,11 @@ def train() -> None:
     if missing:
         print(f"mer-train: error: {missing}", file=sys.stderr)
         sys.exit(2)
-    guarded("mer-train", _cli("train_main"), "interrupted before training started: nothing to resume")
+    if {"-m", "--multirun"} & set(sys.argv[1:]):  # a parallel sweep's jobs may have trained
+        hint = "interrupted: to continue the sweep, run the same command with resume=auto hydra.sweep.dir=DIR"
+    else:
+        hint = "interrupted before training started: nothing to resume"
+    guarded("mer-train", _cli("train_main"), hint)
 
 
 def evaluate() -> None:
