@@ -1,21 +1,32 @@
 """Fit preprocessing on train (target lengths, per-feature scaling), apply it to every split.
 
-Input: per stream, each clip's frames (a model's input streams, see `pipeline.model_inputs`).
-Output: `SequenceSet`: named streams of ragged frames (every clip cut to the stream's target
-length and scaled, stored end to end, never padded), labels and clip ids. A batch is padded
-when it is gathered (`Ragged.pad`). Nothing here ever looks at validation or test data while
-fitting.
+Input: per stream, each clip's frames (a model's input streams, see `pipeline.model_inputs`): a
+sequence of (T_i, F) arrays, usually ragged `data.Clips` read from disk clip by clip. Output:
+`SequenceSet`: named streams whose clips are cut to the stream's target length and scaled when
+they are read (`Prepared.clip`), a batch at a time: nothing here copies a whole split. A batch is
+padded when it is gathered (`train.PadCollate`). Fitting streams over the train clips (lengths
+only for the target length, running moments for the scaler); it never looks at validation or
+test data.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Any
 
 import numpy as np
 import torch
+
+
+def clip_lengths(clips: Sequence[np.ndarray]) -> np.ndarray:
+    """(N,) frame counts: a ragged sequence's own ``lengths`` (no frame is read), else each clip's."""
+    lengths = getattr(clips, "lengths", None)
+    if lengths is not None:
+        return np.asarray(lengths, dtype=np.int64)
+    return np.array([x.shape[0] for x in clips], dtype=np.int64)
 
 
 @dataclass(frozen=True)
@@ -32,10 +43,10 @@ class TargetLength:
 
 
 def fit_target_length(train: Sequence[np.ndarray], percentile: float) -> TargetLength:
-    """Ceil of the ``percentile``-th percentile of the train clips' frame counts."""
-    lengths = np.array([x.shape[0] for x in train])
+    """Ceil of the ``percentile``-th percentile of the train clips' frame counts (their lengths
+    alone: a ragged stream's frames are never read)."""
     # fitted on train only: test lengths must not move the cut-off
-    return TargetLength(math.ceil(np.percentile(lengths, percentile)))
+    return TargetLength(math.ceil(np.percentile(clip_lengths(train), percentile)))
 
 
 @dataclass(frozen=True)
@@ -49,17 +60,52 @@ class Scaler:
         return ((x - self.mean) / self.std).astype(np.float32)
 
 
-def fit_scaler(train: Sequence[np.ndarray]) -> Scaler:
-    frames = np.concatenate(train, axis=0).astype(np.float64)
-    std = frames.std(axis=0)
+# frames per block of the streaming scaler fit: a block is held in float64 (~145 MB at 69
+# features); the default embedded data's train frames fit in one block, so its statistics are
+# numpy's own mean and std of all frames, bit for bit
+SCALER_BLOCK_FRAMES = 1 << 18
+
+
+def fit_scaler(train: Iterable[np.ndarray], block_frames: int = SCALER_BLOCK_FRAMES) -> Scaler:
+    """Mean and standard deviation per feature, streamed over the clips ``train`` a block of
+    ``block_frames`` frames at a time (blocks combined with Chan et al.'s pairwise update), so
+    memory stays one block whatever the number of clips."""
+    n, mean, var = 0, np.zeros(0), np.zeros(0)
+    block: list[np.ndarray] = []
+    rows = 0
+
+    def add_block() -> None:
+        nonlocal n, mean, var, block, rows
+        frames = np.concatenate(block, axis=0).astype(np.float64)
+        block, rows = [], 0
+        b_n, b_mean, b_var = len(frames), frames.mean(axis=0), frames.var(axis=0)
+        if n == 0:
+            n, mean, var = b_n, b_mean, b_var
+            return
+        total = n + b_n
+        delta = b_mean - mean
+        var = (n * var + b_n * b_var + delta**2 * (n * b_n / total)) / total
+        mean = mean + delta * (b_n / total)
+        n = total
+
+    for x in train:
+        block.append(x)
+        rows += len(x)
+        if rows >= block_frames:
+            add_block()
+    if block:
+        add_block()
+    if n == 0:
+        raise ValueError("fit_scaler: no training frames")
+    std = np.sqrt(var)
     std[std < 1e-8] = 1.0  # a constant feature stays as it is instead of dividing by zero
-    return Scaler(frames.mean(axis=0), std)
+    return Scaler(mean, std)
 
 
 @dataclass(frozen=True)
 class Ragged:
-    """One stream of one split: every clip's frames end to end, clip ``i`` at rows
-    ``offsets[i]:offsets[i + 1]`` of ``frames``; padded only per batch, by `pad`."""
+    """Prepared frames held in memory: every clip's frames end to end, clip ``i`` at rows
+    ``offsets[i]:offsets[i + 1]`` of ``frames`` (hand-built sets, benchmarks)."""
 
     frames: np.ndarray  # (sum of lengths, F) float32
     offsets: np.ndarray  # (N + 1,) int64, offsets[0] == 0
@@ -77,29 +123,103 @@ class Ragged:
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
+    def clip(self, i: int) -> np.ndarray:
+        return self.frames[int(self.offsets[i]) : int(self.offsets[i + 1])]
+
     def pad(self, idx: torch.Tensor, length: int) -> torch.Tensor:
-        """Clips ``idx`` as (B, ``length``, F) float32, zero after each clip's end (``length`` at
-        least the longest clip of ``idx``)."""
-        x = torch.zeros(len(idx), length, self.n_features)
-        frames = torch.from_numpy(self.frames)
-        for row, i in enumerate(idx.tolist()):
-            start, end = int(self.offsets[i]), int(self.offsets[i + 1])
-            x[row, : end - start] = frames[start:end]
-        return x
+        return pad_clips([self.clip(i) for i in idx.tolist()], length, self.n_features)
 
     def take(self, idx: Sequence[int]) -> Ragged:
         """The clips ``idx``, in that order, as a new (compact) `Ragged`."""
-        parts = [self.frames[self.offsets[i] : self.offsets[i + 1]] for i in idx]
+        parts = [self.clip(i) for i in idx]
         offsets = np.concatenate([[0], np.cumsum([len(p) for p in parts])]).astype(np.int64)
         frames = np.concatenate(parts) if parts else self.frames[:0]
         return Ragged(frames, offsets, self.max_length)
+
+
+class Prepared:
+    """One input stream of one split as the model reads it, prepared clip by clip when a clip is
+    read: the source clip (ragged, possibly on disk, possibly early-fused) cut to the target
+    length (keeping its start, as the notebook) and scaled. No prepared copy of the split exists."""
+
+    def __init__(self, source: Sequence[np.ndarray], target: TargetLength, scaler: Scaler | None) -> None:
+        self.source, self.target, self.scaler = source, target, scaler
+        self.max_length = target.length  # no clip is longer: a batch is never padded beyond it
+
+    @cached_property
+    def lengths(self) -> torch.Tensor:
+        """(N,) int64: each clip's frame count after the cut (from the lengths alone)."""
+        return torch.from_numpy(np.minimum(clip_lengths(self.source), self.target.length))
+
+    @cached_property
+    def n_features(self) -> int:
+        n = getattr(self.source, "n_features", None)
+        return int(n) if n is not None else int(self.source[0].shape[1])
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def clip(self, i: int) -> np.ndarray:
+        """Clip ``i``'s (min(T_i, target), F) float32 frames, scaled."""
+        x = self.source[i][: self.target.length]
+        return self.scaler.transform(x) if self.scaler else np.asarray(x, dtype=np.float32)
+
+    def pad(self, idx: torch.Tensor, length: int) -> torch.Tensor:
+        return pad_clips([self.clip(i) for i in idx.tolist()], length, self.n_features)
+
+    def materialize(self) -> Ragged:
+        """Every clip prepared once, end to end into one in-memory `Ragged` (one prepared copy)."""
+        lengths = self.lengths.numpy()
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        out = np.empty((int(offsets[-1]), self.n_features), dtype=np.float32)
+        for i in range(len(self)):
+            out[offsets[i] : offsets[i + 1]] = self.clip(i)
+        return Ragged(out, offsets, self.max_length)
+
+    def take(self, idx: Sequence[int]) -> Prepared:
+        take = getattr(self.source, "take", None)
+        source = take(list(idx)) if take is not None else [self.source[i] for i in idx]
+        return Prepared(source, self.target, self.scaler)
+
+
+class Blank:
+    """A stream with the lengths of ``stream`` and zeros for frames (one stream's contribution)."""
+
+    def __init__(self, stream: Stream) -> None:
+        self.stream = stream
+        self.lengths: torch.Tensor = stream.lengths
+        self.n_features: int = stream.n_features
+        self.max_length: int = stream.max_length
+
+    def __len__(self) -> int:
+        return len(self.stream)
+
+    def clip(self, i: int) -> np.ndarray:
+        return np.zeros((int(self.lengths[i]), self.n_features), dtype=np.float32)
+
+    def pad(self, idx: torch.Tensor, length: int) -> torch.Tensor:
+        return torch.zeros(len(idx), length, self.n_features)
+
+    def take(self, idx: Sequence[int]) -> Blank:
+        return Blank(self.stream.take(idx))
+
+
+Stream = Ragged | Prepared | Blank
+
+
+def pad_clips(clips: Sequence[np.ndarray], length: int, n_features: int) -> torch.Tensor:
+    """Clips (each (T_i, F), T_i <= ``length``) as (B, ``length``, F) float32, zero after each end."""
+    x = torch.zeros(len(clips), length, n_features)
+    for row, c in enumerate(clips):
+        x[row, : len(c)] = torch.from_numpy(np.ascontiguousarray(c))
+    return x
 
 
 @dataclass(frozen=True)
 class SequenceSet:
     """One split as a model reads it: its named input streams, labels and clip ids."""
 
-    streams: Mapping[str, Ragged]
+    streams: Mapping[str, Any]  # name -> `Stream`: clip(i), pad(idx, length), lengths, n_features
     y: torch.Tensor  # (N,) int64
     clip_ids: tuple[str, ...]
 
@@ -132,14 +252,13 @@ class StreamPrep:
     target: TargetLength
     scaler: Scaler | None  # None: features left as they are (the notebook)
 
-    def apply(self, frames: Sequence[np.ndarray]) -> Ragged:
-        """Every clip cut to the target length (keeping its start, as the notebook) and scaled."""
-        lengths = [min(f.shape[0], self.target.length) for f in frames]
-        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-        out = np.empty((int(offsets[-1]), frames[0].shape[1]), dtype=np.float32)
-        for f, start, n in zip(frames, offsets, lengths, strict=False):
-            out[start : start + n] = self.scaler.transform(f[:n]) if self.scaler else f[:n]
-        return Ragged(out, offsets, self.target.length)
+    def apply(self, frames: Sequence[np.ndarray]) -> Prepared | Ragged:
+        """Every clip of ``frames`` cut to the target length (keeping its start, as the notebook)
+        and scaled. Clips read from disk are prepared each time a batch reads them (memory does
+        not grow with the dataset); clips held in memory are prepared once, into one ragged store
+        (a batch then costs a copy, as fast as before; memory: one prepared copy of the split)."""
+        prepared = Prepared(frames, self.target, self.scaler)
+        return prepared.materialize() if getattr(frames, "in_memory", True) else prepared
 
     def state(self) -> dict[str, object]:
         return {
@@ -160,9 +279,7 @@ def fit(train_frames: Sequence[np.ndarray], percentile: float, normalize: bool) 
     """Fit target length and (if ``normalize``) the scaler of one stream on its train clips."""
     # fitted on train only: validation and test clips never move the cut-off or the statistics
     target = fit_target_length(train_frames, percentile)
-    scaler = (
-        fit_scaler([target.pad_or_truncate(f)[: f.shape[0]] for f in train_frames]) if normalize else None
-    )
+    scaler = fit_scaler(f[: target.length] for f in train_frames) if normalize else None
     return StreamPrep(target, scaler)
 
 
