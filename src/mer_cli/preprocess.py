@@ -1,12 +1,12 @@
 """Fit preprocessing on train (target lengths, per-feature scaling), apply it to every split.
 
 Input: per stream, each clip's frames (a model's input streams, see `pipeline.model_inputs`): a
-sequence of (T_i, F) arrays, usually ragged `data.Clips` read from disk clip by clip. Output:
-`SequenceSet`: named streams whose clips are cut to the stream's target length and scaled when
-they are read (`Prepared.clip`), a batch at a time: nothing here copies a whole split. A batch is
-padded when it is gathered (`train.PadCollate`). Fitting streams over the train clips (lengths
-only for the target length, running moments for the scaler); it never looks at validation or
-test data.
+sequence of (T_i, F) arrays, usually ragged `data.Clips`. Output: `SequenceSet`: named streams
+whose clips are cut to the stream's target length and scaled clip by clip: when a batch reads
+them for clips on disk (`Prepared`: memory does not grow with the dataset), once into one ragged
+store for clips in memory (`Ragged`). Never padded here: a batch is padded when it is gathered
+(`train.PadCollate`). Fitting streams over the train clips (lengths only for the target length,
+blocks of frames for the scaler); it never looks at validation or test data.
 """
 
 from __future__ import annotations

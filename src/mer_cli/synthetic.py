@@ -1,8 +1,10 @@
 """The embedded default dataset: synthetic CREMA-D-like features, generated from a seed.
 
 Output: `Splits` shaped like the notebook's pickle (52-dim "MFCC" frames at 100 frames/s, 17-dim
-"action unit" frames at 30 frames/s, six emotions, clip ids ``1001_DFA_ANG_XX``). NOT real data:
-it exists so mer-cli runs out of the box and its tests mean something.
+"action unit" frames at 30 frames/s, six emotions, clip ids ``1001_DFA_ANG_XX``), generated clip
+by clip: into memory (`generate`) or, for large settings, once into an on-disk cache in the native
+directory format that later runs read clip by clip (`cached`). NOT real data: it exists so
+mer-cli runs out of the box and its tests mean something.
 
 How the classes are hidden (so the notebook's findings can be reproduced qualitatively):
 - each clip carries its emotion as bursts of evidence at a few random moments, the same moments in
