@@ -350,6 +350,10 @@ def test_training_on_the_disk_cache_gives_the_in_memory_metrics_and_evaluates_ag
         assert metrics["disk"][split] == metrics["memory"][split]
     _, again = pipeline.evaluate_run(tmp_path / "disk", None, ("test",), save_plots=False)
     assert again["test"] == metrics["disk"]["test"]
+    # mer-evaluate --data DIR: the run trained in memory, evaluated on the cache directory
+    (cache,) = (tmp_path / "cache").iterdir()
+    _, on_dir = pipeline.evaluate_run(tmp_path / "memory", cache, ("test",), save_plots=False)
+    assert on_dir["run"]["data"] == str(cache) and on_dir["test"] == metrics["memory"]["test"]
 
 
 def test_a_cv_fold_of_a_native_directory_trains_as_the_same_data_in_memory(tmp_path):
