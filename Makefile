@@ -15,7 +15,7 @@ STAMP := $(VENV)/.installed
 # glibc's defaults 1.0 GiB, 145-147 s; GLIBC_TUNABLES=glibc.malloc.hugetlb=1 1.0 GiB, 104-120 s
 # (mer-bench: 9 % slower training than the heap). Table and the other settings: docs/memory.md.
 
-.PHONY: help venv run compare test smoke lint bench bench-peer bench-inference clean
+.PHONY: help venv run compare test smoke lint bench bench-peer bench-inference bench-scale clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -67,6 +67,13 @@ bench-peer: $(STAMP) $(PEER_VENV)/.installed  ## mer-cli and the Keras peer side
 	mkdir -p outputs
 	$(BIN)/mer-bench --peer-python $(PEER_VENV)/bin/python --peer-script $(PEER_DIR)/peer_keras.py \
 		--out outputs/bench-peer.jsonl $(ARGS)
+
+# generated data for bench-scale: ~57 KB per clip (150k clips: ~8.6 GB)
+SCALE_SIZES ?= 1000,7000,70000,150000
+
+bench-scale: $(STAMP)  ## peak RSS, time to first batch, s/epoch on 1k..150k generated clips (ARGS=--quick: seconds)
+	mkdir -p outputs
+	$(BIN)/python benchmarks/bench_scale.py --sizes $(SCALE_SIZES) --out outputs/bench-scale.jsonl $(ARGS)
 
 clean:  ## remove outputs and caches (keeps .venv)
 	rm -rf outputs multirun .pytest_cache .mypy_cache .ruff_cache build dist

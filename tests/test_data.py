@@ -315,7 +315,7 @@ def test_npz_round_trip_keeps_every_clip_label_and_name(tmp_path):
     for a, b in zip(splits.all(), back.all(), strict=True):
         assert a.clip_ids == b.clip_ids
         assert a.labels.tolist() == b.labels.tolist()
-        for x, y in zip(a.mfcc + a.aus, b.mfcc + b.aus, strict=True):
+        for x, y in zip([*a.mfcc, *a.aus], [*b.mfcc, *b.aus], strict=True):
             np.testing.assert_array_equal(x, y)
     with np.load(path, allow_pickle=False) as npz:  # plain arrays only: readable without pickle
         assert int(npz["format_version"]) == data.NPZ_FORMAT_VERSION

@@ -48,7 +48,7 @@ def test_fit_uses_train_only_and_apply_pads_with_true_lengths():
     # a wild test split changes nothing that was fitted, and is cut to the train length
     test = _split("x", [np.full((50, 3), 1e6, np.float32)], [np.ones((2, 1), np.float32)])
     out = prep.apply(list(test.mfcc))
-    assert out.frames.shape == (prep.target.length, 3)  # cut to the train length, never padded
+    assert out.clip(0).shape == (prep.target.length, 3)  # cut to the train length, never padded
     assert out.lengths.tolist() == [prep.target.length]
 
     short = prep.apply([train.mfcc[0][:2]])
@@ -63,7 +63,7 @@ def test_normalize_false_leaves_features_as_they_are():
     train = _split("t", [np.full((3, 2), 7.0, np.float32)], [np.ones((2, 1), np.float32)])
     prep = preprocess.fit(list(train.mfcc), percentile=95, normalize=False)
     assert prep.scaler is None
-    assert prep.apply(list(train.mfcc)).frames[0].tolist() == [7.0, 7.0]
+    assert prep.apply(list(train.mfcc)).clip(0)[0].tolist() == [7.0, 7.0]
 
 
 def test_stretch_frames_matches_hand_computed_values():

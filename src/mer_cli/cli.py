@@ -126,25 +126,35 @@ def evaluate_main(argv: list[str] | None = None) -> None:
 
 
 def convert_main(argv: list[str] | None = None) -> None:
-    """mer-convert IN.pkl OUT.npz: the notebook's pickle -> mer-cli's native, pickle-free .npz"""
+    """mer-convert IN OUT: the notebook's pickle (or an .npz) -> a native .npz or dataset directory"""
     parser = argparse.ArgumentParser(
         prog="mer-convert",
-        description="Validate a feature pickle (read without running any code) and write it as a "
-        "native .npz dataset, for data=npz data.path=OUT.npz",
+        description="Validate a feature pickle (read without running any code) or a native .npz and "
+        "write it as a native .npz (OUT ending in .npz, for data=npz) or a native dataset directory "
+        "(any other OUT, for data=native: plain .npy files read clip by clip, for data larger than memory)",
     )
-    parser.add_argument("source", type=Path, help="the notebook's feature pickle")
-    parser.add_argument("target", type=Path, help="the .npz file to write")
+    parser.add_argument("source", type=Path, help="the notebook's feature pickle, or a native .npz")
+    parser.add_argument("target", type=Path, help="the .npz file or the new directory to write")
     parser.add_argument("--class-names", nargs="+", default=None, help="names of labels 0..K-1")
     parser.add_argument("--nan-policy", choices=pipeline.data.NAN_POLICIES, default="error")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    data = pipeline.data
     try:
-        if args.target.suffix != ".npz":
-            raise MerError(f"{args.target}: the target must end in .npz")
-        splits = pipeline.data.load(args.source, class_names=args.class_names, nan_policy=args.nan_policy)
-        pipeline.data.save_npz(splits, args.target)
+        head = b""
+        if args.source.is_file():
+            with args.source.open("rb") as f:
+                head = f.read(4)
+        read = data.load_npz if head == data.ZIP_MAGIC else data.load
+        splits = read(args.source, class_names=args.class_names, nan_policy=args.nan_policy)
+        if args.target.suffix == ".npz":
+            data.save_npz(splits, args.target)
+        else:
+            data.save_dir(splits, args.target)
     except MerError as e:
         _fail("mer-convert", str(e))
+    except OSError as e:
+        _fail("mer-convert", f"{e.filename or args.target}: {e.strerror or e}")
     counts = ", ".join(f"{len(s)} {s.name}" for s in splits.all())
     print(f"wrote {args.target}: {counts} clips, classes {', '.join(splits.class_names)}")
 

@@ -1,23 +1,30 @@
 """Read and validate feature files into `Splits` (per clip: mfcc frames, action-unit frames, label).
 
 Input: the notebook's pickle (``{"train"|"val"|"test": {clip_id: (mfcc, aus, label)}}``), read with
-a restricted unpickler that never runs code, or mer-cli's native ``.npz`` (no pickle at all, see
-`save_npz`). Output: `Splits`, plain arrays, checked clip by clip; any problem is a `DataError`
-naming the file, the split, the clip and what is wrong.
+a restricted unpickler that never runs code, mer-cli's native ``.npz`` (no pickle at all, see
+`save_npz`) or its native directory of ``.npy`` files (`save_dir`, `load_dir`: read clip by clip,
+never whole). Output: `Splits`, each stream's clips stored ragged (`Clips`), checked clip by clip;
+any problem is a `DataError` naming the file, the split, the clip and what is wrong.
 """
 
 from __future__ import annotations
 
 import _compat_pickle
 import codecs
+import contextlib
 import json
 import logging
+import os
 import pickle
+import shutil
+import struct
+import uuid
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast, overload
 
 import numpy as np
 
@@ -36,32 +43,154 @@ NAN_POLICIES = ("error", "zero", "drop")
 STREAM_FIELDS = {"acoustic": "mfcc", "visual": "aus"}
 
 
+class Clips(Sequence[np.ndarray]):
+    """One stream's clips, stored ragged: every clip's frames end to end in one or more stores
+    (``(frames (sum T, F), offsets (M + 1,))``, in memory or in a native dataset directory), and
+    which stored clips this sequence holds, in order. ``clips[i]`` is clip i's (T_i, F) float32
+    frames: a view of an in-memory store, or read from the file when it is asked for. Taking a
+    subset (`take`, `concat`) copies no frames, only clip numbers.
+    """
+
+    def __init__(
+        self,
+        stores: Sequence[tuple[Any, np.ndarray]],
+        index: np.ndarray | None = None,
+        zero_nonfinite: bool = False,
+    ) -> None:
+        self.stores = tuple(stores)
+        counts = [len(offsets) - 1 for _, offsets in self.stores]
+        self._base = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        n_stored = int(self._base[-1])
+        # which stored clips, in order (numbered across the stores)
+        self.order = np.arange(n_stored, dtype=np.int64) if index is None else np.asarray(index, np.int64)
+        # data.nan_policy=zero: NaN/inf become 0 when a clip is read (the stored frames stay as they are)
+        self.zero_nonfinite = zero_nonfinite
+
+    @staticmethod
+    def pack(clips: Sequence[np.ndarray]) -> Clips:
+        """Per-clip arrays (each (T_i, F)) copied end to end into one in-memory store."""
+        offsets = np.concatenate([[0], np.cumsum([len(c) for c in clips])]).astype(np.int64)
+        if not len(clips):
+            return Clips([(np.zeros((0, 0), np.float32), offsets)])
+        return Clips([(np.concatenate(clips).astype(np.float32, copy=False), offsets)])
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    @overload
+    def __getitem__(self, i: int) -> np.ndarray: ...
+    @overload
+    def __getitem__(self, i: slice) -> Clips: ...
+    def __getitem__(self, i: int | slice) -> np.ndarray | Clips:
+        if isinstance(i, slice):
+            return self.take(np.arange(len(self))[i])
+        g = int(self.order[i])
+        s = int(np.searchsorted(self._base, g, side="right")) - 1
+        frames, offsets = self.stores[s]
+        local = g - int(self._base[s])
+        x = frames[int(offsets[local]) : int(offsets[local + 1])]
+        if self.zero_nonfinite:
+            x = np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+        return x
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return (self[i] for i in range(len(self)))
+
+    @cached_property
+    def lengths(self) -> np.ndarray:
+        """(N,) int64: each clip's frame count (read from the offsets alone, never the frames)."""
+        stored = np.concatenate([np.diff(offsets) for _, offsets in self.stores]).astype(np.int64)
+        return stored[self.order]
+
+    @property
+    def n_features(self) -> int:
+        return int(self.stores[0][0].shape[1])
+
+    @property
+    def in_memory(self) -> bool:
+        """Every store is an array in memory (none is read from a file clip by clip)."""
+        return all(isinstance(frames, np.ndarray) for frames, _ in self.stores)
+
+    def take(self, idx: Sequence[int] | np.ndarray) -> Clips:
+        """The clips ``idx``, in that order (no frame is copied)."""
+        return Clips(self.stores, self.order[np.asarray(idx, dtype=np.int64)], self.zero_nonfinite)
+
+    def with_zeroed_nonfinite(self) -> Clips:
+        return Clips(self.stores, self.order, zero_nonfinite=True)
+
+    @staticmethod
+    def concat(parts: Sequence[Clips]) -> Clips:
+        """The clips of ``parts`` one after another, over the union of their stores."""
+        stores: list[tuple[Any, np.ndarray]] = []
+        index = []
+        for p in parts:
+            base = []
+            for store in p.stores:
+                found = next((k for k, s in enumerate(stores) if s is store), None)
+                if found is None:
+                    stores.append(store)
+                    found = len(stores) - 1
+                base.append(found)
+            # the part's clip numbers, renumbered into the union's
+            new_base = np.concatenate([[0], np.cumsum([len(o) - 1 for _, o in stores])])
+            which = np.searchsorted(p._base, p.order, side="right") - 1
+            local = p.order - p._base[which]
+            index.append(new_base[np.asarray(base, dtype=np.int64)[which]] + local)
+        zero = any(p.zero_nonfinite for p in parts)
+        return Clips(stores, np.concatenate(index) if index else np.zeros(0, np.int64), zero)
+
+    def nonfinite(self, chunk_rows: int = 1 << 18) -> np.ndarray:
+        """Positions (in this sequence) of the clips holding a NaN or infinite value; the stores
+        are scanned ``chunk_rows`` frames at a time, so a file-backed one is never read whole."""
+        bad_stored: list[np.ndarray] = []
+        for s, (frames, offsets) in enumerate(self.stores):
+            rows: list[np.ndarray] = []
+            for start in range(0, int(offsets[-1]), chunk_rows):
+                block = np.asarray(frames[start : start + chunk_rows])
+                finite = np.isfinite(block).all(axis=1)
+                if not finite.all():
+                    rows.append(start + np.flatnonzero(~finite))
+            if rows:
+                clip = np.searchsorted(offsets, np.concatenate(rows), side="right") - 1
+                bad_stored.append(self._base[s] + np.unique(clip))
+        if not bad_stored:
+            return np.zeros(0, np.int64)
+        return np.flatnonzero(np.isin(self.order, np.concatenate(bad_stored)))
+
+
 @dataclass(frozen=True)
 class Split:
-    """One split: parallel per-clip lists. ``mfcc[i]`` is (T_a, D_a), ``aus[i]`` is (T_v, D_v)."""
+    """One split: parallel per-clip sequences. ``mfcc[i]`` is (T_a, D_a), ``aus[i]`` is (T_v, D_v),
+    both float32. Per-clip arrays given here are packed into one ragged `Clips` store per stream."""
 
     name: str
     clip_ids: tuple[str, ...]
-    mfcc: tuple[np.ndarray, ...]
-    aus: tuple[np.ndarray, ...]
+    mfcc: Clips
+    aus: Clips
     labels: np.ndarray  # (N,) int64
+
+    def __post_init__(self) -> None:
+        for stream in ("mfcc", "aus"):
+            value = getattr(self, stream)
+            if not isinstance(value, Clips):
+                object.__setattr__(self, stream, Clips.pack([np.asarray(x, np.float32) for x in value]))
 
     def __len__(self) -> int:
         return len(self.clip_ids)
 
     @property
-    def streams(self) -> dict[str, tuple[np.ndarray, ...]]:
+    def streams(self) -> dict[str, Clips]:
         """``{"acoustic": mfcc, "visual": aus}``: each clip's frames by stream name."""
         return {name: getattr(self, field) for name, field in STREAM_FIELDS.items()}
 
     def take(self, index: Sequence[int] | np.ndarray) -> Split:
-        """The clips at ``index``, in that order."""
-        idx = [int(i) for i in index]
+        """The clips at ``index``, in that order (no frame is copied)."""
+        idx = np.asarray(index, dtype=np.int64)
         return replace(
             self,
-            clip_ids=tuple(self.clip_ids[i] for i in idx),
-            mfcc=tuple(self.mfcc[i] for i in idx),
-            aus=tuple(self.aus[i] for i in idx),
+            clip_ids=tuple(self.clip_ids[i] for i in idx.tolist()),
+            mfcc=self.mfcc.take(idx),
+            aus=self.aus.take(idx),
             labels=self.labels[idx],
         )
 
@@ -221,15 +350,25 @@ def from_mapping(
         raise DataError(f"data.nan_policy={nan_policy!r}: must be one of {', '.join(NAN_POLICIES)}")
     if not isinstance(raw, Mapping):
         raise DataError(f"{source}: expected a dict with keys train/val/test, found {type(raw).__name__}")
-    splits = {name: _read_split(raw, name, source) for name in SPLIT_NAMES}
-    _check_feature_sizes(splits, source)
-    splits = {name: _apply_nan_policy(s, source, nan_policy) for name, s in splits.items()}
+    read = {name: _read_split(raw, name, source) for name in SPLIT_NAMES}
+    _check_feature_sizes(read, source)
+    # packed per split and stream into one ragged store; the per-clip arrays are dropped
+    splits = {
+        name: _apply_nan_policy(
+            Split(name, ids, Clips.pack(mfcc), Clips.pack(aus), labels), source, nan_policy
+        )
+        for name, (ids, mfcc, aus, labels) in read.items()
+    }
     _check_no_shared_clips(splits, source)
     names = _resolve_class_names(splits, source, class_names)
     return Splits(splits["train"], splits["val"], splits["test"], class_names=names, source=source)
 
 
-def _read_split(raw: Mapping[str, Any], name: str, source: str) -> Split:
+_RawSplit = tuple[tuple[str, ...], list[np.ndarray], list[np.ndarray], np.ndarray]
+
+
+def _read_split(raw: Mapping[str, Any], name: str, source: str) -> _RawSplit:
+    """One split's ids, mfcc and action-unit frames (one array per clip) and labels, checked."""
     if name not in raw:
         raise DataError(f"{source}: split '{name}' is missing (found: {sorted(map(str, raw))})")
     clips = raw[name]
@@ -254,7 +393,7 @@ def _read_split(raw: Mapping[str, Any], name: str, source: str) -> Split:
         mfccs.append(_as_frames(mfcc, where, "mfcc"))
         auss.append(_as_frames(aus, where, "action_units"))
         labels.append(_as_label(label, where))
-    return Split(name, tuple(ids), tuple(mfccs), tuple(auss), np.asarray(labels, dtype=np.int64))
+    return tuple(ids), mfccs, auss, np.asarray(labels, dtype=np.int64)
 
 
 def _as_frames(value: Any, where: str, stream: str) -> np.ndarray:
@@ -287,26 +426,22 @@ def _as_label(value: Any, where: str) -> int:
     raise DataError(f"{where}: label {_one_line(repr(value), 60)} is not an integer")
 
 
-def _check_feature_sizes(splits: dict[str, Split], source: str) -> None:
-    for stream in ("mfcc", "aus"):
-        first = splits["train"]
-        expected = getattr(first, stream)[0].shape[1]
-        for s in splits.values():
-            for clip_id, arr in zip(s.clip_ids, getattr(s, stream), strict=True):
+def _check_feature_sizes(splits: dict[str, _RawSplit], source: str) -> None:
+    for k, label in ((1, "mfcc"), (2, "action_units")):
+        first_ids, first = splits["train"][0], cast(list[np.ndarray], splits["train"][k])
+        expected = first[0].shape[1]
+        for name, parts in splits.items():
+            for clip_id, arr in zip(parts[0], cast(list[np.ndarray], parts[k]), strict=True):
                 if arr.shape[1] != expected:
-                    label = "mfcc" if stream == "mfcc" else "action_units"
                     raise DataError(
-                        f"{source}: {s.name}/{clip_id}: {label} has {arr.shape[1]} features per "
-                        f"frame, but {first.name}/{first.clip_ids[0]} has {expected}"
+                        f"{source}: {name}/{clip_id}: {label} has {arr.shape[1]} features per "
+                        f"frame, but train/{first_ids[0]} has {expected}"
                     )
 
 
 def _apply_nan_policy(split: Split, source: str, policy: str) -> Split:
-    bad = [
-        i
-        for i, (m, a) in enumerate(zip(split.mfcc, split.aus, strict=True))
-        if not (np.isfinite(m).all() and np.isfinite(a).all())
-    ]
+    bad_sets = [set(split.mfcc.nonfinite().tolist()), set(split.aus.nonfinite().tolist())]
+    bad = sorted(bad_sets[0] | bad_sets[1])
     if not bad:
         return split
     names = [split.clip_ids[i] for i in bad]
@@ -318,23 +453,14 @@ def _apply_nan_policy(split: Split, source: str, policy: str) -> Split:
         )
     if policy == "drop":
         log.warning("%s: %s: dropped %d clip(s) with NaN/inf values: %s", source, split.name, len(bad), shown)
-        keep = [i for i in range(len(split)) if i not in set(bad)]
+        dropped = set(bad)
+        keep = [i for i in range(len(split)) if i not in dropped]
         if not keep:
             raise DataError(f"{source}: split '{split.name}' is empty after dropping NaN clips")
         return split.take(keep)
     log.warning("%s: %s: zeroed NaN/inf values in %d clip(s): %s", source, split.name, len(bad), shown)
-    fix = set(bad)
-    return replace(
-        split,
-        mfcc=tuple(
-            np.nan_to_num(m, nan=0.0, posinf=0.0, neginf=0.0) if i in fix else m
-            for i, m in enumerate(split.mfcc)
-        ),
-        aus=tuple(
-            np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0) if i in fix else a
-            for i, a in enumerate(split.aus)
-        ),
-    )
+    # zeroed as each clip is read: finite clips read as they are, the stored frames stay untouched
+    return replace(split, mfcc=split.mfcc.with_zeroed_nonfinite(), aus=split.aus.with_zeroed_nonfinite())
 
 
 def _check_no_shared_clips(splits: dict[str, Split], source: str) -> None:
@@ -411,10 +537,10 @@ def save_npz(splits: Splits, path: str | Path) -> Path:
         arrays[f"{s.name}.labels"] = s.labels.astype(np.int64)
         for stream, _ in _STREAM_KEYS:
             clips = getattr(s, stream)
-            arrays[f"{s.name}.{stream}"] = np.concatenate(clips).astype(np.float32)
-            arrays[f"{s.name}.{stream}_offsets"] = np.concatenate(
-                [[0], np.cumsum([len(c) for c in clips])]
-            ).astype(np.int64)
+            arrays[f"{s.name}.{stream}"] = np.concatenate(list(clips)).astype(np.float32)
+            arrays[f"{s.name}.{stream}_offsets"] = np.concatenate([[0], np.cumsum(clips.lengths)]).astype(
+                np.int64
+            )
     with atomic_open(path, "wb") as f:
         np.savez_compressed(f, **arrays)
     return path
@@ -543,3 +669,308 @@ def stream_clips(
     if frames.ndim != 2:
         raise DataError(f"{path}: {where}: {label} must be 2-D (frames, features), found {frames.shape}")
     return [frames[offsets[i] : offsets[i + 1]] for i in range(n_clips)]
+
+
+# ---------------------------------------------------------------------------------------------
+# The native directory: plain .npy files, read clip by clip, never loaded whole
+#
+#   DIR/dataset.json              {"format": "mer-cli dataset", "format_version": 1, "class_names": [...],
+#                                  "ingest_settings": {...} (optional), "splits": {split: clip count}}
+#   DIR/<split>/clip_ids.npy      (N,) str                     for split in train, val, test
+#   DIR/<split>/labels.npy        (N,) int64
+#   DIR/<split>/mfcc.npy          (sum T_a, D_a) float32, every clip's frames one after another
+#   DIR/<split>/mfcc_offsets.npy  (N + 1,) int64, clip i is mfcc[offsets[i]:offsets[i + 1]]
+#   DIR/<split>/aus.npy, aus_offsets.npy  the same for the action units
+#
+# Uncompressed .npy, so any tool can map a file (``np.load(..., mmap_mode="r")``). mer-cli itself
+# reads a batch's clips with explicit reads (`NpyRows`) instead of mapping: every page of a mapping
+# that was touched counts in the process's resident memory, so mapping a dataset larger than RAM
+# would grow to its size over an epoch; pages read with pread stay in the kernel's page cache.
+
+DIR_FORMAT = "mer-cli dataset"
+DIR_FORMAT_VERSION = 1
+DIR_INDEX = "dataset.json"
+_NPY_HEADER_BYTES = 128  # room for any (rows, features) float32 header, so frames stream in first
+
+
+class NpyRows:
+    """The rows of a 2-D float32 ``.npy`` file, read on demand with ``pread`` (``rows[a:b]``)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            with path.open("rb") as f:
+                version = np.lib.format.read_magic(f)
+                if version == (1, 0):
+                    shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+                else:
+                    shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+                self.data_offset = f.tell()
+        except (ValueError, OSError, EOFError) as e:
+            raise DataError(f"{path}: not a .npy array ({_one_line(e)})") from e
+        if len(shape) != 2 or fortran or dtype != np.dtype("<f4"):
+            raise DataError(
+                f"{path}: expected 2-D float32 frames (frames, features), found {dtype} {shape}"
+                + (" in Fortran order" if fortran else "")
+            )
+        self.shape: tuple[int, int] = (int(shape[0]), int(shape[1]))
+        self.dtype = np.dtype(np.float32)
+        expected = self.data_offset + self.shape[0] * self.shape[1] * 4
+        if path.stat().st_size < expected:
+            raise DataError(f"{path}: truncated: {path.stat().st_size} bytes, the header promises {expected}")
+        self._fd: int | None = None
+
+    def _open(self) -> int:
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        return self._fd
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        start, stop, _ = rows.indices(self.shape[0])
+        out = np.empty((max(0, stop - start), self.shape[1]), dtype=np.float32)
+        if out.size:
+            want = out.nbytes
+            at = self.data_offset + start * self.shape[1] * 4
+            got = os.preadv(self._open(), [memoryview(out).cast("B")], at)  # type: ignore[arg-type]
+            if got != want:
+                raise DataError(f"{self.path}: short read at frame {start} (file changed while reading?)")
+        return out
+
+    def __getstate__(self) -> dict[str, Any]:  # a DataLoader worker opens its own descriptor
+        return {**self.__dict__, "_fd": None}
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)  # type: ignore[arg-type]
+
+
+class _NpyAppender:
+    """A 2-D float32 ``.npy`` written row block by row block; its header is written last."""
+
+    def __init__(self, path: Path, n_features: int) -> None:
+        self.f = path.open("wb")
+        self.f.write(b"\0" * _NPY_HEADER_BYTES)
+        self.rows, self.n_features = 0, n_features
+
+    def append(self, frames: np.ndarray) -> None:
+        self.f.write(np.ascontiguousarray(frames, dtype="<f4").tobytes())
+        self.rows += len(frames)
+
+    def close(self) -> None:
+        header = repr({"descr": "<f4", "fortran_order": False, "shape": (self.rows, self.n_features)})
+        body = header.encode("latin1")
+        pad = _NPY_HEADER_BYTES - 10 - len(body) - 1  # magic 6 + version 2 + length 2, "\n" last
+        self.f.seek(0)
+        self.f.write(
+            b"\x93NUMPY\x01\x00" + struct.pack("<H", _NPY_HEADER_BYTES - 10) + body + b" " * pad + b"\n"
+        )
+        self.f.close()
+
+
+class DatasetWriter:
+    """Writes a native directory clip by clip (`add`), into a hidden sibling renamed into place
+    by `finish`: a reader never sees a half-written dataset, and a failure leaves none."""
+
+    def __init__(
+        self, path: Path, class_names: Sequence[str], ingest_settings: Mapping[str, Any] | None = None
+    ):
+        self.path = path
+        self.tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        self.tmp.mkdir(parents=True)
+        self.class_names = list(class_names)
+        self.ingest_settings = ingest_settings
+        self.ids: dict[str, list[str]] = {s: [] for s in SPLIT_NAMES}
+        self.labels: dict[str, list[int]] = {s: [] for s in SPLIT_NAMES}
+        self.lengths: dict[tuple[str, str], list[int]] = {}
+        self.files: dict[tuple[str, str], _NpyAppender] = {}
+
+    def add(self, split: str, clip_id: str, mfcc: np.ndarray, aus: np.ndarray, label: int) -> None:
+        self.ids[split].append(clip_id)
+        self.labels[split].append(int(label))
+        for stream, frames in (("mfcc", mfcc), ("aus", aus)):
+            key = (split, stream)
+            if key not in self.files:
+                (self.tmp / split).mkdir(exist_ok=True)
+                self.files[key] = _NpyAppender(self.tmp / split / f"{stream}.npy", frames.shape[1])
+                self.lengths[key] = []
+            self.files[key].append(frames)
+            self.lengths[key].append(len(frames))
+
+    def add_split(self, split: Split) -> None:
+        for i, clip_id in enumerate(split.clip_ids):
+            self.add(split.name, clip_id, split.mfcc[i], split.aus[i], int(split.labels[i]))
+
+    def finish(self) -> bool:
+        """Move the dataset into place; False (and nothing written) when ``path`` appeared meanwhile
+        (another process wrote the same dataset first)."""
+        try:
+            for f in self.files.values():
+                f.close()
+            for (split, stream), lengths in self.lengths.items():
+                offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+                np.save(self.tmp / split / f"{stream}_offsets.npy", offsets)
+            for split in SPLIT_NAMES:
+                (self.tmp / split).mkdir(exist_ok=True)
+                np.save(self.tmp / split / "clip_ids.npy", np.array(self.ids[split], dtype=str))
+                np.save(self.tmp / split / "labels.npy", np.array(self.labels[split], dtype=np.int64))
+            index: dict[str, Any] = {
+                "format": DIR_FORMAT,
+                "format_version": DIR_FORMAT_VERSION,
+                "class_names": self.class_names,
+                "splits": {s: len(self.ids[s]) for s in SPLIT_NAMES},
+            }
+            if self.ingest_settings is not None:
+                index["ingest_settings"] = dict(self.ingest_settings)
+            (self.tmp / DIR_INDEX).write_text(json.dumps(index, indent=1) + "\n")
+            try:
+                os.rename(self.tmp, self.path)
+            except OSError:
+                if self.path.is_dir():
+                    self.abort()
+                    return False
+                raise
+            return True
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        for f in self.files.values():
+            f.f.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def save_dir(splits: Splits, path: str | Path) -> Path:
+    """Write ``splits`` as a native directory (atomically); refuses to replace an existing path."""
+    path = Path(path).expanduser()
+    if path.exists():
+        raise DataError(f"{path}: already exists; choose a new directory (nothing was written)")
+    writer = DatasetWriter(path, splits.class_names, splits.ingest_settings)
+    try:
+        for s in splits.all():
+            writer.add_split(s)
+    except BaseException:
+        writer.abort()
+        raise
+    if not writer.finish():
+        raise DataError(f"{path}: appeared while writing; nothing was written")
+    return path
+
+
+def is_dataset_dir(path: Path) -> bool:
+    return (path / DIR_INDEX).is_file()
+
+
+def load_dir(
+    path: str | Path,
+    class_names: Sequence[str] | None = None,
+    nan_policy: str = "error",
+    check_values: bool = True,
+) -> Splits:
+    """Open a native dataset directory: ids, labels and offsets are read, frames stay on disk
+    and are read per clip. Checked as a pickle is (``check_values=False`` skips the NaN scan,
+    for a dataset mer-cli generated itself). Raises `DataError` on any problem."""
+    if nan_policy not in NAN_POLICIES:
+        raise DataError(f"data.nan_policy={nan_policy!r}: must be one of {', '.join(NAN_POLICIES)}")
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise DataError(f"{path}: not found")
+    if not path.is_dir():
+        hint = " (an .npz: use data=npz)" if path.suffix == ".npz" else " (a pickle: use data=pickle)"
+        raise DataError(f"{path}: not a directory{hint}")
+    index_path = path / DIR_INDEX
+    try:
+        index = json.loads(index_path.read_text())
+    except FileNotFoundError:
+        raise DataError(
+            f"{path}: no {DIR_INDEX}: not a native dataset directory (write one with mer-convert)"
+        ) from None
+    except (OSError, ValueError) as e:
+        raise DataError(f"{index_path}: not readable JSON ({_one_line(e)})") from e
+    if not isinstance(index, dict) or index.get("format") != DIR_FORMAT:
+        raise DataError(f"{index_path}: not a mer-cli dataset index (format must be {DIR_FORMAT!r})")
+    if index.get("format_version") != DIR_FORMAT_VERSION:
+        raise DataError(
+            f"{index_path}: format_version {index.get('format_version')!r} is not supported "
+            f"(this mer-cli reads {DIR_FORMAT_VERSION})"
+        )
+    stored_names = index.get("class_names")
+    if not isinstance(stored_names, list) or not all(isinstance(c, str) for c in stored_names):
+        raise DataError(f"{index_path}: class_names must be a list of strings")
+    settings = index.get("ingest_settings")
+    if settings is not None and not isinstance(settings, dict):
+        raise DataError(f"{index_path}: ingest_settings must be one JSON object")
+    source = str(path)
+    splits = {name: _open_split(path / name, name, source) for name in SPLIT_NAMES}
+    for stream, label in _STREAM_KEYS:
+        expected = getattr(splits["train"], stream).n_features
+        for s in splits.values():
+            n = getattr(s, stream).n_features
+            if n != expected:
+                raise DataError(
+                    f"{source}: {s.name}/{s.clip_ids[0]}: {label} has {n} features per frame, "
+                    f"but train/{splits['train'].clip_ids[0]} has {expected}"
+                )
+    if check_values:
+        splits = {name: _apply_nan_policy(s, source, nan_policy) for name, s in splits.items()}
+    _check_no_shared_clips(splits, source)
+    names = _resolve_class_names(splits, source, stored_names if class_names is None else class_names)
+    return Splits(
+        splits["train"], splits["val"], splits["test"], names, source=source, ingest_settings=settings
+    )
+
+
+def _open_split(folder: Path, name: str, source: str) -> Split:
+    def small(file: str) -> np.ndarray:
+        p = folder / file
+        if not p.is_file():
+            raise DataError(f"{source}: {name}: missing {p.name} (not a complete mer-cli dataset directory)")
+        try:
+            return np.load(p, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as e:
+            raise DataError(f"{p}: not a plain .npy array ({_one_line(e)})") from e
+
+    ids, labels = small("clip_ids.npy"), small("labels.npy")
+    if ids.ndim != 1 or ids.dtype.kind != "U" or labels.shape != ids.shape:
+        raise DataError(
+            f"{source}: {name}: {ids.shape} clip ids but {labels.shape} labels; expected one per clip"
+        )
+    if len(ids) == 0:
+        raise DataError(f"{source}: split '{name}' is empty")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(f"{source}: {name}: labels must be integers, found {labels.dtype}")
+    clip_ids = tuple(ids.tolist())
+    if len(set(clip_ids)) != len(clip_ids):
+        seen: set[str] = set()
+        dup = next(c for c in clip_ids if c in seen or seen.add(c))  # type: ignore[func-returns-value]
+        raise DataError(f"{source}: {name}/{dup}: clip id appears twice in split '{name}'")
+    streams = {}
+    for stream, label in _STREAM_KEYS:
+        p = folder / f"{stream}.npy"
+        if not p.is_file():
+            raise DataError(f"{source}: {name}: missing {p.name} (not a complete mer-cli dataset directory)")
+        frames = NpyRows(p)
+        offsets = small(f"{stream}_offsets.npy")
+        ok = (
+            offsets.shape == (len(ids) + 1,)
+            and np.issubdtype(offsets.dtype, np.integer)
+            and offsets[0] == 0
+            and offsets[-1] == len(frames)
+            and bool((np.diff(offsets) >= 0).all())
+        )
+        if not ok:
+            raise DataError(
+                f"{source}: {name}: {stream}_offsets must rise from 0 to the {len(frames)} frames of "
+                f"{name}/{stream}.npy, one more entry than the {len(ids)} clips"
+            )
+        empty = np.flatnonzero(np.diff(offsets) == 0)
+        if empty.size:
+            raise DataError(f"{source}: {name}/{clip_ids[int(empty[0])]}: {label} has 0 frames")
+        if frames.shape[1] == 0:
+            raise DataError(f"{source}: {name}/{clip_ids[0]}: {label} has 0 features per frame")
+        streams[stream] = Clips([(frames, offsets.astype(np.int64))])
+    return Split(name, clip_ids, streams["mfcc"], streams["aus"], labels.astype(np.int64))

@@ -13,7 +13,7 @@ from dataclasses import replace
 import numpy as np
 from sklearn.model_selection import GroupKFold
 
-from mer_cli.data import Split, Splits
+from mer_cli.data import Clips, Split, Splits
 from mer_cli.errors import ConfigError, DataError
 
 CREMA_D_ACTOR_PATTERN = r"^(\d{4})_"  # 1001_DFA_ANG_XX -> actor 1001
@@ -89,7 +89,7 @@ def _concat(parts: Sequence[Split]) -> Split:
     return Split(
         name="all",
         clip_ids=tuple(c for s in parts for c in s.clip_ids),
-        mfcc=tuple(x for s in parts for x in s.mfcc),
-        aus=tuple(x for s in parts for x in s.aus),
+        mfcc=Clips.concat([s.mfcc for s in parts]),  # clip numbers only: no frame is copied
+        aus=Clips.concat([s.aus for s in parts]),
         labels=np.concatenate([s.labels for s in parts]),
     )

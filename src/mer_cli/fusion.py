@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 from sklearn.linear_model import LogisticRegression
@@ -43,6 +43,49 @@ def early_fuse(first: np.ndarray, *others: np.ndarray) -> np.ndarray:
     """Per-frame concatenation at the first stream's frame rate: every other stream is stretched
     to its frame count, e.g. mfcc (T_a, D_a) + aus (T_v, D_v) -> (T_a, D_a + D_v)."""
     return np.concatenate([first, *(stretch_frames(x, first.shape[0]) for x in others)], axis=1)
+
+
+class EarlyFused(Sequence[np.ndarray]):
+    """Clips of several streams fused per clip when read (`early_fuse`): ``fused[i]`` is
+    (T_i of the first stream, sum of features); no fused copy of the split is ever held.
+    ``parts``: each stream's clips (sequences of (T, D) arrays, all of the same length)."""
+
+    def __init__(self, parts: Sequence[Sequence[np.ndarray]]) -> None:
+        self.parts = tuple(parts)
+
+    def __len__(self) -> int:
+        return len(self.parts[0])
+
+    @overload
+    def __getitem__(self, i: int) -> np.ndarray: ...
+    @overload
+    def __getitem__(self, i: slice) -> EarlyFused: ...
+    def __getitem__(self, i: int | slice) -> np.ndarray | EarlyFused:
+        if isinstance(i, slice):
+            return self.take(range(len(self))[i])
+        return early_fuse(*(p[i] for p in self.parts))
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return (self[i] for i in range(len(self)))
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """(N,) frame counts: the first stream's (the fused clip is at its frame rate)."""
+        first = self.parts[0]
+        lengths = getattr(first, "lengths", None)
+        return np.asarray(lengths) if lengths is not None else np.array([len(x) for x in first])
+
+    @property
+    def n_features(self) -> int:
+        return sum(int(getattr(p, "n_features", None) or p[0].shape[1]) for p in self.parts)
+
+    @property
+    def in_memory(self) -> bool:
+        return all(getattr(p, "in_memory", True) for p in self.parts)
+
+    def take(self, idx: Sequence[int]) -> EarlyFused:
+        idx = list(idx)
+        return EarlyFused([p.take(idx) if hasattr(p, "take") else [p[i] for i in idx] for p in self.parts])
 
 
 # late fusion's combiners (``modality.combiner``); what weighted and stacking fit sees validation only

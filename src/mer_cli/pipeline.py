@@ -25,6 +25,7 @@ import logging
 import random
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -159,7 +160,15 @@ def check_resumable(cfg: DictConfig, out_dir: Path, resume: bool | str) -> bool:
 READERS = {
     "pickle": (data.load, "the notebook's feature pickle"),
     "npz": (data.load_npz, "a native dataset written by mer-convert or mer-ingest"),
+    "native": (data.load_dir, "a native dataset directory written by mer-convert"),
 }
+
+
+# data.cache: where the embedded generator's clips live. auto: in memory below CACHE_FROM_CLIPS
+# clips (the default 1,200: generated in about a second), on disk from there (generated once into
+# the cache, then read clip by clip: memory does not grow with the dataset)
+GENERATED_CACHE = ("auto", "memory", "disk")
+CACHE_FROM_CLIPS = 10_000
 
 
 def run_folds(cfg: DictConfig, out_dir: Path, resume: bool | str, sweep_dir: Path | None) -> dict[str, Any]:
@@ -191,7 +200,14 @@ def load_data(data_cfg: DictConfig, cv_cfg: DictConfig | None = None) -> data.Sp
     """
     name = data_cfg.name
     if name == "synthetic":
-        splits = synthetic.generate(synthetic.Spec(**data_cfg.generator))
+        spec = synthetic.spec_from_config(cast(dict, OmegaConf.to_container(data_cfg.generator)))
+        where = data_cfg.get("cache", "auto")
+        if where not in GENERATED_CACHE:
+            raise ConfigError(f"data.cache={where!r}: valid: {', '.join(GENERATED_CACHE)}")
+        if where == "disk" or (where == "auto" and spec.n_clips >= CACHE_FROM_CLIPS):
+            splits = synthetic.cached(spec, synthetic.cache_root(data_cfg.get("cache_dir")))
+        else:
+            splits = synthetic.generate(spec)
     elif name in READERS:
         if OmegaConf.is_missing(data_cfg, "path") or data_cfg.path is None:
             raise ConfigError(f"data={name} needs data.path=FILE ({READERS[name][1]})")
@@ -223,8 +239,9 @@ def loop_settings(cfg: DictConfig) -> train.Settings:
     return train.Settings(**cfg.trainer.loop, **runtime)
 
 
-def model_inputs(split: data.Split, modality: str, streams: list[str]) -> dict[str, list[np.ndarray]]:
-    """The input streams (name -> each clip's frames) a ``modality`` model reads from ``split``."""
+def model_inputs(split: data.Split, modality: str, streams: list[str]) -> dict[str, Sequence[np.ndarray]]:
+    """The input streams (name -> each clip's frames) a ``modality`` model reads from ``split``:
+    the split's own ragged clips, or early-fused clip by clip when read (no copy either way)."""
     available = split.streams
     missing = [s for s in streams if s not in available]
     if missing or not streams:
@@ -233,16 +250,15 @@ def model_inputs(split: data.Split, modality: str, streams: list[str]) -> dict[s
     if kind == "single":
         if len(streams) != 1:
             raise ConfigError(f"modality={modality} reads one stream, not modality.streams={streams}")
-        return {streams[0]: list(available[streams[0]])}
+        return {streams[0]: available[streams[0]]}
     if kind == "streams":  # each stream at its own frame rate, for its own encoder
         if len(streams) < 2:
             raise ConfigError(
                 f"modality={modality} reads two streams or more, not modality.streams={streams}"
             )
-        return {s: list(available[s]) for s in streams}
+        return {s: available[s] for s in streams}
     # early: every stream stretched to the first one's frame count, joined per frame
-    clips = zip(*(available[s] for s in streams), strict=True)
-    return {modality: [fusion.early_fuse(*c) for c in clips]}
+    return {modality: fusion.EarlyFused([available[s] for s in streams])}
 
 
 def log_profile(name: str, prep: preprocess.StreamPrep) -> None:
@@ -391,10 +407,7 @@ def stream_contribution(
     kept; zero is the training mean where features are standardized)."""
     out = {}
     for keep in seqs.streams:
-        streams = {
-            name: r if name == keep else preprocess.Ragged(np.zeros_like(r.frames), r.offsets, r.max_length)
-            for name, r in seqs.streams.items()
-        }
+        streams = {name: r if name == keep else preprocess.Blank(r) for name, r in seqs.streams.items()}
         prob = train.predict_proba(
             model, preprocess.SequenceSet(streams, seqs.y, seqs.clip_ids), batch_size, device, dtype
         )
@@ -732,7 +745,7 @@ def evaluate_run(
         data_cfg = OmegaConf.merge(
             data_cfg,
             {
-                "name": "npz" if data_path.suffix == ".npz" else "pickle",
+                "name": "native" if data_path.is_dir() else "npz" if data_path.suffix == ".npz" else "pickle",
                 "path": str(data_path),
                 "limit_per_split": None,
             },

@@ -321,8 +321,8 @@ def predict(run: Run, clips: Clips) -> report.Predictions:
     split = data.Split(
         "test",  # predict_run reads the splits it is asked for: this one
         tuple(clips.clip_ids),
-        mfcc=tuple(clips.frames.get("acoustic", [NOT_READ] * n)),
-        aus=tuple(clips.frames.get("visual", [NOT_READ] * n)),
+        mfcc=data.Clips.pack(clips.frames.get("acoustic", [NOT_READ] * n)),
+        aus=data.Clips.pack(clips.frames.get("visual", [NOT_READ] * n)),
         labels=y,
     )
     splits = data.Splits(split, split, split, class_names=run.class_names, source=clips.source)

@@ -1,25 +1,36 @@
 """Fit preprocessing on train (target lengths, per-feature scaling), apply it to every split.
 
-Input: per stream, each clip's frames (a model's input streams, see `pipeline.model_inputs`).
+Input: per stream, each clip's frames (a model's input streams, see `pipeline.model_inputs`): a
+sequence of (T_i, F) arrays, usually ragged `data.Clips`. Output: `SequenceSet`: named streams
+whose clips are cut to the stream's target length and scaled clip by clip: when a batch reads
+them for clips on disk (`Prepared`: memory does not grow with the dataset), once into one ragged
+store for clips in memory (`Ragged`). Never padded here: a batch is padded when it is gathered
+(`train.PadCollate`). Fitting streams over the train clips (lengths only for the target length,
+blocks of frames for the scaler); it never looks at validation or test data.
 Scaling (standard, robust, per-clip, signed-log) lives in `scaling`, fitted by streaming.
-Output: `SequenceSet`: named streams of ragged frames (every clip cut to the stream's target
-length and scaled, stored end to end, never padded), labels and clip ids. A batch is padded
-when it is gathered (`Ragged.pad`). Nothing here ever looks at validation or test data while
-fitting.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Any
 
 import numpy as np
 import torch
 
 from mer_cli import scaling as feature_scaling
 from mer_cli.scaling import Scaler
+
+
+def clip_lengths(clips: Sequence[np.ndarray]) -> np.ndarray:
+    """(N,) frame counts: a ragged sequence's own ``lengths`` (no frame is read), else each clip's."""
+    lengths = getattr(clips, "lengths", None)
+    if lengths is not None:
+        return np.asarray(lengths, dtype=np.int64)
+    return np.array([x.shape[0] for x in clips], dtype=np.int64)
 
 
 @dataclass(frozen=True)
@@ -36,16 +47,16 @@ class TargetLength:
 
 
 def fit_target_length(train: Sequence[np.ndarray], percentile: float) -> TargetLength:
-    """Ceil of the ``percentile``-th percentile of the train clips' frame counts."""
-    lengths = np.array([x.shape[0] for x in train])
+    """Ceil of the ``percentile``-th percentile of the train clips' frame counts (their lengths
+    alone: a ragged stream's frames are never read)."""
     # fitted on train only: test lengths must not move the cut-off
-    return TargetLength(math.ceil(np.percentile(lengths, percentile)))
+    return TargetLength(math.ceil(np.percentile(clip_lengths(train), percentile)))
 
 
 @dataclass(frozen=True)
 class Ragged:
-    """One stream of one split: every clip's frames end to end, clip ``i`` at rows
-    ``offsets[i]:offsets[i + 1]`` of ``frames``; padded only per batch, by `pad`."""
+    """Prepared frames held in memory: every clip's frames end to end, clip ``i`` at rows
+    ``offsets[i]:offsets[i + 1]`` of ``frames`` (hand-built sets, benchmarks)."""
 
     frames: np.ndarray  # (sum of lengths, F) float32
     offsets: np.ndarray  # (N + 1,) int64, offsets[0] == 0
@@ -63,29 +74,103 @@ class Ragged:
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
+    def clip(self, i: int) -> np.ndarray:
+        return self.frames[int(self.offsets[i]) : int(self.offsets[i + 1])]
+
     def pad(self, idx: torch.Tensor, length: int) -> torch.Tensor:
-        """Clips ``idx`` as (B, ``length``, F) float32, zero after each clip's end (``length`` at
-        least the longest clip of ``idx``)."""
-        x = torch.zeros(len(idx), length, self.n_features)
-        frames = torch.from_numpy(self.frames)
-        for row, i in enumerate(idx.tolist()):
-            start, end = int(self.offsets[i]), int(self.offsets[i + 1])
-            x[row, : end - start] = frames[start:end]
-        return x
+        return pad_clips([self.clip(i) for i in idx.tolist()], length, self.n_features)
 
     def take(self, idx: Sequence[int]) -> Ragged:
         """The clips ``idx``, in that order, as a new (compact) `Ragged`."""
-        parts = [self.frames[self.offsets[i] : self.offsets[i + 1]] for i in idx]
+        parts = [self.clip(i) for i in idx]
         offsets = np.concatenate([[0], np.cumsum([len(p) for p in parts])]).astype(np.int64)
         frames = np.concatenate(parts) if parts else self.frames[:0]
         return Ragged(frames, offsets, self.max_length)
+
+
+class Prepared:
+    """One input stream of one split as the model reads it, prepared clip by clip when a clip is
+    read: the source clip (ragged, possibly on disk, possibly early-fused) cut to the target
+    length (keeping its start, as the notebook) and scaled. No prepared copy of the split exists."""
+
+    def __init__(self, source: Sequence[np.ndarray], target: TargetLength, scaler: Scaler | None) -> None:
+        self.source, self.target, self.scaler = source, target, scaler
+        self.max_length = target.length  # no clip is longer: a batch is never padded beyond it
+
+    @cached_property
+    def lengths(self) -> torch.Tensor:
+        """(N,) int64: each clip's frame count after the cut (from the lengths alone)."""
+        return torch.from_numpy(np.minimum(clip_lengths(self.source), self.target.length))
+
+    @cached_property
+    def n_features(self) -> int:
+        n = getattr(self.source, "n_features", None)
+        return int(n) if n is not None else int(self.source[0].shape[1])
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def clip(self, i: int) -> np.ndarray:
+        """Clip ``i``'s (min(T_i, target), F) float32 frames, scaled."""
+        x = self.source[i][: self.target.length]
+        return self.scaler.transform(x) if self.scaler else np.asarray(x, dtype=np.float32)
+
+    def pad(self, idx: torch.Tensor, length: int) -> torch.Tensor:
+        return pad_clips([self.clip(i) for i in idx.tolist()], length, self.n_features)
+
+    def materialize(self) -> Ragged:
+        """Every clip prepared once, end to end into one in-memory `Ragged` (one prepared copy)."""
+        lengths = self.lengths.numpy()
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        out = np.empty((int(offsets[-1]), self.n_features), dtype=np.float32)
+        for i in range(len(self)):
+            out[offsets[i] : offsets[i + 1]] = self.clip(i)
+        return Ragged(out, offsets, self.max_length)
+
+    def take(self, idx: Sequence[int]) -> Prepared:
+        take = getattr(self.source, "take", None)
+        source = take(list(idx)) if take is not None else [self.source[i] for i in idx]
+        return Prepared(source, self.target, self.scaler)
+
+
+class Blank:
+    """A stream with the lengths of ``stream`` and zeros for frames (one stream's contribution)."""
+
+    def __init__(self, stream: Stream) -> None:
+        self.stream = stream
+        self.lengths: torch.Tensor = stream.lengths
+        self.n_features: int = stream.n_features
+        self.max_length: int = stream.max_length
+
+    def __len__(self) -> int:
+        return len(self.stream)
+
+    def clip(self, i: int) -> np.ndarray:
+        return np.zeros((int(self.lengths[i]), self.n_features), dtype=np.float32)
+
+    def pad(self, idx: torch.Tensor, length: int) -> torch.Tensor:
+        return torch.zeros(len(idx), length, self.n_features)
+
+    def take(self, idx: Sequence[int]) -> Blank:
+        return Blank(self.stream.take(idx))
+
+
+Stream = Ragged | Prepared | Blank
+
+
+def pad_clips(clips: Sequence[np.ndarray], length: int, n_features: int) -> torch.Tensor:
+    """Clips (each (T_i, F), T_i <= ``length``) as (B, ``length``, F) float32, zero after each end."""
+    x = torch.zeros(len(clips), length, n_features)
+    for row, c in enumerate(clips):
+        x[row, : len(c)] = torch.from_numpy(np.ascontiguousarray(c))
+    return x
 
 
 @dataclass(frozen=True)
 class SequenceSet:
     """One split as a model reads it: its named input streams, labels and clip ids."""
 
-    streams: Mapping[str, Ragged]
+    streams: Mapping[str, Any]  # name -> `Stream`: clip(i), pad(idx, length), lengths, n_features
     y: torch.Tensor  # (N,) int64
     clip_ids: tuple[str, ...]
 
@@ -120,14 +205,13 @@ class StreamPrep:
     # the train clips as fitted (frame counts, feature ranges), for the log; None once loaded
     profile: feature_scaling.Profile | None = field(default=None, compare=False, repr=False)
 
-    def apply(self, frames: Sequence[np.ndarray]) -> Ragged:
-        """Every clip cut to the target length (keeping its start, as the notebook) and scaled."""
-        lengths = [min(f.shape[0], self.target.length) for f in frames]
-        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-        out = np.empty((int(offsets[-1]), frames[0].shape[1]), dtype=np.float32)
-        for f, start, n in zip(frames, offsets, lengths, strict=False):
-            out[start : start + n] = self.scaler.transform(f[:n]) if self.scaler else f[:n]
-        return Ragged(out, offsets, self.target.length)
+    def apply(self, frames: Sequence[np.ndarray]) -> Prepared | Ragged:
+        """Every clip of ``frames`` cut to the target length (keeping its start, as the notebook)
+        and scaled. Clips read from disk are prepared each time a batch reads them (memory does
+        not grow with the dataset); clips held in memory are prepared once, into one ragged store
+        (a batch then costs a copy, as fast as before; memory: one prepared copy of the split)."""
+        prepared = Prepared(frames, self.target, self.scaler)
+        return prepared.materialize() if getattr(frames, "in_memory", True) else prepared
 
     def state(self) -> dict[str, object]:
         return {
@@ -155,11 +239,20 @@ def fit(
     clips (`scaling.KINDS`), streaming over them; the prep's profile describes those clips."""
     # fitted on train only: validation and test clips never move the cut-off or the statistics
     target = fit_target_length(train_frames, percentile)
-    # the scaler sees the frames the model sees: each clip up to the target length (views, no copy)
-    scaler, profile = feature_scaling.fit(
-        scaling if normalize else None, [f[: target.length] for f in train_frames]
-    )
-    return StreamPrep(target, scaler, feature_scaling.with_frame_counts(profile, map(len, train_frames)))
+    # the scaler sees the frames the model sees: each clip up to the target length, read lazily
+    # (a pass reads each clip once; clips on disk are never all in memory)
+    scaler, profile = feature_scaling.fit(scaling if normalize else None, _Cut(train_frames, target.length))
+    return StreamPrep(target, scaler, feature_scaling.with_frame_counts(profile, clip_lengths(train_frames)))
+
+
+class _Cut:
+    """Re-iterable view of clips, each up to ``length`` frames (a robust fit reads them again)."""
+
+    def __init__(self, clips: Sequence[np.ndarray], length: int) -> None:
+        self.clips, self.length = clips, length
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return (clip[: self.length] for clip in self.clips)
 
 
 def apply(

@@ -1,8 +1,10 @@
 """The embedded default dataset: synthetic CREMA-D-like features, generated from a seed.
 
 Output: `Splits` shaped like the notebook's pickle (52-dim "MFCC" frames at 100 frames/s, 17-dim
-"action unit" frames at 30 frames/s, six emotions, clip ids ``1001_DFA_ANG_XX``). NOT real data:
-it exists so mer-cli runs out of the box and its tests mean something.
+"action unit" frames at 30 frames/s, six emotions, clip ids ``1001_DFA_ANG_XX``), generated clip
+by clip: into memory (`generate`) or, for large settings, once into an on-disk cache in the native
+directory format that later runs read clip by clip (`cached`). NOT real data: it exists so
+mer-cli runs out of the box and its tests mean something.
 
 How the classes are hidden (so the notebook's findings can be reproduced qualitatively):
 - each clip carries its emotion as bursts of evidence at a few random moments, the same moments in
@@ -18,11 +20,30 @@ How the classes are hidden (so the notebook's findings can be reproduced qualita
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from mer_cli.data import NOTEBOOK_CLASS_NAMES, Split, Splits
+from mer_cli.data import (
+    DIR_FORMAT_VERSION,
+    NOTEBOOK_CLASS_NAMES,
+    Clips,
+    DatasetWriter,
+    Split,
+    Splits,
+    is_dataset_dir,
+    load_dir,
+)
+from mer_cli.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 EMOTION_CODES = ("NEU", "ANG", "HAP", "FEA", "DIS", "SAD")  # CREMA-D codes, notebook label order
 SENTENCES = ("IEO", "TIE", "IOM", "IWW", "TAI", "MTI", "IWL", "ITH", "DFA", "ITS", "TSI", "WSI")
@@ -55,22 +76,62 @@ class Spec:
     acoustic_noise: float = 0.3  # scale of the frame-to-frame MFCC noise
     acoustic_noise_rank: int = 8  # the MFCC noise lives in this many directions (plus a little white)
 
+    def __post_init__(self) -> None:
+        def bad(key: str, why: str) -> ConfigError:
+            return ConfigError(f"data.generator.{key}={getattr(self, key)}: {why}")
 
-def generate(spec: Spec) -> Splits:
-    """Generate the dataset described by ``spec``; same spec, same arrays, bit for bit."""
+        if not 1 <= self.clips_per_actor_per_class <= len(SENTENCES):
+            raise bad(
+                "clips_per_actor_per_class",
+                f"must be 1..{len(SENTENCES)} (one clip per sentence; there are {len(SENTENCES)} sentences)",
+            )
+        for key in ("val_fraction", "test_fraction"):
+            if not 0.0 < getattr(self, key) < 1.0:
+                raise bad(key, "must be between 0 and 1")
+        if self.n_actors < 3 or self.n_actors > 8999:
+            raise bad("n_actors", "must be 3..8999 (actor ids 1001..9999; train, val and test need one each)")
+        n_val = max(1, round(self.val_fraction * self.n_actors))
+        n_test = max(1, round(self.test_fraction * self.n_actors))
+        if n_val + n_test >= self.n_actors:
+            raise bad("n_actors", f"too few for three splits with {n_val} val and {n_test} test actors")
+        if not self.min_duration_s > 0:
+            raise bad("min_duration_s", "must be above 0")
+        if self.max_duration_s < self.min_duration_s:
+            raise bad("max_duration_s", f"must be at least min_duration_s={self.min_duration_s}")
+        for key in ("acoustic_snr", "visual_snr", "acoustic_noise"):
+            if not getattr(self, key) >= 0:
+                raise bad(key, "must be 0 or more")
+        if self.acoustic_noise_rank < 1:
+            raise bad("acoustic_noise_rank", "must be at least 1")
+
+    @property
+    def n_clips(self) -> int:
+        return self.n_actors * len(EMOTION_CODES) * self.clips_per_actor_per_class
+
+    def describe(self) -> str:
+        return f"synthetic(seed={self.seed}, actors={self.n_actors})"
+
+
+def spec_from_config(generator: Mapping[str, Any]) -> Spec:
+    """``data.generator`` as a `Spec`; an unknown key is one line listing the known ones."""
+    known = [f.name for f in fields(Spec)]
+    unknown = sorted(set(generator) - set(known))
+    if unknown:
+        raise ConfigError(f"data.generator.{unknown[0]}: unknown setting; valid: {', '.join(known)}")
+    return Spec(**generator)
+
+
+def generate_clips(spec: Spec) -> Iterator[tuple[str, str, np.ndarray, np.ndarray, int]]:
+    """The dataset's clips one at a time, as ``(split, clip_id, mfcc, aus, label)``."""
     rng = np.random.default_rng(spec.seed)
     world = _World.draw(rng, spec.acoustic_noise_rank)
     actors = [1001 + i for i in range(spec.n_actors)]
     order = rng.permutation(spec.n_actors)
     n_val = max(1, round(spec.val_fraction * spec.n_actors))
     n_test = max(1, round(spec.test_fraction * spec.n_actors))
-    if n_val + n_test >= spec.n_actors:
-        raise ValueError(f"synthetic data: {spec.n_actors} actors are too few for three splits")
     split_of_actor = {}
     for rank, i in enumerate(order):
         split_of_actor[actors[i]] = "test" if rank < n_test else "val" if rank < n_test + n_val else "train"
-
-    clips: dict[str, list[tuple[str, np.ndarray, np.ndarray, int]]] = {"train": [], "val": [], "test": []}
     for actor in actors:
         style = world.actor_style(rng)
         for label in range(len(EMOTION_CODES)):
@@ -79,15 +140,22 @@ def generate(spec: Spec) -> Splits:
                 intensity = INTENSITIES[rng.integers(len(INTENSITIES))]
                 clip_id = f"{actor}_{SENTENCES[s]}_{EMOTION_CODES[label]}_{intensity}"
                 mfcc, aus = world.clip(rng, spec, style, label, INTENSITY_GAIN[intensity])
-                clips[split_of_actor[actor]].append((clip_id, mfcc, aus, label))
+                yield split_of_actor[actor], clip_id, mfcc, aus, label
+
+
+def generate(spec: Spec) -> Splits:
+    """Generate the dataset described by ``spec`` in memory; same spec, same arrays, bit for bit."""
+    clips: dict[str, list[tuple[str, np.ndarray, np.ndarray, int]]] = {"train": [], "val": [], "test": []}
+    for split, clip_id, mfcc, aus, label in generate_clips(spec):
+        clips[split].append((clip_id, mfcc, aus, label))
 
     def to_split(name: str) -> Split:
         rows = clips[name]
         return Split(
             name=name,
             clip_ids=tuple(r[0] for r in rows),
-            mfcc=tuple(r[1] for r in rows),
-            aus=tuple(r[2] for r in rows),
+            mfcc=Clips.pack([r[1] for r in rows]),  # one ragged store per stream
+            aus=Clips.pack([r[2] for r in rows]),
             labels=np.array([r[3] for r in rows], dtype=np.int64),
         )
 
@@ -96,8 +164,58 @@ def generate(spec: Spec) -> Splits:
         val=to_split("val"),
         test=to_split("test"),
         class_names=NOTEBOOK_CLASS_NAMES,
-        source=f"synthetic(seed={spec.seed}, actors={spec.n_actors})",
+        source=spec.describe(),
     )
+
+
+# bump when the generator's output for a given Spec changes: old caches are then never reused
+GENERATOR_VERSION = 1
+CACHE_ENV = "MER_CACHE_DIR"
+
+
+def cache_root(configured: str | None = None) -> Path:
+    """Where generated datasets are kept: ``configured`` (data.cache_dir), else $MER_CACHE_DIR,
+    else $XDG_CACHE_HOME/mer-cli (default ~/.cache/mer-cli)."""
+    if configured:
+        return Path(configured).expanduser()
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg).expanduser() / "mer-cli"
+
+
+def cache_key(spec: Spec) -> str:
+    """A hash of everything that decides the generated arrays (the settings and the generator)."""
+    record = {"generator_version": GENERATOR_VERSION, "dir_format": DIR_FORMAT_VERSION, **asdict(spec)}
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cached(spec: Spec, root: Path) -> Splits:
+    """The dataset ``spec`` from the on-disk cache under ``root`` (generated into it clip by clip
+    on first use, then read clip by clip: memory does not grow with the number of clips)."""
+    path = root / f"synthetic-{cache_key(spec)}"
+    if not is_dataset_dir(path):
+        log.info("generating %d clips into %s (once; later runs reuse it)", spec.n_clips, path)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            writer = DatasetWriter(path, NOTEBOOK_CLASS_NAMES)
+        except OSError as e:
+            raise ConfigError(
+                f"data.cache_dir: cannot write the generated data under {root}: {e.strerror or e}"
+            ) from e
+        try:
+            for split, clip_id, mfcc, aus, label in generate_clips(spec):
+                writer.add(split, clip_id, mfcc, aus, label)
+        except BaseException:
+            writer.abort()
+            raise
+        if not writer.finish():
+            log.info("%s: another process wrote the same data first: using theirs", path)
+    else:
+        log.info("reusing the generated data in %s", path)
+    # written by this generator, whose frames are finite by construction: no NaN scan
+    splits = load_dir(path, check_values=False)
+    return replace(splits, source=spec.describe())
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ from tqdm import tqdm
 from mer_cli.artifacts import load_checkpoint, save_checkpoint
 from mer_cli.errors import ConfigError
 from mer_cli.models import Frames
-from mer_cli.preprocess import SequenceSet
+from mer_cli.preprocess import SequenceSet, pad_clips
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,8 @@ class Settings:
     bucket_length_jitter: float = 0.15  # relative noise on lengths before sorting: new batches each epoch
     eval_batch_size: int = 512  # at most this many clips per inference batch (see inference_batches)
     progress: bool = True  # a progress bar per epoch (only when stderr is a terminal)
+    loader_workers: int = 0  # background processes assembling batches (0: the training process)
+    pin_memory: bool | None = None  # page-locked batches for faster copies to a GPU; None: on CUDA
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -69,6 +71,8 @@ class Settings:
             raise ConfigError(f"trainer.loop.precision={self.precision!r}: valid: {', '.join(PRECISIONS)}")
         if self.batch_size < 2:  # BatchNorm cannot normalize one clip by the batch's statistics
             raise ConfigError(f"trainer.loop.batch_size={self.batch_size}: must be at least 2")
+        if self.loader_workers < 0:
+            raise ConfigError(f"runtime.loader_workers={self.loader_workers}: must be 0 or more")
 
 
 @dataclass
@@ -161,6 +165,21 @@ def cpu_threads(parallel_jobs: int = 1) -> int:
     return max(1, physical_cores() // max(1, parallel_jobs))
 
 
+def process_seconds() -> float:
+    """Seconds since this process started (Linux: /proc; elsewhere since mer_cli.train loaded)."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rpartition(")")[2].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return time.perf_counter() - _LOADED
+
+
+_LOADED = time.perf_counter()
+
+
 def configure_threads(settings: Settings) -> int:
     n = settings.num_threads or cpu_threads()
     torch.set_num_threads(n)
@@ -224,24 +243,123 @@ def _fold_single_clip(batches: list[torch.Tensor]) -> list[torch.Tensor]:
     return batches
 
 
+def n_batches(n: int, batch_size: int, bucket: bool, pool_batches: int) -> int:
+    """How many batches `batch_indices` cuts ``n`` clips into (without drawing them)."""
+    pool = batch_size * pool_batches if bucket else max(n, 1)
+    sizes = [pool] * (n // pool) + ([n % pool] if n % pool else [])
+    count = sum(-(-p // batch_size) for p in sizes)
+    last = sizes[-1] % batch_size if sizes else 0
+    return count - 1 if count > 1 and last == 1 else count
+
+
+class BucketBatchSampler(torch.utils.data.Sampler[list[int]]):
+    """Each epoch's batches from `batch_indices` (length buckets), drawn from ``generator`` when
+    an epoch starts: the same seed gives the same batches, and a resumed run (the generator's
+    state restored) the batches the interrupted one would have drawn."""
+
+    def __init__(self, lengths: torch.Tensor, settings: Settings, generator: torch.Generator) -> None:
+        self.lengths, self.settings, self.generator = lengths, settings, generator
+
+    def __iter__(self) -> Iterator[list[int]]:
+        # a generator: the batches are drawn at the first batch, not when iter() is called (a
+        # DataLoader with workers calls it twice for its first epoch and uses the second)
+        s = self.settings
+        batches = batch_indices(
+            self.lengths,
+            s.batch_size,
+            self.generator,
+            s.bucket_by_length,
+            s.bucket_batches,
+            s.bucket_length_jitter,
+        )
+        for b in batches:
+            yield b.tolist()
+
+    def __len__(self) -> int:
+        s = self.settings
+        return n_batches(len(self.lengths), s.batch_size, s.bucket_by_length, s.bucket_batches)
+
+
+class ClipDataset(torch.utils.data.Dataset[tuple[dict[str, np.ndarray], int]]):
+    """The clips of a `SequenceSet`: item i is each input stream's prepared frames of clip i
+    (read, cut and scaled then, see `preprocess.Prepared`) and its label."""
+
+    def __init__(self, data: SequenceSet) -> None:
+        self.streams, self.y = dict(data.streams), data.y
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+    def __getitem__(self, i: int) -> tuple[dict[str, np.ndarray], int]:
+        return {name: s.clip(i) for name, s in self.streams.items()}, int(self.y[i])
+
+
+class PadCollate:
+    """Clips -> one batch: per stream, frames padded to the batch's own longest clip (rounded up
+    to ``PAD_MULTIPLE``, never beyond the stream's target length ``max_lengths[name]``) and the
+    clips' lengths; and the labels. CPU tensors (the DataLoader may pin them)."""
+
+    def __init__(self, data: SequenceSet) -> None:
+        self.max_lengths = {name: int(s.max_length) for name, s in data.streams.items()}
+        self.n_features = data.n_features
+
+    def __call__(
+        self, items: list[tuple[dict[str, np.ndarray], int]]
+    ) -> tuple[dict[str, Frames], torch.Tensor]:
+        inputs = {}
+        for name, limit in self.max_lengths.items():
+            clips = [frames[name] for frames, _ in items]
+            lengths = torch.tensor([len(c) for c in clips], dtype=torch.int64)
+            length = min(limit, padded_length(int(lengths.max())))
+            inputs[name] = (pad_clips(clips, length, self.n_features[name]), lengths)
+        return inputs, torch.tensor([y for _, y in items], dtype=torch.int64)
+
+
+def batch_loader(
+    data: SequenceSet,
+    batches: Iterable[list[int]],
+    device: torch.device,
+    workers: int = 0,
+    pin_memory: bool | None = None,
+) -> torch.utils.data.DataLoader[Any]:
+    """The batches of ``data`` (clip indices per batch) assembled by a torch DataLoader:
+    ``workers`` background processes (0: in this process), page-locked if ``pin_memory``
+    (None: on CUDA)."""
+    pin = device.type == "cuda" if pin_memory is None else pin_memory
+    return torch.utils.data.DataLoader(
+        ClipDataset(data),
+        batch_sampler=batches,
+        collate_fn=PadCollate(data),
+        num_workers=workers,
+        pin_memory=pin,
+        persistent_workers=workers > 0,
+        # its own generator: the loader draws a seed for its workers each epoch, which must not
+        # come from (and move) the global RNG that dropout draws from
+        generator=torch.Generator().manual_seed(0),
+    )
+
+
+def to_device(
+    batch: tuple[dict[str, Frames], torch.Tensor], device: torch.device
+) -> tuple[dict[str, Frames], torch.Tensor]:
+    non_blocking = device.type == "cuda"
+    inputs, y = batch
+    moved = {
+        name: (x.to(device, non_blocking=non_blocking), n.to(device, non_blocking=non_blocking))
+        for name, (x, n) in inputs.items()
+    }
+    return moved, y.to(device, non_blocking=non_blocking)
+
+
 def gather_batch(
     data: SequenceSet, idx: torch.Tensor, device: torch.device
 ) -> tuple[dict[str, Frames], torch.Tensor]:
-    """The clips ``idx`` as model inputs on ``device``: per stream, frames padded to the batch's
-    own longest clip (rounded up to ``PAD_MULTIPLE``, never beyond the stream's target length)
-    and lengths; and the labels."""
-    non_blocking = device.type == "cuda"
-    inputs = {}
-    for name, stream in data.streams.items():
-        lengths = stream.lengths[idx]
-        x = stream.pad(idx, min(stream.max_length, padded_length(int(lengths.max()))))
-        if non_blocking:
-            x = x.pin_memory()
-        inputs[name] = (
-            x.to(device, non_blocking=non_blocking),
-            lengths.to(device, non_blocking=non_blocking),
-        )
-    return inputs, data.y[idx].to(device, non_blocking=non_blocking)
+    """The clips ``idx`` as model inputs on ``device`` (`PadCollate`, in this process)."""
+    dataset = ClipDataset(data)
+    batch = PadCollate(data)([dataset[i] for i in idx.tolist()])
+    if device.type == "cuda":
+        batch = ({k: (x.pin_memory(), n) for k, (x, n) in batch[0].items()}, batch[1])
+    return to_device(batch, device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,15 +367,22 @@ def gather_batch(
 
 
 def predict_proba(
-    model: nn.Module, data: SequenceSet, batch_size: int, device: torch.device, dtype: torch.dtype
+    model: nn.Module,
+    data: SequenceSet,
+    batch_size: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    workers: int = 0,
+    pin_memory: bool | None = None,
 ) -> np.ndarray:
     """Class probabilities (N, C) in ``data``'s order; batches sorted by length pad least."""
     model.eval()
     batches = inference_batches(data.lengths, batch_size)
     out: list[torch.Tensor] = []
+    loader = batch_loader(data, [b.tolist() for b in batches], device, workers, pin_memory)
     with torch.inference_mode(), autocast(device, dtype):
-        for idx in batches:
-            inputs, _ = gather_batch(data, idx, device)
+        for batch in loader:
+            inputs, _ = to_device(batch, device)
             out.append(torch.softmax(model(inputs).float(), dim=1).cpu())
     probs = torch.empty(len(data), out[0].shape[1])
     probs[torch.cat(batches)] = torch.cat(out)
@@ -360,6 +485,7 @@ def fit(
     best_state: dict[str, torch.Tensor] | None = None
     best_loss, start_epoch, bad_epochs = math.inf, 1, 0
 
+    first_batch = True
     last_path = out_dir / "last.pt"
     if resume and last_path.exists():
         state = load_checkpoint(last_path, map_location=device)
@@ -387,35 +513,45 @@ def fit(
         len(val_set),
         settings.batch_size,
     )
+    loader = batch_loader(
+        train_set,
+        BucketBatchSampler(train_set.lengths, settings, generator),
+        device,
+        settings.loader_workers,
+        settings.pin_memory,
+    )
     for epoch in range(start_epoch, settings.max_epochs + 1):
         started = time.perf_counter()
         model.train()
-        batches = batch_indices(
-            train_set.lengths,
-            settings.batch_size,
-            generator,
-            settings.bucket_by_length,
-            settings.bucket_batches,
-            settings.bucket_length_jitter,
-        )
         total_loss, y_true, y_prob = 0.0, [], []
         bar = tqdm(
-            batches,
+            loader,
             desc=f"epoch {epoch}/{settings.max_epochs}",
             leave=False,
             disable=None if settings.progress else True,
             unit="batch",
         )
-        for idx in bar:
-            inputs, y = gather_batch(train_set, idx, device)
+        for batch in bar:
+            if first_batch:
+                log.info("first training batch ready %.1f s after the process started", process_seconds())
+                first_batch = False
+            inputs, y = to_device(batch, device)
             loss, logits = train_step(model, optimizer, scaler, loss_fn, inputs, y, dtype)
-            total_loss += loss.item() * len(idx)
+            total_loss += loss.item() * len(y)
             y_true.append(y.cpu())
             y_prob.append(torch.softmax(logits.detach().float(), dim=1).cpu())
             bar.set_postfix(loss=f"{loss.item():.3f}")
         yt, yp = torch.cat(y_true).numpy(), torch.cat(y_prob).numpy()
 
-        val_prob = predict_proba(model, val_set, settings.eval_batch_size, device, dtype)
+        val_prob = predict_proba(
+            model,
+            val_set,
+            settings.eval_batch_size,
+            device,
+            dtype,
+            settings.loader_workers,
+            settings.pin_memory,
+        )
         val_y = val_set.y.numpy()
         val_loss = _nll(val_prob, val_y)
         row = {
