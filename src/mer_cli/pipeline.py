@@ -31,7 +31,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from mer_cli import data, evaluate, folds, fusion, preprocess, report, rundir, sweep, synthetic, train
+from mer_cli import data, evaluate, folds, fusion, preprocess, report, rundir, search, sweep, synthetic, train
 from mer_cli.artifacts import load_checkpoint, write_json, write_text
 from mer_cli.errors import ConfigError, MerError
 
@@ -269,6 +269,7 @@ def train_model(cfg: DictConfig, splits: data.Splits, out_dir: Path, resume: boo
         seed=cfg.seed,
         checkpoint_meta=meta,
         resume=resume,
+        on_epoch=search.epoch_reporter(cfg.get("search")),  # a search trial: val/f1_macro per epoch
     )
     train_seconds = time.perf_counter() - started
 
@@ -414,6 +415,7 @@ def member_config(cfg: DictConfig, member: str) -> DictConfig:
     member_cfg = copy.deepcopy(cfg)
     with open_dict(member_cfg):
         member_cfg.modality = {"name": member, "streams": [member]}
+        member_cfg.search = None  # a search trial is the fused model: members report no epochs
     return member_cfg
 
 

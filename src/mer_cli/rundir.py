@@ -113,8 +113,9 @@ def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: obj}
 
 
-# how a run executed, what happens after it, and whether it was resumed: never part of a model
-_NOT_IDENTITY = re.compile(r"^(runtime|compare|hydra)\.|^resume$")
+# how a run executed, what happens after it, whether it was resumed, which search trial it was:
+# never part of a model
+_NOT_IDENTITY = re.compile(r"^(runtime|compare|hydra|search)\.|^(resume|search)$")
 # which run of a model: runs that differ only here are the same model (a comparison's samples)
 RUN_KEYS = ("seed", "cv.fold")
 # where late fusion read its members from: the members' own identities decide, not their paths
