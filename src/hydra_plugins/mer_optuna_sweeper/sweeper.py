@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,18 @@ class OptunaSweeper(Sweeper):
         )
 
     def sweep(self, arguments: list[str]) -> Any:
+        from mer_cli.entry import debug
+        from mer_cli.errors import MerError
+
+        try:
+            return self._sweep(arguments)
+        except MerError as e:  # a bad search space or storage, Optuna missing: one line, as mer-train's
+            if debug():
+                raise
+            print(f"mer-train: error: {' '.join(str(e).split())}", file=sys.stderr)
+            sys.exit(2)
+
+    def _sweep(self, arguments: list[str]) -> Any:
         from hydra.utils import instantiate
 
         from mer_cli import search
