@@ -10,9 +10,11 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.plugins import Plugins
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from hydra_plugins.mer_optuna_sweeper.sweeper import OptunaSweeper
 from mer_cli import allocator, compare, pipeline, rundir, sweep
 from mer_cli.entry import debug, stop_on_sigterm
 from mer_cli.errors import MerError
@@ -21,6 +23,9 @@ log = logging.getLogger("mer_cli")
 
 # configs/train.yaml: hydra.run.dir: ${claim_dir:outputs/<modality>/<time>}
 OmegaConf.register_new_resolver("claim_dir", rundir.claim, replace=True)
+# hparams_search: Hydra's plugin scan lists hydra_plugins/ only where it is a plain directory on
+# sys.path (a wheel), not through an editable install's import hook; so register the sweeper here
+Plugins.instance().register(OptunaSweeper)
 
 
 def config_dir() -> str:
