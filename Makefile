@@ -15,10 +15,10 @@ STAMP := $(VENV)/.installed
 # glibc's defaults 1.0 GiB, 145-147 s; GLIBC_TUNABLES=glibc.malloc.hugetlb=1 1.0 GiB, 104-120 s
 # (mer-bench: 9 % slower training than the heap). Table and the other settings: docs/memory.md.
 
-.PHONY: help venv run compare test smoke lint bench bench-peer clean
+.PHONY: help venv run compare test smoke lint bench bench-peer bench-inference clean
 
 help:  ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,10 @@ PEER_VENV ?= $(HOME)/.venvs/peer-tf
 bench: $(STAMP)  ## speed table, JSON lines in outputs/bench.jsonl (ARGS=--quick: seconds, for CI)
 	mkdir -p outputs
 	$(BIN)/mer-bench --out outputs/bench.jsonl $(ARGS)
+
+bench-inference: $(STAMP)  ## exported model: one-clip p50/p99 and batch-64 throughput, torch vs onnxruntime
+	mkdir -p outputs
+	$(BIN)/mer-bench --inference --out outputs/bench-inference.jsonl $(ARGS)
 
 $(PEER_VENV)/.installed:
 	$(PYTHON) -m venv $(PEER_VENV)

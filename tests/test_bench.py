@@ -161,3 +161,40 @@ def test_counted_flops_agree_with_the_formula_and_include_attention():
     head = 2 * (64 * 128 + 128 * 128 + 128 * 6)
     attention = 2 * 2 * 2 * 64 * (100**2 - 2 * 50**2)  # 2 layers x (QK^T, AV) x 2 FLOPs/MAC x width
     assert f100 - 2 * f50 == attention - head
+
+
+def test_quick_inference_bench_times_the_exported_graph_in_torch_and_onnxruntime(tmp_path, capsys):
+    pytest.importorskip("onnxruntime", reason="the export extra is not installed")
+    out = tmp_path / "inference.jsonl"
+    bench.main(["--inference", "--quick", "--out", str(out)])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["shape"], r["model"], r["runtime"]) for r in rows] == [
+        ("visual", "bilstm", "torch"),
+        ("visual", "bilstm", "onnxruntime"),
+    ]
+    for row in rows:
+        assert set(bench.INFER_FIELDS) <= set(row) and row["mode"] == "inference"
+        assert (row["T"], row["D"], row["batch"], row["latency_frames"]) == (105, 17, 4, 74)
+        assert 0 < row["latency_p50_ms"] <= row["latency_p99_ms"] and row["throughput_clips_per_s"] > 0
+        assert row["max_abs_diff"] < 1e-5  # both runtimes compute the same probabilities
+    assert (
+        rows[0]["params"]
+        == rows[1]["params"]
+        == sum(p.numel() for p in bench.build("bilstm", 17, "config")[0].parameters())
+    )
+    assert "clips/s" in capsys.readouterr().out  # the table
+
+
+def test_inference_bench_defaults_to_the_default_and_notebook_models_at_batch_64():
+    args = bench.parse_args(["--inference"])
+    assert (args.model, args.shape, args.infer_batch) == (["bilstm", "bilstm_notebook"], ["early"], 64)
+
+
+def test_inference_bench_without_the_export_extra_is_one_line_naming_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime -> ImportError
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--inference", "--quick", "--out", str(tmp_path / "x.jsonl")])
+    assert exit_info.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line == "mer-bench: error: --inference needs onnx and onnxruntime: pip install 'mer-cli[export]'"
+    assert not (tmp_path / "x.jsonl").exists()

@@ -11,6 +11,10 @@ and infers through ``train.predict_proba``.
     mer-bench --shape acoustic --model bilstm_notebook --precision bf16 --batches 4
     mer-bench --quick --out bench.jsonl          # seconds: checks it runs (CI)
     mer-bench --peer-python ~/.venvs/peer-tf/bin/python     # the Keras peer: benchmarks/peer_keras.py
+    mer-bench --inference                        # exported-model latency and throughput, torch vs onnxruntime
+
+``--inference`` times the graph mer-export writes (preprocessing + model + softmax, fp32) on one
+clip (p50/p99 latency) and on batches of 64 clips (throughput), in torch and in onnxruntime.
 """
 
 from __future__ import annotations
@@ -436,6 +440,182 @@ def run_case(case: Case, peaks: dict[str, float]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------
+# Inference of the exported graph: torch vs onnxruntime
+
+RUNTIMES = ("torch", "onnxruntime")
+INFER_MODELS = ("bilstm", "bilstm_notebook")  # the default and the notebook's model
+# every --inference JSON row has these keys (tests/test_bench.py checks them)
+INFER_FIELDS = (
+    "mode",
+    "shape",
+    "T",
+    "D",
+    "model",
+    "params",
+    "runtime",
+    "precision",
+    "latency_frames",
+    "latency_runs",
+    "latency_p50_ms",
+    "latency_p99_ms",
+    "batch",
+    "throughput_batches",
+    "throughput_clips_per_s",
+    "max_abs_diff",
+    "threads",
+    "torch",
+    "onnxruntime",
+    "malloc",
+    "cpu",
+    "time_utc",
+)
+
+
+@dataclass(frozen=True)
+class InferenceCase:
+    shape: str
+    model: str
+    latency_runs: int = 200  # timed single-clip calls (p50, p99)
+    batch: int = 64
+    batches: int = 20  # timed batches of ``batch`` clips
+    warmup: int = 5  # untimed calls first, each way
+    seed: int = 0
+
+
+def exported_graph(model_name: str, shape: str, seed: int) -> tuple[nn.Module, int]:
+    """The graph mer-export writes for a single-stream run of ``model_name`` on ``shape`` clips:
+    target length the shape's frames, a scaler fitted on generated clips, the model (untrained
+    weights: speed does not depend on them), the softmax. Returns it and its parameter count."""
+    from mer_cli import export, preprocess
+
+    max_len, n_features = SHAPES[shape]
+    torch.manual_seed(seed)
+    model, _ = build(model_name, n_features, "config")
+    clips = make_set(64, max_len, n_features, seed + 3).streams[STREAM]
+    frames = [clips.frames[clips.offsets[i] : clips.offsets[i + 1]] for i in range(len(clips))]
+    prep = preprocess.fit(frames, percentile=100, normalize=True)
+    graph = export.RunGraph(model.eval(), {STREAM: prep}, STREAM, [STREAM]).eval()
+    return graph, sum(p.numel() for p in model.parameters())
+
+
+def padded_batches(case: InferenceCase) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``case.batches`` batches of ``case.batch`` generated clips, each padded to its longest."""
+    max_len, n_features = SHAPES[case.shape]
+    out = []
+    for b in range(case.batches):
+        data = make_set(case.batch, max_len, n_features, case.seed + 10 + b)
+        idx = torch.arange(case.batch)
+        lengths = data.lengths
+        x = data.streams[STREAM].pad(idx, int(lengths.max()))
+        out.append((x.numpy(), lengths.numpy()))
+    return out
+
+
+def timed(call: Any, feeds: Sequence[tuple[np.ndarray, np.ndarray]], warmup: int) -> list[float]:
+    """Seconds of ``call(x, lengths)`` for each of ``feeds``, after ``warmup`` untimed calls."""
+    for i in range(warmup):
+        call(*feeds[i % len(feeds)])
+    times = []
+    for x, lengths in feeds:
+        t0 = time.perf_counter()
+        call(x, lengths)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def run_inference_case(case: InferenceCase) -> list[dict[str, Any]]:
+    """One shape x model: a row per runtime (torch eager, onnxruntime), the same graph in both."""
+    from mer_cli import export
+
+    ort = export.require_onnxruntime("--inference")
+    max_len, n_features = SHAPES[case.shape]
+    graph, params = exported_graph(case.model, case.shape, case.seed)
+    frames = round(0.7 * max_len)  # one typical clip: the generated lengths' mean
+    one = np.random.default_rng(case.seed).standard_normal((1, frames, n_features), dtype=np.float32)
+    single = [(one, np.array([frames], dtype=np.int64))] * case.latency_runs
+    batches = padded_batches(case)
+    example = tuple(torch.from_numpy(a) for a in batches[0])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()  # the same threads as torch
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(
+        export.to_onnx(graph, [STREAM], example), options, providers=["CPUExecutionProvider"]
+    )
+
+    def torch_call(x: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return graph(torch.from_numpy(x), torch.from_numpy(lengths)).numpy()
+
+    def ort_call(x: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        return session.run([export.OUTPUT], {STREAM: x, f"{STREAM}_lengths": lengths})[0]
+
+    # the same numbers from both, or the timings would compare different computations
+    max_abs_diff = float(np.abs(torch_call(*batches[0]) - ort_call(*batches[0])).max())
+    rows = []
+    for runtime, call in (("torch", torch_call), ("onnxruntime", ort_call)):
+        latency = np.array(timed(call, single, case.warmup)) * 1000
+        throughput = timed(call, batches, min(case.warmup, 2))
+        rows.append(
+            {
+                "mode": "inference",
+                "shape": case.shape,
+                "T": max_len,
+                "D": n_features,
+                "model": case.model,
+                "params": params,
+                "runtime": runtime,
+                "precision": "fp32",  # what mer-export writes
+                "latency_frames": frames,
+                "latency_runs": case.latency_runs,
+                "latency_p50_ms": round(float(np.percentile(latency, 50)), 3),
+                "latency_p99_ms": round(float(np.percentile(latency, 99)), 3),
+                "batch": case.batch,
+                "throughput_batches": case.batches,
+                "throughput_clips_per_s": round(case.batch * case.batches / sum(throughput), 2),
+                "max_abs_diff": max_abs_diff,  # |p_onnxruntime - p_torch| on the first batch
+                "threads": torch.get_num_threads(),
+                "torch": torch.__version__,
+                "onnxruntime": ort.__version__,
+                "malloc": allocator.describe(),
+                "cpu": cpu_name(),
+                "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            }
+        )
+    return rows
+
+
+def run_inference(args: argparse.Namespace) -> list[dict[str, Any]]:
+    rows = []
+    for shape in args.shape:
+        for model in args.model:
+            case = InferenceCase(
+                shape=shape,
+                model=model,
+                latency_runs=3 if args.quick else args.latency_runs,
+                batch=4 if args.quick else args.infer_batch,
+                batches=2 if args.quick else args.infer_batches,
+                warmup=1 if args.quick else 5,
+                seed=args.seed,
+            )
+            for row in run_inference_case(case):
+                rows.append(row)
+                if not args.no_table:
+                    print(format_table([row], INFER_COLUMNS).splitlines()[1], file=sys.stderr, flush=True)
+    return rows
+
+
+INFER_COLUMNS = (
+    ("shape", "shape", "{}"),
+    ("model", "model", "{}"),
+    ("runtime", "runtime", "{}"),
+    ("latency_p50_ms", "p50_ms", "{:.2f}"),
+    ("latency_p99_ms", "p99_ms", "{:.2f}"),
+    ("batch", "batch", "{}"),
+    ("throughput_clips_per_s", "clips/s", "{:.1f}"),
+)
+
+
+# ---------------------------------------------------------------------------------------------
 # Output
 
 COLUMNS = (
@@ -615,7 +795,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="the Keras peer (default: benchmarks/peer_keras.py of this source checkout)",
     )
     ap.add_argument("--peer-batches", type=int, default=3, help="the peer's timed training batches")
+    g = ap.add_argument_group("--inference: the exported graph (mer-export), torch vs onnxruntime, fp32")
+    g.add_argument("--inference", action="store_true", help="time inference instead of training")
+    g.add_argument("--latency-runs", type=int, default=200, help="timed single-clip calls (p50, p99)")
+    g.add_argument("--infer-batch", type=int, default=64, help="clips per batch for throughput")
+    g.add_argument("--infer-batches", type=int, default=20, help="timed batches for throughput")
     args = ap.parse_args(argv)
+    if args.inference and args.peer_python:
+        ap.error("--inference times mer-cli's exported graph; the Keras peer has no such mode")
     if args.peer_python and not Path(args.peer_script).is_file():
         ap.error(
             f"--peer-script {args.peer_script}: no such file (the Keras peer ships with the "
@@ -623,12 +810,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         )
     if args.shape is None:  # --quick: one small shape and model, just to prove the path runs
         args.shape = (
-            ["visual"] if args.quick else ["acoustic", "early"] if args.peer_python else sorted(SHAPES)
+            ["visual"]
+            if args.quick
+            else ["acoustic", "early"]
+            if args.peer_python
+            else ["early"]  # the default modality's input
+            if args.inference
+            else sorted(SHAPES)
         )
     if args.rounds is None:
         args.rounds = 2 if args.peer_python else 1
     if args.model is None:
-        args.model = ["bilstm"] if args.quick else list(PEER_MODELS if args.peer_python else MODELS)
+        args.model = (
+            ["bilstm"]
+            if args.quick
+            else list(PEER_MODELS if args.peer_python else INFER_MODELS if args.inference else MODELS)
+        )
     if args.peer_python and set(args.model) - set(PEER_MODELS):
         ap.error(f"the Keras peer has the notebook's BiLSTM only: --model {' '.join(PEER_MODELS)}")
     return args
@@ -638,11 +835,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     allocator.configure()  # first: mer-train's malloc setting, so the bench times what it runs
     args = parse_args(argv)
     train.configure_threads(train.Settings(num_threads=args.threads))
+    if args.inference:
+        from mer_cli import export
+        from mer_cli.errors import MerError
+
+        try:
+            export.require_onnxruntime("--inference")
+        except MerError as e:
+            print(f"mer-bench: error: {e}", file=sys.stderr)
+            sys.exit(2)
     out = sys.stdout if args.out == "-" else open(args.out, "a") if args.out else None  # noqa: SIM115
     try:
         if args.peer_python:
             rows = side_by_side(args)
             columns: Sequence[tuple[str, str, str]] = PEER_COLUMNS
+        elif args.inference:
+            rows, columns = run_inference(args), INFER_COLUMNS
         else:
             rows, columns = run_all(args), COLUMNS
         if out is not None:
