@@ -190,3 +190,17 @@ def test_the_pruner_stops_a_hopeless_trial_after_its_first_epoch(tmp_path):
         assert (run["epochs_trained"], run["stopped_early"]) == (1, True)  # of 3
         assert trial.user_attrs[search.PRUNED_AT] == 1
     assert not (sweep_dir / "best.yaml").exists()  # no trial completed
+
+
+def test_without_optuna_a_search_is_one_line_naming_the_extra(tmp_path):
+    code = (
+        "import sys; sys.modules['optuna'] = None; from mer_cli import entry; "
+        f"sys.argv = ['mer-train', '-m', 'hparams_search=default', 'hydra.sweep.dir={tmp_path / 's'}']; "
+        "entry.train()"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "mer-train: error: hyperparameter search needs Optuna: pip install 'mer-cli[sweep]'"
+    )
+    assert not (tmp_path / "s" / "optuna.db").exists()

@@ -37,8 +37,8 @@ class OptunaSweeper(Sweeper):
         direction: str,
         storage: str | None,
         study_name: str | None,
-        sampler: Any,
-        pruner: Any,
+        sampler: DictConfig,
+        pruner: DictConfig,
         params: DictConfig | None,
     ) -> None:
         self.n_trials = int(n_trials)
@@ -46,8 +46,10 @@ class OptunaSweeper(Sweeper):
         self.direction = direction
         self.storage = storage
         self.study_name = study_name
-        # Hydra passes sampler and pruner already instantiated; sweep() builds its own from
-        # their config nodes (the sampler's seed depends on the study, jobs rebuild the pruner)
+        # config nodes (_recursive_: false): the sampler's seed depends on the study, and every
+        # job builds the same pruner from the study's copy of this node
+        self.sampler_cfg = sampler
+        self.pruner_cfg = pruner
         self.params = {str(k): str(v) for k, v in (params or {}).items()}
         self.hydra_context: HydraContext | None = None
         self.config: DictConfig | None = None
@@ -104,11 +106,11 @@ class OptunaSweeper(Sweeper):
         storage = self.storage or f"sqlite:///{sweep_dir / search.STORAGE_FILE}"
         study_name = self.study_name or sweep_dir.name
         existing = _n_trials_in(optuna, storage, study_name)
-        sampler_cfg = OmegaConf.to_container(self.config.hydra.sweeper.sampler, resolve=True)
+        sampler_cfg = OmegaConf.to_container(self.sampler_cfg, resolve=True)
         assert isinstance(sampler_cfg, dict)
         if sampler_cfg.get("seed") is not None:  # a resumed search draws new points, not the first ones again
             sampler_cfg["seed"] = int(sampler_cfg["seed"]) + existing
-        pruner_cfg = OmegaConf.to_container(self.config.hydra.sweeper.pruner, resolve=True)
+        pruner_cfg = OmegaConf.to_container(self.pruner_cfg, resolve=True)
         study = optuna.create_study(
             study_name=study_name,
             storage=storage,
