@@ -16,7 +16,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import REPO, run_cli
-from mer_cli import search
+from mer_cli import search, train
 
 # seconds per trial: one small stream, few clips, no figures
 TINY = (
@@ -87,6 +87,46 @@ def test_search_presets_compose_and_name_existing_keys():
             trial_cfg = compose("train", [f"hparams_search={preset}", *search.overrides_of(low)])
         assert trial_cfg.trainer.optimizer.lr == low["trainer.optimizer.lr"]
         assert len(trial_cfg.model.encoder.hidden_sizes) >= 1
+
+
+@pytest.mark.parametrize("pruner", ["median", "hyperband", "threshold", "none"])
+def test_pruner_presets_build_optuna_pruners(pruner):
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from mer_cli.cli import config_dir
+
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose(
+            "train", ["hparams_search=default", f"hydra/sweeper/pruner={pruner}"], return_hydra_config=True
+        )
+    built = instantiate(cfg.hydra.sweeper.pruner)
+    assert type(built).__name__.lower().startswith({"none": "nop"}.get(pruner, pruner))
+
+
+def test_a_job_reports_each_epoch_and_stops_when_the_median_pruner_says_so(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
+    # what the sweeper stores: the pruner every job rebuilds in its own process
+    study.set_user_attr("pruner", {"_target_": "optuna.pruners.MedianPruner", "n_startup_trials": 1})
+    done = study.ask()
+    for epoch, value in ((1, 0.4), (2, 0.5)):
+        done.report(value, epoch)
+    study.tell(done, 0.5)
+
+    good, bad = study.ask(), study.ask()
+    report_good = search.epoch_reporter({"storage": storage, "study": "s", "trial": good.number})
+    report_bad = search.epoch_reporter({"storage": storage, "study": "s", "trial": bad.number})
+    assert report_good is not None and report_bad is not None
+    report_good({"epoch": 1, "val/f1_macro": 0.45})  # above the median at epoch 1: trains on
+    with pytest.raises(train.StopTraining):
+        report_bad({"epoch": 1, "val/f1_macro": 0.1})
+    trials = {t.number: t for t in optuna.load_study(study_name="s", storage=storage).trials}
+    assert trials[good.number].intermediate_values == {1: 0.45}
+    assert trials[bad.number].intermediate_values == {1: 0.1}
+    assert trials[bad.number].user_attrs[search.PRUNED_AT] == 1
+    assert search.PRUNED_AT not in trials[good.number].user_attrs
+    assert search.epoch_reporter(None) is None  # outside a search: no callback
 
 
 def _search(sweep_dir: Path, *overrides: str, n_trials: int) -> subprocess.CompletedProcess[str]:
