@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import importlib.util
 import json
 import os
 import re
@@ -15,10 +16,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from omegaconf import OmegaConf
 from scipy import stats as sps
 
+from mer_cli import cli as cli_module
 from mer_cli import compare, evaluate, folds, report, sweep
-from mer_cli.errors import ConfigError
+from mer_cli.errors import ConfigError, MerError
 
 REPO = Path(__file__).resolve().parents[1]
 # tiny models, no per-run figures (the report draws its own), a quick bootstrap
@@ -342,7 +345,7 @@ def fake_run(root: Path, modality: str, seed: int, y_true: np.ndarray, y_pred: n
 
 
 def markdown(result: dict, runs: list[compare.Run]) -> str:
-    figures = {k: "x.png" for k in (*compare.BAR_METRICS, *compare.GRIDS)}
+    figures = {k: ["x.png"] for k in (*compare.BAR_METRICS, *compare.GRIDS)}
     return compare.to_markdown("t", compare.document(result, runs, figures, Path("/")))
 
 
@@ -461,3 +464,232 @@ def test_the_report_says_how_each_late_run_combined_its_members(tmp_path):
     assert "## Late fusion" not in markdown(
         compare.build(runs[:1], [], compare.Settings(bootstrap_samples=100)), runs[:1]
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# The comparison at sweep size (issue 11: 5 encoders x 6 modalities = 30 models), from fake runs
+
+_spec = importlib.util.spec_from_file_location("compare_report", REPO / "benchmarks" / "compare_report.py")
+assert _spec and _spec.loader
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+
+
+def test_a_30_model_comparison_tests_each_model_against_the_best_plus_the_named_pairs(tmp_path, monkeypatch):
+    sweep_dir = bench.fake_sweep(tmp_path / "sweep", seeds=(0,), n_clips=120)
+    runs, _ = compare.collect([sweep_dir])
+    labels = [f"{m}/{e}" for m in compare.MODALITY_ORDER for e in sorted(bench.ENCODERS)]
+    # named: one pair the best-vs-rest tests miss, one they already make (tested once), in any order
+    named = [["visual/gru", "early/gru"], ["xattn/tcn", "acoustic/tcn"]]
+    settings = compare.Settings(bootstrap_samples=200, pairs=named)
+    # no drawing (seconds of matplotlib per figure): record what each figure would show
+    drawn: list[tuple[str, list[str], str]] = []
+
+    def fake_grid(models, kind, class_names, part=""):
+        drawn.append((kind, [m.label for m in models], part))
+        return compare.plt.figure(figsize=(1, 1))
+
+    monkeypatch.setattr(compare, "grid", fake_grid)
+    monkeypatch.setattr(compare, "bar_chart", lambda result, metric: compare.plt.figure(figsize=(1, 1)))
+    result = compare.write(tmp_path / "report", runs, [], settings)
+
+    assert [m["label"] for m in result["models"]] == labels
+    best = result["ranking"][0][0]
+    mean_f1 = {m["label"]: m["test"]["f1_macro"]["mean"] for m in result["models"]}
+    assert mean_f1[best] == max(mean_f1.values())
+    pairs = result["pairwise"]
+    assert result["settings"]["pairwise"] == "best"  # auto, with more than 6 models
+    assert [(p["a"], p["b"], p["tested_because"]) for p in pairs] == [
+        *((best, label, "best") for label in labels if label != best),
+        ("visual/gru", "early/gru", "named"),
+    ]
+    assert {(p["a"], p["b"]) for p in pairs if p["named"]} == {
+        ("visual/gru", "early/gru"),
+        (best, "acoustic/tcn"),
+    }
+    # Holm over the 30 tests made (29 + 1), not the 435 pairs of 30 models
+    p_values = [p["p_bootstrap"] for p in pairs]
+    for p, p_raw in zip(pairs, p_values, strict=True):
+        rank = sorted(p_values).index(p_raw)
+        assert p["p_holm"] >= min(1.0, (30 - rank) * p_raw) - 1e-12
+        assert p["p_holm_floor"] == pytest.approx(30 * 2 / 201)
+        assert p["significant"] == (p["p_holm"] < 0.05)
+
+    # 30 models, at most 12 per figure: 3 figures of 10 per kind, in the report's order
+    for kind in compare.GRIDS:
+        parts = [(models, part) for k, models, part in drawn if k == kind]
+        assert parts == [(labels[i : i + 10], f"{n} of 3") for n, i in enumerate((0, 10, 20), 1)]
+    figures = sorted(p.name for p in (tmp_path / "report" / "figures").iterdir())
+    assert len(figures) == 3 + 4 * 3
+    assert "grid_roc_micro_3.png" in figures and "grid_roc_micro.png" not in figures
+    page = (tmp_path / "report" / "report.html").read_text()
+    assert len(re.findall(r'<img alt="[^"]*" src="data:image/png;base64,', page)) == 15
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "![test: confusion matrix (2 of 3)](figures/grid_confusion_matrices_2.png)" in md
+
+    # the summary says in words which differences from the best are real and which are not
+    summary = result["summary"]
+    assert f"Each model was tested against the best by macro F1, {best} (paired bootstrap, " in "".join(
+        summary
+    )
+    real = [p["b"] for p in pairs if p["tested_because"] == "best" and p["significant"]]
+    chance = [p["b"] for p in pairs if p["tested_because"] == "best" and not p["significant"]]
+    # B = 200 cannot reach alpha over 30 tests (30 x 2/201 > 0.05): the summary says so
+    assert (
+        not real
+        and f"No difference from {best} can be significant with this few bootstrap samples." in summary
+    )
+    assert summary[-1].startswith("With 200 bootstrap samples and 30 pair(s) no pair can be significant")
+    # with enough resamples the clear best beats the near-chance models for real
+    result = compare.build(runs, [], compare.Settings(bootstrap_samples=2000, pairs=named))
+    summary = result["summary"]
+    pairs = result["pairwise"]
+    real = [p["b"] for p in pairs if p["tested_because"] == "best" and p["significant"]]
+    chance = [p["b"] for p in pairs if p["tested_because"] == "best" and not p["significant"]]
+    assert {"acoustic/bilstm", "visual/bilstm"} <= set(real)
+    line = next(s for s in summary if s.startswith("Real differences"))
+    assert line.startswith(f"Real differences: {best} is better than {len(real)} of the 29 others: ")
+    assert all(label in line for label in real) and not any(f"{label} (" in line for label in chance)
+    if chance:
+        line = next(s for s in summary if s.startswith(f"Not told apart from {best}"))
+        assert all(f"{label} (Δ" in line for label in chance)
+    assert any(s.startswith("Pairs named in compare.pairs: ") for s in summary)
+    assert "25 more (see Ranking)" in "".join(summary)  # the summary's ranking names five tiers
+    with (tmp_path / "report" / "pairwise.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["tested_because"] for r in rows].count("best") == 29 and len(rows) == 30
+
+
+@pytest.mark.slow
+def test_a_30_model_smoke_sweep_writes_its_report(tmp_path):
+    """Issue 11: every encoder in every modality, one sweep, one report; as small as it goes (120
+    generated clips, one epoch; the report's time is benchmarks/compare_report.py's business)."""
+    root = run_sweep(
+        tmp_path / "sweep",
+        "trainer.loop.max_epochs=1",
+        "data.generator.n_actors=20",
+        "data.generator.clips_per_actor_per_class=1",
+        f"model={','.join(bench.ENCODERS)}",
+        f"modality={','.join(compare.MODALITY_ORDER)}",
+        "compare.pairs=[[early/bilstm,visual/bilstm]]",
+    )
+    result = json.loads((root / "comparison.json").read_text())
+    labels = [f"{m}/{e}" for m in compare.MODALITY_ORDER for e in sorted(bench.ENCODERS)]
+    assert [m["label"] for m in result["models"]] == labels and result["failures"] == []
+    assert trainings(root) == 25  # late fusion reuses each encoder's acoustic and visual runs
+    best = result["ranking"][0][0]
+    pairs = result["pairwise"]
+    assert [(p["a"], p["b"]) for p in pairs if p["tested_because"] == "best"] == [
+        (best, label) for label in labels if label != best
+    ]
+    named = {"early/bilstm", "visual/bilstm"}
+    assert [{p["a"], p["b"]} for p in pairs if p["named"]] == [named]
+    assert len(pairs) == 29 + (best not in named)
+    figures = sorted(p.name for p in (root / "figures").iterdir())
+    assert len(figures) == 3 + 4 * 3 and "grid_pr_per_class_3.png" in figures
+    assert (root / "report.md").read_text().count("](figures/grid_") == 12
+
+
+def test_every_pair_is_tested_up_to_six_models_or_on_request(tmp_path):
+    small = bench.fake_sweep(
+        tmp_path / "six",
+        encoders=("gru", "tcn"),
+        modalities=("acoustic", "visual", "early"),
+        seeds=(0,),
+        n_clips=60,
+    )
+    runs, _ = compare.collect([small])
+    result = compare.build(runs, [], compare.Settings(bootstrap_samples=100))
+    assert result["settings"]["pairwise"] == "all" and len(result["pairwise"]) == 15
+    assert {p["tested_because"] for p in result["pairwise"]} == {"all"}
+    result = compare.build(runs, [], compare.Settings(bootstrap_samples=100, pairwise="best"))
+    assert len(result["pairwise"]) == 5
+    # a seventh model: against the best unless every pair is asked for (21 pairs)
+    seventh = bench.fake_sweep(
+        tmp_path / "seven", encoders=("transformer",), modalities=("late",), seeds=(0,), n_clips=60
+    )
+    runs, _ = compare.collect([small, seventh])
+    assert len(compare.build(runs, [], compare.Settings(bootstrap_samples=100))["pairwise"]) == 6
+    all_pairs = compare.build(runs, [], compare.Settings(bootstrap_samples=100, pairwise="all"))
+    assert len(all_pairs["pairwise"]) == 21
+    # when the whole comparison has one model per modality, labels stay the modality's name
+    runs, _ = compare.collect([seventh])
+    assert [m.label for m in compare.group_models(runs)] == ["late"]
+
+
+def test_a_named_pair_must_name_two_models_of_the_comparison(tmp_path):
+    sweep_dir = bench.fake_sweep(
+        tmp_path / "s", encoders=("gru", "tcn"), modalities=("visual",), seeds=(0,), n_clips=60
+    )
+    runs, _ = compare.collect([sweep_dir])
+    with pytest.raises(MerError) as e:
+        compare.build(
+            runs, [], compare.Settings(bootstrap_samples=100, pairs=[["visual/gru", "visual/lstm"]])
+        )
+    assert (
+        str(e.value)
+        == "compare.pairs: no model 'visual/lstm' in this comparison; models: visual/gru, visual/tcn"
+    )
+    with pytest.raises(
+        MerError, match=r"^compare.pairs: \['visual/gru'\] is not a pair of two different model labels"
+    ):
+        compare.Settings(pairs=[["visual/gru"]])
+    with pytest.raises(MerError, match=r"compare.pairwise='some': valid: auto, all, best"):
+        compare.Settings(pairwise="some")
+
+
+def test_mer_compare_options_reach_the_report_settings(tmp_path, monkeypatch, capsys):
+    seen = []
+
+    def into_new_dir(dirs, out_root, settings, out=None):
+        seen.append(settings)
+        return out
+
+    monkeypatch.setattr(compare, "into_new_dir", into_new_dir)
+    cli_module.compare_main(
+        [
+            *(str(tmp_path), "--out", str(tmp_path / "cmp"), "--pairwise", "best", "--grid-panels", "3"),
+            *("--pair", "acoustic/gru", "visual/gru", "--pair", "early (model.dropout=0.2)", "early"),
+        ]
+    )
+    assert capsys.readouterr().out.strip() == f"report: {tmp_path / 'cmp' / 'report.html'}"
+    (settings,) = seen
+    assert (settings.pairwise, settings.grid_panels) == ("best", 3)
+    assert settings.pairs == (("acoustic/gru", "visual/gru"), ("early (model.dropout=0.2)", "early"))
+    # and the sweep's config node (lists from compare.pairs=[[a,b]]) gives the same settings
+    cfg = OmegaConf.create(
+        {
+            "compare": {
+                "enabled": True,
+                "pairwise": "best",
+                "grid_panels": 3,
+                "pairs": [["acoustic/gru", "visual/gru"]],
+            }
+        }
+    )
+    assert sweep.settings_of(cfg).pairs == (("acoustic/gru", "visual/gru"),)
+
+
+def test_models_are_labelled_by_their_model_config_also_for_cross_validation_folds(tmp_path):
+    y = np.arange(48) % 4
+    for encoder in ("gru", "tcn"):
+        run_dir = tmp_path / f"visual_{encoder}"
+        for fold in (0, 1):
+            run = fake_run(run_dir, "visual", 0, y, y)  # the fold's files, as mer-train writes them
+            run.rename(run_dir / f"fold{fold}")
+            cfg = f"seed: 0\nmodality:\n  name: visual\ncv:\n  fold: {fold}\nmodel:\n  tag: {encoder}\n"
+            (run_dir / f"fold{fold}" / "config.yaml").write_text(cfg)
+        (run_dir / ".hydra").mkdir()  # the CV run's, one level above its folds
+        (run_dir / ".hydra" / "hydra.yaml").write_text(
+            f"hydra:\n  runtime:\n    choices:\n      model: {encoder}\n"
+        )
+    runs, _ = compare.collect([tmp_path])
+    assert {m.label: len(m.runs) for m in compare.group_models(runs)} == {"visual/gru": 2, "visual/tcn": 2}
+    # without the record of the choice: the values that differ, as before
+    for encoder in ("gru", "tcn"):
+        shutil.rmtree(tmp_path / f"visual_{encoder}" / ".hydra")
+    runs, _ = compare.collect([tmp_path])
+    assert sorted(m.label for m in compare.group_models(runs)) == [
+        "visual (model.tag=gru)",
+        "visual (model.tag=tcn)",
+    ]

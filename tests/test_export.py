@@ -144,7 +144,7 @@ def test_sidecar_holds_the_preprocessing_classes_and_inputs_as_plain_numbers(run
     ]
     prep = sidecar["preprocessing"]["early"]
     assert prep["target_length"] == meta["prep"]["early"]["length"]
-    assert prep["mean"] == meta["prep"]["early"]["mean"] and len(prep["std"]) == 69
+    assert prep["scaling"] == meta["prep"]["early"]["scaling"] and len(prep["scaling"]["scale"]) == 69
     assert "visual frames to its acoustic frame count" in sidecar["early_input"]
     assert "feature_spec" in sidecar and sidecar["feature_spec"] == meta.get("feature_spec")
     assert sidecar["check"]["max_abs_diff"] < 1e-5
@@ -159,7 +159,7 @@ def test_late_sidecar_holds_both_members_and_the_fitted_stacker(runs, tmp_path):
     assert set(sidecar["late"]["members"]) == {"acoustic", "visual"}
     member = sidecar["late"]["members"]["visual"]
     meta = load_checkpoint(run_dir / "visual" / "checkpoint.pt")
-    assert member["preprocessing"]["visual"]["std"] == meta["prep"]["visual"]["std"]
+    assert member["preprocessing"]["visual"]["scaling"] == meta["prep"]["visual"]["scaling"]
 
 
 @pytest.mark.parametrize(("t_a", "t_v"), [(80, 16), (26, 8), (7, 1), (1, 5), (1, 1), (12, 12), (5, 9)])

@@ -42,8 +42,8 @@ def test_fit_uses_train_only_and_apply_pads_with_true_lengths():
     )
     prep = preprocess.fit(list(train.mfcc), percentile=95, normalize=True)
     frames = np.concatenate([m[: prep.target.length] for m in train.mfcc])
-    np.testing.assert_allclose(prep.scaler.mean, frames.mean(0), rtol=1e-6)
-    np.testing.assert_allclose(prep.scaler.std, frames.std(0), rtol=1e-6)
+    np.testing.assert_allclose(prep.scaler.center, frames.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(prep.scaler.scale, frames.std(0), rtol=1e-6)
 
     # a wild test split changes nothing that was fitted, and is cut to the train length
     test = _split("x", [np.full((50, 3), 1e6, np.float32)], [np.ones((2, 1), np.float32)])

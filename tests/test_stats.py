@@ -51,6 +51,20 @@ def test_metrics_from_confusion_match_scikit_learn():
     assert stats.balanced_accuracy(cm) == pytest.approx(expected)
 
 
+def test_the_bootstrap_draws_all_at_once_give_each_draws_own_metric():
+    """The bootstrap counts every draw's confusion matrix in one bincount and scores the stack;
+    each draw must score exactly what scoring that resample alone gives (scikit-learn above)."""
+    rng = np.random.default_rng(1)
+    sample = stats.Sample(rng.integers(0, 4, 60), rng.integers(0, 5, 60), None, "t")  # class 4 never true
+    draws = [rng.integers(0, 60, size=n) for n in (60, 45, 70, 1)]  # cluster draws vary in length
+    stacked = stats._confusions(sample, stats._stack([{"t": d} for d in draws], "t"), 5)
+    for d, cm in zip(draws, stacked, strict=True):
+        np.testing.assert_array_equal(cm, stats.confusion(sample.y_true[d], sample.y_pred[d], 5))
+    for name, batched in stats.METRIC_FROM_CONFUSIONS.items():
+        expected = [stats.METRIC_FROM_CONFUSION[name](cm) for cm in stacked]
+        np.testing.assert_allclose(batched(stacked), expected, rtol=1e-12)
+
+
 def classifier_sample(n_actors: int, clips_per_actor: int, seed: int, key: str = "t") -> stats.Sample:
     rng = np.random.default_rng(seed)
     groups = np.repeat(np.arange(n_actors), clips_per_actor)

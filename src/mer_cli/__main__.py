@@ -1,10 +1,10 @@
-"""``python -m mer_cli train|evaluate ...``: the console scripts without an installed entry point."""
+"""``python -m mer_cli train|evaluate|predict ...``: the console scripts without an installed entry point."""
 
 import sys
 
 from mer_cli import entry
 
-COMMANDS = {"train": entry.train, "evaluate": entry.evaluate}
+COMMANDS = {"train": entry.train, "evaluate": entry.evaluate, "predict": entry.predict}
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:

@@ -15,7 +15,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from hydra_plugins.mer_optuna_sweeper.sweeper import OptunaSweeper
-from mer_cli import allocator, compare, pipeline, rundir, sweep
+from mer_cli import allocator, compare, pipeline, rundir, sweep, tracking
 from mer_cli.entry import debug, stop_on_sigterm
 from mer_cli.errors import MerError
 
@@ -57,11 +57,10 @@ def train_main(cfg: DictConfig) -> float:
     run_dir = Path(hc.runtime.output_dir)
     stop_on_sigterm()
     multirun = hc.mode == RunMode.MULTIRUN
+    sweep_dir = Path(hc.sweep.dir) if multirun else None
     try:
-        with rundir.hold(run_dir):
-            metrics = pipeline.run(
-                cfg, run_dir, resume=cfg.resume, sweep_dir=Path(hc.sweep.dir) if multirun else None
-            )
+        with rundir.hold(run_dir), tracking.session(sweep_dir):  # a failed run's tracked runs say so
+            metrics = pipeline.run(cfg, run_dir, resume=cfg.resume, sweep_dir=sweep_dir)
     except Exception as e:
         if not multirun:
             if not isinstance(e, MerError):
@@ -250,6 +249,23 @@ def compare_main(argv: list[str] | None = None) -> None:
         default=None,
         help="regex whose first group is the actor in a clip id (default: each run's cv.actor_pattern)",
     )
+    parser.add_argument(
+        "--pairwise",
+        choices=compare.PAIRWISE_CHOICES,
+        default=defaults.pairwise,
+        help="pairs tested: all, each model against the best, or auto "
+        f"(all up to {compare.ALL_PAIRS_UP_TO} models)",
+    )
+    parser.add_argument(
+        "--pair",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("A", "B"),
+        help="also test model A against model B (labels as in the report, e.g. early/gru "
+        "visual/gru); repeatable",
+    )
+    parser.add_argument("--grid-panels", type=int, default=defaults.grid_panels, help="models per figure")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     try:
@@ -259,6 +275,9 @@ def compare_main(argv: list[str] | None = None) -> None:
             alpha=args.alpha,
             human_reference=args.human_reference,
             actor_pattern=args.actor_pattern,
+            pairwise=args.pairwise,
+            pairs=tuple(args.pair),
+            grid_panels=args.grid_panels,
         )
         out = compare.into_new_dir(args.dirs, Path("outputs") / "comparisons", settings, args.out)
     except MerError as e:

@@ -20,6 +20,7 @@ import itertools
 import json
 import logging
 import math
+import re
 import shutil
 import time
 from collections.abc import Iterable, Sequence
@@ -62,20 +63,31 @@ HUMAN_RATE_OF_MODALITY = {
     "xattn": "both",
 }
 HUMAN_REFERENCE_CHOICES = ("auto", "true", "false")
+# which pairs of models get a paired test (compare.pairwise): every pair, or each model against the
+# best; auto: every pair up to ALL_PAIRS_UP_TO models (15 tests), against the best beyond (a
+# 30-model sweep: 29 tests, not 435, so Holm's factor leaves the real differences visible)
+PAIRWISE_CHOICES = ("auto", "all", "best")
+ALL_PAIRS_UP_TO = 6
 
 
 @dataclass(frozen=True)
 class Settings:
     """``compare`` in the config (and mer-compare's options)."""
 
-    bootstrap_samples: int = 1000  # resamples for the intervals and the paired test
+    bootstrap_samples: int = 2000  # resamples for the intervals and the paired test
     confidence: float = 0.95
     alpha: float = 0.05  # significance level for the pairwise tests (after Holm's adjustment)
     human_reference: str = "auto"  # auto: when every run read data=pickle (CREMA-D features)
     actor_pattern: str | None = None  # None: each run's cv.actor_pattern, else CREMA-D's
     seed: int = 0  # of the bootstrap
+    pairwise: str = "auto"  # auto | all | best: which pairs are tested (PAIRWISE_CHOICES)
+    pairs: tuple[tuple[str, str], ...] = ()  # pairs of model labels tested besides those
+    grid_panels: int = 12  # at most this many models per side-by-side figure
 
     def __post_init__(self) -> None:
+        # from a config or the command line: lists of two labels (or "A,B" strings)
+        pairs = [self.pairs] if isinstance(self.pairs, str) else self.pairs or ()
+        object.__setattr__(self, "pairs", tuple(_named_pair(p) for p in pairs))
         if self.bootstrap_samples < 100:
             raise MerError(f"compare.bootstrap_samples={self.bootstrap_samples}: use at least 100")
         if not 0.5 <= self.confidence < 1.0:
@@ -87,6 +99,20 @@ class Settings:
                 f"compare.human_reference={self.human_reference!r}: "
                 f"valid: {', '.join(HUMAN_REFERENCE_CHOICES)}"
             )
+        if self.pairwise not in PAIRWISE_CHOICES:
+            raise MerError(f"compare.pairwise={self.pairwise!r}: valid: {', '.join(PAIRWISE_CHOICES)}")
+        if self.grid_panels < 1:
+            raise MerError(f"compare.grid_panels={self.grid_panels}: must be at least 1")
+
+
+def _named_pair(pair: Any) -> tuple[str, str]:
+    items = pair.split(",") if isinstance(pair, str) else list(pair)
+    if len(items) != 2 or any(not str(x).strip() for x in items) or str(items[0]) == str(items[1]):
+        raise MerError(
+            f"compare.pairs: {pair!r} is not a pair of two different model labels, "
+            "e.g. [[early/bilstm, visual/bilstm]]"
+        )
+    return str(items[0]).strip(), str(items[1]).strip()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,6 +126,7 @@ class Run:
     seed: int | None
     fold: int | None
     config: dict[str, Any]  # flattened resolved config ("model.dropout": 0.5); empty if unknown
+    model_choice: str | None  # the config file it picked (``model=gru``: "gru"); None if unknown
     metrics: dict[str, Any]  # the run's own metrics.json
     class_names: tuple[str, ...]
     test: report.Predictions  # sorted by clip id, so runs on the same clips line up
@@ -171,6 +198,7 @@ def load_run(path: Path, actor_pattern: str | None = None) -> Run:
     actors = maybe_actor_ids(test.clip_ids, str(pattern))
     run_info = metrics.get("run", {})
     seed = run_info.get("seed", cfg.get("seed"))
+    choices = _hydra_choices(path)
     fold = cfg.get("cv.fold")
     return Run(
         path=path,
@@ -178,11 +206,28 @@ def load_run(path: Path, actor_pattern: str | None = None) -> Run:
         seed=int(seed) if seed is not None else None,
         fold=int(fold) if fold is not None else None,
         config=cfg,
+        model_choice=choices.get("model"),
         metrics=metrics,
         class_names=class_names,
         test=test,
         groups=np.array(actors) if actors is not None else None,
     )
+
+
+def _hydra_choices(path: Path) -> dict[str, str]:
+    """The config group options a run picked (``hydra.runtime.choices`` in the .hydra/hydra.yaml
+    Hydra writes in each job's directory, the CV run's for a fold); empty for a run without one."""
+    hydra_yaml = path / ".hydra" / "hydra.yaml"
+    if not hydra_yaml.is_file() and re.fullmatch(r"fold\d+", path.name):
+        hydra_yaml = path.parent / ".hydra" / "hydra.yaml"
+    if not hydra_yaml.is_file():
+        return {}
+    try:
+        choices = OmegaConf.select(OmegaConf.load(hydra_yaml), "hydra.runtime.choices", default=None)
+    except Exception:  # a damaged Hydra record only costs the short label
+        return {}
+    container = OmegaConf.to_container(choices) if choices is not None else None
+    return {str(k): str(v) for k, v in container.items()} if isinstance(container, dict) else {}
 
 
 def _load_failure(path: Path) -> Failure:
@@ -204,16 +249,27 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def label_runs(runs: Sequence[Run]) -> dict[Path, str]:
-    """Model label per run: its modality, plus the config values that differ within that modality."""
+    """Model label per run: its modality, plus the config values that differ within that modality.
+
+    When runs of a modality picked different ``model`` configs (a sweep over ``model=bilstm,gru``)
+    and every one of them says which, the model config's name stands for its values:
+    "early/gru", then any other value that differs among that modality's runs of that model
+    ("early/gru (model.dropout=0.2)").
+    """
     labels = {}
     for modality in {r.modality for r in runs}:
         group = [r for r in runs if r.modality == modality]
-        identities = [model_identity(r.config) for r in group]
-        keys = sorted({k for i in identities for k in i} - {"modality.name"})
-        differing = [k for k in keys if len({repr(i.get(k)) for i in identities}) > 1]
-        for r in group:
-            extra = ", ".join(f"{k}={r.config.get(k)}" for k in differing)
-            labels[r.path] = f"{modality} ({extra})" if extra else modality
+        choices = {r.model_choice for r in group}
+        by_choice = len(choices) > 1 and None not in choices
+        for choice in sorted(choices, key=str) if by_choice else [None]:
+            members = [r for r in group if r.model_choice == choice] if by_choice else group
+            name = f"{modality}/{choice}" if by_choice else modality
+            identities = [model_identity(r.config) for r in members]
+            keys = sorted({k for i in identities for k in i} - {"modality.name"})
+            differing = [k for k in keys if len({repr(i.get(k)) for i in identities}) > 1]
+            for r in members:
+                extra = ", ".join(f"{k}={r.config.get(k)}" for k in differing)
+                labels[r.path] = f"{name} ({extra})" if extra else name
     return labels
 
 
@@ -262,6 +318,8 @@ def build(runs: Sequence[Run], failures: Sequence[Failure], settings: Settings) 
             "confidence": settings.confidence,
             "alpha": settings.alpha,
             "bootstrap_seed": settings.seed,
+            "pairwise": pairwise_mode(len(models), settings),
+            "pairs": [list(p) for p in settings.pairs],
         },
         "class_names": list(class_names),
         "chance": chance,
@@ -388,15 +446,72 @@ def order_text(tiers: Sequence[Sequence[str]]) -> str:
     return " > ".join(" = ".join(t) for t in tiers)
 
 
+SUMMARY_MODELS = 5  # a ranking in the summary names this many models at most (Ranking: all)
+
+
+def _order_text_short(tiers: Sequence[Sequence[str]]) -> str:
+    """`order_text` of the best SUMMARY_MODELS models (whole tiers; a larger first tier cut
+    short), then how many models follow."""
+    total = sum(len(t) for t in tiers)
+    if total <= SUMMARY_MODELS + 1:
+        return order_text(tiers)
+    parts: list[str] = []
+    named = 0
+    for tier in tiers:
+        if parts and named + len(tier) > SUMMARY_MODELS:
+            break
+        if len(tier) > SUMMARY_MODELS:  # a tie too large to list: its first few
+            parts.append(" = ".join(tier[:SUMMARY_MODELS]) + f" = {len(tier) - SUMMARY_MODELS} more tied")
+        else:
+            parts.append(" = ".join(tier))
+        named += len(tier)
+    rest = total - named
+    return " > ".join(parts) + (f" > {rest} more (see Ranking)" if rest else " (see Ranking)")
+
+
 def _mean(m: Model, metric: str) -> float:
     v = m.summary[metric]["mean"]
     return v if isinstance(v, float) and math.isfinite(v) else -math.inf
 
 
+def pairwise_mode(n_models: int, settings: Settings) -> str:
+    """compare.pairwise with auto decided: "all" up to ALL_PAIRS_UP_TO models, else "best"."""
+    if settings.pairwise != "auto":
+        return settings.pairwise
+    return "all" if n_models <= ALL_PAIRS_UP_TO else "best"
+
+
+def pairs_to_test(models: Sequence[Model], settings: Settings) -> list[tuple[Model, Model, str]]:
+    """The pairs the report tests, each with why: "all" (every pair), "best" (the best model by
+    macro F1, the first of its tier, against each other model), "named" (compare.pairs)."""
+    by_label = {m.label: m for m in models}
+    for pair in settings.pairs:
+        for label in pair:
+            if label not in by_label:
+                raise MerError(
+                    f"compare.pairs: no model {label!r} in this comparison; models: {', '.join(by_label)}"
+                )
+    mode = pairwise_mode(len(models), settings)
+    chosen: list[tuple[Model, Model, str]] = []
+    if mode == "all":
+        chosen = [(a, b, "all") for a, b in itertools.combinations(models, 2)]
+    elif len(models) > 1:
+        best = by_label[ranking_tiers(models, "f1_macro")[0][0]]
+        chosen = [(best, m, "best") for m in models if m is not best]
+    seen = {frozenset((a.label, b.label)) for a, b, _ in chosen}
+    for la, lb in settings.pairs:
+        if frozenset((la, lb)) not in seen:
+            seen.add(frozenset((la, lb)))
+            chosen.append((by_label[la], by_label[lb], "named"))
+    return chosen
+
+
 def compare_pairs(models: Sequence[Model], n_classes: int, settings: Settings) -> list[dict[str, Any]]:
-    """Paired tests between every two models on the same test clips (matched by seed and fold)."""
+    """Paired tests on the same test clips (matched by seed and fold) of the pairs `pairs_to_test`
+    picks, Holm-adjusted over the tests made (pairs with no common test clips are not tests)."""
     out: list[dict[str, Any]] = []
-    for a, b in itertools.combinations(models, 2):
+    named = {frozenset(p) for p in settings.pairs}
+    for a, b, reason in pairs_to_test(models, settings):
         runs_b = {(r.seed, r.fold, r.test_key): r for r in b.runs}
         matched = [(ra, runs_b[k]) for ra in a.runs if (k := (ra.seed, ra.fold, ra.test_key)) in runs_b]
         if not matched:
@@ -424,6 +539,8 @@ def compare_pairs(models: Sequence[Model], n_classes: int, settings: Settings) -
             {
                 "a": a.label,
                 "b": b.label,
+                "tested_because": reason,
+                "named": frozenset((a.label, b.label)) in named,
                 "n_pairs": len(pairs),
                 "n_clips": int(sum(len(pa.y_true) for pa, _ in pairs)),
                 "f1_macro_diff": boot.diff,
@@ -513,6 +630,66 @@ def _holm_p(p: dict[str, Any]) -> str:
     return _p_is(p["p_holm"], p["p_holm_floor"])
 
 
+def _pair_text(p: dict[str, Any]) -> str:
+    """ "a > b (Δ 3.2 points, p = 0.012)": the better model first."""
+    better, worse = (p["a"], p["b"]) if p["f1_macro_diff"] >= 0 else (p["b"], p["a"])
+    return f"{better} > {worse} (Δ {100 * abs(p['f1_macro_diff']):.1f} points, {_holm_p(p)})"
+
+
+def against_best_sentences(result: dict[str, Any]) -> list[str]:
+    """The pairwise tests in words when each model was tested against the best (compare.pairwise):
+    which differences from the best are real (significant after Holm) and which could be chance,
+    then the pairs the user named."""
+    pairs, alpha = result["pairwise"], result["settings"]["alpha"]
+    vs_best = [p for p in pairs if p["tested_because"] == "best"]
+    named = [p for p in pairs if p["named"]]
+    out = []
+    if vs_best:
+        best = vs_best[0]["a"]
+        out.append(
+            f"Each model was tested against the best by macro F1, {best} (paired bootstrap, "
+            f"Holm-adjusted over the {len(pairs)} tests made, α = {alpha})."
+        )
+        real = [p for p in vs_best if p["significant"]]
+        chance = [p for p in vs_best if not p["significant"]]
+
+        def diff(p: dict[str, Any]) -> str:
+            return f"{p['b']} (Δ {100 * p['f1_macro_diff']:+.1f} points, {_holm_p(p)})"
+
+        if real:
+            out.append(
+                f"Real differences: {best} is better than {len(real)} of the {len(vs_best)} others: "
+                + "; ".join(map(diff, real))
+                + "."
+            )
+        elif vs_best[0]["p_holm_floor"] >= alpha:  # too few resamples: see _unreachable_alpha
+            out.append(f"No difference from {best} can be significant with this few bootstrap samples.")
+        else:
+            out.append(f"No model is significantly worse than {best}.")
+        if chance:
+            out.append(
+                f"Not told apart from {best} (the difference could be chance): "
+                + "; ".join(map(diff, chance))
+                + "."
+            )
+    if named:
+        out.append(
+            "Pairs named in compare.pairs: "
+            + "; ".join(
+                f"{_pair_text(p)}, significant"
+                if p["significant"]
+                else f"{p['a']} vs {p['b']} (Δ {100 * p['f1_macro_diff']:+.1f} points, {_holm_p(p)}), "
+                "could be chance"
+                for p in named
+            )
+            + "."
+        )
+    if any(p["p_holm_at_floor"] for p in pairs):
+        out.append("≤ marks a p at the smallest value the bootstrap can show (see Pairwise tests).")
+    unreachable = _unreachable_alpha(result).strip()
+    return out + ([unreachable] if unreachable else [])
+
+
 def _f1(models: dict[str, dict[str, Any]], label: str) -> float:
     return float(models[label]["test"]["f1_macro"]["mean"])
 
@@ -551,20 +728,27 @@ def summary_sentences(result: dict[str, Any]) -> list[str]:
         )
     else:
         out.append(
-            f"By macro F1 the ranking is {order_text(ranking)}; best: {describe_tier(ranking[0])}; "
+            f"By macro F1 the ranking is {_order_text_short(ranking)}; best: {describe_tier(ranking[0])}; "
             f"last: {describe_tier(ranking[-1])}."
         )
     if len(models) > 1:
-        others = [
-            f"{METRIC_TITLES[k]} ({order_text(order)})"
+        differ = {
+            k: order
             for k, order in result["ranking_by_metric"].items()
             if k != "f1_macro" and order != ranking
-        ]
-        out.append(
-            "Accuracy and balanced accuracy rank the models the same way."
-            if not others
-            else f"Other metrics order them differently: {'; '.join(others)}."
-        )
+        }
+        # a long ranking is cut short in words: say so when only its unnamed tail differs
+        shown = {k: o for k, o in differ.items() if _order_text_short(o) != _order_text_short(ranking)}
+        if not differ:
+            out.append("Accuracy and balanced accuracy rank the models the same way.")
+        elif not shown:
+            out.append(
+                f"{' and '.join(METRIC_TITLES[k] for k in differ).capitalize()} agree on the first "
+                f"{SUMMARY_MODELS} and order the rest differently (see Ranking)."
+            )
+        else:
+            others = [f"{METRIC_TITLES[k]} ({_order_text_short(o)})" for k, o in differ.items()]
+            out.append(f"Other metrics order them differently: {'; '.join(others)}.")
 
     units = {m["ci_unit"] for m in models.values()}
     out.append(
@@ -598,15 +782,13 @@ def summary_sentences(result: dict[str, Any]) -> list[str]:
     not_sig = [p for p in result["pairwise"] if not p["significant"]]
     alpha = result["settings"]["alpha"]
 
-    def pair(p: dict[str, Any]) -> str:
-        better, worse = (p["a"], p["b"]) if p["f1_macro_diff"] >= 0 else (p["b"], p["a"])
-        return f"{better} > {worse} (Δ {100 * abs(p['f1_macro_diff']):.1f} points, {_holm_p(p)})"
-
-    if result["pairwise"]:
+    if result["pairwise"] and result["settings"]["pairwise"] == "best":
+        out += against_best_sentences(result)
+    elif result["pairwise"]:
         head = f"Paired bootstrap on macro F1, Holm-adjusted, α = {alpha}: "
         parts = []
         if sig:
-            parts.append("significant: " + "; ".join(pair(p) for p in sig))
+            parts.append("significant: " + "; ".join(map(_pair_text, sig)))
         if not_sig:
             parts.append(
                 "not significant: " + "; ".join(f"{p['a']} vs {p['b']} ({_holm_p(p)})" for p in not_sig)
@@ -642,28 +824,45 @@ def summary_sentences(result: dict[str, Any]) -> list[str]:
 # Figures
 
 
+# more models than this: bars run across (one row per model, labels readable at any count)
+COLUMN_BARS_UP_TO = 8
+
+
 def bar_chart(result: dict[str, Any], metric: str) -> plt.Figure:
-    """Models side by side: mean (value above the bar), CI as error bar, chance and human lines."""
+    """Models side by side: mean (value beside the bar), CI as error bar, chance and human lines.
+    Up to COLUMN_BARS_UP_TO models as columns, more as rows (a 30-model sweep stays readable)."""
     models = result["models"]
     labels = [m["label"] for m in models]
     means = np.array([m["test"][metric]["mean"] for m in models], dtype=float)
     cis = [m["test"][metric]["ci"] or [mu, mu] for m, mu in zip(models, means, strict=True)]
     lo = np.array([c[0] for c in cis], dtype=float)
     hi = np.array([c[1] for c in cis], dtype=float)
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.5 * len(models) + 2.5), 4.8))
+    rows = len(models) > COLUMN_BARS_UP_TO
+    if rows:
+        fig, ax = plt.subplots(figsize=(8.0, 0.32 * len(models) + 1.6))
+    else:
+        fig, ax = plt.subplots(figsize=(max(5.0, 1.5 * len(models) + 2.5), 4.8))
     x = np.arange(len(models))
     colors = [
         f"C{MODALITY_ORDER.index(m['modality']) if m['modality'] in MODALITY_ORDER else 4}" for m in models
     ]
-    ax.bar(x, means, color=colors, alpha=0.85, width=0.6)
-    ax.errorbar(x, means, yerr=[means - lo, hi - means], fmt="none", ecolor="black", capsize=5, lw=1.2)
-    for xi, mu, top in zip(x, means, hi, strict=True):
-        ax.text(float(xi), top + 0.01, f"{100 * mu:.1f} %", ha="center", va="bottom", fontsize=9)
+    err = [means - lo, hi - means]
+    if rows:
+        ax.barh(x, means, color=colors, alpha=0.85, height=0.6)
+        ax.errorbar(means, x, xerr=err, fmt="none", ecolor="black", capsize=3, lw=1.0)
+        for xi, mu, top in zip(x, means, hi, strict=True):
+            ax.text(top + 0.01, float(xi), f"{100 * mu:.1f} %", ha="left", va="center", fontsize=8)
+    else:
+        ax.bar(x, means, color=colors, alpha=0.85, width=0.6)
+        ax.errorbar(x, means, yerr=err, fmt="none", ecolor="black", capsize=5, lw=1.2)
+        for xi, mu, top in zip(x, means, hi, strict=True):
+            ax.text(float(xi), top + 0.01, f"{100 * mu:.1f} %", ha="center", va="bottom", fontsize=9)
+    line = ax.axvline if rows else ax.axhline
     chance = result["chance"][metric]
-    ax.axhline(chance, color="gray", ls="--", lw=1, label=f"chance: majority class ({100 * chance:.1f} %)")
+    line(chance, color="gray", ls="--", lw=1, label=f"chance: majority class ({100 * chance:.1f} %)")
     if result["human_rates"]:
         for (name, rate), style in zip(result["human_rates"].items(), (":", "-.", (0, (5, 1))), strict=True):
-            ax.axhline(
+            line(
                 rate,
                 color="darkred",
                 ls=style,
@@ -671,17 +870,26 @@ def bar_chart(result: dict[str, Any], metric: str) -> plt.Figure:
                 label=f"human raters, {name} ({100 * rate:.1f} % accuracy)",
             )
     conf = round(100 * result["settings"]["confidence"])
-    ax.set_xticks(
-        x,
-        labels,
-        rotation=15 if max(map(len, labels)) > 10 else 0,
-        ha="right" if max(map(len, labels)) > 10 else "center",
-    )
-    ax.set_ylabel(f"test/{metric}")
+    top = min(1.0, max(float(np.nanmax(hi)), chance, 0.65 if result["human_rates"] else 0) + 0.15)
     ax.set_title(f"test/{metric}: mean, {conf} % CI")
-    ax.set_ylim(0, min(1.0, max(float(np.nanmax(hi)), chance, 0.65 if result["human_rates"] else 0) + 0.15))
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, never on them
-    ax.grid(axis="y", alpha=0.3)
+    if rows:
+        ax.set_yticks(x, labels, fontsize=8)
+        ax.invert_yaxis()  # the report's model order, top to bottom
+        ax.set_xlabel(f"test/{metric}")
+        ax.set_xlim(0, top)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(0.0, -0.6 / (0.32 * len(models) + 1.6)))
+        ax.grid(axis="x", alpha=0.3)
+    else:
+        ax.set_xticks(
+            x,
+            labels,
+            rotation=15 if max(map(len, labels)) > 10 else 0,
+            ha="right" if max(map(len, labels)) > 10 else "center",
+        )
+        ax.set_ylabel(f"test/{metric}")
+        ax.set_ylim(0, top)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the bars, never on them
+        ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     return fig
 
@@ -694,8 +902,9 @@ GRIDS = {
 }
 
 
-def grid(models: Sequence[Model], kind: str, class_names: Sequence[str]) -> plt.Figure:
-    """One panel per model, test predictions pooled over its runs."""
+def grid(models: Sequence[Model], kind: str, class_names: Sequence[str], part: str = "") -> plt.Figure:
+    """One panel per model, test predictions pooled over its runs; ``part``: "2 of 3" when the
+    models are spread over several figures."""
     n = len(models)
     cols = min(n, 4)
     rows = math.ceil(n / cols)
@@ -715,7 +924,7 @@ def grid(models: Sequence[Model], kind: str, class_names: Sequence[str]) -> plt.
             report.plot_pr_per_class(ax, y_true, y_prob, class_names, title)
     for ax in list(axes.flat)[n:]:
         ax.set_visible(False)
-    fig.suptitle(f"test: {GRIDS[kind]}")
+    fig.suptitle(f"test: {GRIDS[kind]}" + (f" ({part})" if part else ""))
     fig.tight_layout()
     return fig
 
@@ -747,7 +956,10 @@ def _cell(entry: dict[str, Any], pct: bool = True) -> str:
     return text
 
 
-def document(result: dict[str, Any], runs: Sequence[Run], figures: dict[str, str], root: Path) -> list[Block]:
+def document(
+    result: dict[str, Any], runs: Sequence[Run], figures: dict[str, list[str]], root: Path
+) -> list[Block]:
+    """The report's blocks; ``figures``: figure kind (bar metric or grid) -> its files, in order."""
     conf = round(100 * result["settings"]["confidence"])
     labels = {Path(p): m["label"] for m in result["models"] for p in m["runs"]}
     blocks = [Block("h2", "Summary"), Block("ul", items=tuple(result["summary"]))]
@@ -785,7 +997,7 @@ def document(result: dict[str, Any], runs: Sequence[Run], figures: dict[str, str
         )
     )
     for key in BAR_METRICS:
-        blocks.append(Block("img", text=f"test/{key}", path=figures[key]))
+        blocks += [Block("img", text=f"test/{key}", path=f) for f in figures[key]]
     if result["pairwise"]:
         blocks.append(Block("h2", "Pairwise tests"))
         pairs = result["pairwise"]
@@ -794,9 +1006,10 @@ def document(result: dict[str, Any], runs: Sequence[Run], figures: dict[str, str
         blocks.append(
             Block(
                 "p",
-                "Δ = macro F1 of A minus B (mean over matched runs) with its paired-bootstrap "
-                f"{conf} % interval; p: paired bootstrap, Holm-adjusted over all {len(pairs)} pair(s); "
-                f"significant: Holm-adjusted p < α = {alpha}.",
+                _tested_text(result)
+                + "Δ = macro F1 of A minus B (mean over matched runs) with its paired-bootstrap "
+                f"{conf} % interval; p: paired bootstrap, Holm-adjusted over all {len(pairs)} pair(s) "
+                f"tested; significant: Holm-adjusted p < α = {alpha}.",
             )
         )
         blocks.append(
@@ -861,7 +1074,13 @@ def document(result: dict[str, Any], runs: Sequence[Run], figures: dict[str, str
         blocks.append(Block("table", rows=(("model", *classes), *rows)))
     blocks.append(Block("h2", "Side by side"))
     for kind, title in GRIDS.items():
-        blocks.append(Block("img", text=f"test: {title}", path=figures[kind]))
+        parts = figures[kind]
+        blocks += [
+            Block(
+                "img", text=f"test: {title}" + (f" ({i} of {len(parts)})" if len(parts) > 1 else ""), path=f
+            )
+            for i, f in enumerate(parts, 1)
+        ]
     blocks.append(Block("h2", "Runs"))
     header = ("model", "seed", "fold", *(METRIC_TITLES[k] for k in BAR_METRICS), "run directory")
     rows = [
@@ -876,6 +1095,19 @@ def document(result: dict[str, Any], runs: Sequence[Run], figures: dict[str, str
     ]
     blocks.append(Block("table", rows=(header, *rows)))
     return blocks + late_fusion_blocks(runs, labels, root) + failure_blocks(result["failures"], root)
+
+
+def _tested_text(result: dict[str, Any]) -> str:
+    """Which pairs the table holds, when not every pair (compare.pairwise), else ""."""
+    if result["settings"]["pairwise"] != "best":
+        return ""
+    named = sum(p["tested_because"] == "named" for p in result["pairwise"])
+    return (
+        f"With {len(result['models'])} models (more than {ALL_PAIRS_UP_TO}, or compare.pairwise=best) "
+        "each model is tested against the best by macro F1, not every pair against every other"
+        + (f", plus {named} pair(s) named in compare.pairs" if named else "")
+        + " (compare.pairwise=all tests every pair). "
+    )
 
 
 def late_fusion_of(run: Run) -> tuple[str, str]:
@@ -1042,13 +1274,21 @@ def write(
     result = build(runs, failures, settings)
     models = group_models(runs)
     class_names = runs[0].class_names
-    figures = {}
+    figures: dict[str, list[str]] = {}
     for key in BAR_METRICS:
-        figures[key] = f"figures/bars_{key}.png"
-        report.save_figure(bar_chart(result, key), out_dir / figures[key])
+        figures[key] = [f"figures/bars_{key}.png"]
+        report.save_figure(bar_chart(result, key), out_dir / figures[key][0])
+    # at most compare.grid_panels models per figure: grid_<kind>.png, or grid_<kind>_1.png, _2, ...
+    per_figure = math.ceil(len(models) / math.ceil(len(models) / settings.grid_panels))  # even parts
+    chunks = [models[i : i + per_figure] for i in range(0, len(models), per_figure)]
     for kind in GRIDS:
-        figures[kind] = f"figures/grid_{kind}.png"
-        report.save_figure(grid(models, kind, class_names), out_dir / figures[kind])
+        figures[kind] = []
+        for i, chunk in enumerate(chunks, 1):
+            name = f"figures/grid_{kind}_{i}.png" if len(chunks) > 1 else f"figures/grid_{kind}.png"
+            part = f"{i} of {len(chunks)}" if len(chunks) > 1 else ""
+            # laid out by tight_layout, nothing outside the panels: no cropping pass (the slow part)
+            report.save_figure(grid(chunk, kind, class_names, part), out_dir / name, crop=False)
+            figures[kind].append(name)
     write_json(out_dir / "comparison.json", result)
     write_text(out_dir / "comparison.csv", _models_csv(result))
     write_text(out_dir / "runs.csv", _runs_csv(runs, label_runs(runs), out_dir))
@@ -1115,6 +1355,8 @@ def _pairwise_csv(result: dict[str, Any]) -> str:
         [
             "a",
             "b",
+            "tested_because",
+            "named",
             "n_pairs",
             "f1_macro_diff",
             "ci_low",
@@ -1138,6 +1380,8 @@ def _pairwise_csv(result: dict[str, Any]) -> str:
             [
                 p["a"],
                 p["b"],
+                p["tested_because"],
+                p["named"],
                 p["n_pairs"],
                 _num(p["f1_macro_diff"]),
                 _num(p["f1_macro_diff_ci"][0]),

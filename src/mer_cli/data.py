@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import _compat_pickle
 import codecs
+import json
 import logging
 import pickle
 import zipfile
@@ -72,6 +73,9 @@ class Splits:
     test: Split
     class_names: tuple[str, ...]
     source: str  # file path or "synthetic(...)": where the clips came from
+    # per stream, how its features were computed from raw files (mer-ingest's settings, see
+    # `ingest.settings_record`); None: not recorded (the notebook's pickle, the embedded data)
+    ingest_settings: Mapping[str, Any] | None = None
 
     @property
     def n_classes(self) -> int:
@@ -222,7 +226,7 @@ def from_mapping(
     splits = {name: _apply_nan_policy(s, source, nan_policy) for name, s in splits.items()}
     _check_no_shared_clips(splits, source)
     names = _resolve_class_names(splits, source, class_names)
-    return Splits(**splits, class_names=names, source=source)
+    return Splits(splits["train"], splits["val"], splits["test"], class_names=names, source=source)
 
 
 def _read_split(raw: Mapping[str, Any], name: str, source: str) -> Split:
@@ -386,6 +390,7 @@ def _resolve_class_names(
 #   <split>.mfcc            (sum T_a, D_a) float32, every clip's frames one after another
 #   <split>.mfcc_offsets    (N + 1,)  int64, clip i is mfcc[offsets[i]:offsets[i + 1]]
 #   <split>.aus, <split>.aus_offsets  the same for the action units
+#   ingest_settings         ()        str, optional: JSON, per stream how mer-ingest computed it
 
 NPZ_FORMAT_VERSION = 1
 ZIP_MAGIC = b"PK\x03\x04"  # an .npz is a zip archive
@@ -399,6 +404,8 @@ def save_npz(splits: Splits, path: str | Path) -> Path:
         "format_version": np.array(NPZ_FORMAT_VERSION, dtype=np.int64),
         "class_names": np.array(splits.class_names, dtype=str),
     }
+    if splits.ingest_settings is not None:
+        arrays["ingest_settings"] = np.array(json.dumps(splits.ingest_settings), dtype=str)
     for s in splits.all():
         arrays[f"{s.name}.clip_ids"] = np.array(s.clip_ids, dtype=str)
         arrays[f"{s.name}.labels"] = s.labels.astype(np.int64)
@@ -423,6 +430,19 @@ def load_npz(
     ``class_names``: None takes the names stored in the file. Raises `DataError` on any problem.
     """
     path = Path(path).expanduser()
+    arrays = read_npz_arrays(path)
+    raw, stored_names = _mapping_from_arrays(arrays, path)
+    splits = from_mapping(
+        raw,
+        str(path),
+        class_names=stored_names if class_names is None else class_names,
+        nan_policy=nan_policy,
+    )
+    return replace(splits, ingest_settings=read_ingest_settings(arrays, path))
+
+
+def read_npz_arrays(path: Path) -> dict[str, np.ndarray]:
+    """Every array of the .npz at ``path`` (no pickle allowed); any failure is one `DataError`."""
     _check_readable(path)
     try:
         with path.open("rb") as f:
@@ -444,13 +464,21 @@ def load_npz(
         raise DataError(f"{path}: not an .npz file or truncated ({_one_line(e)})") from e
     except Exception as e:  # any other failure to decode a user's bytes is a bad file, not our bug
         raise DataError(f"{path}: not an .npz file or truncated ({type(e).__name__}: {_one_line(e)})") from e
-    raw, stored_names = _mapping_from_arrays(arrays, path)
-    return from_mapping(
-        raw,
-        str(path),
-        class_names=stored_names if class_names is None else class_names,
-        nan_policy=nan_policy,
-    )
+    return arrays
+
+
+def read_ingest_settings(arrays: Mapping[str, np.ndarray], path: Path) -> dict[str, Any] | None:
+    """The optional ``ingest_settings`` record of a native file (None: the file has none)."""
+    if "ingest_settings" not in arrays:
+        return None
+    record = arrays["ingest_settings"]
+    try:
+        settings = json.loads(str(record)) if record.shape == () and record.dtype.kind == "U" else None
+    except json.JSONDecodeError:
+        settings = None
+    if not isinstance(settings, dict):
+        raise DataError(f"{path}: ingest_settings must be one JSON object (as mer-ingest writes it)")
+    return settings
 
 
 def _mapping_from_arrays(arrays: dict[str, np.ndarray], path: Path) -> tuple[dict[str, Any], list[str]]:
@@ -479,26 +507,7 @@ def _mapping_from_arrays(arrays: dict[str, np.ndarray], path: Path) -> tuple[dic
             raise DataError(
                 f"{path}: {split}: {ids.shape} clip ids but {labels.shape} labels; expected one per clip"
             )
-        streams = []
-        for stream, label in _STREAM_KEYS:
-            frames, offsets = get(f"{split}.{stream}"), get(f"{split}.{stream}_offsets")
-            ok = (
-                offsets.shape == (len(ids) + 1,)
-                and np.issubdtype(offsets.dtype, np.integer)
-                and offsets[0] == 0
-                and offsets[-1] == len(frames)
-                and bool((np.diff(offsets) >= 0).all())
-            )
-            if not ok:
-                raise DataError(
-                    f"{path}: {split}: {stream}_offsets must rise from 0 to the {len(frames)} frames of "
-                    f"{split}.{stream}, one more entry than the {len(ids)} clips"
-                )
-            if frames.ndim != 2:
-                raise DataError(
-                    f"{path}: {split}: {label} must be 2-D (frames, features), found {frames.shape}"
-                )
-            streams.append([frames[offsets[i] : offsets[i + 1]] for i in range(len(ids))])
+        streams = [stream_clips(arrays, f"{split}.", stream, len(ids), path) for stream, _ in _STREAM_KEYS]
         clips: dict[str, Any] = {}
         for i, clip_id in enumerate(ids.tolist()):
             if clip_id in clips:
@@ -506,3 +515,31 @@ def _mapping_from_arrays(arrays: dict[str, np.ndarray], path: Path) -> tuple[dic
             clips[clip_id] = (streams[0][i], streams[1][i], labels[i])
         raw[split] = clips
     return raw, names.tolist()
+
+
+def stream_clips(
+    arrays: Mapping[str, np.ndarray], prefix: str, stream: str, n_clips: int, path: Path
+) -> list[np.ndarray]:
+    """Each clip's frames of ``stream`` (``mfcc`` | ``aus``) from the arrays ``<prefix><stream>``
+    and ``<prefix><stream>_offsets``, after checking that they fit together."""
+    where = prefix.rstrip(".") or "clips"
+    label = dict(_STREAM_KEYS)[stream]
+    for key in (f"{prefix}{stream}", f"{prefix}{stream}_offsets"):
+        if key not in arrays:
+            raise DataError(f"{path}: missing array '{key}' (not a mer-cli .npz, or written by another tool)")
+    frames, offsets = arrays[f"{prefix}{stream}"], arrays[f"{prefix}{stream}_offsets"]
+    ok = (
+        offsets.shape == (n_clips + 1,)
+        and np.issubdtype(offsets.dtype, np.integer)
+        and offsets[0] == 0
+        and offsets[-1] == len(frames)
+        and bool((np.diff(offsets) >= 0).all())
+    )
+    if not ok:
+        raise DataError(
+            f"{path}: {where}: {stream}_offsets must rise from 0 to the {len(frames)} frames of "
+            f"{prefix}{stream}, one more entry than the {n_clips} clips"
+        )
+    if frames.ndim != 2:
+        raise DataError(f"{path}: {where}: {label} must be 2-D (frames, features), found {frames.shape}")
+    return [frames[offsets[i] : offsets[i + 1]] for i in range(n_clips)]

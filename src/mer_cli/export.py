@@ -35,7 +35,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from mer_cli import fusion, pipeline, preprocess
+from mer_cli import fusion, pipeline, preprocess, scaling
 from mer_cli.artifacts import atomic_open, write_json
 from mer_cli.errors import MerError
 from mer_cli.models import MaskedBiRNN
@@ -56,27 +56,41 @@ EXTRA_HINT = "pip install 'mer-cli[export]'"
 
 class StreamPreprocess(nn.Module):
     """One stream's fitted preprocessing: cut to ``length`` frames (the start kept) and, with a
-    scaler, ``(x - mean) / std`` in float64 then float32 (bit for bit `preprocess.Scaler`);
-    frames past each clip's length are zeroed, as `preprocess.Ragged.pad` pads."""
+    scaler, its `scaling.Scaler.transform` in float64 then float32 (the same numbers): signed-log
+    compression for ``signed_log``, then ``(x - center) / scale``, where ``per_clip`` takes center
+    and scale from each clip's own frames; frames past each clip's length are zeroed, as
+    `preprocess.Ragged.pad` pads."""
 
-    mean: torch.Tensor  # (F,) float64 buffers; empty without a scaler
-    std: torch.Tensor
+    center: torch.Tensor  # (F,) float64 buffers; empty without a fitted scaler
+    scale: torch.Tensor
 
     def __init__(self, prep: preprocess.StreamPrep) -> None:
         super().__init__()
         self.length = prep.target.length
-        self.scaled = prep.scaler is not None
-        mean = prep.scaler.mean if prep.scaler is not None else np.zeros(0)
-        std = prep.scaler.std if prep.scaler is not None else np.ones(0)
-        self.register_buffer("mean", torch.from_numpy(np.asarray(mean, dtype=np.float64)))
-        self.register_buffer("std", torch.from_numpy(np.asarray(std, dtype=np.float64)))
+        self.kind = prep.scaler.kind if prep.scaler is not None else "none"
+        fitted = prep.scaler is not None and prep.scaler.center is not None
+        center = prep.scaler.center if fitted else np.zeros(0)  # type: ignore[union-attr]
+        scale = prep.scaler.scale if fitted else np.ones(0)  # type: ignore[union-attr]
+        self.register_buffer("center", torch.from_numpy(np.asarray(center, dtype=np.float64)))
+        self.register_buffer("scale", torch.from_numpy(np.asarray(scale, dtype=np.float64)))
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = x[:, : self.length]
         lengths = lengths.clamp(max=self.length)
-        if self.scaled:
-            x = ((x.double() - self.mean) / self.std).float()
         keep = torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None]  # (B, T)
+        if self.kind != "none":
+            v = x.double()
+            if self.kind == "signed_log":
+                v = torch.sign(v) * torch.log1p(v.abs())
+            if self.kind == "per_clip":  # each clip's own mean and std over its real frames
+                mask = keep[:, :, None].double()
+                n = lengths.clamp(min=1).double()[:, None, None]
+                center = (v * mask).sum(dim=1, keepdim=True) / n
+                std = ((((v - center) * mask) ** 2).sum(dim=1, keepdim=True) / n).sqrt()
+                scale = torch.where(std >= scaling.MIN_SPREAD, std, torch.ones_like(std))
+                x = ((v - center) / scale).float()
+            else:
+                x = ((v - self.center) / self.scale).float()
         return torch.where(keep[:, :, None], x, torch.zeros_like(x)), lengths
 
 
@@ -193,10 +207,14 @@ def run_graph(run_dir: Path) -> tuple[RunGraph, dict[str, Any], dict[str, int]]:
 
 
 def input_features(run_dir: Path, meta: dict[str, Any]) -> dict[str, int]:
-    """Features per frame of each raw input stream. Early fusion's checkpoint has the fused count
-    only: the split between its streams is read from the run's data (the run's own config)."""
+    """Features per frame of each raw input stream. Early fusion's split between its streams comes
+    from the checkpoint's feature spec; a checkpoint from before specs has the fused count only,
+    and the split is read from the run's data (the run's own config)."""
     if pipeline.INPUTS[meta["modality"]] != "early":
         return {s: int(meta["n_features"][s]) for s in meta["streams"]}
+    recorded = meta.get("feature_spec", {}).get("streams", {})
+    if all(recorded.get(s, {}).get("n_features") for s in meta["streams"]):  # the run's feature spec
+        return {s: int(recorded[s]["n_features"]) for s in meta["streams"]}
     config_path = run_dir / "config.yaml"
     try:
         cfg = OmegaConf.load(config_path)
@@ -247,21 +265,24 @@ def late_graph(run_dir: Path) -> tuple[LateGraph, dict[str, Any]]:
     return late_fused, fields
 
 
+def _scaling_state(prep: preprocess.StreamPrep) -> dict[str, object] | None:
+    """The fitted scaler as plain numbers (kind, center, scale; a checkpoint from before scaling
+    options reads as standard); None: features as they are."""
+    return None if prep.scaler is None else prep.scaler.state()
+
+
 def member_fields(run_dir: Path, meta: dict[str, Any]) -> dict[str, Any]:
     """What the sidecar says of one trained run: its preprocessing as plain numbers, the
     precision it was trained and evaluated at, its feature spec where the checkpoint has one."""
+    preps = {name: preprocess.StreamPrep.from_state(state) for name, state in meta["prep"].items()}
     return {
         "run": str(run_dir),
         "modality": meta["modality"],
         "streams": list(meta["streams"]),
         "trained_precision": pipeline.trained_precision(run_dir, meta),
         "preprocessing": {
-            name: {
-                "target_length": state["length"],
-                "mean": state["mean"],
-                "std": state["std"],
-            }
-            for name, state in meta["prep"].items()
+            name: {"target_length": prep.target.length, "scaling": _scaling_state(prep)}
+            for name, prep in preps.items()
         },
         "feature_spec": meta.get("feature_spec"),
     }

@@ -2,8 +2,9 @@
 
 Input: a folder of OpenFace ``FeatureExtraction`` CSVs and a folder of WAV files, one of each per
 clip, named like CREMA-D (``1001_DFA_ANG_XX``: actor, sentence, emotion, intensity). Output:
-`data.Splits` split by actor (seeded), ready for `data.save_npz`, and an `IngestReport` of what
-could not be used and why.
+`data.Splits` split by actor (seeded), ready for `data.save_npz`, carrying the settings that made
+its features (`settings_record`, reused by mer-predict on new files), and an `IngestReport` of
+what could not be used and why.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import logging
 import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +91,22 @@ class AudioSettings:
     def n_features(self) -> int:
         return self.n_mfcc * (1 + self.delta_orders)
 
+    @property
+    def feature_names(self) -> list[str]:
+        """Column names in `mfcc_frames`' order: cepstra, then each delta order's."""
+        prefixes = ("mfcc", "delta", "delta2")[: 1 + self.delta_orders]
+        return [f"{p}_{i}" for p in prefixes for i in range(self.n_mfcc)]
+
+    @property
+    def frame_rate_hz(self) -> float:
+        """MFCC frames per second (the hop, rounded to whole samples)."""
+        return self.sample_rate / round(self.hop_ms * self.sample_rate / 1000)
+
+    @staticmethod
+    def from_record(record: Mapping[str, Any]) -> AudioSettings:
+        """The settings a `settings_record` holds for the acoustic stream."""
+        return AudioSettings(**{f.name: record[f.name] for f in fields(AudioSettings)})
+
 
 @dataclass(frozen=True)
 class Names:
@@ -148,8 +165,31 @@ class IngestReport:
 # One clip
 
 
+def settings_record(
+    audio: AudioSettings, au_columns: Sequence[str], failed_frames: str, video_fps: float | None
+) -> dict[str, Any]:
+    """Per stream, how its features are computed from a clip's files: kept in the .npz, in a
+    trained model's feature spec, and reused by mer-predict on new files (plain JSON values)."""
+    return {
+        "acoustic": {
+            **asdict(audio),
+            "frame_rate_hz": audio.frame_rate_hz,
+            "feature_names": audio.feature_names,
+        },
+        "visual": {
+            "au_columns": list(au_columns),
+            "failed_frames": failed_frames,
+            "frame_rate_hz": video_fps,  # median over the clips' OpenFace timestamps; None: no timestamps
+            "feature_names": list(au_columns),
+        },
+    }
+
+
 def mfcc_frames(path: Path, settings: AudioSettings) -> np.ndarray:
-    """(T, n_features) float32 MFCC (+ delta) frames of the WAV at ``path``; T ~ seconds * 1000 / hop_ms."""
+    """(T, n_features) float32 MFCC (+ delta) frames of the WAV at ``path``; T ~ seconds * 1000 / hop_ms.
+
+    Raises ValueError for a clip shorter than one analysis window (its frames would be padding).
+    """
     try:  # the ingest extra: heavy (numba), needed only here
         import librosa
         import soundfile
@@ -167,6 +207,10 @@ def mfcc_frames(path: Path, settings: AudioSettings) -> np.ndarray:
     if not np.isfinite(y).all():
         raise ValueError("non-finite audio samples")
     n_fft = round(settings.window_ms * sr / 1000)
+    if y.size < n_fft:
+        raise ValueError(
+            f"too short: {1000 * y.size / sr:.1f} ms of audio, less than one {settings.window_ms:g} ms window"
+        )
     hop = round(settings.hop_ms * sr / 1000)
     mfcc = librosa.feature.mfcc(
         y=y,
@@ -186,6 +230,12 @@ def mfcc_frames(path: Path, settings: AudioSettings) -> np.ndarray:
 
 def au_frames(path: Path, columns: Sequence[str], failed_frames: str) -> np.ndarray:
     """(T, len(columns)) float32 action units of an OpenFace CSV; failed frames per ``failed_frames``."""
+    return read_openface(path, columns, failed_frames)[0]
+
+
+def read_openface(path: Path, columns: Sequence[str], failed_frames: str) -> tuple[np.ndarray, float | None]:
+    """`au_frames`, and the video's frames per second from OpenFace's ``timestamp`` column (None
+    when it has none, or fewer than two distinct times)."""
     with path.open(newline="") as f:
         rows = list(csv.reader(f))
     if not rows:
@@ -208,6 +258,15 @@ def au_frames(path: Path, columns: Sequence[str], failed_frames: str) -> np.ndar
     except (ValueError, IndexError) as e:
         raise ValueError(f"a row is not numbers or too short ({e})") from e
     ok &= np.isfinite(x).all(axis=1)
+    fps = None
+    if "timestamp" in header:
+        try:
+            times = [float(r[header.index("timestamp")]) for r in body]
+        except (ValueError, IndexError):
+            times = []
+        # frames over the whole span: OpenFace rounds each timestamp to 1 ms, a span barely moves
+        if len(times) > 1 and times[-1] > times[0]:
+            fps = (len(times) - 1) / (times[-1] - times[0])
     if not ok.any():
         raise ValueError("the face was tracked in no frame (success == 0 everywhere)")
     if failed_frames == "drop":
@@ -220,7 +279,45 @@ def au_frames(path: Path, columns: Sequence[str], failed_frames: str) -> np.ndar
         x = np.stack([np.interp(t, t[ok], x[ok, j]) for j in range(x.shape[1])], axis=1)
     else:
         raise ConfigError(f"failed frames {failed_frames!r}: valid: {', '.join(FAILED_FRAME_POLICIES)}")
-    return x.astype(np.float32)
+    return x.astype(np.float32), fps
+
+
+def read_wav(path: Path, audio: AudioSettings) -> np.ndarray | str:
+    """`mfcc_frames`, or why the file cannot be used (one line): a broken file is not fatal."""
+    try:
+        return mfcc_frames(path, audio)
+    except ConfigError:
+        raise
+    except Exception as e:  # soundfile and librosa raise many types for a bad file
+        return " ".join(str(e).split()) or type(e).__name__
+
+
+def read_csv(path: Path, columns: Sequence[str], failed_frames: str) -> tuple[np.ndarray, float | None] | str:
+    """`read_openface`, or why the file cannot be used (one line)."""
+    try:
+        return read_openface(path, columns, failed_frames)
+    except (ValueError, OSError, UnicodeDecodeError, csv.Error) as e:
+        return " ".join(str(e).split())
+
+
+# a stream's raw files: WAVs (voices), OpenFace CSVs (faces)
+FILE_PATTERNS = {"acoustic": ("*.wav", "*.WAV"), "visual": ("*.csv",)}
+
+
+def files_by_stem(folder: Path, stream: str) -> dict[str, Path]:
+    """Clip name (file name without extension) -> file, for ``stream``'s files in ``folder``."""
+    if not folder.is_dir():
+        raise DataError(f"{folder}: not a folder")
+    return {p.stem: p for pattern in FILE_PATTERNS[stream] for p in sorted(folder.glob(pattern))}
+
+
+def pair_files(audio_dir: Path, video_dir: Path) -> tuple[dict[str, tuple[Path, Path]], list[str]]:
+    """Clip name -> (its .wav, its .csv) for every name with both files in the two folders, and
+    one line per file without its partner (``x.wav: no x.csv``)."""
+    wavs, csvs = files_by_stem(audio_dir, "acoustic"), files_by_stem(video_dir, "visual")
+    unpaired = [f"{wavs[s].name}: no {s}.csv" for s in sorted(wavs.keys() - csvs.keys())]
+    unpaired += [f"{csvs[s].name}: no {s}.wav" for s in sorted(csvs.keys() - wavs.keys())]
+    return {s: (wavs[s], csvs[s]) for s in sorted(wavs.keys() & csvs.keys())}, unpaired
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,16 +361,10 @@ def build(
     """Read every paired clip, split by actor and validate as any dataset is validated."""
     if failed_frames not in FAILED_FRAME_POLICIES:
         raise ConfigError(f"failed frames {failed_frames!r}: valid: {', '.join(FAILED_FRAME_POLICIES)}")
-    for d in (audio_dir, video_dir):
-        if not d.is_dir():
-            raise DataError(f"{d}: not a folder")
-    wavs = {p.stem: p for p in sorted(audio_dir.glob("*.wav")) + sorted(audio_dir.glob("*.WAV"))}
-    csvs = {p.stem: p for p in sorted(video_dir.glob("*.csv"))}
-    report = IngestReport()
-    report.unpaired = [f"{wavs[s].name}: no {s}.csv" for s in sorted(wavs.keys() - csvs.keys())]
-    report.unpaired += [f"{csvs[s].name}: no {s}.wav" for s in sorted(csvs.keys() - wavs.keys())]
+    pairs, unpaired = pair_files(audio_dir, video_dir)
+    report = IngestReport(unpaired=unpaired)
     labelled: list[tuple[str, str, int]] = []
-    for stem in sorted(wavs.keys() & csvs.keys()):
+    for stem in pairs:
         parsed = names.parse(stem)
         if isinstance(parsed, str):
             report.unlabelled.append(f"{stem}: {parsed}")
@@ -282,24 +373,24 @@ def build(
     if not labelled:
         raise DataError(
             f"{audio_dir}, {video_dir}: no clip with both a .wav and a .csv and a name matching "
-            f"{names.pattern!r} ({len(wavs)} wav, {len(csvs)} csv files)"
+            f"{names.pattern!r} ({len(pairs)} pairs, {len(unpaired)} unpaired files)"
         )
 
     clips: list[tuple[str, str, np.ndarray, np.ndarray, int]] = []
+    fps: list[float] = []
     for stem, actor, label in tqdm(labelled, desc="ingest", unit="clip", disable=None if progress else True):
-        try:
-            mfcc = mfcc_frames(wavs[stem], audio)
-        except ConfigError:
-            raise
-        except Exception as e:  # a broken file is reported and skipped, not fatal
-            report.unreadable.append(f"{wavs[stem].name}: {' '.join(str(e).split()) or type(e).__name__}")
+        wav, csv_path = pairs[stem]
+        mfcc = read_wav(wav, audio)  # a broken file is reported and skipped, not fatal
+        if isinstance(mfcc, str):
+            report.unreadable.append(f"{wav.name}: {mfcc}")
             continue
-        try:
-            aus = au_frames(csvs[stem], au_columns, failed_frames)
-        except (ValueError, OSError, UnicodeDecodeError, csv.Error) as e:
-            report.unreadable.append(f"{csvs[stem].name}: {' '.join(str(e).split())}")
+        video = read_csv(csv_path, au_columns, failed_frames)
+        if isinstance(video, str):
+            report.unreadable.append(f"{csv_path.name}: {video}")
             continue
-        clips.append((stem, actor, mfcc, aus, label))
+        clips.append((stem, actor, mfcc, video[0], label))
+        if video[1] is not None:
+            fps.append(video[1])
     if not clips:
         raise DataError(f"{audio_dir}, {video_dir}: no clip could be read ({'; '.join(report.lines(3))})")
 
@@ -308,7 +399,9 @@ def build(
     for stem, actor, mfcc, aus, label in clips:
         raw[split_of[actor]][stem] = (mfcc, aus, label)
     splits = data.from_mapping(raw, f"ingest({audio_dir}, {video_dir})", class_names=names.class_names)
-    return splits, report
+    video_fps = round(float(np.median(fps)), 3) if fps else None
+    record = settings_record(audio, au_columns, failed_frames, video_fps)
+    return replace(splits, ingest_settings=record), report
 
 
 def summary(splits: data.Splits) -> str:

@@ -12,6 +12,8 @@ Every file in a run directory is written by a function called from here:
   late.json                late fusion only: members, combiner and what it fitted, for mer-evaluate
   fold<i>/, cv.json        cv.folds=K only: one run per fold (same layout), mean over folds
   failed.json              a failed job of a sweep (written by cli.py): its error, for the report
+  tensorboard/             logger=tensorboard only: event files (tracking.py; logger=mlflow writes
+                           outside the run directory, by default into outputs/mlflow.db)
 """
 
 from __future__ import annotations
@@ -31,9 +33,24 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from mer_cli import data, evaluate, folds, fusion, preprocess, report, rundir, search, sweep, synthetic, train
+from mer_cli import (
+    data,
+    evaluate,
+    folds,
+    fusion,
+    preprocess,
+    report,
+    rundir,
+    search,
+    spec,
+    sweep,
+    synthetic,
+    tracking,
+    train,
+)
 from mer_cli.artifacts import load_checkpoint, write_json, write_text
 from mer_cli.errors import ConfigError, MerError
+from mer_cli.scaling import check_kind as check_scaling
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +81,7 @@ def run(
     modality = cfg.modality.name
     if modality not in MODALITIES:
         raise ConfigError(f"modality={modality!r}: valid: {', '.join(MODALITIES)}")
+    check_scaling(cfg.preprocess.scaling)
     out_dir.mkdir(parents=True, exist_ok=True)
     check_resumable(cfg, out_dir, resume)
     write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
@@ -75,7 +93,9 @@ def run(
             log.info(
                 "%s: this sweep already trained the same model in %s: copied, not retrained", modality, done
             )
-            return sweep.adopt(done, out_dir)
+            metrics = sweep.adopt(done, out_dir)
+            tracking.start(cfg, out_dir).finish()  # the copy is this job's tracked run
+            return metrics
     splits = load_data(cfg.data, cfg.cv)
     log.info(
         "data: %s: %d train / %d val / %d test clips, %d classes",
@@ -126,6 +146,7 @@ READERS = {
 
 def run_folds(cfg: DictConfig, out_dir: Path, resume: bool, sweep_dir: Path | None) -> dict[str, Any]:
     """cv.folds=K: run every fold into ``out_dir/fold<i>/``; cv.json holds the mean over folds."""
+    tracked = tracking.start(cfg, out_dir)  # the folds' runs are its children
     per_fold = []
     for i in range(cfg.cv.folds):
         log.info("cross-validation: fold %d of %d", i + 1, cfg.cv.folds)
@@ -141,6 +162,7 @@ def run_folds(cfg: DictConfig, out_dir: Path, resume: bool, sweep_dir: Path | No
     write_json(
         out_dir / "cv.json", {**summary, "per_fold": [{s: m[s] for s in ("val", "test")} for m in per_fold]}
     )
+    tracked.finish()
     return summary
 
 
@@ -205,6 +227,18 @@ def model_inputs(split: data.Split, modality: str, streams: list[str]) -> dict[s
     return {modality: [fusion.early_fuse(*c) for c in clips]}
 
 
+def log_profile(name: str, prep: preprocess.StreamPrep) -> None:
+    """The stream's data profile and fitted preprocessing in the log; a warning when its feature
+    scales differ by orders of magnitude and the scaling does not cope with that."""
+    kind = None if prep.scaler is None else prep.scaler.kind
+    log.info("%s: target length %d frames, scaling %s", name, prep.target.length, kind or "none")
+    if prep.profile is not None:
+        log.info("%s", prep.profile.summary(name))
+        warning = prep.profile.warning(name, kind)
+        if warning:
+            log.warning("%s", warning)
+
+
 def prepare(
     splits: data.Splits, modality: str, streams: list[str], preps: dict[str, preprocess.StreamPrep]
 ) -> tuple[preprocess.SequenceSet, ...]:
@@ -223,19 +257,16 @@ def train_model(cfg: DictConfig, splits: data.Splits, out_dir: Path, resume: boo
     modality, streams = cfg.modality.name, list(cfg.modality.streams)
     preps = {
         name: preprocess.fit(
-            frames, percentile=cfg.preprocess.length_percentile, normalize=cfg.preprocess.normalize
+            frames,
+            percentile=cfg.preprocess.length_percentile,
+            normalize=cfg.preprocess.normalize,
+            scaling=cfg.preprocess.scaling,
         )
         for name, frames in model_inputs(splits.train, modality, streams).items()
     }
     train_set, val_set, test_set = prepare(splits, modality, streams, preps)
     for name, prep in preps.items():
-        log.info(
-            "%s: target length %d frames, %d features, normalize=%s",
-            name,
-            prep.target.length,
-            train_set.n_features[name],
-            prep.scaler is not None,
-        )
+        log_profile(name, prep)
 
     model_cfg = model_config(cfg)
     model = build_model(model_cfg, train_set.n_features, splits.n_classes)
@@ -256,7 +287,11 @@ def train_model(cfg: DictConfig, splits: data.Splits, out_dir: Path, resume: boo
         "n_features": train_set.n_features,
         "class_names": list(splits.class_names),
         "prep": {name: prep.state() for name, prep in preps.items()},
+        # what the model reads (streams, feature counts and names, frame rates, ingestion
+        # settings, label map): mer-predict and exported models check new input against it
+        "feature_spec": spec.build(splits, modality, streams, train_set.n_features),
     }
+    tracked = tracking.start(cfg, out_dir)  # logger=tensorboard|mlflow; csv: history.csv alone
     started = time.perf_counter()
     history = train.fit(
         model,
@@ -269,7 +304,7 @@ def train_model(cfg: DictConfig, splits: data.Splits, out_dir: Path, resume: boo
         seed=cfg.seed,
         checkpoint_meta=meta,
         resume=resume,
-        on_epoch=search.epoch_reporter(cfg.get("search")),  # a search trial: val/f1_macro per epoch
+        on_epoch=search.reporting(tracked.log_epoch, cfg.get("search")),  # + a search trial's reports
     )
     train_seconds = time.perf_counter() - started
 
@@ -312,6 +347,7 @@ def train_model(cfg: DictConfig, splits: data.Splits, out_dir: Path, resume: boo
         splits.class_names,
         save_plots=cfg.runtime.save_plots,
     )
+    tracked.finish()  # the files just written: final metrics, plots, metrics.json
     return StreamResult(metrics, predictions)
 
 
@@ -378,6 +414,7 @@ def run_late(
     """
     combiner, acoustic_weight = cfg.modality.get("combiner", "mean"), cfg.modality.get("acoustic_weight")
     check_combiner(combiner, acoustic_weight)  # before any member is trained
+    tracked = tracking.start(cfg, out_dir)  # the members trained here are its children
     members: dict[str, dict[str, report.Predictions]] = {}
     sources: dict[str, str] = {}
     for member in LATE_MEMBERS:
@@ -397,7 +434,7 @@ def run_late(
             result = train_model(member_cfg, splits, member_dir, resume)
             members[member] = result.predictions
             sources[member] = member
-    return fuse_and_report(
+    metrics = fuse_and_report(
         combiner,
         acoustic_weight,
         members,
@@ -408,6 +445,8 @@ def run_late(
         data_source=splits.source,
         save_plots=cfg.runtime.save_plots,
     )
+    tracked.finish()
+    return metrics
 
 
 def member_config(cfg: DictConfig, member: str) -> DictConfig:

@@ -1,6 +1,7 @@
 """Fit preprocessing on train (target lengths, per-feature scaling), apply it to every split.
 
 Input: per stream, each clip's frames (a model's input streams, see `pipeline.model_inputs`).
+Scaling (standard, robust, per-clip, signed-log) lives in `scaling`, fitted by streaming.
 Output: `SequenceSet`: named streams of ragged frames (every clip cut to the stream's target
 length and scaled, stored end to end, never padded), labels and clip ids. A batch is padded
 when it is gathered (`Ragged.pad`). Nothing here ever looks at validation or test data while
@@ -11,11 +12,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import numpy as np
 import torch
+
+from mer_cli import scaling as feature_scaling
+from mer_cli.scaling import Scaler
 
 
 @dataclass(frozen=True)
@@ -36,24 +40,6 @@ def fit_target_length(train: Sequence[np.ndarray], percentile: float) -> TargetL
     lengths = np.array([x.shape[0] for x in train])
     # fitted on train only: test lengths must not move the cut-off
     return TargetLength(math.ceil(np.percentile(lengths, percentile)))
-
-
-@dataclass(frozen=True)
-class Scaler:
-    """Per-feature standardization; statistics from train frames only (padding excluded)."""
-
-    mean: np.ndarray  # (F,)
-    std: np.ndarray  # (F,)
-
-    def transform(self, x: np.ndarray) -> np.ndarray:
-        return ((x - self.mean) / self.std).astype(np.float32)
-
-
-def fit_scaler(train: Sequence[np.ndarray]) -> Scaler:
-    frames = np.concatenate(train, axis=0).astype(np.float64)
-    std = frames.std(axis=0)
-    std[std < 1e-8] = 1.0  # a constant feature stays as it is instead of dividing by zero
-    return Scaler(frames.mean(axis=0), std)
 
 
 @dataclass(frozen=True)
@@ -131,6 +117,8 @@ class StreamPrep:
 
     target: TargetLength
     scaler: Scaler | None  # None: features left as they are (the notebook)
+    # the train clips as fitted (frame counts, feature ranges), for the log; None once loaded
+    profile: feature_scaling.Profile | None = field(default=None, compare=False, repr=False)
 
     def apply(self, frames: Sequence[np.ndarray]) -> Ragged:
         """Every clip cut to the target length (keeping its start, as the notebook) and scaled."""
@@ -144,26 +132,34 @@ class StreamPrep:
     def state(self) -> dict[str, object]:
         return {
             "length": self.target.length,
-            "mean": None if self.scaler is None else self.scaler.mean.tolist(),
-            "std": None if self.scaler is None else self.scaler.std.tolist(),
+            "scaling": None if self.scaler is None else self.scaler.state(),
         }
 
     @staticmethod
     def from_state(state: dict[str, object]) -> StreamPrep:
-        scaler = None
-        if state["mean"] is not None:
-            scaler = Scaler(np.asarray(state["mean"]), np.asarray(state["std"]))
-        return StreamPrep(TargetLength(int(state["length"])), scaler)  # type: ignore[call-overload]
+        length = TargetLength(int(state["length"]))  # type: ignore[call-overload]
+        if "scaling" in state:
+            scaling = state["scaling"]
+            return StreamPrep(length, None if scaling is None else Scaler.from_state(scaling))  # type: ignore[arg-type]
+        # a checkpoint from before scaling options: mean and std of per-feature standardization
+        if state["mean"] is None:
+            return StreamPrep(length, None)
+        mean, std = (np.asarray(state[k], dtype=np.float64) for k in ("mean", "std"))
+        return StreamPrep(length, Scaler("standard", mean, std))
 
 
-def fit(train_frames: Sequence[np.ndarray], percentile: float, normalize: bool) -> StreamPrep:
-    """Fit target length and (if ``normalize``) the scaler of one stream on its train clips."""
+def fit(
+    train_frames: Sequence[np.ndarray], percentile: float, normalize: bool, scaling: str = "standard"
+) -> StreamPrep:
+    """Fit target length and (if ``normalize``) the ``scaling`` scaler of one stream on its train
+    clips (`scaling.KINDS`), streaming over them; the prep's profile describes those clips."""
     # fitted on train only: validation and test clips never move the cut-off or the statistics
     target = fit_target_length(train_frames, percentile)
-    scaler = (
-        fit_scaler([target.pad_or_truncate(f)[: f.shape[0]] for f in train_frames]) if normalize else None
+    # the scaler sees the frames the model sees: each clip up to the target length (views, no copy)
+    scaler, profile = feature_scaling.fit(
+        scaling if normalize else None, [f[: target.length] for f in train_frames]
     )
-    return StreamPrep(target, scaler)
+    return StreamPrep(target, scaler, feature_scaling.with_frame_counts(profile, map(len, train_frames)))
 
 
 def apply(

@@ -104,9 +104,11 @@ def read_predictions(path: Path, split: str) -> Predictions:
 # Figures
 
 
-def save_figure(fig: Figure, path: Path) -> Path:
+def save_figure(fig: Figure, path: Path, crop: bool = True) -> Path:
+    """``fig`` as a PNG; ``crop``: trim to what is drawn (one more rendering pass; a figure laid
+    out with ``tight_layout`` and nothing outside its axes can skip it)."""
     with atomic_open(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
+        fig.savefig(f, format="png", dpi=110, bbox_inches="tight" if crop else None)
     plt.close(fig)
     return path
 

@@ -113,9 +113,9 @@ def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: obj}
 
 
-# how a run executed, what happens after it, whether it was resumed, which search trial it was:
-# never part of a model
-_NOT_IDENTITY = re.compile(r"^(runtime|compare|hydra|search)\.|^(resume|search)$")
+# how a run executed, where it was tracked, what happens after it, whether it was resumed, which
+# search trial it was: never part of a model
+_NOT_IDENTITY = re.compile(r"^(runtime|logger|compare|hydra|search)\.|^(resume|search)$")
 # which run of a model: runs that differ only here are the same model (a comparison's samples)
 RUN_KEYS = ("seed", "cv.fold")
 # where late fusion read its members from: the members' own identities decide, not their paths
@@ -127,10 +127,10 @@ _LATE_BEFORE_COMBINER = {0.5: ("mean", None), "fit": ("weighted", None)}
 
 def model_identity(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """The one answer to "which model is this": the resolved config (nested or flattened) without
-    run-time knobs (``runtime.*``), report settings, ``resume``, where late fusion's members came
-    from, and the keys that tell one run of the model from another (seed, CV fold). The
-    comparison report groups runs by it; `run_identity` adds seed and fold for the sweep's reuse
-    of trained runs and the resume check."""
+    run-time knobs (``runtime.*``), the tracker (``logger.*``), report settings, ``resume``, where
+    late fusion's members came from, and the keys that tell one run of the model from another
+    (seed, CV fold). The comparison report groups runs by it; `run_identity` adds seed and fold
+    for the sweep's reuse of trained runs and the resume check."""
     flat = flatten(cfg)
     # only late fusion reads modality options beyond these: a stray one elsewhere (a sweep-wide
     # ++modality.acoustic_weight=...) changes nothing a single model learns
@@ -141,6 +141,9 @@ def model_identity(cfg: Mapping[str, Any]) -> dict[str, Any]:
         flat = {**flat, "modality.combiner": combiner, "modality.acoustic_weight": weight}
     if not single and flat.get("modality.acoustic_weight") == 0.5:
         flat = {**flat, "modality.acoustic_weight": None}  # equal weights either way
+    if "preprocess.normalize" in flat:  # a run from before scaling options was standardized
+        scaling = flat.get("preprocess.scaling", "standard") if flat["preprocess.normalize"] else None
+        flat = {**flat, "preprocess.scaling": scaling}  # unscaled: the scaling option changes nothing
     return {
         k: v
         for k, v in flat.items()

@@ -178,6 +178,22 @@ def epoch_reporter(link: Mapping[str, Any] | None) -> Callable[[dict[str, float]
     return report
 
 
+def reporting(
+    on_epoch: Callable[[dict[str, float]], None], link: Mapping[str, Any] | None
+) -> Callable[[dict[str, float]], None]:
+    """``on_epoch`` (e.g. the tracker's), then, in a search trial, `epoch_reporter`'s report: the
+    epoch a pruner stops at is logged like every other."""
+    report = epoch_reporter(link)
+    if report is None:
+        return on_epoch
+
+    def both(row: dict[str, float]) -> None:
+        on_epoch(row)
+        report(row)
+
+    return both
+
+
 # ---------------------------------------------------------------------------------------------
 # In the sweeper: the study, its trials, and what a finished search writes
 

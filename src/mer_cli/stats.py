@@ -53,6 +53,34 @@ METRIC_FROM_CONFUSION: dict[str, Callable[[np.ndarray], float]] = {
 }
 
 
+def f1_macro_batched(cms: np.ndarray) -> np.ndarray:
+    """`f1_macro` of every matrix in a stack (..., C, C)."""
+    tp = np.diagonal(cms, axis1=-2, axis2=-1).astype(float)
+    denom = cms.sum(axis=-2) + cms.sum(axis=-1)
+    return np.mean(np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0), axis=-1)
+
+
+def accuracy_batched(cms: np.ndarray) -> np.ndarray:
+    return np.trace(cms, axis1=-2, axis2=-1) / cms.sum(axis=(-2, -1))
+
+
+def balanced_accuracy_batched(cms: np.ndarray) -> np.ndarray:
+    support = cms.sum(axis=-1)
+    present = support > 0
+    recall = np.divide(
+        np.diagonal(cms, axis1=-2, axis2=-1), support, out=np.zeros(support.shape), where=present
+    )
+    return recall.sum(axis=-1) / present.sum(axis=-1)
+
+
+# the same metrics over a stack of confusion matrices (bootstrap draws x runs), one call each
+METRIC_FROM_CONFUSIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "f1_macro": f1_macro_batched,
+    "accuracy": accuracy_batched,
+    "balanced_accuracy": balanced_accuracy_batched,
+}
+
+
 @dataclass(frozen=True)
 class Sample:
     """One run's test predictions, the unit the bootstrap works on.
@@ -111,20 +139,44 @@ def bootstrap(
     """
     rng = np.random.default_rng(seed)
     resampler = _Resampler(samples, rng)
-    out = {m: np.empty(n_boot) for m in metrics}
+    picked = np.zeros((n_boot, len(samples)), dtype=np.int64)  # the runs draw b picks
+    draws = []
     for b in range(n_boot):
-        runs = rng.integers(0, len(samples), size=len(samples)) if len(samples) > 1 else [0]
-        idx = resampler.draw()
-        values: dict[str, list[float]] = {m: [] for m in metrics}
-        for r in runs:
-            s = samples[r]
-            i = idx[s.test_key]
-            cm = confusion(s.y_true[i], s.y_pred[i], n_classes)
-            for m in metrics:
-                values[m].append(METRIC_FROM_CONFUSION[m](cm))
-        for m in metrics:
-            out[m][b] = float(np.mean(values[m]))
+        if len(samples) > 1:
+            picked[b] = rng.integers(0, len(samples), size=len(samples))
+        draws.append(resampler.draw())
+    chosen = _counts(picked, len(samples))
+    stacked = {key: _stack(draws, key) for key in resampler.shape}
+    out = {}
+    # every run's confusion matrix on every draw at once: (n_boot, runs, C, C)
+    cms = np.stack([_confusions(s, stacked[s.test_key], n_classes) for s in samples], axis=1)
+    for m in metrics:
+        values = METRIC_FROM_CONFUSIONS[m](cms)  # (n_boot, runs)
+        out[m] = np.sum(values * chosen, axis=1) / len(samples)
     return out
+
+
+def _counts(picked: np.ndarray, n: int) -> np.ndarray:
+    """(draws, n): how often each row of ``picked`` (draws, n) holds each of 0 .. n-1."""
+    return (picked[:, :, None] == np.arange(n)).sum(axis=1).astype(float)
+
+
+def _stack(draws: Sequence[dict[str, np.ndarray]], key: str) -> tuple[np.ndarray, np.ndarray]:
+    """Test set ``key``'s resamples (index arrays of any length) end to end, and the draw each
+    index belongs to."""
+    parts = [d[key] for d in draws]
+    return np.concatenate(parts), np.repeat(np.arange(len(parts)), [len(p) for p in parts])
+
+
+def _confusions(sample: Sample, stacked: tuple[np.ndarray, np.ndarray], n_classes: int) -> np.ndarray:
+    """(draws, C, C): ``sample``'s confusion matrix on each resample (`_stack`), counted in one
+    ``bincount`` with the draw number as the leading digit."""
+    idx, draw_of = stacked
+    n_draws = int(draw_of[-1]) + 1 if len(draw_of) else 0
+    cell = sample.y_true * n_classes + sample.y_pred  # each clip's cell in one matrix
+    codes = draw_of * (n_classes * n_classes) + cell[idx]
+    counts = np.bincount(codes, minlength=n_draws * n_classes * n_classes)
+    return counts.reshape(n_draws, n_classes, n_classes)
 
 
 def interval(draws: np.ndarray, confidence: float) -> tuple[float, float]:
@@ -206,21 +258,26 @@ def paired_bootstrap(
     rng = np.random.default_rng(seed)
     a_samples = [a for a, _ in pairs]
     resampler = _Resampler(a_samples, rng)
-    fn = METRIC_FROM_CONFUSION[metric]
     observed = float(np.mean([point(a, n_classes, metric) - point(b, n_classes, metric) for a, b in pairs]))
-    draws = np.empty(n_boot)
+    picked = np.zeros((n_boot, len(pairs)), dtype=np.int64)  # the matched pairs draw k picks
+    index_draws = []
     for k in range(n_boot):
-        chosen = rng.integers(0, len(pairs), size=len(pairs)) if len(pairs) > 1 else [0]
-        idx = resampler.draw()
-        diffs = []
-        for r in chosen:
-            a, b = pairs[r]
-            i = idx[a.test_key]
-            diffs.append(
-                fn(confusion(a.y_true[i], a.y_pred[i], n_classes))
-                - fn(confusion(b.y_true[i], b.y_pred[i], n_classes))
-            )
-        draws[k] = float(np.mean(diffs))
+        if len(pairs) > 1:
+            picked[k] = rng.integers(0, len(pairs), size=len(pairs))
+        index_draws.append(resampler.draw())
+    chosen = _counts(picked, len(pairs))
+    stacked = {key: _stack(index_draws, key) for key in resampler.shape}
+    fn = METRIC_FROM_CONFUSIONS[metric]
+    # both models of a pair on the same resampled clips: (n_boot,) differences per pair
+    diffs = np.stack(
+        [
+            fn(_confusions(a, stacked[a.test_key], n_classes))
+            - fn(_confusions(b, stacked[a.test_key], n_classes))
+            for a, b in pairs
+        ],
+        axis=1,
+    )
+    draws = np.sum(diffs * chosen, axis=1) / len(pairs)
     below = (np.sum(draws <= 0) + 1) / (n_boot + 1)
     above = (np.sum(draws >= 0) + 1) / (n_boot + 1)
     return PairedDifference(observed, interval(draws, confidence), float(min(1.0, 2 * min(below, above))))

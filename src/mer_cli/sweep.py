@@ -91,7 +91,10 @@ def settings_of(cfg: DictConfig) -> compare.Settings:
     """``compare`` config node -> `compare.Settings` (``enabled`` is the callback's own switch)."""
     node = {k: v for k, v in _container(cfg.compare).items() if k != "enabled"}
     node.setdefault("actor_pattern", cfg.get("cv", {}).get("actor_pattern"))
-    return compare.Settings(**node)
+    try:
+        return compare.Settings(**node)
+    except TypeError as e:  # a key Settings does not know (a typo): one line, not a traceback
+        raise MerError(f"compare: {e}") from e
 
 
 class ReportCallback(Callback):
