@@ -201,3 +201,50 @@ def test_ctrl_c_or_kill_then_resume_gives_the_metrics_of_an_uninterrupted_run(tm
         assert m_resumed["test"] == m_whole["test"]
         assert m_resumed["run"]["epochs_trained"] == 20
         assert not list(run_dir.rglob("*.tmp"))  # atomic writes leave no temporary files behind
+
+
+@pytest.mark.slow
+def test_resume_auto_starts_fresh_then_continues_a_killed_run_with_the_same_metrics(tmp_path):
+    """resume=auto, as a requeued cluster job runs: an empty directory starts a run; after kill -9
+    (no handler runs, nothing is cleaned up) the same command continues it from last.pt."""
+    auto = (*ARGS, "resume=auto")
+    whole = subprocess.run(
+        _mer_train(*auto, f"hydra.run.dir={tmp_path / 'whole'}"), env=_env(), capture_output=True, text=True
+    )
+    assert whole.returncode == 0, whole.stderr
+    m_whole = json.loads((tmp_path / "whole" / "metrics.json").read_text())
+    assert "resuming from" not in (tmp_path / "whole" / "train.log").read_text()
+
+    run_dir = tmp_path / "killed"
+    proc = subprocess.Popen(
+        _mer_train(*auto, f"hydra.run.dir={run_dir}"),
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        while not (run_dir / "last.pt").exists() and proc.poll() is None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=0.05)
+        proc.kill()  # SIGKILL
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (run_dir / "metrics.json").exists()
+
+    other = subprocess.run(
+        _mer_train(*auto, "seed=1", f"hydra.run.dir={run_dir}"), env=_env(), capture_output=True, text=True
+    )
+    assert other.returncode == 2  # another model's run is never trained over
+    assert "resume=auto: the settings differ from the run" in other.stderr
+
+    again = subprocess.run(
+        _mer_train(*auto, f"hydra.run.dir={run_dir}"), env=_env(), capture_output=True, text=True
+    )
+    assert again.returncode == 0, again.stderr
+    assert "resuming from" in (run_dir / "train.log").read_text()
+    m_again = json.loads((run_dir / "metrics.json").read_text())
+    assert m_again["val"] == m_whole["val"]
+    assert m_again["test"] == m_whole["test"]
+    assert m_again["run"]["epochs_trained"] == 20

@@ -204,6 +204,24 @@ def test_resume_accepts_other_runtime_knobs_and_names_a_changed_model_setting(tm
         pipeline.check_resumable(OmegaConf.create(_config("model.dense_size=32")), tmp_path, resume=True)
 
 
+def test_resume_auto_continues_a_run_with_the_same_settings_and_starts_fresh_where_there_is_none(tmp_path):
+    from omegaconf import OmegaConf
+
+    from mer_cli import pipeline
+    from mer_cli.errors import ConfigError
+
+    cfg = OmegaConf.create(_config("resume=auto"))
+    assert pipeline.check_resumable(cfg, tmp_path, resume="auto") is False  # nothing there: fresh
+    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(_config()))
+    assert pipeline.check_resumable(cfg, tmp_path, resume="auto") is False  # stopped before epoch 1
+    (tmp_path / "last.pt").write_bytes(b"")
+    assert pipeline.check_resumable(OmegaConf.create(_config(*RUNTIME)), tmp_path, resume="auto") is True
+    with pytest.raises(ConfigError, match=r"resume=auto: the settings differ .*model\.dense_size: 16 -> 32"):
+        pipeline.check_resumable(OmegaConf.create(_config("model.dense_size=32")), tmp_path, resume="auto")
+    with pytest.raises(ConfigError, match=r"resume='maybe': valid: true, false, auto"):
+        pipeline.check_resumable(cfg, tmp_path, resume="maybe")
+
+
 def test_the_report_groups_runs_that_differ_only_in_runtime_knobs_or_seed_as_one_model(tmp_path):
     from mer_cli import compare
 

@@ -23,14 +23,15 @@ from typing import IO, Any
 
 import torch
 
-# the signals that stop a run (cli.py turns SIGTERM into KeyboardInterrupt as Ctrl-C does)
-INTERRUPT_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# the signals that stop a run (cli.py turns SIGTERM into KeyboardInterrupt as Ctrl-C does; in a
+# submitit job USR2, or USR1, makes submitit requeue the job and exit: launchers.py)
+INTERRUPT_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 _deferring = threading.local()
 
 
 @contextlib.contextmanager
 def deferred_interrupts() -> Iterator[None]:
-    """Hold back SIGINT and SIGTERM until the block has finished, then act on them as usual.
+    """Hold back the `INTERRUPT_SIGNALS` until the block has finished, then act on them as usual.
 
     Python runs a signal's handler in the main thread between two bytecodes, wherever that is:
     inside a C++ writer's Python callback, the resulting KeyboardInterrupt leaves a corrupt

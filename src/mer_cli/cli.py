@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import sys
+import warnings
 from pathlib import Path
 
 import hydra
@@ -15,7 +17,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from hydra_plugins.mer_optuna_sweeper.sweeper import OptunaSweeper
-from mer_cli import allocator, compare, pipeline, rundir, sweep, tracking
+from mer_cli import allocator, compare, launchers, pipeline, rundir, sweep, tracking, train
 from mer_cli.entry import debug, stop_on_sigterm
 from mer_cli.errors import MerError
 
@@ -23,6 +25,11 @@ log = logging.getLogger("mer_cli")
 
 # configs/train.yaml: hydra.run.dir: ${claim_dir:outputs/<modality>/<time>}
 OmegaConf.register_new_resolver("claim_dir", rundir.claim, replace=True)
+launchers.register_submitit_launchers()  # hydra/launcher=submitit_local|submitit_slurm
+# configs/hydra/launcher/<name>.yaml take the place of the launcher plugins' entries of the same
+# name, and Hydra checks them against those entries (a mistyped key is an error): by design here,
+# so its deprecation notice about that check is not shown on every sweep
+warnings.filterwarnings("ignore", message=r"(?s).*is validated against ConfigStore schema with the same name")
 # hparams_search: Hydra's plugin scan lists hydra_plugins/ only where it is a plain directory on
 # sys.path (a wheel), not through an editable install's import hook; so register the sweeper here
 Plugins.instance().register(OptunaSweeper)
@@ -55,9 +62,14 @@ def train_main(cfg: DictConfig) -> float:
     log.info("malloc: %s", allocator.describe())
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
-    stop_on_sigterm()
+    if "SUBMITIT_EXECUTOR" not in os.environ:  # a submitit job keeps submitit's handlers (requeue)
+        stop_on_sigterm()
     multirun = hc.mode == RunMode.MULTIRUN
     sweep_dir = Path(hc.sweep.dir) if multirun else None
+    jobs = launchers.parallel_jobs(hc.launcher) if multirun else 1
+    if jobs > 1 and cfg.runtime.get("num_threads") is None:  # never oversubscribe the CPU
+        cfg.runtime.num_threads = train.cpu_threads(jobs)
+        log.info("%d jobs run at once: %d torch threads each", jobs, cfg.runtime.num_threads)
     try:
         with rundir.hold(run_dir), tracking.session(sweep_dir):  # a failed run's tracked runs say so
             metrics = pipeline.run(cfg, run_dir, resume=cfg.resume, sweep_dir=sweep_dir)

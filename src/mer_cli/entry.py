@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable
 from types import FrameType
 
-from mer_cli import allocator, rundir
+from mer_cli import allocator, launchers, rundir
 
 
 def stop_on_sigterm() -> None:
@@ -59,7 +59,15 @@ def _cli(name: str) -> Callable[[], object]:
 
 
 def train() -> None:
-    guarded("mer-train", _cli("train_main"), "interrupted before training started: nothing to resume")
+    missing = launchers.missing_launcher(sys.argv[1:])  # before Hydra: one line, not its error
+    if missing:
+        print(f"mer-train: error: {missing}", file=sys.stderr)
+        sys.exit(2)
+    if {"-m", "--multirun"} & set(sys.argv[1:]):  # a parallel sweep's jobs may have trained
+        hint = "interrupted: to continue the sweep, run the same command with resume=auto hydra.sweep.dir=DIR"
+    else:
+        hint = "interrupted before training started: nothing to resume"
+    guarded("mer-train", _cli("train_main"), hint)
 
 
 def evaluate() -> None:

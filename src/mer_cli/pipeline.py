@@ -18,6 +18,7 @@ Every file in a run directory is written by a function called from here:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -71,10 +72,11 @@ PRECISION_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16:
 
 
 def run(
-    cfg: DictConfig, out_dir: Path, resume: bool = False, sweep_dir: Path | None = None
+    cfg: DictConfig, out_dir: Path, resume: bool | str = False, sweep_dir: Path | None = None
 ) -> dict[str, Any]:
     """Train and evaluate the model ``cfg`` describes; write everything into ``out_dir``.
 
+    ``resume``: true, false or "auto" (continue the run in ``out_dir`` if there is one).
     ``sweep_dir``: the multirun's root when this is one job of a sweep; models already trained
     there with the same settings are reused instead of trained again (see `sweep`).
     """
@@ -83,19 +85,33 @@ def run(
         raise ConfigError(f"modality={modality!r}: valid: {', '.join(MODALITIES)}")
     check_scaling(cfg.preprocess.scaling)
     out_dir.mkdir(parents=True, exist_ok=True)
-    check_resumable(cfg, out_dir, resume)
+    resume_here = check_resumable(cfg, out_dir, resume)
     write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     if cfg.cv.folds is not None and cfg.cv.fold is None:
-        return run_folds(cfg, out_dir, resume, sweep_dir)
+        return run_folds(cfg, out_dir, resume, sweep_dir)  # resume=auto: each fold decides for itself
     if sweep_dir is not None and modality != "late":
-        done = sweep.find_trained(sweep_dir, cfg, out_dir)
-        if done is not None:  # trained earlier in this sweep, as a late fusion member
-            log.info(
-                "%s: this sweep already trained the same model in %s: copied, not retrained", modality, done
-            )
-            metrics = sweep.adopt(done, out_dir)
-            tracking.start(cfg, out_dir).finish()  # the copy is this job's tracked run
-            return metrics
+        # a parallel job may be training this very model (as a late fusion member): wait for it
+        with sweep.training_once(sweep_dir, cfg):
+            done = sweep.find_trained(sweep_dir, cfg, out_dir)
+            if done is not None:  # trained earlier in this sweep, as a late fusion member
+                log.info(
+                    "%s: this sweep already trained the same model in %s: copied, not retrained",
+                    modality,
+                    done,
+                )
+                metrics = sweep.adopt(done, out_dir)
+                tracking.start(cfg, out_dir).finish()  # the copy is this job's tracked run
+                return metrics
+            return train_model(cfg, load_logged(cfg), out_dir, resume_here).metrics
+    splits = load_logged(cfg)
+    if modality == "late":
+        return run_late(cfg, splits, out_dir, resume_here, sweep_dir)
+    result = train_model(cfg, splits, out_dir, resume_here)
+    return result.metrics
+
+
+def load_logged(cfg: DictConfig) -> data.Splits:
+    """`load_data`, and a log line on what was loaded."""
     splits = load_data(cfg.data, cfg.cv)
     log.info(
         "data: %s: %d train / %d val / %d test clips, %d classes",
@@ -105,26 +121,28 @@ def run(
         len(splits.test),
         splits.n_classes,
     )
-    if modality == "late":
-        return run_late(cfg, splits, out_dir, resume, sweep_dir)
-    result = train_model(cfg, splits, out_dir, resume)
-    return result.metrics
+    return splits
 
 
-def check_resumable(cfg: DictConfig, out_dir: Path, resume: bool) -> None:
-    """Refuse to overwrite a run by accident, or to resume one with other settings."""
+def check_resumable(cfg: DictConfig, out_dir: Path, resume: bool | str) -> bool:
+    """Whether to continue the run in ``out_dir``; refuse to overwrite a run by accident, or to
+    resume one with other settings. ``resume="auto"``: continue when ``out_dir`` holds a run (a
+    requeued or relaunched job), which must then have the same settings; else start fresh."""
     # never train over a finished or interrupted run: its weights would be silently replaced
     started = any(out_dir.rglob("last.pt")) or any(out_dir.rglob("checkpoint.pt"))
-    if not resume:
+    asked = {True: "true", False: "false"}.get(resume) if isinstance(resume, bool) else resume
+    if asked not in ("true", "false", "auto"):
+        raise ConfigError(f"resume={resume!r}: valid: true, false, auto")
+    if asked == "false" or (asked == "auto" and not started):
         if started:
             raise ConfigError(
-                f"{out_dir} already holds a run (last.pt): add resume=true to continue it, "
-                "or choose another hydra.run.dir"
+                f"{out_dir} already holds a run (last.pt): add resume=true to continue it "
+                "(resume=auto: continue a run where there is one), or choose another hydra.run.dir"
             )
-        return
+        return False
     old_path = out_dir / "config.yaml"
     if not old_path.is_file():
-        raise ConfigError(f"resume=true: {out_dir} holds no run to resume (no config.yaml)")
+        raise ConfigError(f"resume={asked}: {out_dir} holds no run to resume (no config.yaml)")
     # run-time knobs (threads, device, progress bar, ...) may change; nothing that is learned
     old = rundir.run_identity(cast(dict, OmegaConf.to_container(OmegaConf.load(old_path))))
     new = rundir.run_identity(cast(dict, OmegaConf.to_container(cfg, resolve=True)))
@@ -132,9 +150,10 @@ def check_resumable(cfg: DictConfig, out_dir: Path, resume: bool) -> None:
     if changed:
         shown = ", ".join(changed[:3])
         raise ConfigError(
-            f"resume=true: the settings differ from the run in {out_dir} ({shown}); "
+            f"resume={asked}: the settings differ from the run in {out_dir} ({shown}); "
             "resume with the same overrides"
         )
+    return True
 
 
 # data.name -> the reader of a user's file, and what that file is
@@ -144,7 +163,7 @@ READERS = {
 }
 
 
-def run_folds(cfg: DictConfig, out_dir: Path, resume: bool, sweep_dir: Path | None) -> dict[str, Any]:
+def run_folds(cfg: DictConfig, out_dir: Path, resume: bool | str, sweep_dir: Path | None) -> dict[str, Any]:
     """cv.folds=K: run every fold into ``out_dir/fold<i>/``; cv.json holds the mean over folds."""
     tracked = tracking.start(cfg, out_dir)  # the folds' runs are its children
     per_fold = []
@@ -419,21 +438,28 @@ def run_late(
     sources: dict[str, str] = {}
     for member in LATE_MEMBERS:
         reuse = cfg.modality.get(f"{member}_run")
-        if not reuse and sweep_dir is not None:
-            reuse = sweep.find_trained(sweep_dir, member_config(cfg, member), out_dir)
-        if reuse:
-            run_dir = Path(reuse).expanduser().resolve()
-            log.info("late fusion: reusing the %s model in %s", member, run_dir)
-            members[member] = predict_run(run_dir, splits)
-            sources[member] = str(run_dir)
-        else:
-            log.info("late fusion: training the %s model", member)
-            member_dir = out_dir / member
-            member_cfg = member_config(cfg, member)
-            write_text(member_dir / "config.yaml", OmegaConf.to_yaml(member_cfg, resolve=True))
-            result = train_model(member_cfg, splits, member_dir, resume)
-            members[member] = result.predictions
-            sources[member] = member
+        member_cfg = member_config(cfg, member)
+        # a parallel job of the sweep training this member: wait for it and reuse its run
+        in_sweep = (
+            sweep.training_once(sweep_dir, member_cfg)
+            if not reuse and sweep_dir is not None
+            else contextlib.nullcontext()
+        )
+        with in_sweep:
+            if not reuse and sweep_dir is not None:
+                reuse = sweep.find_trained(sweep_dir, member_cfg, out_dir)
+            if reuse:
+                run_dir = Path(reuse).expanduser().resolve()
+                log.info("late fusion: reusing the %s model in %s", member, run_dir)
+                members[member] = predict_run(run_dir, splits)
+                sources[member] = str(run_dir)
+            else:
+                log.info("late fusion: training the %s model", member)
+                member_dir = out_dir / member
+                write_text(member_dir / "config.yaml", OmegaConf.to_yaml(member_cfg, resolve=True))
+                result = train_model(member_cfg, splits, member_dir, resume)
+                members[member] = result.predictions
+                sources[member] = member
     metrics = fuse_and_report(
         combiner,
         acoustic_weight,

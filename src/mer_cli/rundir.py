@@ -12,7 +12,7 @@ import os
 import re
 import shutil
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +74,24 @@ def hold(run_dir: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the lock
+
+
+@contextlib.contextmanager
+def wait_and_hold(lock_path: Path, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+    """Hold an ``flock`` on ``lock_path`` while the block runs, waiting first for any other process
+    that holds it (``on_wait`` is called then). Released however the holder ends, as in `hold`."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait is not None:
+                on_wait()
+            fcntl.flock(fd, fcntl.LOCK_EX)  # Ctrl-C still interrupts the wait
+        yield
+    finally:
+        os.close(fd)
 
 
 def remove_if_nothing_trained(run_dir: Path) -> None:

@@ -8,16 +8,22 @@ config less run-time knobs):
   - a single-stream job that finds one (trained earlier as a late fusion member, when the sweep
     lists late first) copies it instead of training again.
 Jobs run in override order with Hydra's basic launcher (one after another), so with
-``modality=acoustic,visual,late,early`` late trains nothing. A parallel launcher may start late
-before its members have finished; late then trains its own members (correct, only slower).
+``modality=acoustic,visual,late,early`` late trains nothing. Under a parallel launcher (joblib,
+submitit) the same model may be wanted by two jobs at once (late fusion and its member's own job):
+a job holds the model's sweep-wide lock (`training_once`) while it looks for a trained copy and,
+finding none, trains it, so the other job waits for it and then reuses what it trained. A job
+holds one such lock at a time, so jobs cannot wait on each other in a circle.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 import shutil
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +33,30 @@ from omegaconf import DictConfig, OmegaConf
 from mer_cli import compare
 from mer_cli.artifacts import write_json
 from mer_cli.errors import MerError
-from mer_cli.rundir import LOCK_NAME, run_identity
+from mer_cli.rundir import LOCK_NAME, run_identity, wait_and_hold
 
 log = logging.getLogger(__name__)
 
 # files of a finished single-stream run: a run counts as reusable only when all are there
 FINISHED_RUN_FILES = ("checkpoint.pt", "metrics.json", "predictions.csv")
+# at the sweep's root: one lock file per model being trained (named by a hash of its run identity)
+LOCKS_DIR = ".locks"
+
+
+@contextlib.contextmanager
+def training_once(sweep_dir: Path, cfg: DictConfig) -> Iterator[None]:
+    """Hold the sweep-wide lock of the model and run ``cfg`` describes while the block looks for a
+    trained copy (`find_trained`) and, finding none, trains it. Another job of the sweep that is
+    training the same model holds the lock: this waits until that job has finished it."""
+    identity = json.dumps(run_identity(_container(cfg)), sort_keys=True, default=str)
+    path = sweep_dir / LOCKS_DIR / f"{hashlib.sha256(identity.encode()).hexdigest()[:16]}.lock"
+    name = cfg.modality.name
+
+    def say_waiting() -> None:
+        log.info("%s: another job of this sweep is training the same model: waiting for it", name)
+
+    with wait_and_hold(path, on_wait=say_waiting):
+        yield
 
 
 def find_trained(sweep_dir: Path, cfg: DictConfig, exclude: Path) -> Path | None:

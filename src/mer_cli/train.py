@@ -161,8 +161,14 @@ def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCon
     return torch.autocast(device.type, dtype=dtype)
 
 
+def cpu_threads(parallel_jobs: int = 1) -> int:
+    """Torch threads for one of ``parallel_jobs`` jobs sharing this machine: its physical cores
+    split evenly, so parallel jobs never oversubscribe the CPU (at least one each)."""
+    return max(1, physical_cores() // max(1, parallel_jobs))
+
+
 def configure_threads(settings: Settings) -> int:
-    n = settings.num_threads or physical_cores()
+    n = settings.num_threads or cpu_threads()
     torch.set_num_threads(n)
     return n
 
