@@ -12,9 +12,11 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.plugins import Plugins
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from hydra_plugins.mer_optuna_sweeper.sweeper import OptunaSweeper
 from mer_cli import allocator, compare, launchers, pipeline, rundir, sweep, tracking, train
 from mer_cli.entry import debug, stop_on_sigterm
 from mer_cli.errors import MerError
@@ -28,6 +30,9 @@ launchers.register_submitit_launchers()  # hydra/launcher=submitit_local|submiti
 # name, and Hydra checks them against those entries (a mistyped key is an error): by design here,
 # so its deprecation notice about that check is not shown on every sweep
 warnings.filterwarnings("ignore", message=r"(?s).*is validated against ConfigStore schema with the same name")
+# hparams_search: Hydra's plugin scan lists hydra_plugins/ only where it is a plain directory on
+# sys.path (a wheel), not through an editable install's import hook; so register the sweeper here
+Plugins.instance().register(OptunaSweeper)
 
 
 def config_dir() -> str:

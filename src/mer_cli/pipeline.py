@@ -43,6 +43,7 @@ from mer_cli import (
     preprocess,
     report,
     rundir,
+    search,
     spec,
     sweep,
     synthetic,
@@ -338,7 +339,7 @@ def train_model(cfg: DictConfig, splits: data.Splits, out_dir: Path, resume: boo
         seed=cfg.seed,
         checkpoint_meta=meta,
         resume=resume,
-        on_epoch=tracked.log_epoch,
+        on_epoch=search.reporting(tracked.log_epoch, cfg.get("search")),  # + a search trial's reports
     )
     train_seconds = time.perf_counter() - started
 
@@ -492,6 +493,7 @@ def member_config(cfg: DictConfig, member: str) -> DictConfig:
     member_cfg = copy.deepcopy(cfg)
     with open_dict(member_cfg):
         member_cfg.modality = {"name": member, "streams": [member]}
+        member_cfg.search = None  # a search trial is the fused model: members report no epochs
     return member_cfg
 
 

@@ -67,7 +67,9 @@ def write(
 
 def write_history(path: Path, rows: Sequence[dict[str, float]]) -> Path:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+    # every key of any row: a run resumed from an older last.pt lacks columns added since
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    writer = csv.DictWriter(buf, fieldnames=columns, restval="", lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     write_text(path, buf.getvalue())

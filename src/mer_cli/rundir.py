@@ -131,9 +131,10 @@ def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: obj}
 
 
-# how a run executed, where it was tracked, what happens after it, and whether it was resumed:
-# never part of a model (data.cache*: where generated clips are kept, never which clips)
-_NOT_IDENTITY = re.compile(r"^(runtime|logger|compare|hydra)\.|^resume$|^data\.cache(_dir)?$")
+# how a run executed, where it was tracked, what happens after it, whether it was resumed, which
+# search trial it was: never part of a model (data.cache*: where generated clips are kept, never
+# which clips)
+_NOT_IDENTITY = re.compile(r"^(runtime|logger|compare|hydra|search)\.|^(resume|search)$|^data\.cache(_dir)?$")
 # which run of a model: runs that differ only here are the same model (a comparison's samples)
 RUN_KEYS = ("seed", "cv.fold")
 # where late fusion read its members from: the members' own identities decide, not their paths

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import f1_score, roc_auc_score
 from torch import nn
 from tqdm import tqdm
 
@@ -41,6 +41,7 @@ HISTORY_COLUMNS = (
     "val/loss",
     "val/accuracy",
     "val/roc_auc",
+    "val/f1_macro",
     "seconds",
 )
 
@@ -73,6 +74,11 @@ class Settings:
             raise ConfigError(f"trainer.loop.batch_size={self.batch_size}: must be at least 2")
         if self.loader_workers < 0:
             raise ConfigError(f"runtime.loader_workers={self.loader_workers}: must be 0 or more")
+
+
+class StopTraining(Exception):
+    """Raised by an ``on_epoch`` callback to end training after this epoch (its state is saved);
+    the best weights are restored as after an early stop."""
 
 
 @dataclass
@@ -563,6 +569,16 @@ def fit(
             "val/loss": val_loss,
             "val/accuracy": float((val_prob.argmax(1) == val_y).mean()),
             "val/roc_auc": roc_auc_micro(val_y, val_prob),
+            # as metrics.json's f1_macro (every class counted): what a hyperparameter search maximizes
+            "val/f1_macro": float(
+                f1_score(
+                    val_y,
+                    val_prob.argmax(1),
+                    labels=np.arange(val_prob.shape[1]),
+                    average="macro",
+                    zero_division=0,
+                )
+            ),
             "seconds": time.perf_counter() - started,
         }
         history.rows.append(row)
@@ -609,7 +625,12 @@ def fit(
             },
         )
         if on_epoch is not None:
-            on_epoch(row)
+            try:
+                on_epoch(row)
+            except StopTraining as stop:  # e.g. a search's pruner: ends like an early stop
+                history.stopped_early = True
+                log.info("training stopped after epoch %d: %s", epoch, stop)
+                break
         if bad_epochs >= settings.patience_epochs:
             history.stopped_early = True
             log.info("early stop: no better val/loss for %d epochs", bad_epochs)

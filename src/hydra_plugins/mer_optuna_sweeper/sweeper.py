@@ -1,0 +1,208 @@
+"""OptunaSweeper: Optuna's ask/tell loop over Hydra's launcher (``hydra/sweeper=mer_optuna``).
+
+Per batch of ``n_jobs`` trials: ask Optuna, turn each trial's parameters into overrides, launch
+the jobs through ``hydra/launcher`` (basic, joblib, submitit: any), tell Optuna each job's return
+value (val/f1_macro), or that its run was pruned or failed. The study lives in Optuna's storage
+(by default ``optuna.db`` in the sweep directory), so the same command with the same
+``hydra.sweep.dir`` resumes a search that crashed; trials its dead sweeper left running are
+marked failed and asked again. Only Hydra is imported at module level: Hydra imports every
+plugin module at start-up, and Optuna is an optional extra.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.plugins import Plugins
+from hydra.plugins.sweeper import Sweeper
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+
+class OptunaSweeper(Sweeper):
+    """Configured by configs/hydra/sweeper/mer_optuna.yaml (every argument is a key there)."""
+
+    def __init__(
+        self,
+        n_trials: int,
+        n_jobs: int,
+        direction: str,
+        storage: str | None,
+        study_name: str | None,
+        sampler: DictConfig,
+        pruner: DictConfig,
+        params: DictConfig | None,
+    ) -> None:
+        self.n_trials = int(n_trials)
+        self.n_jobs = int(n_jobs)
+        self.direction = direction
+        self.storage = storage
+        self.study_name = study_name
+        # config nodes (_recursive_: false): the sampler's seed depends on the study, and every
+        # job builds the same pruner from the study's copy of this node
+        self.sampler_cfg = sampler
+        self.pruner_cfg = pruner
+        self.params = {str(k): str(v) for k, v in (params or {}).items()}
+        self.hydra_context: HydraContext | None = None
+        self.config: DictConfig | None = None
+        self.launcher: Any = None
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        self.hydra_context = hydra_context
+        self.config = config
+        self.launcher = Plugins.instance().instantiate_launcher(
+            hydra_context=hydra_context, task_function=task_function, config=config
+        )
+
+    def sweep(self, arguments: list[str]) -> Any:
+        from mer_cli.entry import debug
+        from mer_cli.errors import MerError
+
+        try:
+            return self._sweep(arguments)
+        except MerError as e:  # a bad search space or storage, Optuna missing: one line, as mer-train's
+            if debug():
+                raise
+            print(f"mer-train: error: {' '.join(str(e).split())}", file=sys.stderr)
+            sys.exit(2)
+
+    def _sweep(self, arguments: list[str]) -> Any:
+        from hydra.utils import instantiate
+
+        from mer_cli import search
+
+        assert self.config is not None and self.hydra_context is not None and self.launcher is not None
+        optuna = search.require_optuna()
+        if self.n_trials < 1 or self.n_jobs < 1:
+            raise search.ConfigError(
+                f"hydra.sweeper.n_trials={self.n_trials}, n_jobs={self.n_jobs}: both must be at least 1"
+            )
+        sweep_dir = Path(self.config.hydra.sweep.dir).resolve()
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+
+        # the command line: a sweep (choice, interval, ...) adds to or replaces the preset's
+        # search space; a plain value goes to every trial as written
+        params = dict(self.params)
+        fixed_cli: list[str] = []
+        parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
+        for text, override in zip(arguments, parser.parse_overrides(arguments), strict=True):
+            if override.is_sweep_override():
+                params[override.get_key_element()] = text.partition("=")[2]
+            else:
+                fixed_cli.append(text)
+        space, fixed = search.space_of(params)
+        cli_keys = {t.partition("=")[0].lstrip("+~") for t in fixed_cli}
+        fixed = [f for f in fixed if f.partition("=")[0] not in cli_keys] + fixed_cli
+
+        storage = self.storage or f"sqlite:///{sweep_dir / search.STORAGE_FILE}"
+        study_name = self.study_name or sweep_dir.name
+        existing = _n_trials_in(optuna, storage, study_name)
+        sampler_cfg = OmegaConf.to_container(self.sampler_cfg, resolve=True)
+        assert isinstance(sampler_cfg, dict)
+        if sampler_cfg.get("seed") is not None:  # a resumed search draws new points, not the first ones again
+            sampler_cfg["seed"] = int(sampler_cfg["seed"]) + existing
+        pruner_cfg = OmegaConf.to_container(self.pruner_cfg, resolve=True)
+        study = optuna.create_study(
+            study_name=study_name,
+            storage=storage,
+            sampler=instantiate(sampler_cfg),
+            pruner=instantiate(pruner_cfg),
+            direction=self.direction,
+            load_if_exists=True,
+        )
+        study.set_user_attr("pruner", pruner_cfg)  # jobs build the same pruner in their own process
+        log.info("study %s in %s: %d trials so far, %d wanted", study_name, storage, existing, self.n_trials)
+        _retry_abandoned(optuna, study)
+
+        returns = []
+        while (todo := self.n_trials - _n_finished(optuna, study)) > 0:
+            trials = [study.ask(space) for _ in range(min(self.n_jobs, todo))]
+            batch = []
+            for trial in trials:
+                overrides = [*fixed, *search.overrides_of(trial.params)]
+                trial.set_user_attr(search.SWEEPER, search.sweeper_id())
+                trial.set_user_attr(search.OVERRIDES, overrides)
+                link = f"search={{storage:{_quote(storage)},study:{_quote(study_name)},trial:{trial.number}}}"
+                batch.append([*overrides, link])
+                log.info("trial %d: %s", trial.number, " ".join(search.overrides_of(trial.params)))
+            self.validate_batch_is_legal(batch)
+            results = self.launcher.launch(batch, initial_job_idx=trials[0].number)
+            for trial, result in zip(trials, results, strict=True):
+                self._tell(optuna, search, study, trial, result)
+            returns.append(results)
+
+        for path in search.write_results(study, sweep_dir, space):
+            log.info("wrote %s", path)
+        if any(t.state == optuna.trial.TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
+            best = study.best_trial
+            log.info("best: trial %d, %s %.4f: %s", best.number, search.OBJECTIVE, best.value, best.params)
+        return returns
+
+    @staticmethod
+    def _tell(optuna: Any, search: Any, study: Any, trial: Any, result: Any) -> None:
+        states = optuna.trial.TrialState
+        try:
+            value = search.value_of(result.return_value)
+            error = None if math.isfinite(value) else "the job failed (see failed.json in its directory)"
+        except Exception as e:  # the launcher captured an exception the job did not handle
+            value, error = math.nan, f"{type(e).__name__}: {e}"
+        if result.hydra_cfg is not None:
+            trial.set_user_attr(
+                search.RUN_DIR, str(Path(result.hydra_cfg.hydra.runtime.output_dir).resolve())
+            )
+        # the job wrote this on the trial if the pruner stopped it (it ran in its own process)
+        frozen = next(t for t in study.get_trials(deepcopy=False) if t.number == trial.number)
+        if error is not None:
+            trial.set_user_attr("error", error)
+            study.tell(trial, state=states.FAIL)
+            log.warning("trial %d failed: %s", trial.number, error)
+        elif search.PRUNED_AT in frozen.user_attrs:
+            study.tell(trial, state=states.PRUNED)
+            log.info("trial %d pruned at epoch %d", trial.number, frozen.user_attrs[search.PRUNED_AT])
+        else:
+            study.tell(trial, value)
+            log.info("trial %d: %s %.4f", trial.number, search.OBJECTIVE, value)
+
+
+def _quote(text: str) -> str:
+    """A string as a quoted value in Hydra's override grammar."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _n_trials_in(optuna: Any, storage: str, study_name: str) -> int:
+    try:
+        return len(optuna.load_study(study_name=study_name, storage=storage).get_trials(deepcopy=False))
+    except KeyError:  # a new study
+        return 0
+
+
+def _n_finished(optuna: Any, study: Any) -> int:
+    """Trials that count towards n_trials: completed, pruned, or failed while they ran (not the
+    ones a dead sweeper abandoned: those are asked again)."""
+    states = optuna.trial.TrialState
+    return sum(
+        t.state in (states.COMPLETE, states.PRUNED) or (t.state == states.FAIL and "error" in t.user_attrs)
+        for t in study.get_trials(deepcopy=False)
+    )
+
+
+def _retry_abandoned(optuna: Any, study: Any) -> None:
+    """Trials left running by a sweeper that is gone (a crash, a kill): failed, and their
+    parameters enqueued so the next trial tries them again."""
+    from mer_cli import search
+
+    running: Sequence[Any] = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    for t in running:
+        if search.sweeper_is_gone(t.user_attrs.get(search.SWEEPER)):
+            study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+            study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
+            log.warning("trial %d was left running by a sweeper that is gone: asked again", t.number)
