@@ -80,7 +80,13 @@ def _readme_commands(tool: str) -> list[list[str]]:
 
     from conftest import REPO
 
-    lines = (REPO / "README.md").read_text().splitlines()
+    lines, pending = [], ""
+    for line in (REPO / "README.md").read_text().splitlines():  # a command continued with "\\"
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+        else:
+            lines.append(pending + line)
+            pending = ""
     commands = []
     for line in lines:
         words = shlex.split(line.split("#")[0]) if line.startswith(f"{tool} ") else []
@@ -94,7 +100,10 @@ def test_readme_mer_train_examples_compose(args):
     overrides = [a for a in args if a not in ("-m", "--multirun")]
     # a sweep's comma lists: compose the first value of each
     overrides = [
-        o.split("=", 1)[0] + "=" + o.split("=", 1)[1].split(",")[0] if "," in o else o for o in overrides
+        o.split("=", 1)[0] + "=" + o.split("=", 1)[1].split(",")[0]
+        if "," in o and not o.split("=", 1)[1].startswith("[")  # a list value is one value
+        else o
+        for o in overrides
     ]
     cfg = _compose(*overrides)
     assert cfg.modality.name in pipeline.MODALITIES

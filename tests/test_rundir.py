@@ -232,6 +232,7 @@ def test_the_report_groups_runs_that_differ_only_in_runtime_knobs_or_seed_as_one
             seed=cfg["seed"],
             fold=None,
             config=rundir.flatten(cfg),
+            model_choice="bilstm",  # the same model config: labels name the keys that differ
             metrics={},
             class_names=("a",),
             test=None,  # type: ignore[arg-type]  # labels need the config only
