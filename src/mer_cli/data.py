@@ -643,6 +643,23 @@ def _mapping_from_arrays(arrays: dict[str, np.ndarray], path: Path) -> tuple[dic
     return raw, names.tolist()
 
 
+def check_offsets(offsets: np.ndarray, n_clips: int, n_frames: int, what: str, frames_name: str) -> None:
+    """``offsets`` (``what``, naming file and split) rise from 0 to the ``n_frames`` frames of
+    ``frames_name``, one entry more than the ``n_clips`` clips; else one `DataError`."""
+    ok = (
+        offsets.shape == (n_clips + 1,)
+        and np.issubdtype(offsets.dtype, np.integer)
+        and offsets[0] == 0
+        and offsets[-1] == n_frames
+        and bool((np.diff(offsets) >= 0).all())
+    )
+    if not ok:
+        raise DataError(
+            f"{what} must rise from 0 to the {n_frames} frames of {frames_name}, "
+            f"one more entry than the {n_clips} clips"
+        )
+
+
 def stream_clips(
     arrays: Mapping[str, np.ndarray], prefix: str, stream: str, n_clips: int, path: Path
 ) -> list[np.ndarray]:
@@ -654,18 +671,7 @@ def stream_clips(
         if key not in arrays:
             raise DataError(f"{path}: missing array '{key}' (not a mer-cli .npz, or written by another tool)")
     frames, offsets = arrays[f"{prefix}{stream}"], arrays[f"{prefix}{stream}_offsets"]
-    ok = (
-        offsets.shape == (n_clips + 1,)
-        and np.issubdtype(offsets.dtype, np.integer)
-        and offsets[0] == 0
-        and offsets[-1] == len(frames)
-        and bool((np.diff(offsets) >= 0).all())
-    )
-    if not ok:
-        raise DataError(
-            f"{path}: {where}: {stream}_offsets must rise from 0 to the {len(frames)} frames of "
-            f"{prefix}{stream}, one more entry than the {n_clips} clips"
-        )
+    check_offsets(offsets, n_clips, len(frames), f"{path}: {where}: {stream}_offsets", f"{prefix}{stream}")
     if frames.ndim != 2:
         raise DataError(f"{path}: {where}: {label} must be 2-D (frames, features), found {frames.shape}")
     return [frames[offsets[i] : offsets[i + 1]] for i in range(n_clips)]
@@ -955,18 +961,9 @@ def _open_split(folder: Path, name: str, source: str) -> Split:
             raise DataError(f"{source}: {name}: missing {p.name} (not a complete mer-cli dataset directory)")
         frames = NpyRows(p)
         offsets = small(f"{stream}_offsets.npy")
-        ok = (
-            offsets.shape == (len(ids) + 1,)
-            and np.issubdtype(offsets.dtype, np.integer)
-            and offsets[0] == 0
-            and offsets[-1] == len(frames)
-            and bool((np.diff(offsets) >= 0).all())
+        check_offsets(
+            offsets, len(ids), len(frames), f"{source}: {name}: {stream}_offsets", f"{name}/{stream}.npy"
         )
-        if not ok:
-            raise DataError(
-                f"{source}: {name}: {stream}_offsets must rise from 0 to the {len(frames)} frames of "
-                f"{name}/{stream}.npy, one more entry than the {len(ids)} clips"
-            )
         empty = np.flatnonzero(np.diff(offsets) == 0)
         if empty.size:
             raise DataError(f"{source}: {name}/{clip_ids[int(empty[0])]}: {label} has 0 frames")
