@@ -41,6 +41,7 @@ from typing import Any, Protocol, cast
 
 from omegaconf import DictConfig, OmegaConf
 
+from mer_cli.artifacts import deferred_interrupts
 from mer_cli.errors import ConfigError
 from mer_cli.rundir import flatten
 
@@ -112,7 +113,10 @@ class Tracker:
     def _call(self, what: str, action: Any) -> bool:
         if self.backend is None:
             return False
-        with quiet_retries():
+        # Ctrl-C or kill during a tracker call (an SQLite write, a request) takes effect when the
+        # call returns: raised inside the client, it would leave its database session broken, and
+        # the interrupted run could no longer be marked KILLED
+        with quiet_retries(), deferred_interrupts():
             try:
                 action(self.backend)
                 return True
