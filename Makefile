@@ -35,8 +35,12 @@ run: $(STAMP)  ## train + evaluate the default model (early fusion) on the embed
 compare: $(STAMP)  ## the four models x SEEDS (0,1,2) on the embedded data, compared in one report
 	$(BIN)/mer-train -m modality=acoustic,visual,late,early seed=$(SEEDS) $(ARGS)
 
+# pytest-xdist: one worker per CPU (TEST_WORKERS=0: in this process); a test file stays on one
+# worker, so its module fixtures (smoke runs) are trained once
+TEST_WORKERS ?= auto
+
 test: $(STAMP)  ## the whole test suite (a few minutes on 2 cores)
-	$(BIN)/python -m pytest $(ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(ARGS)
 
 smoke: $(STAMP)  ## every modality for two tiny epochs
 	$(BIN)/mer-train -m experiment=smoke modality=acoustic,visual,late,early $(ARGS)
