@@ -298,6 +298,26 @@ def test_features_of_another_size_are_one_line_naming_the_mismatch(files, runs, 
     assert not out.exists()
 
 
+def test_mer_evaluate_names_a_feature_mismatch_in_one_line_too(files, runs, capsys, tmp_path):
+    """The same check guards mer-evaluate --data: before it, the scaler failed on a shape."""
+    new = data.load_npz(files["new"])
+
+    def forty(split: data.Split) -> data.Split:
+        return dataclasses.replace(split, mfcc=data.Clips.pack([m[:, :40] for m in split.mfcc]))
+
+    path = tmp_path / "forty.npz"
+    data.save_npz(data.Splits(*(forty(s) for s in new.all()), new.class_names, source="forty"), path)
+    before = sorted(runs["early"].rglob("*"))
+    with pytest.raises(SystemExit) as exit_info:
+        cli.evaluate_main([str(runs["early"]), "--data", str(path)])
+    assert exit_info.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"mer-evaluate: error: {path}: ") and line.endswith(
+        ": acoustic (mfcc): 40 features per frame, the model was trained on 52 (26 MFCC + 26 deltas)"
+    )
+    assert sorted(runs["early"].rglob("*")) == before  # no evaluation directory, not even empty
+
+
 def test_a_feature_file_ingested_with_other_settings_is_refused_naming_them(files, runs, capsys, tmp_path):
     coarse = ingest.AudioSettings(hop_ms=20.0)  # still 52 features per frame, but 50 frames/s
     splits, _ = ingest.build(files["audio"], files["video"], coarse, ingest.Names(), progress=False)

@@ -687,8 +687,12 @@ def predict_run(
     dtype = train.resolve_precision(trained_precision(run_dir, meta), device)
     batch_size = int(meta.get("eval_batch_size", batch_size))
     model.to(device)
+    feature_spec = spec.from_meta(meta)
     for s in split_names:
         split = getattr(splits, s)
+        # checked before any preprocessing: a scaler fitted on other features fails on a shape
+        counts = {name: split.streams[name].n_features for name in meta["streams"]}
+        spec.check_features(feature_spec, counts, f"{splits.source}: {s}")
         seqs = preprocess.apply(
             preps, model_inputs(split, meta["modality"], list(meta["streams"])), split.labels, split.clip_ids
         )
