@@ -1,4 +1,5 @@
 import math
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +53,7 @@ def test_bucketing_pads_less_than_random_batches():
     assert padded_frames(True) < 1.25 * useful < 1.5 * useful < padded_frames(False)
 
 
-def _fit(tmp_path: Path, epochs: int, seed: int = 0, **loop):
+def _fit(tmp_path: Path, epochs: int, seed: int = 0, meta: dict | None = None, **loop):
     torch.manual_seed(seed)
     model = bilstm(3, 3, hidden_sizes=(6,), dense_size=8, dropout=0.1)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -69,7 +70,7 @@ def _fit(tmp_path: Path, epochs: int, seed: int = 0, **loop):
         settings,
         tmp_path,
         seed=seed,
-        checkpoint_meta={"note": "test"},
+        checkpoint_meta=meta or {"note": "test"},
     )
     return model, history
 
@@ -88,6 +89,17 @@ def test_fit_learns_restores_the_best_epoch_and_checkpoints_it(tmp_path):
     saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert saved["epoch"] == history.best_epoch and saved["note"] == "test"
     assert (tmp_path / "last.pt").exists()
+
+
+def test_ctrl_c_while_the_best_checkpoint_is_written_still_leaves_that_epochs_last_pt(tmp_path):
+    """checkpoint.pt and last.pt are one unit: a Ctrl-C that lands while epoch 1's best weights
+    are being written takes effect once its last.pt is in place too, so the run can resume."""
+    from test_artifacts import SignalWhenPickled
+
+    with pytest.raises(KeyboardInterrupt):
+        _fit(tmp_path, epochs=3, meta={"trigger": SignalWhenPickled(signal.SIGINT)})
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["epoch"] == 1
+    assert torch.load(tmp_path / "last.pt", weights_only=False)["epoch"] == 1
 
 
 def test_early_stopping_stops_after_patience_epochs_without_improvement(tmp_path):

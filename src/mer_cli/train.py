@@ -23,7 +23,7 @@ from sklearn.metrics import f1_score, roc_auc_score
 from torch import nn
 from tqdm import tqdm
 
-from mer_cli.artifacts import load_checkpoint, save_checkpoint
+from mer_cli.artifacts import deferred_interrupts, load_checkpoint, save_checkpoint
 from mer_cli.errors import ConfigError
 from mer_cli.models import Frames
 from mer_cli.preprocess import SequenceSet, pad_clips
@@ -584,46 +584,49 @@ def fit(
         history.rows.append(row)
         scheduler.step(val_loss)
 
-        improved = val_loss < best_loss
-        if improved:
-            best_loss, bad_epochs, history.best_epoch = val_loss, 0, epoch
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            save_checkpoint(
-                out_dir / "checkpoint.pt",
-                {**checkpoint_meta, "model": best_state, "epoch": epoch, "val_loss": val_loss},
+        # the epoch's files as one unit: Ctrl-C or kill once checkpoint.pt is being written waits
+        # until last.pt is too, so an interrupted run always has the last.pt its epoch earned
+        with deferred_interrupts():
+            improved = val_loss < best_loss
+            if improved:
+                best_loss, bad_epochs, history.best_epoch = val_loss, 0, epoch
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                save_checkpoint(
+                    out_dir / "checkpoint.pt",
+                    {**checkpoint_meta, "model": best_state, "epoch": epoch, "val_loss": val_loss},
+                )
+            else:
+                bad_epochs += 1
+            log.info(
+                "epoch %3d  train/loss %.4f  train/accuracy %.3f  val/loss %.4f  val/accuracy %.3f  "
+                "lr %.2e  %.1fs%s",
+                epoch,
+                row["train/loss"],
+                row["train/accuracy"],
+                val_loss,
+                row["val/accuracy"],
+                row["lr"],
+                row["seconds"],
+                "  *best" if improved else "",
             )
-        else:
-            bad_epochs += 1
-        log.info(
-            "epoch %3d  train/loss %.4f  train/accuracy %.3f  val/loss %.4f  val/accuracy %.3f  "
-            "lr %.2e  %.1fs%s",
-            epoch,
-            row["train/loss"],
-            row["train/accuracy"],
-            val_loss,
-            row["val/accuracy"],
-            row["lr"],
-            row["seconds"],
-            "  *best" if improved else "",
-        )
-        save_checkpoint(
-            last_path,
-            {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "grad_scaler": scaler.state_dict(),
-                "batch_rng": generator.get_state(),
-                "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state() if device.type == "cuda" else None,
-                "history": history.rows,
-                "best_epoch": history.best_epoch,
-                "best_model": best_state,
-                "best_loss": best_loss,
-                "bad_epochs": bad_epochs,
-                "epoch": epoch,
-            },
-        )
+            save_checkpoint(
+                last_path,
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "grad_scaler": scaler.state_dict(),
+                    "batch_rng": generator.get_state(),
+                    "torch_rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state() if device.type == "cuda" else None,
+                    "history": history.rows,
+                    "best_epoch": history.best_epoch,
+                    "best_model": best_state,
+                    "best_loss": best_loss,
+                    "bad_epochs": bad_epochs,
+                    "epoch": epoch,
+                },
+            )
         if on_epoch is not None:
             try:
                 on_epoch(row)
