@@ -1083,18 +1083,16 @@ def document(
         ]
     blocks.append(Block("h2", "Runs"))
     header = ("model", "seed", "fold", *(METRIC_TITLES[k] for k in BAR_METRICS), "run directory")
-    rows = [
-        (
-            labels[r.path],
-            "" if r.seed is None else str(r.seed),
-            "" if r.fold is None else str(r.fold),
-            *(_pct(r.metrics["test"].get(k)) for k in BAR_METRICS),
-            _rel(r.path, root),
-        )
-        for r in runs
-    ]
+    rows = [_run_row(r, labels, root, *(_pct(r.metrics["test"].get(k)) for k in BAR_METRICS)) for r in runs]
     blocks.append(Block("table", rows=(header, *rows)))
     return blocks + late_fusion_blocks(runs, labels, root) + failure_blocks(result["failures"], root)
+
+
+def _run_row(run: Run, labels: dict[Path, str], root: Path, *cells: str) -> tuple[str, ...]:
+    """One run's table row: its model, seed and fold, ``cells``, then its directory."""
+    seed = "" if run.seed is None else str(run.seed)
+    fold = "" if run.fold is None else str(run.fold)
+    return (labels[run.path], seed, fold, *cells, _rel(run.path, root))
 
 
 def _tested_text(result: dict[str, Any]) -> str:
@@ -1129,16 +1127,7 @@ def late_fusion_blocks(runs: Sequence[Run], labels: dict[Path, str], root: Path)
     if not late:
         return []
     header = ("model", "seed", "fold", "combiner", "weights", "run directory")
-    rows = [
-        (
-            labels[r.path],
-            "" if r.seed is None else str(r.seed),
-            "" if r.fold is None else str(r.fold),
-            *late_fusion_of(r),
-            _rel(r.path, root),
-        )
-        for r in late
-    ]
+    rows = [_run_row(r, labels, root, *late_fusion_of(r)) for r in late]
     return [
         Block("h2", "Late fusion"),
         Block(
