@@ -5,7 +5,14 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 from conftest import REPO, STREAM, bilstm, inputs, run_cli
-from mer_cli.models import MASKING_IMPLS, BiLSTMEncoder, BiRNNEncoder, MaskedBiLSTM, reverse_within_length
+from mer_cli.models import (
+    MASKING_IMPLS,
+    BiLSTMEncoder,
+    BiRNNEncoder,
+    MaskedBiLSTM,
+    TransformerEncoder,
+    reverse_within_length,
+)
 from mer_cli.pipeline import build_model
 
 
@@ -151,6 +158,24 @@ def test_gru_encoder_uses_gru_cells_and_keeps_the_lstm_state_dict_names():
     lstm = BiLSTMEncoder(4, (6, 3))  # the names of every checkpoint written before GRUs existed
     assert "lstms.0.forward_lstm.weight_ih_l0" in lstm.state_dict()
     assert "lstms.1.backward_lstm.bias_hh_l0" in lstm.state_dict()
+
+
+def test_transformer_attention_dropout_acts_on_the_attention_weights_in_training_only():
+    x, lengths = _batch(b=3, t=10, f=4, seed=1)
+    torch.manual_seed(0)
+    plain = TransformerEncoder(4, (8, 8), heads=2, dropout=0.0)  # the default: no attention dropout
+    dropped = TransformerEncoder(4, (8, 8), heads=2, dropout=0.0, attention_dropout=0.5)
+    dropped.load_state_dict(plain.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(dropped.eval()(x, lengths)[1], plain.eval()(x, lengths)[1])
+        torch.manual_seed(1)
+        a = plain.train()(x, lengths)[1]
+        torch.manual_seed(1)
+        b = plain(x, lengths)[1]
+        torch.manual_seed(1)
+        c = dropped.train()(x, lengths)[1]
+    assert torch.equal(a, b), "with only zero dropouts, training mode is deterministic"
+    assert not torch.allclose(a, c), "attention_dropout=0.5 changes the training-mode output"
 
 
 SMOKE_MODALITIES = ("acoustic", "visual", "early", "late")

@@ -234,14 +234,20 @@ def sinusoidal_positions(steps: int, dim: int, device: torch.device) -> torch.Te
 
 class MaskedSelfAttentionLayer(nn.Module):
     """Pre-norm transformer layer: x + MHA(LN(x)), then x + FF(LN(x)). Padded keys are never
-    attended (a key-padding mask in ``scaled_dot_product_attention``)."""
+    attended (a key-padding mask in ``scaled_dot_product_attention``). ``dropout``: on the
+    residual branches and inside the feed-forward; ``attention_dropout``: on the attention weights.
+    Any attention dropout makes PyTorch's CPU attention take its unfused path, which materializes
+    every (frames x frames) score matrix: 7x slower per layer at 356 frames here, and GiBs of
+    memory (docs/benchmarks.md), hence 0 by default."""
 
-    def __init__(self, dim: int, heads: int, ff_size: int, dropout: float) -> None:
+    def __init__(
+        self, dim: int, heads: int, ff_size: int, dropout: float, attention_dropout: float = 0.0
+    ) -> None:
         super().__init__()
         if dim % heads:
             raise ValueError(f"model width {dim} is not a multiple of heads={heads}")
         self.heads = heads
-        self.dropout = dropout
+        self.attention_dropout = attention_dropout
         self.norm1 = nn.LayerNorm(dim)
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
@@ -260,7 +266,7 @@ class MaskedSelfAttentionLayer(nn.Module):
             .permute(2, 0, 3, 1, 4)
         )
         att = nn.functional.scaled_dot_product_attention(
-            q, k, v, attn_mask=key_mask, dropout_p=self.dropout if self.training else 0.0
+            q, k, v, attn_mask=key_mask, dropout_p=self.attention_dropout if self.training else 0.0
         )
         x = x + self.drop(self.proj(att.transpose(1, 2).reshape(batch, steps, dim)))
         return x + self.drop(self.ff(self.norm2(x)))
@@ -270,8 +276,9 @@ class TransformerEncoder(nn.Module):
     """Linear projection to the model width + sinusoidal positions -> N pre-norm layers of masked
     self-attention and feed-forward -> LayerNorm. ``hidden_sizes``: the model width of each layer
     (one entry per layer, all equal: attention layers keep their width); ``heads`` divides it;
-    the feed-forward is ``ff_mult`` x wider. Per-frame outputs are zero past each clip's length;
-    pooled vector: their mean over the clip's real frames."""
+    the feed-forward is ``ff_mult`` x wider; ``dropout`` and ``attention_dropout`` as in
+    ``MaskedSelfAttentionLayer``. Per-frame outputs are zero past each clip's length; pooled
+    vector: their mean over the clip's real frames."""
 
     def __init__(
         self,
@@ -280,6 +287,7 @@ class TransformerEncoder(nn.Module):
         heads: int = 4,
         ff_mult: int = 2,
         dropout: float = 0.1,
+        attention_dropout: float = 0.0,
     ) -> None:
         super().__init__()
         if not hidden_sizes or len(set(hidden_sizes)) != 1:
@@ -287,7 +295,8 @@ class TransformerEncoder(nn.Module):
         dim = hidden_sizes[0]
         self.input_proj = nn.Linear(n_features, dim)
         self.layers = nn.ModuleList(
-            MaskedSelfAttentionLayer(dim, heads, ff_mult * dim, dropout) for _ in hidden_sizes
+            MaskedSelfAttentionLayer(dim, heads, ff_mult * dim, dropout, attention_dropout)
+            for _ in hidden_sizes
         )
         self.input_dropout = nn.Dropout(dropout)
         self.norm = nn.LayerNorm(dim)
