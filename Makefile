@@ -15,7 +15,7 @@ STAMP := $(VENV)/.installed
 # glibc's defaults 1.0 GiB, 145-147 s; GLIBC_TUNABLES=glibc.malloc.hugetlb=1 1.0 GiB, 104-120 s
 # (mer-bench: 9 % slower training than the heap). Table and the other settings: docs/memory.md.
 
-.PHONY: help venv run compare test smoke lint bench bench-peer bench-inference bench-scale clean
+.PHONY: help venv run compare zoo test smoke lint bench bench-peer bench-inference bench-scale clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -38,6 +38,15 @@ compare: $(STAMP)  ## the four models x SEEDS (0,1,2) on the embedded data, comp
 # pytest-xdist: one worker per CPU (TEST_WORKERS=0: in this process); a test file stays on one
 # worker, so its module fixtures (smoke runs) are trained once
 TEST_WORKERS ?= auto
+
+# every encoder x fusion x SEEDS, two jobs at a time, longest first; resume=auto + a fixed sweep
+# directory: after an interruption the same command continues (finished jobs re-evaluated in seconds)
+ZOO_MODELS ?= bilstm,tcn,gru,transformer,bilstm_notebook
+ZOO_MODALITIES ?= xattn,joint,early,acoustic,visual,late
+ZOO_DIR ?= outputs/sweeps/zoo
+zoo: $(STAMP)  ## the model zoo: every encoder x modality x SEEDS, one report in ZOO_DIR (hours on a CPU; resumable)
+	$(BIN)/mer-train -m hydra/launcher=joblib model=$(ZOO_MODELS) modality=$(ZOO_MODALITIES) seed=$(SEEDS) \
+	  resume=auto hydra.sweep.dir=$(ZOO_DIR) $(ARGS)
 
 test: $(STAMP)  ## the whole test suite (a few minutes on 2 cores)
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(ARGS)
