@@ -265,3 +265,14 @@ def test_a_late_run_from_before_combiners_is_the_same_model_as_todays_equivalent
         _config("modality=late", "modality.acoustic_weight=0.3")
     )
     assert rundir.model_identity(_config("modality=late", "modality.combiner=stacking")) != today
+
+
+def test_a_transformer_run_from_before_attention_dropout_had_its_own_key_kept_its_dropout_there():
+    today = _config("model=transformer")
+    before = _config("model=transformer")
+    del before["model"]["encoder"]["attention_dropout"]  # then model.encoder.dropout (0.1) acted there
+    assert rundir.differences(rundir.model_identity(before), rundir.model_identity(today)) == [
+        "model.encoder.attention_dropout: 0.1 -> 0.0"
+    ]
+    same = _config("model=transformer", "model.encoder.attention_dropout=0.1")
+    assert rundir.model_identity(before) == rundir.model_identity(same)
