@@ -13,7 +13,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from mer_cli import export, fusion, pipeline
+from mer_cli import export, fusion, pipeline, preprocess, scaling
 from mer_cli.artifacts import load_checkpoint
 from mer_cli.cli import config_dir
 
@@ -176,6 +176,49 @@ def test_in_graph_early_fusion_gives_the_very_numbers_of_fusion_early_fuse(t_a, 
     fused, lengths = export.EarlyFuse()(xa, torch.tensor([t_a, 90]), xv, torch.tensor([t_v, 20]))
     assert lengths.tolist() == [t_a, 90]
     assert np.array_equal(fused[0, :t_a].numpy(), expected)
+
+
+@pytest.mark.parametrize("kind", ["none", "standard", "per_clip"])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_in_graph_zero_frame_skipping_gives_the_frames_preprocess_gives(kind, fmt, tmp_path):
+    needs(fmt)
+    rng = np.random.default_rng(0)
+    clips = [rng.standard_normal((n, 3)).astype(np.float32) for n in (9, 14, 4, 6)]
+    clips[0][[0, 3, 4, 8]] = 0.0  # zero frames at the start, inside and at the end
+    clips[1][[2, 11, 12]] = 0.0  # 11 and 12 lie past the cut: dropped by the cut, not the skip
+    clips[2][:] = 0.0  # nothing but zero frames: keeps its first
+    clips[3][1, 0] = 0.0  # a zero feature is not a zero frame
+    scaler = None if kind == "none" else scaling.fit(kind, clips)[0]
+    prep = preprocess.StreamPrep(preprocess.TargetLength(10), scaler, skip_zero_frames=True)
+    expected = prep.apply(clips)
+    assert expected.lengths.tolist() == [5, 9, 1, 6]
+    x, lengths = padded(clips, fill=7.0)  # garbage (not zeros) in the padding
+    graph = export.StreamPreprocess(prep).eval()
+    example = (torch.from_numpy(x), torch.from_numpy(lengths))
+    if fmt == "onnx":
+        import onnxruntime
+
+        path = tmp_path / "prep.onnx"
+        with torch.no_grad():
+            torch.onnx.export(
+                graph,
+                example,
+                str(path),
+                dynamo=False,
+                input_names=["x", "lengths"],
+                output_names=["frames", "out_lengths"],
+                dynamic_axes={"x": {0: "batch", 1: "time"}, "lengths": {0: "batch"}},
+                opset_version=export.OPSET,
+            )
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        frames, out_lengths = session.run(None, {"x": x, "lengths": lengths})
+    else:
+        with torch.no_grad():
+            frames, out_lengths = (t.numpy() for t in torch.jit.trace(graph, example)(*example))
+    assert out_lengths.tolist() == [5, 9, 1, 6]
+    for i, n in enumerate(out_lengths.tolist()):
+        np.testing.assert_allclose(frames[i, :n], expected.clip(i), atol=1e-6)
+        assert not frames[i, n:].any(), "zeros past each clip's new length"
 
 
 def test_missing_export_extra_is_one_line_naming_it(runs, tmp_path, monkeypatch, capsys):

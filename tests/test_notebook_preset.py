@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from torch import nn
 
-from mer_cli import artifacts, pipeline, train
+from mer_cli import artifacts, pipeline, preprocess, train
 from mer_cli.cli import config_dir
 
 
@@ -174,3 +174,53 @@ def test_default_model_keeps_pytorch_initialization():
     lstm = next(m for m in net.modules() if isinstance(m, nn.LSTM))
     assert lstm.bias_hh_l0.abs().min() > 0  # PyTorch draws both LSTM biases
     assert next(m for m in net.modules() if isinstance(m, nn.Linear)).bias.abs().min() > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Masking(mask_value=0): Keras skips every all-zero frame (the LSTM state carries over it, in
+# both directions and in the second BiLSTM, which receives the mask); mer-cli drops those frames.
+
+
+def _keras_masked_bilstm(layers, x: torch.Tensor) -> torch.Tensor:
+    """The notebook's BiLSTM stack on one clip (T, F), written as Keras runs it under Masking(0):
+    a masked step leaves (h, c) as they were. Returns the last layer's two final states."""
+    mask = (x != 0).any(dim=1)
+    for layer in layers:
+        finals, outputs = [], []
+        scans = ((layer.forward_lstm, range(len(x))), (layer.backward_lstm, reversed(range(len(x)))))
+        for lstm, steps in scans:
+            cell = nn.LSTMCell(lstm.input_size, lstm.hidden_size)
+            for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                getattr(cell, name).data.copy_(getattr(lstm, f"{name}_l0"))
+            h = c = torch.zeros(1, lstm.hidden_size)
+            out = torch.zeros(len(x), lstm.hidden_size)
+            for t in steps:
+                if mask[t]:
+                    h, c = cell(x[t : t + 1], (h, c))
+                out[t] = h[0]
+            finals.append(h[0])
+            outputs.append(out)
+        x = torch.cat(outputs, dim=1)
+    return torch.cat(finals)
+
+
+def test_skipping_zero_frames_gives_what_keras_masking_gives_the_notebooks_bilstm(notebook):
+    assert notebook.preprocess.skip_zero_frames is True
+    torch.manual_seed(0)
+    model = pipeline.build_model(notebook.model, {"acoustic": 5}, 6)
+    encoder = model.encoder.eval()  # eval: the dropout between the layers is the identity
+    for layer in encoder.lstms:  # the notebook's sizes, as the reference scans them
+        assert layer.forward_lstm.hidden_size in (512, 256)
+    clip = torch.randn(12, 5)
+    clip[[0, 4, 5, 11]] = 0.0  # all-zero frames at the start, inside and at the end
+    clip[7, :3] = 0.0  # some zero features: a real frame
+    prep = preprocess.StreamPrep(preprocess.TargetLength(12), None, skip_zero_frames=True)
+    kept = torch.from_numpy(prep.apply([clip.numpy()]).clip(0))
+    assert len(kept) == 8
+    with torch.no_grad():
+        _, pooled = encoder(kept[None], torch.tensor([len(kept)]))
+        expected = _keras_masked_bilstm(encoder.lstms, clip)
+    torch.testing.assert_close(pooled[0], expected, atol=2e-5, rtol=1e-4)
+    with torch.no_grad():  # and reading the zero frames as frames (no skipping) gives another output
+        _, unskipped = encoder(clip[None], torch.tensor([12]))
+    assert not torch.allclose(unskipped[0], expected, atol=1e-3)

@@ -113,3 +113,23 @@ def test_early_stream_is_cut_to_the_acoustic_target_length():
     assert early.target.length == acoustic.target.length == 39
     ragged = early.apply(fused["early"])
     assert ragged.lengths.tolist() == [10, 20, 30, 39] and ragged.n_features == 3
+
+
+def test_skip_zero_frames_drops_them_from_the_fit_and_every_split_and_travels_in_the_checkpoint():
+    rng = np.random.default_rng(3)
+    train = [rng.normal(5.0, 1.0, (n, 2)).astype(np.float32) for n in (6, 8, 10)]
+    for clip in train:
+        clip[1::2] = 0.0  # every other frame lost: standardizing the zeros would drag the mean to ~2.5
+    prep = preprocess.fit(train, percentile=100, normalize=True, skip_zero_frames=True)
+    kept = np.concatenate([c[0::2] for c in train])
+    np.testing.assert_allclose(prep.scaler.center, kept.mean(axis=0), rtol=1e-6)
+    assert prep.target.length == 10  # from the clips' own frame counts, as the notebook's cut
+    test = [np.array([[0, 0], [1, 2], [0, 0], [3, 4]], dtype=np.float32)]
+    out = prep.apply(test)
+    assert out.lengths.tolist() == [2]
+    np.testing.assert_allclose(out.clip(0), prep.scaler.transform(test[0][[1, 3]]))
+    again = preprocess.StreamPrep.from_state(prep.state())
+    assert again.skip_zero_frames is True and again.apply(test).lengths.tolist() == [2]
+    before = {k: v for k, v in prep.state().items() if k != "skip_zero_frames"}  # older checkpoints
+    assert preprocess.StreamPrep.from_state(before).skip_zero_frames is False
+    assert preprocess.fit(train, 100, True).apply(test).lengths.tolist() == [4]  # off by default

@@ -67,6 +67,7 @@ class StreamPreprocess(nn.Module):
     def __init__(self, prep: preprocess.StreamPrep) -> None:
         super().__init__()
         self.length = prep.target.length
+        self.skip_zero_frames = prep.skip_zero_frames
         self.kind = prep.scaler.kind if prep.scaler is not None else "none"
         fitted = prep.scaler is not None and prep.scaler.center is not None
         center = prep.scaler.center if fitted else np.zeros(0)  # type: ignore[union-attr]
@@ -78,6 +79,8 @@ class StreamPreprocess(nn.Module):
         x = x[:, : self.length]
         lengths = lengths.clamp(max=self.length)
         keep = torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None]  # (B, T)
+        if self.skip_zero_frames:
+            x, lengths, keep = self._drop_zero_frames(x, keep)
         if self.kind != "none":
             v = x.double()
             if self.kind == "signed_log":
@@ -92,6 +95,26 @@ class StreamPreprocess(nn.Module):
             else:
                 x = ((v - self.center) / self.scale).float()
         return torch.where(keep[:, :, None], x, torch.zeros_like(x)), lengths
+
+    @staticmethod
+    def _drop_zero_frames(
+        x: torch.Tensor, keep: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`preprocess.drop_zero_frames` on a padded batch: each clip's frames that are not all 0
+        moved to its start, in order (a clip with none keeps its first frame)."""
+        kept = keep & (x != 0).any(dim=2)  # (B, T)
+        first = torch.zeros_like(kept)
+        first[:, 0] = True
+        kept = kept | (first & ~kept.any(dim=1, keepdim=True))
+        steps = x.shape[1]
+        # frame t goes to position (kept frames up to t) - 1; dropped frames to a spare slot
+        slot = torch.where(
+            kept, kept.long().cumsum(dim=1) - 1, torch.full_like(kept, steps, dtype=torch.long)
+        )
+        out = torch.zeros(x.shape[0], steps + 1, x.shape[2], dtype=x.dtype, device=x.device)
+        out = out.scatter(1, slot[:, :, None].expand(-1, -1, x.shape[2]), x)[:, :steps]
+        lengths = kept.long().sum(dim=1)
+        return out, lengths, torch.arange(steps, device=x.device)[None, :] < lengths[:, None]
 
 
 class EarlyFuse(nn.Module):
@@ -281,7 +304,11 @@ def member_fields(run_dir: Path, meta: dict[str, Any]) -> dict[str, Any]:
         "streams": list(meta["streams"]),
         "trained_precision": pipeline.trained_precision(run_dir, meta),
         "preprocessing": {
-            name: {"target_length": prep.target.length, "scaling": _scaling_state(prep)}
+            name: {
+                "target_length": prep.target.length,
+                "skip_zero_frames": prep.skip_zero_frames,
+                "scaling": _scaling_state(prep),
+            }
             for name, prep in preps.items()
         },
         "feature_spec": meta.get("feature_spec"),

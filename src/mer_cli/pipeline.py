@@ -296,6 +296,7 @@ def train_model(cfg: DictConfig, splits: data.Splits, out_dir: Path, resume: boo
             percentile=cfg.preprocess.length_percentile,
             normalize=cfg.preprocess.normalize,
             scaling=cfg.preprocess.scaling,
+            skip_zero_frames=bool(cfg.preprocess.get("skip_zero_frames", False)),
         )
         for name, frames in model_inputs(splits.train, modality, streams).items()
     }

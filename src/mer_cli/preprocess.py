@@ -88,18 +88,38 @@ class Ragged:
         return Ragged(frames, offsets, self.max_length)
 
 
+def drop_zero_frames(x: np.ndarray) -> np.ndarray:
+    """``x`` without its frames whose features are all exactly 0, as Keras' ``Masking(0)`` skips
+    them; a clip with no other frame keeps its first (zero) one, so that it has a frame to read."""
+    keep = np.any(x != 0, axis=1)
+    if keep.all():
+        return x
+    return x[keep] if keep.any() else x[:1]
+
+
 class Prepared:
     """One input stream of one split as the model reads it, prepared clip by clip when a clip is
     read: the source clip (ragged, possibly on disk, possibly early-fused) cut to the target
-    length (keeping its start, as the notebook) and scaled. No prepared copy of the split exists."""
+    length (keeping its start, as the notebook), without its all-zero frames where
+    ``skip_zero_frames`` (`drop_zero_frames`), and scaled. No prepared copy of the split exists."""
 
-    def __init__(self, source: Sequence[np.ndarray], target: TargetLength, scaler: Scaler | None) -> None:
+    def __init__(
+        self,
+        source: Sequence[np.ndarray],
+        target: TargetLength,
+        scaler: Scaler | None,
+        skip_zero_frames: bool = False,
+    ) -> None:
         self.source, self.target, self.scaler = source, target, scaler
+        self.skip_zero_frames = skip_zero_frames
         self.max_length = target.length  # no clip is longer: a batch is never padded beyond it
 
     @cached_property
     def lengths(self) -> torch.Tensor:
-        """(N,) int64: each clip's frame count after the cut (from the lengths alone)."""
+        """(N,) int64: each clip's frame count after the cut (from the lengths alone), and after
+        dropping all-zero frames (which reads every clip once)."""
+        if self.skip_zero_frames:
+            return torch.tensor([len(self._cut(i)) for i in range(len(self))], dtype=torch.int64)
         return torch.from_numpy(np.minimum(clip_lengths(self.source), self.target.length))
 
     @cached_property
@@ -111,9 +131,14 @@ class Prepared:
         return len(self.source)
 
     def clip(self, i: int) -> np.ndarray:
-        """Clip ``i``'s (min(T_i, target), F) float32 frames, scaled."""
-        x = self.source[i][: self.target.length]
+        """Clip ``i``'s (min(T_i, target), F) float32 frames (fewer without all-zero frames where
+        ``skip_zero_frames``), scaled."""
+        x = self._cut(i)
         return self.scaler.transform(x) if self.scaler else np.asarray(x, dtype=np.float32)
+
+    def _cut(self, i: int) -> np.ndarray:
+        x = self.source[i][: self.target.length]
+        return drop_zero_frames(x) if self.skip_zero_frames else x
 
     def pad(self, idx: torch.Tensor, length: int) -> torch.Tensor:
         return pad_clips([self.clip(i) for i in idx.tolist()], length, self.n_features)
@@ -130,7 +155,7 @@ class Prepared:
     def take(self, idx: Sequence[int]) -> Prepared:
         take = getattr(self.source, "take", None)
         source = take(list(idx)) if take is not None else [self.source[i] for i in idx]
-        return Prepared(source, self.target, self.scaler)
+        return Prepared(source, self.target, self.scaler, self.skip_zero_frames)
 
 
 class Blank:
@@ -202,21 +227,24 @@ class StreamPrep:
 
     target: TargetLength
     scaler: Scaler | None  # None: features left as they are (the notebook)
+    skip_zero_frames: bool = False  # drop all-zero frames after the cut (Keras' Masking(0))
     # the train clips as fitted (frame counts, feature ranges), for the log; None once loaded
     profile: feature_scaling.Profile | None = field(default=None, compare=False, repr=False)
 
     def apply(self, frames: Sequence[np.ndarray]) -> Prepared | Ragged:
-        """Every clip of ``frames`` cut to the target length (keeping its start, as the notebook)
-        and scaled. Clips read from disk are prepared each time a batch reads them (memory does
-        not grow with the dataset); clips held in memory are prepared once, into one ragged store
-        (a batch then costs a copy, as fast as before; memory: one prepared copy of the split)."""
-        prepared = Prepared(frames, self.target, self.scaler)
+        """Every clip of ``frames`` cut to the target length (keeping its start, as the notebook),
+        without its all-zero frames where ``skip_zero_frames``, and scaled. Clips read from disk
+        are prepared each time a batch reads them (memory does not grow with the dataset); clips
+        held in memory are prepared once, into one ragged store (a batch then costs a copy, as
+        fast as before; memory: one prepared copy of the split)."""
+        prepared = Prepared(frames, self.target, self.scaler, self.skip_zero_frames)
         return prepared.materialize() if getattr(frames, "in_memory", True) else prepared
 
     def state(self) -> dict[str, object]:
         return {
             "length": self.target.length,
             "scaling": None if self.scaler is None else self.scaler.state(),
+            "skip_zero_frames": self.skip_zero_frames,
         }
 
     @staticmethod
@@ -224,7 +252,8 @@ class StreamPrep:
         length = TargetLength(int(state["length"]))  # type: ignore[call-overload]
         if "scaling" in state:
             scaling = state["scaling"]
-            return StreamPrep(length, None if scaling is None else Scaler.from_state(scaling))  # type: ignore[arg-type]
+            scaler = None if scaling is None else Scaler.from_state(scaling)  # type: ignore[arg-type]
+            return StreamPrep(length, scaler, bool(state.get("skip_zero_frames", False)))
         # a checkpoint from before scaling options: mean and std of per-feature standardization
         if state["mean"] is None:
             return StreamPrep(length, None)
@@ -233,26 +262,36 @@ class StreamPrep:
 
 
 def fit(
-    train_frames: Sequence[np.ndarray], percentile: float, normalize: bool, scaling: str = "standard"
+    train_frames: Sequence[np.ndarray],
+    percentile: float,
+    normalize: bool,
+    scaling: str = "standard",
+    skip_zero_frames: bool = False,
 ) -> StreamPrep:
     """Fit target length and (if ``normalize``) the ``scaling`` scaler of one stream on its train
-    clips (`scaling.KINDS`), streaming over them; the prep's profile describes those clips."""
+    clips (`scaling.KINDS`), streaming over them; the prep's profile describes those clips.
+    ``skip_zero_frames``: clips lose their all-zero frames after the cut (`drop_zero_frames`); the
+    target length still comes from the clips' own frame counts, as the notebook's did."""
     # fitted on train only: validation and test clips never move the cut-off or the statistics
     target = fit_target_length(train_frames, percentile)
     # the scaler sees the frames the model sees: each clip up to the target length, read lazily
     # (a pass reads each clip once; clips on disk are never all in memory)
-    scaler, profile = feature_scaling.fit(scaling if normalize else None, _Cut(train_frames, target.length))
-    return StreamPrep(target, scaler, feature_scaling.with_frame_counts(profile, clip_lengths(train_frames)))
+    frames = _Cut(train_frames, target.length, skip_zero_frames)
+    scaler, profile = feature_scaling.fit(scaling if normalize else None, frames)
+    profile = feature_scaling.with_frame_counts(profile, clip_lengths(train_frames))
+    return StreamPrep(target, scaler, skip_zero_frames, profile)
 
 
 class _Cut:
-    """Re-iterable view of clips, each up to ``length`` frames (a robust fit reads them again)."""
+    """Re-iterable view of clips, each up to ``length`` frames, without all-zero frames where
+    ``skip_zero_frames`` (a robust fit reads them again)."""
 
-    def __init__(self, clips: Sequence[np.ndarray], length: int) -> None:
-        self.clips, self.length = clips, length
+    def __init__(self, clips: Sequence[np.ndarray], length: int, skip_zero_frames: bool = False) -> None:
+        self.clips, self.length, self.skip_zero_frames = clips, length, skip_zero_frames
 
     def __iter__(self) -> Iterator[np.ndarray]:
-        return (clip[: self.length] for clip in self.clips)
+        cut = (clip[: self.length] for clip in self.clips)
+        return (drop_zero_frames(x) for x in cut) if self.skip_zero_frames else cut
 
 
 def apply(

@@ -163,6 +163,8 @@ def model_identity(cfg: Mapping[str, Any]) -> dict[str, Any]:
     if "preprocess.normalize" in flat:  # a run from before scaling options was standardized
         scaling = flat.get("preprocess.scaling", "standard") if flat["preprocess.normalize"] else None
         flat = {**flat, "preprocess.scaling": scaling}  # unscaled: the scaling option changes nothing
+    if "preprocess.length_percentile" in flat:  # a run from before zero frames could be skipped
+        flat.setdefault("preprocess.skip_zero_frames", False)
     if str(flat.get("model.encoder._target_", "")).endswith(".TransformerEncoder"):
         # before attention_dropout was its own key, the encoder's dropout acted on the attention
         # weights too: such a run resumes only with +model.encoder.attention_dropout=<its dropout>
