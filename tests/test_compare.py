@@ -693,3 +693,31 @@ def test_models_are_labelled_by_their_model_config_also_for_cross_validation_fol
         "visual (model.tag=gru)",
         "visual (model.tag=tcn)",
     ]
+
+
+_zoo_spec = importlib.util.spec_from_file_location("zoo_table", REPO / "benchmarks" / "zoo_table.py")
+assert _zoo_spec is not None and _zoo_spec.loader is not None
+zoo_table = importlib.util.module_from_spec(_zoo_spec)
+_zoo_spec.loader.exec_module(zoo_table)
+
+
+def test_zoo_table_shows_each_models_runs_as_the_run_files_hold_them(tmp_path):
+    sweep = bench.fake_sweep(
+        tmp_path / "sweep", encoders=("gru", "tcn"), modalities=("visual", "late"), seeds=(0, 1), n_clips=60
+    )
+    compare.write(tmp_path / "report", *compare.collect([sweep]), compare.Settings(bootstrap_samples=200))
+    text = zoo_table.tables(tmp_path / "report")
+    assert "`bilstm`" not in text and "| test macro F1, % | `gru` | `tcn` |" in text
+    with (tmp_path / "report" / "runs.csv").open() as f:
+        runs = list(csv.DictReader(f))
+    f1 = {(r["model"], int(r["seed"])): 100 * float(r["test/f1_macro"]) for r in runs}
+    visual_gru = [f1[("visual/gru", 0)], f1[("visual/gru", 1)]]
+    mean, std = sum(visual_gru) / 2, abs(visual_gru[0] - visual_gru[1]) / 2**0.5
+    first_visual = next(line for line in text.splitlines() if line.startswith("| visual |"))
+    assert first_visual.split(" | ")[1].startswith(f"{mean:.1f} ± {std:.1f} [")
+    # training time: the median of the runs' metrics.json (model 0 = visual/gru: 10 s and 11 s)
+    times = [line for line in text.splitlines() if line.startswith("| visual |")][1]
+    assert times.split(" | ")[1] == "10 s (20 ep.)"  # median of 10, 11 -> 10.5, shown as 10
+    late_f1, late_time = [line for line in text.splitlines() if line.startswith("| late |")]
+    assert "reuses" not in late_f1 and late_time.count("reuses its members") == 2
+    assert text.endswith("(4 models, 2 runs each.)")
