@@ -7,9 +7,9 @@ MB (about 3 KB per clip x frame, for each LSTM layer and direction). glibc mmaps
 slower (docs/memory.md). Keeping big blocks in the heap (``M_MMAP_MAX=0``) and not trimming it
 (``M_TRIM_THRESHOLD``) removes that cost: the setting the Makefile used to export as
 ``GLIBC_TUNABLES``, now applied by the tool itself. Its price is memory: the heap fragments
-(1.8-2.3 GiB peak for a default run, vs 1.0 GiB with glibc's defaults). Where memory matters
-more, ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (glibc reads it at process start only, so it must
-be in the environment) gave 1.0 GiB at 9-19 % below this setting's speed.
+(2.15-2.44 GiB peak for a default run, which needs 1.15 GiB). Where memory matters more,
+``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (glibc reads it at process start only, so it must be in
+the environment) gave 1.0 GiB, 16-18 % slower (docs/memory.md has the trade-off).
 
 ``configure()`` is called once, first thing, by the entry points (mer-train, mer-evaluate,
 mer-bench). It does nothing where:
