@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import start_cli
 from mer_cli import rundir
 from mer_cli.artifacts import load_checkpoint
 
@@ -59,16 +60,7 @@ def _env() -> dict[str, str]:
 
 
 def _start(*args: str, cwd: Path) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        _mer_train(*args),
-        cwd=cwd,
-        env=_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        # a background job inherits an ignored SIGINT: give it a foreground run's default
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
+    return start_cli("train", *args, cwd=cwd, env=_env())
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import REPO
+from conftest import REPO, start_cli
 from mer_cli import pipeline, rundir, tracking
 from mer_cli.errors import ConfigError
 
@@ -216,15 +216,7 @@ def test_ctrl_c_then_resume_continues_the_same_mlflow_run_each_epoch_once(tmp_pa
         "logger.experiment=resume",
         f"hydra.run.dir={run}",
     )
-    proc = subprocess.Popen(
-        _command(*args),
-        cwd=tmp_path,
-        env=_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as a foreground run has
-    )
+    proc = start_cli("train", *args, cwd=tmp_path, env=_env())
     try:
         while not (run / "last.pt").exists() and proc.poll() is None:
             with contextlib.suppress(subprocess.TimeoutExpired):
