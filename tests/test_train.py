@@ -1,4 +1,6 @@
+import logging
 import math
+import re
 import signal
 from pathlib import Path
 
@@ -260,3 +262,19 @@ def test_early_stopping_and_the_lr_schedule_count_patience_the_same_way(tmp_path
     # epoch 1 is the best; the 3rd epoch after it cuts the LR, the 5th stops training
     assert [r["lr"] for r in history.rows] == [1.0, 1.0, 1.0, 1.0, 0.8, 0.8]
     assert history.stopped_early and history.best_epoch == 1
+
+
+def test_the_first_batch_wait_counts_from_the_process_start_once_then_from_each_training(
+    tmp_path, monkeypatch, caplog
+):
+    # a launcher's worker process runs job after job: its second training must not report the
+    # seconds since the worker started as its own wait
+    monkeypatch.setattr(train, "_fits_in_process", 0)
+    monkeypatch.setattr(train, "process_seconds", lambda: 5000.0)
+    with caplog.at_level(logging.INFO, logger="mer_cli.train"):
+        _fit(tmp_path / "a", epochs=1)
+        _fit(tmp_path / "b", epochs=1)
+    waits = [r.getMessage() for r in caplog.records if r.getMessage().startswith("first training batch")]
+    assert waits[0] == "first training batch ready 5000.0 s after the process started"
+    second = re.fullmatch(r"first training batch ready ([\d.]+) s after this training started", waits[1])
+    assert second is not None and float(second.group(1)) < 60
