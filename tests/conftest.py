@@ -22,6 +22,17 @@ torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def _ctrl_c_raises_keyboard_interrupt():  # type: ignore[no-untyped-def]
+    """Every test sees Python's own Ctrl-C handler, as a terminal's mer-train does. A test run
+    started in the background (`cmd &`, nohup, some CI runners) inherits SIGINT ignored, and Python
+    then installs no handler: the tests that signal themselves would see nothing happen."""
+    previous = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def make_split(
     name: str,
     n: int,
