@@ -248,3 +248,20 @@ def test_resume_auto_starts_fresh_then_continues_a_killed_run_with_the_same_metr
     assert m_again["val"] == m_whole["val"]
     assert m_again["test"] == m_whole["test"]
     assert m_again["run"]["epochs_trained"] == 20
+
+    # the training time is the epochs' own, whichever session ran them: a resumed run counts the
+    # epochs before the kill, and a finished run resumed again (re-evaluated) keeps its time
+    def epochs_seconds(run: Path) -> float:
+        rows = (run / "history.csv").read_text().splitlines()
+        col = rows[0].split(",").index("seconds")
+        return sum(float(r.split(",")[col]) for r in rows[1:])
+
+    assert m_again["run"]["train_seconds"] == pytest.approx(epochs_seconds(run_dir), abs=0.01)
+    assert m_whole["run"]["train_seconds"] == pytest.approx(epochs_seconds(tmp_path / "whole"), abs=0.01)
+    rerun = subprocess.run(
+        _mer_train(*auto, f"hydra.run.dir={tmp_path / 'whole'}"), env=_env(), capture_output=True, text=True
+    )
+    assert rerun.returncode == 0, rerun.stderr
+    m_rerun = json.loads((tmp_path / "whole" / "metrics.json").read_text())
+    assert m_rerun["test"] == m_whole["test"]
+    assert m_rerun["run"]["train_seconds"] == m_whole["run"]["train_seconds"] > 0

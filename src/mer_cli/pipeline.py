@@ -328,7 +328,6 @@ def train_model(cfg: DictConfig, splits: data.Splits, out_dir: Path, resume: boo
         "feature_spec": spec.build(splits, modality, streams, train_set.n_features),
     }
     tracked = tracking.start(cfg, out_dir)  # logger=tensorboard|mlflow; csv: history.csv alone
-    started = time.perf_counter()
     history = train.fit(
         model,
         optimizer,
@@ -342,7 +341,9 @@ def train_model(cfg: DictConfig, splits: data.Splits, out_dir: Path, resume: boo
         resume=resume,
         on_epoch=search.reporting(tracked.log_epoch, cfg.get("search")),  # + a search trial's reports
     )
-    train_seconds = time.perf_counter() - started
+    # the epochs' own time (training + validation), summed over every session of a resumed run:
+    # a finished run that is resumed (resume=auto) re-evaluates in seconds and keeps its time
+    train_seconds = sum(float(row["seconds"]) for row in history.rows)
 
     predictions = {
         s_name: report.Predictions(
