@@ -97,6 +97,13 @@ def drop_zero_frames(x: np.ndarray) -> np.ndarray:
     return x[keep] if keep.any() else x[:1]
 
 
+def cut(x: np.ndarray, length: int, skip_zero_frames: bool) -> np.ndarray:
+    """One clip's frames as the model reads them before scaling: its first ``length``, without
+    the all-zero ones where ``skip_zero_frames`` (what the scaler is fitted on, too)."""
+    x = x[:length]
+    return drop_zero_frames(x) if skip_zero_frames else x
+
+
 class Prepared:
     """One input stream of one split as the model reads it, prepared clip by clip when a clip is
     read: the source clip (ragged, possibly on disk, possibly early-fused) cut to the target
@@ -137,8 +144,7 @@ class Prepared:
         return self.scaler.transform(x) if self.scaler else np.asarray(x, dtype=np.float32)
 
     def _cut(self, i: int) -> np.ndarray:
-        x = self.source[i][: self.target.length]
-        return drop_zero_frames(x) if self.skip_zero_frames else x
+        return cut(self.source[i], self.target.length, self.skip_zero_frames)
 
     def pad(self, idx: torch.Tensor, length: int) -> torch.Tensor:
         return pad_clips([self.clip(i) for i in idx.tolist()], length, self.n_features)
@@ -290,8 +296,7 @@ class _Cut:
         self.clips, self.length, self.skip_zero_frames = clips, length, skip_zero_frames
 
     def __iter__(self) -> Iterator[np.ndarray]:
-        cut = (clip[: self.length] for clip in self.clips)
-        return (drop_zero_frames(x) for x in cut) if self.skip_zero_frames else cut
+        return (cut(clip, self.length, self.skip_zero_frames) for clip in self.clips)
 
 
 def apply(
