@@ -58,17 +58,18 @@ def tables(report_dir: Path) -> str:
     if missing:
         raise SystemExit(f"{report_dir}: models without an encoder in their label: {', '.join(missing)}")
     out = []
-    for title, cell in (("test macro F1, %", _cell_f1), ("training time per run (median)", None)):
+    columns = (
+        ("test macro F1, %", _cell_f1),
+        ("training time per run (median)", lambda model: _cell_time(report_dir, model)),
+    )
+    for title, cell in columns:
         out.append(f"| {title} | " + " | ".join(f"`{e}`" for e in encoders) + " |")
         out.append("|---" * (len(encoders) + 1) + "|")
         for modality in MODALITIES:
             cells = []
             for encoder in encoders:
                 model = models.get(f"{modality}/{encoder}")
-                if model is None:
-                    cells.append("-")
-                else:
-                    cells.append(cell(model) if cell else _cell_time(report_dir, model))
+                cells.append("-" if model is None else cell(model))
             out.append(f"| {modality} | " + " | ".join(cells) + " |")
         out.append("")
     runs = sorted({len(m["runs"]) for m in models.values()})
