@@ -16,6 +16,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from conftest import REPO
 from mer_cli import allocator
@@ -111,3 +112,70 @@ def test_only_malloc_tunables_count_as_the_users_malloc_setting():
     tunables = "glibc.cpu.hwcaps=-AVX512F:glibc.malloc.arena_max=2"
     assert allocator.user_setting({"GLIBC_TUNABLES": tunables}) == "GLIBC_TUNABLES=glibc.malloc.arena_max=2"
     assert allocator.user_setting({"MALLOC_ARENA_MAX": "2"}) == "MALLOC_ARENA_MAX=2"
+
+
+FRAGMENTED = """
+import ctypes, json, os
+from mer_cli import allocator
+
+def rss_mib():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+allocator.configure()  # tuned: big blocks from the heap, kept when freed
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+# a step's big blocks with small long-lived ones between them (what fragments a training heap)
+big, pins = [], []
+for _ in range(8):
+    block = libc.malloc(64 << 20)
+    ctypes.memset(block, 1, 64 << 20)
+    big.append(block)
+    pins.append(libc.malloc(4096))
+for block in big:
+    libc.free(block)
+held = rss_mib()
+under = allocator.relieve(keep_free=1 << 30)  # 512 MiB free: within a 1 GiB bound
+after_under = rss_mib()
+over = allocator.relieve(keep_free=256 << 20)  # beyond a 256 MiB bound
+print(json.dumps({"held": held, "under": under, "after_under": after_under, "over": over,
+                  "after_over": rss_mib(), "trims": allocator.trims}))
+"""
+
+
+def test_a_heap_holding_more_freed_memory_than_its_bound_gives_the_pages_back(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in CLEAN}
+    proc = subprocess.run(
+        [sys.executable, "-c", FRAGMENTED], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.loads(proc.stdout.splitlines()[-1])
+    # the tuned heap keeps the 512 MiB it was given back, and keeps it while within the bound
+    assert r["held"] > 512
+    assert r["under"] is False and r["after_under"] > r["held"] - 16
+    # past the bound its freed pages go back to the system: what a user's `top` sees drops
+    assert r["over"] is True and r["trims"] == 1
+    assert r["after_over"] < r["held"] - 480
+
+
+def test_every_training_step_offers_the_heap_a_chance_to_shrink(monkeypatch):
+    from mer_cli import train
+
+    calls = []
+    monkeypatch.setattr(allocator, "relieve", lambda: calls.append(1) or False)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(6, 3))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    grad_scaler = torch.amp.GradScaler("cpu", enabled=False)
+    x, y = torch.randn(4, 2, 3), torch.tensor([0, 1, 2, 0])
+    for _ in range(3):
+        train.train_step(
+            lambda inputs: model(inputs["x"]),
+            optimizer,
+            grad_scaler,
+            torch.nn.CrossEntropyLoss(),
+            {"x": x},
+            y,
+            torch.float32,
+        )
+    assert len(calls) == 3

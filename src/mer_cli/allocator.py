@@ -11,6 +11,11 @@ slower (docs/memory.md). Keeping big blocks in the heap (``M_MMAP_MAX=0``) and n
 ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` (glibc reads it at process start only, so it must be in
 the environment) gave 1.0 GiB, 16-18 % slower (docs/memory.md has the trade-off).
 
+The heap is bounded, though: after every training step `relieve` gives the freed pages back when
+it holds more than 2 GiB of freed memory (``malloc_trim``). A default run never gets there; a big
+model does (the notebook's 512/256 BiLSTM grew to 13 GiB by its fifth epoch without the bound,
+and two such sweep jobs were killed for memory on a 24 GiB machine).
+
 ``configure()`` is called once, first thing, by the entry points (mer-train, mer-evaluate,
 mer-bench). It does nothing where:
 - the C library is not glibc (macOS, musl): nothing to tune;
@@ -51,8 +56,34 @@ USER_VARIABLES = (
     "MALLOC_TRIM_THRESHOLD_",
 )
 
+# the most freed heap memory kept for reuse after a training step (`relieve`): the heap's top
+# never keeps more than this either (trim_threshold above)
+KEEP_FREE = TUNED["trim_threshold"][1]
+
 _applied: dict[str, int] | None = None
 _reason = "not configured yet"
+_libc: ctypes.CDLL | None = None
+trims = 0  # how many times `relieve` gave freed pages back (this process)
+
+
+class _Mallinfo2(ctypes.Structure):
+    """glibc's ``struct mallinfo2`` (2.33+): the heap's counters, in bytes, over every arena."""
+
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
 
 
 def user_setting(environ: Mapping[str, str]) -> str | None:
@@ -79,7 +110,7 @@ def _glibc() -> ctypes.CDLL | None:
 def configure(environ: Mapping[str, str] | None = None) -> dict[str, int]:
     """Apply the tuned malloc settings (see the module's docstring); returns what was applied,
     ``{}`` where nothing was. Only the first call acts: later ones return the first's result."""
-    global _applied, _reason
+    global _applied, _reason, _libc
     if _applied is not None:
         return dict(_applied)
     env = os.environ if environ is None else environ
@@ -98,9 +129,37 @@ def configure(environ: Mapping[str, str] | None = None) -> dict[str, int]:
         for name, (param, value) in TUNED.items():
             if libc.mallopt(param, value) == 1:  # mallopt returns 1 on success
                 _applied[name] = value
+        _libc = libc
         _reason = "tuned: " + ", ".join(f"{k}={v}" for k, v in _applied.items())
     log.info("malloc: %s", _reason)
     return dict(_applied)
+
+
+def heap_free_bytes() -> int | None:
+    """Freed memory the heap holds for reuse (every arena), or None where glibc cannot say."""
+    libc = _libc or _glibc()
+    if libc is None or not hasattr(libc, "mallinfo2"):
+        return None
+    libc.mallinfo2.restype = _Mallinfo2
+    return int(libc.mallinfo2().fordblks)
+
+
+def relieve(keep_free: int | None = None) -> bool:
+    """Where the tuned heap holds more than ``keep_free`` bytes of freed memory, give the freed
+    pages back to the system (``malloc_trim``); returns whether it did. Called after every
+    training step: the tuned heap keeps big blocks for reuse, but blocks of changing sizes
+    fragment it, and with a big model (the notebook's 512/256 BiLSTM: ~1 GiB LSTM workspaces) it
+    grew to 3-4x what a step needs, 13 GiB by the fifth epoch (docs/memory.md). Below the bound,
+    as in a default run, it never trims: the speed of keeping blocks is kept."""
+    if not _applied or _libc is None:
+        return False
+    free = heap_free_bytes()
+    if free is None or free <= (KEEP_FREE if keep_free is None else keep_free):
+        return False
+    global trims
+    _libc.malloc_trim(0)
+    trims += 1
+    return True
 
 
 def describe() -> str:

@@ -23,6 +23,7 @@ from sklearn.metrics import f1_score, roc_auc_score
 from torch import nn
 from tqdm import tqdm
 
+from mer_cli import allocator
 from mer_cli.artifacts import deferred_interrupts, load_checkpoint, save_checkpoint
 from mer_cli.errors import ConfigError
 from mer_cli.models import Frames
@@ -474,6 +475,7 @@ def train_step(
         modulate(inputs, y)
     scaler.step(optimizer)
     scaler.update()
+    allocator.relieve()  # a heap fragmented past its bound gives its freed pages back
     return loss, logits
 
 
@@ -658,6 +660,8 @@ def fit(
     if best_state is not None:
         model.load_state_dict(best_state)  # restore the best weights, as Keras' restore_best_weights
     log.info("best epoch %d: val/loss %.4f", history.best_epoch, best_loss)
+    if allocator.trims:
+        log.info("malloc: freed heap pages given back %d times (more than 2 GiB kept free)", allocator.trims)
     return history
 
 
