@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import bilstm, inputs, padded_set
-from mer_cli import train
+from mer_cli import allocator, train
 from mer_cli.errors import ConfigError
 
 
@@ -278,3 +278,20 @@ def test_the_first_batch_wait_counts_from_the_process_start_once_then_from_each_
     assert waits[0] == "first training batch ready 5000.0 s after the process started"
     second = re.fullmatch(r"first training batch ready ([\d.]+) s after this training started", waits[1])
     assert second is not None and float(second.group(1)) < 60
+
+
+def test_a_training_logs_its_own_heap_trims_not_the_worker_process_total(tmp_path, monkeypatch, caplog):
+    # a launcher's worker already trimmed 40 times for earlier jobs; this training trims every step
+    monkeypatch.setattr(allocator, "trims", 40)
+
+    def trim_every_step() -> bool:
+        allocator.trims += 1
+        return True
+
+    monkeypatch.setattr(allocator, "relieve", trim_every_step)
+    with caplog.at_level(logging.INFO, logger="mer_cli.train"):
+        _fit(tmp_path, epochs=2)
+    steps = allocator.trims - 40
+    assert steps > 0
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("malloc:")]
+    assert lines == [f"malloc: freed heap pages given back {steps} times (more than 2 GiB kept free)"]

@@ -62,7 +62,7 @@ KEEP_FREE = TUNED["trim_threshold"][1]
 
 _applied: dict[str, int] | None = None
 _reason = "not configured yet"
-_libc: ctypes.CDLL | None = None
+_libc: ctypes.CDLL | None = None  # set where the tuned setting is applied and glibc counts its heap
 trims = 0  # how many times `relieve` gave freed pages back (this process)
 
 
@@ -129,32 +129,22 @@ def configure(environ: Mapping[str, str] | None = None) -> dict[str, int]:
         for name, (param, value) in TUNED.items():
             if libc.mallopt(param, value) == 1:  # mallopt returns 1 on success
                 _applied[name] = value
-        _libc = libc
+        if _applied and hasattr(libc, "mallinfo2"):  # glibc >= 2.33
+            libc.mallinfo2.restype = _Mallinfo2
+            _libc = libc
         _reason = "tuned: " + ", ".join(f"{k}={v}" for k, v in _applied.items())
     log.info("malloc: %s", _reason)
     return dict(_applied)
 
 
-def heap_free_bytes() -> int | None:
-    """Freed memory the heap holds for reuse (every arena), or None where glibc cannot say."""
-    libc = _libc or _glibc()
-    if libc is None or not hasattr(libc, "mallinfo2"):
-        return None
-    libc.mallinfo2.restype = _Mallinfo2
-    return int(libc.mallinfo2().fordblks)
-
-
-def relieve(keep_free: int | None = None) -> bool:
+def relieve(keep_free: int = KEEP_FREE) -> bool:
     """Where the tuned heap holds more than ``keep_free`` bytes of freed memory, give the freed
     pages back to the system (``malloc_trim``); returns whether it did. Called after every
     training step: the tuned heap keeps big blocks for reuse, but blocks of changing sizes
     fragment it, and with a big model (the notebook's 512/256 BiLSTM: ~1 GiB LSTM workspaces) it
     grew to 3-4x what a step needs, 13 GiB by the fifth epoch (docs/memory.md). Below the bound,
     as in a default run, it never trims: the speed of keeping blocks is kept."""
-    if not _applied or _libc is None:
-        return False
-    free = heap_free_bytes()
-    if free is None or free <= (KEEP_FREE if keep_free is None else keep_free):
+    if _libc is None or _libc.mallinfo2().fordblks <= keep_free:  # fordblks: freed bytes, every arena
         return False
     global trims
     _libc.malloc_trim(0)

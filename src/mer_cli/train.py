@@ -509,7 +509,7 @@ def fit(
     best_state: dict[str, torch.Tensor] | None = None
     best_loss, start_epoch, bad_epochs = math.inf, 1, 0
 
-    first_batch, fit_started = True, time.perf_counter()
+    first_batch, fit_started, trims_before = True, time.perf_counter(), allocator.trims
     last_path = out_dir / "last.pt"
     if resume and last_path.exists():
         state = load_checkpoint(last_path, map_location=device)
@@ -660,8 +660,12 @@ def fit(
     if best_state is not None:
         model.load_state_dict(best_state)  # restore the best weights, as Keras' restore_best_weights
     log.info("best epoch %d: val/loss %.4f", history.best_epoch, best_loss)
-    if allocator.trims:
-        log.info("malloc: freed heap pages given back %d times (more than 2 GiB kept free)", allocator.trims)
+    if trims := allocator.trims - trims_before:  # this training's (a worker process runs job after job)
+        log.info(
+            "malloc: freed heap pages given back %d times (more than %.0f GiB kept free)",
+            trims,
+            allocator.KEEP_FREE / 2**30,
+        )
     return history
 
 
