@@ -44,9 +44,18 @@ TEST_WORKERS ?= auto
 ZOO_MODELS ?= bilstm,tcn,gru,transformer,bilstm_notebook
 ZOO_MODALITIES ?= xattn,joint,early,acoustic,visual,late
 ZOO_DIR ?= outputs/sweeps/zoo
+# the report also tests each encoder's late, joint and xattn fusion against its early fusion (the
+# notebook's question; labels are <modality>/<encoder> when several encoders are swept);
+# `make zoo ZOO_PAIRS=` tests each model against the best only
+comma := ,
+space := $(subst ,, )
+zoo_models = $(subst $(comma),$(space),$(ZOO_MODELS))
+zoo_modalities = $(subst $(comma),$(space),$(ZOO_MODALITIES))
+zoo_pairs = $(foreach e,$(zoo_models),$(foreach f,$(filter late joint xattn,$(zoo_modalities)),[$(f)/$(e),early/$(e)]))
+ZOO_PAIRS ?= $(if $(and $(word 2,$(zoo_models)),$(filter early,$(zoo_modalities))),$(subst $(space),$(comma),$(strip $(zoo_pairs))))
 zoo: $(STAMP)  ## the model zoo: every encoder x modality x SEEDS, one report in ZOO_DIR (hours on a CPU; resumable)
 	$(BIN)/mer-train -m hydra/launcher=joblib model=$(ZOO_MODELS) modality=$(ZOO_MODALITIES) seed=$(SEEDS) \
-	  resume=auto hydra.sweep.dir=$(ZOO_DIR) $(ARGS)
+	  resume=auto hydra.sweep.dir=$(ZOO_DIR) $(if $(ZOO_PAIRS),'compare.pairs=[$(ZOO_PAIRS)]') $(ARGS)
 
 test: $(STAMP)  ## the whole test suite (a few minutes on 2 cores)
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(ARGS)

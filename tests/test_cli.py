@@ -284,3 +284,40 @@ def test_a_finished_run_is_never_trained_over(tmp_path):
     assert proc.returncode == 2
     assert "already holds a run" in proc.stderr.strip().splitlines()[-1]
     assert (run / "checkpoint.pt").read_bytes() == weights
+
+
+def test_make_zoo_tests_each_encoders_fusions_against_its_early_fusion(tmp_path):
+    """`make zoo` names, for every swept encoder, its late/joint/xattn vs early pair in the labels
+    the report gives a sweep over several encoders (<modality>/<encoder>), as one Hydra override;
+    with one encoder (plain labels) or without early fusion there is nothing to name."""
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    venv = tmp_path / "venv"
+    venv.mkdir()
+    (venv / ".installed").touch()
+
+    def pairs(*words: str) -> list[list[str]] | None:
+        cmd = ["make", "-n", "-C", str(REPO), f"VENV={venv}", "zoo", *words]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        (recipe,) = [ln for ln in proc.stdout.replace("\\\n", " ").splitlines() if "mer-train" in ln]
+        args = shlex.split(recipe)
+        found = [a for a in args if a.startswith("compare.pairs=")]
+        if not found:
+            return None
+        (override,) = OverridesParser.create().parse_overrides(found)
+        return override.value()
+
+    assert pairs("ZOO_MODELS=tcn,gru", "ZOO_MODALITIES=early,visual,late,xattn") == [
+        ["late/tcn", "early/tcn"],
+        ["xattn/tcn", "early/tcn"],
+        ["late/gru", "early/gru"],
+        ["xattn/gru", "early/gru"],
+    ]
+    default = pairs()
+    assert default is not None and len(default) == 15  # 5 encoders x (late, joint, xattn)
+    assert pairs("ZOO_MODELS=tcn") is None
+    assert pairs("ZOO_MODELS=tcn,gru", "ZOO_MODALITIES=late,visual") is None
+    assert pairs("ZOO_PAIRS=") is None
