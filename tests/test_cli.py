@@ -243,6 +243,16 @@ def test_bad_input_is_one_error_line_nonzero_exit_and_no_run_directory(tmp_path)
     assert not run.exists()
 
 
+def _make_dry_run(tmp_path: Path, *words: str) -> subprocess.CompletedProcess[str]:
+    """``make -n`` in the repository (nothing executed) with a stand-in environment that make
+    takes as installed, so it plans no (re)install."""
+    venv = tmp_path / "venv"
+    venv.mkdir(exist_ok=True)
+    (venv / ".installed").touch()  # newer than pyproject.toml
+    cmd = ["make", "-n", "-C", str(REPO), f"VENV={venv}", *words]
+    return subprocess.run(cmd, capture_output=True, text=True)
+
+
 def test_readme_make_commands_run_the_projects_entry_points(tmp_path):
     """Every ``make ...`` line of the README names Makefile targets that exist (make -n: a dry run,
     nothing is executed or installed) and whose recipes call a console script this package
@@ -253,16 +263,12 @@ def test_readme_make_commands_run_the_projects_entry_points(tmp_path):
     scripts = dict(re.findall(r'^([\w-]+) = "([\w.:]+)"$', section, re.MULTILINE))
     assert "mer-train" in scripts
     venv = tmp_path / "venv"
-    venv.mkdir()
-    (venv / ".installed").touch()  # newer than pyproject.toml: make would not (re)install anything
     lines = [line.split("#")[0] for line in (REPO / "README.md").read_text().splitlines()]
     commands = [shlex.split(line)[1:] for line in lines if line.startswith("make ")]
     assert commands
     called = set()
     for words in commands:
-        proc = subprocess.run(
-            ["make", "-n", "-C", str(REPO), f"VENV={venv}", *words], capture_output=True, text=True
-        )
+        proc = _make_dry_run(tmp_path, *words)
         assert proc.returncode == 0, (words, proc.stderr)
         for line in proc.stdout.splitlines():
             if line.startswith(f"{venv}/bin/"):
@@ -294,13 +300,8 @@ def test_make_zoo_tests_each_encoders_fusions_against_its_early_fusion(tmp_path)
         pytest.skip("make is not installed")
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    venv = tmp_path / "venv"
-    venv.mkdir()
-    (venv / ".installed").touch()
-
     def pairs(*words: str) -> list[list[str]] | None:
-        cmd = ["make", "-n", "-C", str(REPO), f"VENV={venv}", "zoo", *words]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = _make_dry_run(tmp_path, "zoo", *words)
         assert proc.returncode == 0, proc.stderr
         (recipe,) = [ln for ln in proc.stdout.replace("\\\n", " ").splitlines() if "mer-train" in ln]
         args = shlex.split(recipe)
