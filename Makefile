@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 SEEDS ?= 0,1,2
 STAMP := $(VENV)/.installed
 # No malloc setting here any more: mer-train, mer-evaluate and mer-bench set glibc's malloc
-# themselves at start-up (src/mer_cli/allocator.py: big blocks kept in the heap, as the
+# themselves at start-up (src/mer_cli/core/allocator.py: big blocks kept in the heap, as the
 # GLIBC_TUNABLES this file used to export), so mer-train typed directly is as fast as make run.
 # MER_MALLOC=system turns it off; a GLIBC_TUNABLES=glibc.malloc.* of your own is kept. Full default
 # run, 2 interleaved rounds on the shared 2-core box: 1.8-2.3 GiB peak RSS, 95-118 s training;
@@ -63,10 +63,11 @@ test: $(STAMP)  ## the whole test suite (a few minutes on 2 cores)
 smoke: $(STAMP)  ## every modality for two tiny epochs
 	$(BIN)/mer-train -m experiment=smoke modality=acoustic,visual,late,early $(ARGS)
 
-lint: $(STAMP)  ## ruff (lint + format check) and mypy
+lint: $(STAMP)  ## ruff (lint + format check), mypy, and the layers contract (import-linter)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache
 
 # the Keras/TensorFlow peer (benchmarks/peer_keras.py): a benchmark-only environment, never a project dependency
 PEER_DIR ?= benchmarks

@@ -57,7 +57,7 @@ def bench_size(clips: int, cache_dir: Path, work: Path, extra: list[str]) -> dic
     ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     gen_code = (
-        "import sys; from mer_cli import synthetic; "
+        "import sys; from mer_cli.data import synthetic; "
         f"synthetic.cached(synthetic.Spec(n_actors={n_actors}, "
         f"clips_per_actor_per_class={CLIPS_PER_ACTOR_PER_CLASS}), __import__('pathlib').Path(sys.argv[1]))"
     )

@@ -17,15 +17,17 @@ from pathlib import Path
 
 import numpy as np
 
-from mer_cli import compare, evaluate, report
+from mer_cli.evaluation.metrics import score
+from mer_cli.reporting import compare
+from mer_cli.runs import outputs
 
 ENCODERS = ("bilstm", "bilstm_notebook", "gru", "transformer", "tcn")
 ENCODER_TARGETS = {
-    "bilstm": "mer_cli.models.BiLSTMEncoder",
-    "bilstm_notebook": "mer_cli.models.BiLSTMEncoder",
-    "gru": "mer_cli.models.BiRNNEncoder",
-    "transformer": "mer_cli.models.TransformerEncoder",
-    "tcn": "mer_cli.models.TCNEncoder",
+    "bilstm": "mer_cli.models.encoders.rnn.BiLSTMEncoder",
+    "bilstm_notebook": "mer_cli.models.encoders.rnn.BiLSTMEncoder",
+    "gru": "mer_cli.models.encoders.rnn.BiRNNEncoder",
+    "transformer": "mer_cli.models.encoders.transformer.TransformerEncoder",
+    "tcn": "mer_cli.models.encoders.tcn.TCNEncoder",
 }
 MODALITIES = compare.MODALITY_ORDER  # acoustic, visual, late, early, joint, xattn
 CLASSES = ("ANG", "DIS", "FEA", "HAP", "NEU", "SAD")
@@ -69,10 +71,10 @@ def fake_sweep(
                     "train_seconds": 10.0 * (k + 1) + seed,
                     "epochs_trained": 20 + k + seed,
                 },
-                "test": evaluate.score(y_true, prob, CLASSES),
+                "test": score(y_true, prob, CLASSES),
             }
-            test = report.Predictions("test", clip_ids, y_true, prob)
-            report.write(run, metrics, None, [test], CLASSES, save_plots=False)
+            test = outputs.Predictions("test", clip_ids, y_true, prob)
+            outputs.write(run, metrics, None, [test], CLASSES, save_plots=False)
             (run / "config.yaml").write_text(
                 f"seed: {seed}\nmodality:\n  name: {modality}\n"
                 f"model:\n  encoder:\n    _target_: {ENCODER_TARGETS[encoder]}\n"

@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from mer_cli.data import NOTEBOOK_CLASS_NAMES, Split, Splits
-from mer_cli.models import BiLSTMEncoder, Classifier
-from mer_cli.preprocess import Ragged, SequenceSet
+from mer_cli.data.dataset import NOTEBOOK_CLASS_NAMES, Split, Splits
+from mer_cli.models.encoders.rnn import BiLSTMEncoder
+from mer_cli.models.heads import Classifier
+from mer_cli.preprocess.streams import Ragged, SequenceSet
 
 # tiny tensors: one thread avoids OpenMP spin-waiting on a busy 2-core machine
 torch.set_num_threads(1)

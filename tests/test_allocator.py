@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from conftest import REPO
-from mer_cli import allocator
+from mer_cli.core import allocator
 
 
 def _has_mallinfo2() -> bool:
@@ -50,15 +50,18 @@ def big_block_is_mmapped():
     return mmapped
 
 def report(*args, **kwargs):
-    from mer_cli import allocator
+    from mer_cli.core import allocator
     print(json.dumps({"mmapped": big_block_is_mmapped(), "why": allocator.describe()}), flush=True)
     os._exit(0)
 
-from mer_cli import bench, cli, pipeline
+sys.path.insert(0, "benchmarks")
+import bench
+from mer_cli.cli import commands
+from mer_cli.runs import pipeline
 pipeline.run = pipeline.evaluate_run = bench.run_all = report
 entry = sys.argv[1]
 sys.argv = [f"mer-{entry}", *sys.argv[2:]]
-{"train": cli.train_main, "evaluate": cli.evaluate_main, "bench": bench.main}[entry]()
+{"train": commands.train_main, "evaluate": commands.evaluate_main, "bench": bench.main}[entry]()
 """
 
 CLEAN = ("GLIBC_TUNABLES", allocator.SWITCH, *allocator.USER_VARIABLES)
@@ -116,7 +119,7 @@ def test_only_malloc_tunables_count_as_the_users_malloc_setting():
 
 FRAGMENTED = """
 import ctypes, json, os
-from mer_cli import allocator
+from mer_cli.core import allocator
 
 def rss_mib():
     with open("/proc/self/statm") as f:
@@ -160,7 +163,7 @@ def test_a_heap_holding_more_freed_memory_than_its_bound_gives_the_pages_back(tm
 
 
 def test_every_training_step_offers_the_heap_a_chance_to_shrink(monkeypatch):
-    from mer_cli import train
+    from mer_cli.training import loop
 
     calls = []
     monkeypatch.setattr(allocator, "relieve", lambda: calls.append(1) or False)
@@ -169,7 +172,7 @@ def test_every_training_step_offers_the_heap_a_chance_to_shrink(monkeypatch):
     grad_scaler = torch.amp.GradScaler("cpu", enabled=False)
     x, y = torch.randn(4, 2, 3), torch.tensor([0, 1, 2, 0])
     for _ in range(3):
-        train.train_step(
+        loop.train_step(
             lambda inputs: model(inputs["x"]),
             optimizer,
             grad_scaler,

@@ -9,8 +9,8 @@ import signal
 import pytest
 import torch
 
-from mer_cli import entry
-from mer_cli.artifacts import atomic_open, load_checkpoint, save_checkpoint
+from mer_cli.core import console
+from mer_cli.core.artifacts import atomic_open, load_checkpoint, save_checkpoint
 
 
 class SignalWhenPickled:
@@ -29,7 +29,7 @@ class SignalWhenPickled:
 def sigterm_as_ctrl_c():
     """mer-train's own SIGTERM handler, restored afterwards."""
     before = signal.getsignal(signal.SIGTERM)
-    entry.stop_on_sigterm()
+    console.stop_on_sigterm()
     yield
     signal.signal(signal.SIGTERM, before)
 

@@ -5,11 +5,11 @@ import math
 import subprocess
 import sys
 
+import bench  # benchmarks/bench.py (pytest's pythonpath)
 import pytest
 import torch
 
 from conftest import REPO
-from mer_cli import bench
 
 
 def test_quick_bench_writes_one_complete_json_row_per_configuration(tmp_path, capsys):
@@ -146,7 +146,7 @@ def test_quick_bench_runs_the_other_encoders_with_their_own_flop_counts(tmp_path
 
 
 def test_counted_flops_agree_with_the_formula_and_include_attention():
-    from mer_cli.pipeline import build_model
+    from mer_cli.runs.pipeline import build_model
 
     def model(name):
         cfg = bench.model_config(name)

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from mer_cli import pipeline
-from mer_cli.artifacts import load_checkpoint, save_checkpoint
+from mer_cli.core.artifacts import load_checkpoint, save_checkpoint
+from mer_cli.runs import pipeline
 
 # an early-fusion smoke run (data=synthetic, limit 48 clips per split, fp32) trained by mer-cli
 # 0.1.0, before encoders and heads were separate: checkpoint format 1, streams "mfcc"/"aus"/"early"

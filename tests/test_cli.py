@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, run_cli
-from mer_cli.train import cpu_has_native_bf16
+from mer_cli.training.loop import cpu_has_native_bf16
 
 RUN_FILES = [
     "config.yaml",

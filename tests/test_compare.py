@@ -19,9 +19,13 @@ import pytest
 from omegaconf import OmegaConf
 from scipy import stats as sps
 
-from mer_cli import cli as cli_module
-from mer_cli import compare, evaluate, folds, report, sweep
-from mer_cli.errors import ConfigError, MerError
+from mer_cli.cli import commands as cli_module
+from mer_cli.core.errors import ConfigError, MerError
+from mer_cli.data import folds
+from mer_cli.evaluation.metrics import score
+from mer_cli.reporting import compare
+from mer_cli.runs import outputs
+from mer_cli.sweeps import callback
 
 REPO = Path(__file__).resolve().parents[1]
 # tiny models, no per-run figures (the report draws its own), a quick bootstrap
@@ -31,7 +35,7 @@ SMOKE = ["experiment=smoke", "runtime.save_plots=false", "compare.bootstrap_samp
 def cli(entry: str, *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
     return subprocess.run(
-        [sys.executable, "-c", f"from mer_cli.cli import {entry}; {entry}()", *args],
+        [sys.executable, "-c", f"from mer_cli.cli.commands import {entry}; {entry}()", *args],
         capture_output=True,
         text=True,
         env=env,
@@ -115,7 +119,7 @@ def test_sweep_ends_with_a_report_whose_numbers_are_the_runs_own(sweep_a):
     right = {}  # (model, seed) -> per-clip correctness
     for m in mean_f1:
         for s, run in enumerate(job_dirs(sweep_a, m)):
-            pred = report.read_predictions(run / "predictions.csv", "test")
+            pred = outputs.read_predictions(run / "predictions.csv", "test")
             order = np.argsort(pred.clip_ids)  # line the two models' clips up
             right[m, s] = (pred.y_prob.argmax(1) == pred.y_true)[order]
     for p in result["pairwise"]:
@@ -186,7 +190,7 @@ def test_late_fusion_in_a_sweep_trains_nothing(sweep_a):
         assert members == {m: str(job_dirs(sweep_a, m)[seed]) for m in ("acoustic", "visual")}
         # and the fused probabilities are the average of those runs' own predictions
         a, v, fused = (
-            report.read_predictions(Path(d) / "predictions.csv", "test")
+            outputs.read_predictions(Path(d) / "predictions.csv", "test")
             for d in (*members.values(), late_dir)
         )
         np.testing.assert_allclose(fused.y_prob, (a.y_prob + v.y_prob) / 2, atol=2e-5)
@@ -264,8 +268,8 @@ def test_cross_validation_folds_are_speaker_independent(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     tested: list[set[str]] = []
     for i in range(3):
-        val = report.read_predictions(run_dir / f"fold{i}" / "predictions.csv", "val")
-        test = report.read_predictions(run_dir / f"fold{i}" / "predictions.csv", "test")
+        val = outputs.read_predictions(run_dir / f"fold{i}" / "predictions.csv", "val")
+        test = outputs.read_predictions(run_dir / f"fold{i}" / "predictions.csv", "test")
         val_actors, test_actors = (
             set(folds.actor_ids(p.clip_ids, folds.CREMA_D_ACTOR_PATTERN)) for p in (val, test)
         )
@@ -288,7 +292,7 @@ def test_a_sweep_where_every_job_failed_still_gets_a_report_of_why(tmp_path):
     for num, modality in enumerate(("acoustic", "late")):
         job = tmp_path / f"{num}_{modality}_seed0"
         job.mkdir()
-        sweep.record_failure(job, ConfigError(f"{modality}: broken on purpose"), modality, 0)
+        callback.record_failure(job, ConfigError(f"{modality}: broken on purpose"), modality, 0)
     result = compare.into_sweep(tmp_path, compare.Settings())
     assert result["summary"] == ["Every job failed (2): nothing to compare."]
     md = (tmp_path / "report.md").read_text()
@@ -337,9 +341,9 @@ def fake_run(root: Path, modality: str, seed: int, y_true: np.ndarray, y_pred: n
     prob = np.full((len(y_true), len(CLASSES)), 0.1)
     prob[np.arange(len(y_true)), y_pred] = 0.7
     clip_ids = tuple(f"{actor:04d}_clip{i}" for i, actor in enumerate(1001 + np.arange(len(y_true)) // 4))
-    test = report.Predictions("test", clip_ids, y_true, prob)
-    metrics = {"run": {"seed": seed, "modality": modality}, "test": evaluate.score(y_true, prob, CLASSES)}
-    report.write(run, metrics, None, [test], CLASSES, save_plots=False)
+    test = outputs.Predictions("test", clip_ids, y_true, prob)
+    metrics = {"run": {"seed": seed, "modality": modality}, "test": score(y_true, prob, CLASSES)}
+    outputs.write(run, metrics, None, [test], CLASSES, save_plots=False)
     (run / "config.yaml").write_text(f"seed: {seed}\nmodality:\n  name: {modality}\n")
     return run
 
@@ -667,7 +671,7 @@ def test_mer_compare_options_reach_the_report_settings(tmp_path, monkeypatch, ca
             }
         }
     )
-    assert sweep.settings_of(cfg).pairs == (("acoustic/gru", "visual/gru"),)
+    assert callback.settings_of(cfg).pairs == (("acoustic/gru", "visual/gru"),)
 
 
 def test_models_are_labelled_by_their_model_config_also_for_cross_validation_folds(tmp_path):

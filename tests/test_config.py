@@ -9,8 +9,10 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from mer_cli import pipeline, train
-from mer_cli.cli import config_dir
+from mer_cli.cli.commands import config_dir
+from mer_cli.models.fusion import late as late_fusion
+from mer_cli.runs import pipeline
+from mer_cli.training import loop
 
 CONFIGS = Path(config_dir())
 
@@ -41,7 +43,7 @@ def test_model_options_build_and_predict_one_row_per_clip(model, experiment):
     assert net({"early": (x, torch.tensor([11, 4, 1]))}).shape == (3, 6)
     opt = instantiate(cfg.trainer.optimizer)(net.parameters())
     instantiate(cfg.trainer.scheduler)(opt)
-    train.Settings(**cfg.trainer.loop)  # every loop key is a known setting
+    loop.Settings(**cfg.trainer.loop)  # every loop key is a known setting
 
 
 def test_notebook_experiment_is_the_notebooks_settings():
@@ -68,11 +70,10 @@ def test_every_modality_is_known_to_the_pipeline():
 
 
 def test_late_fusion_defaults_to_the_notebooks_plain_average():
-    from mer_cli import fusion
 
     late = _compose("modality=late").modality
     assert late.combiner == "mean" and late.acoustic_weight is None
-    assert late.combiner in fusion.COMBINERS
+    assert late.combiner in late_fusion.COMBINERS
 
 
 def _readme_commands(tool: str) -> list[list[str]]:

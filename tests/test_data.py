@@ -20,8 +20,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from mer_cli import data, synthetic
-from mer_cli.errors import DataError
+from mer_cli import data
+from mer_cli.core.errors import DataError
+from mer_cli.data import synthetic
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 N_CLASSES = 6
@@ -383,7 +384,7 @@ def run_cli(entry: str, *args: str, env: dict[str, str] | None = None) -> subpro
         [
             sys.executable,
             "-c",
-            f"import sys; sys.argv[0] = 'mer'; from mer_cli.cli import {entry}; {entry}()",
+            f"import sys; sys.argv[0] = 'mer'; from mer_cli.cli.commands import {entry}; {entry}()",
             *args,
         ],
         capture_output=True,

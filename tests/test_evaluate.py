@@ -2,7 +2,7 @@ import math
 
 import numpy as np
 
-from mer_cli import evaluate
+from mer_cli.evaluation.metrics import pr_curves, roc_curves, score
 
 NAMES = ("a", "b", "c")
 
@@ -20,7 +20,7 @@ def test_metrics_on_a_hand_computed_case():
             [0.5, 0.2, 0.3],
         ]
     )
-    m = evaluate.score(y_true, y_prob, NAMES)
+    m = score(y_true, y_prob, NAMES)
     f1 = [0.5, 2 * (2 / 3) / (2 / 3 + 1), 2 * 0.5 / 1.5]
     assert math.isclose(m["f1_macro"], sum(f1) / 3)
     assert math.isclose(m["accuracy"], 4 / 6)
@@ -35,7 +35,7 @@ def test_metrics_on_a_hand_computed_case():
 def test_perfect_predictions_score_one_and_absent_classes_are_undefined_not_crashes():
     y_true = np.array([0, 1, 0, 1])
     y_prob = np.array([[0.9, 0.05, 0.05], [0.1, 0.8, 0.1], [0.7, 0.2, 0.1], [0.2, 0.7, 0.1]])
-    m = evaluate.score(y_true, y_prob, NAMES)
+    m = score(y_true, y_prob, NAMES)
     assert m["accuracy"] == 1.0
     assert m["roc_auc_micro"] == 1.0
     assert math.isnan(m["roc_auc_per_class"]["c"])  # no clip of class c: undefined
@@ -64,8 +64,8 @@ def test_roc_and_pr_areas_match_their_definitions():
     y_prob[np.arange(200), y_true] += 0.3
     y_prob /= y_prob.sum(1, keepdims=True)
     onehot = np.eye(3, dtype=bool)[y_true]
-    m = evaluate.score(y_true, y_prob, NAMES)
-    curves = evaluate.roc_curves(y_true, y_prob)
+    m = score(y_true, y_prob, NAMES)
+    curves = roc_curves(y_true, y_prob)
     micro = rank_auc(onehot.ravel(), y_prob.ravel())
     assert 0.7 < micro < 0.95  # informative, not perfect: the check below is not trivial
     assert math.isclose(m["roc_auc_micro"], micro, rel_tol=1e-9)
@@ -75,5 +75,5 @@ def test_roc_and_pr_areas_match_their_definitions():
         assert math.isclose(curves[str(c)].area, rank_auc(onehot[:, c], y_prob[:, c]), rel_tol=1e-9)
         ap = average_precision(onehot[:, c], y_prob[:, c])
         assert math.isclose(m["pr_auc_per_class"][name], ap, rel_tol=1e-9)
-        assert math.isclose(evaluate.pr_curves(y_true, y_prob)[str(c)].area, ap, rel_tol=1e-9)
+        assert math.isclose(pr_curves(y_true, y_prob)[str(c)].area, ap, rel_tol=1e-9)
     assert math.isclose(m["roc_auc_macro"], np.mean([rank_auc(onehot[:, c], y_prob[:, c]) for c in range(3)]))

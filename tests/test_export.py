@@ -13,9 +13,12 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from mer_cli import export, fusion, pipeline, preprocess, scaling
-from mer_cli.artifacts import load_checkpoint
-from mer_cli.cli import config_dir
+from mer_cli import preprocess
+from mer_cli.cli.commands import config_dir
+from mer_cli.core.artifacts import load_checkpoint
+from mer_cli.preprocess import align, scaling
+from mer_cli.runs import pipeline
+from mer_cli.serving import export
 
 # one smoke run per modality; the encoders vary so the exporter meets every kind of layer:
 # packed masking (exported as the reverse path), GRU cells, attention, convolutions, stacking
@@ -167,7 +170,7 @@ def test_in_graph_early_fusion_gives_the_very_numbers_of_fusion_early_fuse(t_a, 
     rng = np.random.default_rng(t_a * 100 + t_v)
     a = rng.standard_normal((t_a, 3)).astype(np.float32)
     v = rng.standard_normal((t_v, 2)).astype(np.float32)
-    expected = fusion.early_fuse(a, v)
+    expected = align.early_fuse(a, v)
     # padded to more frames than either clip, with another (longer) clip in the batch
     xa = torch.zeros(2, 90, 3)
     xv = torch.full((2, 20, 2), 1e6)
@@ -244,7 +247,7 @@ def test_a_directory_without_a_run_is_one_line_and_writes_nothing(tmp_path, caps
 def test_mer_export_console_script_writes_the_file_and_says_what_it_takes(runs, tmp_path):
     # as the console script runs: entry.export() -> export.main(), arguments from sys.argv
     out = tmp_path / "acoustic.pt"
-    code = "import sys; from mer_cli import entry; sys.argv[0] = 'mer-export'; entry.export()"
+    code = "import sys; from mer_cli.cli import entry; sys.argv[0] = 'mer-export'; entry.export()"
     argv = [str(runs["acoustic"]), "--format", "torchscript", "--out", str(out)]
     proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

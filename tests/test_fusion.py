@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
 
-from mer_cli import fusion, pipeline
-from mer_cli.errors import ConfigError
-from mer_cli.report import Predictions
+from mer_cli.core.errors import ConfigError
+from mer_cli.models.fusion import late as late_fusion
+from mer_cli.runs import pipeline
+from mer_cli.runs.outputs import Predictions
 
 N_CLASSES = 4
 
@@ -31,7 +32,9 @@ def noise(n: int, rng: np.random.Generator) -> np.ndarray:
 def test_mean_is_the_notebooks_plain_average_to_the_bit():
     rng = np.random.default_rng(0)
     a, v = noise(50, rng), noise(50, rng)
-    fused = fusion.fit_late("mean", {"acoustic": a, "visual": v}, np.zeros(50, dtype=np.int64), N_CLASSES)
+    fused = late_fusion.fit_late(
+        "mean", {"acoustic": a, "visual": v}, np.zeros(50, dtype=np.int64), N_CLASSES
+    )
     assert fused.weights == (0.5, 0.5)
     out = fused.combine({"acoustic": a, "visual": v})
     assert out.dtype == np.float32
@@ -40,8 +43,8 @@ def test_mean_is_the_notebooks_plain_average_to_the_bit():
 
 
 def test_simplex_grid_is_the_old_two_member_grid_and_covers_n_members():
-    np.testing.assert_allclose(fusion.simplex_grid(2)[:, 0], np.linspace(0.0, 1.0, 21))
-    three = fusion.simplex_grid(3)
+    np.testing.assert_allclose(late_fusion.simplex_grid(2)[:, 0], np.linspace(0.0, 1.0, 21))
+    three = late_fusion.simplex_grid(3)
     assert three.shape == (231, 3)  # C(22, 2) ways to split 20 steps among 3 members
     np.testing.assert_allclose(three.sum(axis=1), 1.0)
     assert three.min() == 0.0
@@ -51,13 +54,13 @@ def test_weighted_gives_a_member_of_pure_noise_no_weight():
     rng = np.random.default_rng(1)
     y = rng.integers(0, N_CLASSES, 400)
     probs = [informative(y, rng, 3.0), noise(len(y), rng), informative(y, rng, 3.0)]
-    weights = fusion.fit_weights(probs, y)
+    weights = late_fusion.fit_weights(probs, y)
     assert sum(weights) == pytest.approx(1.0)
     assert weights[1] == 0.0
     assert min(weights[0], weights[2]) > 0.0  # two informative members with their own errors: both help
     # a member that knows the answer takes all the weight
     perfect = np.eye(N_CLASSES)[y]
-    assert fusion.fit_weights([probs[1], perfect], y) == [0.0, 1.0]
+    assert late_fusion.fit_weights([probs[1], perfect], y) == [0.0, 1.0]
 
 
 def test_stacking_recovers_a_known_linear_rule_that_no_average_can():
@@ -70,9 +73,9 @@ def test_stacking_recovers_a_known_linear_rule_that_no_average_can():
 
     y_val, val = members(300)
     y_test, test = members(300)
-    stacked = fusion.fit_late("stacking", val, y_val, N_CLASSES)
+    stacked = late_fusion.fit_late("stacking", val, y_val, N_CLASSES)
     assert np.mean(stacked.combine(test).argmax(axis=1) == y_test) > 0.9
-    weighted = fusion.fit_late("weighted", val, y_val, N_CLASSES)
+    weighted = late_fusion.fit_late("weighted", val, y_val, N_CLASSES)
     assert np.mean(weighted.combine(test).argmax(axis=1) == y_test) < 0.3
     coef = np.asarray(stacked.stacker.coef)[:, :N_CLASSES]  # rows: classes; columns: acoustic's
     np.testing.assert_array_equal(coef.argmax(axis=1), swap)  # class c is read off acoustic's swap[c]
@@ -83,11 +86,11 @@ def test_the_stackers_plain_numbers_predict_as_scikit_learn_does(n_classes):
     rng = np.random.default_rng(3)
     y = rng.integers(0, n_classes, 60)
     probs = {m: rng.dirichlet(np.ones(n_classes), 60) for m in ("acoustic", "visual")}
-    stacker = fusion.fit_stacker(probs, y, n_classes)
+    stacker = late_fusion.fit_stacker(probs, y, n_classes)
     x = np.concatenate(list(probs.values()), axis=1)
-    lr = LogisticRegression(C=fusion.STACKING_C, max_iter=1000, random_state=0).fit(x, y)
+    lr = LogisticRegression(C=late_fusion.STACKING_C, max_iter=1000, random_state=0).fit(x, y)
     np.testing.assert_allclose(stacker.predict_proba(probs), lr.predict_proba(x), rtol=0, atol=1e-12)
-    again = fusion.Stacker.from_state(json.loads(json.dumps(stacker.state())))
+    again = late_fusion.Stacker.from_state(json.loads(json.dumps(stacker.state())))
     np.testing.assert_array_equal(again.predict_proba(probs), stacker.predict_proba(probs))
 
 
@@ -95,7 +98,7 @@ def test_a_class_validation_never_saw_gets_probability_zero_from_the_stacker():
     rng = np.random.default_rng(4)
     y = rng.integers(0, 3, 80)  # class 3 absent
     probs = {"a": noise(80, rng), "b": noise(80, rng)}
-    out = fusion.fit_stacker(probs, y, N_CLASSES).predict_proba(probs)
+    out = late_fusion.fit_stacker(probs, y, N_CLASSES).predict_proba(probs)
     assert out.shape == (80, N_CLASSES)
     np.testing.assert_array_equal(out[:, 3], 0.0)
     np.testing.assert_allclose(out.sum(axis=1), 1.0)

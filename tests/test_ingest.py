@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mer_cli import data, ingest
-from mer_cli.errors import ConfigError, DataError
+from mer_cli import data
+from mer_cli.core.errors import ConfigError, DataError
+from mer_cli.data import ingest
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 EMOTIONS = list(ingest.CREMA_D_EMOTIONS)  # NEU ANG HAP FEA DIS SAD, label order
@@ -173,7 +174,7 @@ def test_build_pairs_splits_by_actor_and_reports_what_it_left_out(tmp_path):
 def _run(entry: str, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     env.pop("MER_DEBUG", None)
-    code = f"import sys; sys.argv[0] = 'mer'; from mer_cli.cli import {entry}; {entry}()"
+    code = f"import sys; sys.argv[0] = 'mer'; from mer_cli.cli.commands import {entry}; {entry}()"
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env)
 
 

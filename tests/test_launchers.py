@@ -17,7 +17,9 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from mer_cli import launchers, sweep, train
+from mer_cli.runs import reuse
+from mer_cli.sweeps import launchers
+from mer_cli.training import loop
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 CONFIGS = SRC.parent / "configs"
@@ -29,7 +31,7 @@ def _mer_train(*args: str) -> list[str]:
     return [
         sys.executable,
         "-c",
-        "import sys; sys.argv[0] = 'mer-train'; from mer_cli.entry import train; train()",
+        "import sys; sys.argv[0] = 'mer-train'; from mer_cli.cli.entry import train; train()",
         *args,
     ]
 
@@ -56,7 +58,7 @@ def _metrics(sweep_dir: Path) -> dict[tuple[str, int], dict]:
 
 def _trainings(sweep_dir: Path) -> int:
     """How many models the sweep's jobs trained (each training logs one "training on" line)."""
-    return sum(p.read_text().count("train][INFO] - training on ") for p in sweep_dir.glob("*/train.log"))
+    return sum(p.read_text().count("loop][INFO] - training on ") for p in sweep_dir.glob("*/train.log"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -81,10 +83,10 @@ def test_parallel_jobs_share_the_physical_cores():
     assert launchers.parallel_jobs({"n_jobs": -1}) == os.cpu_count()  # joblib: one per CPU
     assert launchers.parallel_jobs({"timeout_min": 60}, environ={}) == 1  # SLURM: its own cores
     assert launchers.parallel_jobs({"timeout_min": 60}, environ={launchers.PARALLEL_JOBS_ENV: "12"}) == 12
-    cores = train.physical_cores()
-    assert train.cpu_threads(1) == cores
-    assert train.cpu_threads(2) == max(1, cores // 2)
-    assert train.cpu_threads(4 * cores) == 1  # never zero
+    cores = loop.physical_cores()
+    assert loop.cpu_threads(1) == cores
+    assert loop.cpu_threads(2) == max(1, cores // 2)
+    assert loop.cpu_threads(4 * cores) == 1  # never zero
 
 
 def test_a_requeued_job_runs_with_resume_auto():
@@ -137,7 +139,7 @@ def test_a_model_being_trained_by_one_job_is_waited_for_by_another(tmp_path):
     holding = threading.Event()
 
     def first_job() -> None:
-        with sweep.training_once(tmp_path, cfg):
+        with reuse.training_once(tmp_path, cfg):
             holding.set()
             time.sleep(0.3)  # "training"
             events.append("first done")
@@ -145,9 +147,9 @@ def test_a_model_being_trained_by_one_job_is_waited_for_by_another(tmp_path):
     t = threading.Thread(target=first_job)
     t.start()
     holding.wait()
-    with sweep.training_once(tmp_path, other_seed):  # another model: no wait
+    with reuse.training_once(tmp_path, other_seed):  # another model: no wait
         events.append("other model")
-    with sweep.training_once(tmp_path, cfg):
+    with reuse.training_once(tmp_path, cfg):
         events.append("second starts")
     t.join()
     assert events == ["other model", "first done", "second starts"]
@@ -182,7 +184,7 @@ def test_the_same_metrics_script_pairs_runs_by_name_and_flags_any_difference(tmp
 
 @pytest.mark.slow
 def test_a_joblib_sweep_gives_the_sequential_metrics_and_trains_no_model_twice(tmp_path):
-    threads = train.cpu_threads(2)
+    threads = loop.cpu_threads(2)
     sequential = _run(
         "-m",
         *SMOKE,

@@ -5,15 +5,10 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 from conftest import REPO, STREAM, bilstm, inputs, run_cli
-from mer_cli.models import (
-    MASKING_IMPLS,
-    BiLSTMEncoder,
-    BiRNNEncoder,
-    MaskedBiLSTM,
-    TransformerEncoder,
-    reverse_within_length,
-)
-from mer_cli.pipeline import build_model
+from mer_cli.models.encoders.rnn import BiLSTMEncoder, BiRNNEncoder
+from mer_cli.models.encoders.transformer import TransformerEncoder
+from mer_cli.models.layers import MASKING_IMPLS, MaskedBiLSTM, reverse_within_length
+from mer_cli.runs.pipeline import build_model
 
 
 def _batch(b=5, t=12, f=4, seed=0):
@@ -97,7 +92,7 @@ def test_notebook_sizes_give_about_5_5_million_parameters_on_acoustic_input():
 
 
 def test_frame_dropout_drops_the_requested_fraction_and_keeps_the_expected_value():
-    from mer_cli.models import FrameDropout
+    from mer_cli.models.layers import FrameDropout
 
     torch.manual_seed(0)
     x = torch.ones(64, 50, 40, requires_grad=True)
@@ -207,7 +202,7 @@ def test_every_model_trains_every_modality_in_a_smoke_run(model_name, tmp_path):
 
 
 def test_tcn_mean_and_max_pooling_reads_real_frames_only():
-    from mer_cli.models import TCNEncoder
+    from mer_cli.models.encoders.tcn import TCNEncoder
 
     torch.manual_seed(0)
     encoder = TCNEncoder(4, (8, 8), pooling="meanmax").eval()

@@ -12,14 +12,12 @@ import torch
 from torch import nn
 
 from conftest import run_cli
-from mer_cli import train
-from mer_cli.models import (
-    BiLSTMEncoder,
-    CrossAttentionClassifier,
-    JointClassifier,
-    MultiStreamClassifier,
-    ogm_coefficients,
-)
+from mer_cli.models.encoders.rnn import BiLSTMEncoder
+from mer_cli.models.fusion.joint import JointClassifier
+from mer_cli.models.fusion.streams import MultiStreamClassifier, ogm_coefficients
+from mer_cli.models.fusion.xattn import CrossAttentionClassifier
+from mer_cli.runs import identity
+from mer_cli.training import loop
 
 FEATURES = {"acoustic": 5, "visual": 3}
 MODELS = {"joint": JointClassifier, "xattn": CrossAttentionClassifier}
@@ -115,7 +113,7 @@ def test_ogm_off_or_zero_trains_bit_identically_to_no_hook(alpha):
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
         model.train()
         for _ in range(3):
-            train.train_step(model, opt, scaler, nn.CrossEntropyLoss(), inputs, y, torch.float32)
+            loop.train_step(model, opt, scaler, nn.CrossEntropyLoss(), inputs, y, torch.float32)
     for (name, a), b in zip(hooked.state_dict().items(), bare.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
 
@@ -147,7 +145,7 @@ def test_smoke_run_and_mer_evaluate_reproduce_its_metrics(tmp_path, modality):
 
 
 def test_the_comparison_report_shows_each_streams_contribution_when_runs_recorded_it(tmp_path):
-    from mer_cli import compare
+    from mer_cli.reporting import compare
     from test_compare import fake_run, markdown
 
     y = np.arange(48) % 4
@@ -170,11 +168,11 @@ def test_the_comparison_report_shows_each_streams_contribution_when_runs_recorde
 
 
 def test_ogm_and_attention_options_are_part_of_a_models_identity():
-    from mer_cli import pipeline, rundir
+    from mer_cli.runs import pipeline
 
     base = {"seed": 0, "modality": {"name": "xattn", "streams": ["acoustic", "visual"], "ogm_alpha": None}}
     ogm = {**base, "modality": {**base["modality"], "ogm_alpha": 0.5}}
     # else a sweep would reuse a run trained without OGM for one with it, and a report merge them
-    assert rundir.model_identity(base) != rundir.model_identity(ogm)
+    assert identity.model_identity(base) != identity.model_identity(ogm)
     for modality, (_, options) in pipeline.STREAM_MODELS.items():  # rundir lists the same options
-        assert rundir._JOINT_OPTIONS[modality] == tuple(f"modality.{o}" for o in options)
+        assert identity._JOINT_OPTIONS[modality] == tuple(f"modality.{o}" for o in options)

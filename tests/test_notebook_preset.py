@@ -10,8 +10,11 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from torch import nn
 
-from mer_cli import artifacts, pipeline, preprocess, train
-from mer_cli.cli import config_dir
+from mer_cli import preprocess
+from mer_cli.cli.commands import config_dir
+from mer_cli.core import artifacts
+from mer_cli.runs import pipeline
+from mer_cli.training import loop
 
 
 def _compose(*overrides: str):
@@ -121,10 +124,10 @@ def test_plateau_threshold_is_keras_absolute_min_delta(notebook):
 
 
 def test_loop_is_keras_fit(notebook):
-    loop = train.Settings(**notebook.trainer.loop)
-    assert (loop.batch_size, loop.max_epochs, loop.patience_epochs) == (128, 100, 20)
-    assert loop.precision == "fp32"  # Keras' float32 policy, no autocast
-    assert loop.bucket_by_length is False  # fit(shuffle=True): uniformly shuffled batches
+    settings = loop.Settings(**notebook.trainer.loop)
+    assert (settings.batch_size, settings.max_epochs, settings.patience_epochs) == (128, 100, 20)
+    assert settings.precision == "fp32"  # Keras' float32 policy, no autocast
+    assert settings.bucket_by_length is False  # fit(shuffle=True): uniformly shuffled batches
 
 
 def test_other_runs_keep_their_own_defaults():

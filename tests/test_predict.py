@@ -18,8 +18,12 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from conftest import run_cli
-from mer_cli import cli, data, ingest, pipeline, predict, report, spec, synthetic
-from mer_cli.artifacts import load_checkpoint
+from mer_cli import data
+from mer_cli.cli import commands
+from mer_cli.core.artifacts import load_checkpoint
+from mer_cli.data import ingest, spec, synthetic
+from mer_cli.runs import outputs, pipeline
+from mer_cli.serving import predict
 from test_ingest import EMOTIONS, make_folder, write_openface_csv, write_wav
 
 pytest.importorskip("librosa")  # the ingest extra: part of the dev environment
@@ -42,7 +46,7 @@ def make_new_clips(root: Path, actors: tuple[int, ...] = (2001, 2002, 2003)) -> 
 
 
 def train(run_dir: Path, modality: str, npz: Path) -> Path:
-    with initialize_config_dir(config_dir=cli.config_dir(), version_base="1.3"):
+    with initialize_config_dir(config_dir=commands.config_dir(), version_base="1.3"):
         cfg = compose(
             config_name="train",
             overrides=[
@@ -103,7 +107,7 @@ def evaluated(run_dir: Path, npz: Path) -> dict[str, np.ndarray]:
     out_dir, _ = pipeline.evaluate_run(run_dir, npz, ("train", "val", "test"), save_plots=False)
     probs = {}
     for split in ("train", "val", "test"):
-        p = report.read_predictions(out_dir / "predictions.csv", split)
+        p = outputs.read_predictions(out_dir / "predictions.csv", split)
         probs.update(zip(p.clip_ids, p.y_prob, strict=True))
     return probs
 
@@ -309,7 +313,7 @@ def test_mer_evaluate_names_a_feature_mismatch_in_one_line_too(files, runs, caps
     data.save_npz(data.Splits(*(forty(s) for s in new.all()), new.class_names, source="forty"), path)
     before = sorted(runs["early"].rglob("*"))
     with pytest.raises(SystemExit) as exit_info:
-        cli.evaluate_main([str(runs["early"]), "--data", str(path)])
+        commands.evaluate_main([str(runs["early"]), "--data", str(path)])
     assert exit_info.value.code == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith(f"mer-evaluate: error: {path}: ") and line.endswith(

@@ -3,9 +3,10 @@ import pytest
 import torch
 from scipy import ndimage
 
-from mer_cli import pipeline, preprocess
-from mer_cli.data import Split
-from mer_cli.fusion import early_fuse, stretch_frames
+from mer_cli import preprocess
+from mer_cli.data.dataset import Split
+from mer_cli.preprocess.align import early_fuse, stretch_frames
+from mer_cli.runs import pipeline
 
 
 def test_target_length_comes_from_train_lengths():

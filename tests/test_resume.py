@@ -14,8 +14,10 @@ import pytest
 import torch
 
 from conftest import STREAM, bilstm
-from mer_cli import preprocess, synthetic, train
-from mer_cli.artifacts import load_checkpoint
+from mer_cli import preprocess
+from mer_cli.core.artifacts import load_checkpoint
+from mer_cli.data import synthetic
+from mer_cli.training import loop
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 EPOCHS = 4
@@ -31,7 +33,7 @@ def _sets() -> tuple[preprocess.SequenceSet, preprocess.SequenceSet]:
     return train_set, val_set
 
 
-def _fit(out_dir: Path, init_seed: int, resume: bool = False, stop_after: int | None = None) -> train.History:
+def _fit(out_dir: Path, init_seed: int, resume: bool = False, stop_after: int | None = None) -> loop.History:
     """The pipeline's pieces at toy size; ``stop_after``: Ctrl-C right after that epoch."""
     torch.manual_seed(init_seed)  # a resumed run must not depend on how its model was initialised
     train_set, val_set = _sets()
@@ -40,7 +42,7 @@ def _fit(out_dir: Path, init_seed: int, resume: bool = False, stop_after: int | 
     # mode max, patience 0: the LR halves after every epoch whose val/loss fell, so the
     # scheduler's state (best value, bad-epoch count, LR) must survive the interruption
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5, patience=0)
-    settings = train.Settings(
+    settings = loop.Settings(
         max_epochs=EPOCHS, batch_size=8, patience_epochs=3, device="cpu", precision="fp32", progress=False
     )
 
@@ -48,7 +50,7 @@ def _fit(out_dir: Path, init_seed: int, resume: bool = False, stop_after: int | 
         if row["epoch"] == stop_after:
             raise KeyboardInterrupt
 
-    history = train.fit(
+    history = loop.fit(
         model,
         optimizer,
         scheduler,
@@ -109,7 +111,7 @@ def _mer_train(*args: str) -> list[str]:
     return [
         sys.executable,
         "-c",
-        "import sys; sys.argv[0] = 'mer-train'; from mer_cli.cli import train_main; train_main()",
+        "import sys; sys.argv[0] = 'mer-train'; from mer_cli.cli.commands import train_main; train_main()",
         *args,
     ]
 

@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 
 from conftest import start_cli
-from mer_cli import rundir
-from mer_cli.artifacts import load_checkpoint
+from mer_cli.core import config
+from mer_cli.core.artifacts import load_checkpoint
+from mer_cli.runs import identity, rundir
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 SMOKE = ("experiment=smoke", "modality=visual", "runtime.save_plots=false", "runtime.num_threads=1")
@@ -149,7 +150,7 @@ def _config(*overrides: str) -> dict:
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from mer_cli.cli import config_dir
+    from mer_cli.cli.commands import config_dir
 
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose(config_name="train", overrides=["experiment=smoke", *overrides])
@@ -168,26 +169,26 @@ RUNTIME = (
 
 def test_runtime_knobs_are_not_part_of_a_model_but_seeds_and_sizes_are():
     base = _config()
-    assert rundir.model_identity(_config(*RUNTIME)) == rundir.model_identity(base)
-    assert rundir.run_identity(_config(*RUNTIME)) == rundir.run_identity(base)
+    assert identity.model_identity(_config(*RUNTIME)) == identity.model_identity(base)
+    assert identity.run_identity(_config(*RUNTIME)) == identity.run_identity(base)
     # another seed: the same model, another run of it
-    assert rundir.model_identity(_config("seed=1")) == rundir.model_identity(base)
-    assert rundir.run_identity(_config("seed=1")) != rundir.run_identity(base)
+    assert identity.model_identity(_config("seed=1")) == identity.model_identity(base)
+    assert identity.run_identity(_config("seed=1")) != identity.run_identity(base)
     # another dropout or precision: another model
-    assert rundir.differences(
-        rundir.model_identity(base), rundir.model_identity(_config("model.dropout=0.3"))
+    assert identity.differences(
+        identity.model_identity(base), identity.model_identity(_config("model.dropout=0.3"))
     ) == [
         "model.dropout: 0.5 -> 0.3",
         "model.encoder.dropout: 0.5 -> 0.3",
     ]
-    assert rundir.model_identity(_config("trainer.loop.precision=bf16")) != rundir.model_identity(base)
+    assert identity.model_identity(_config("trainer.loop.precision=bf16")) != identity.model_identity(base)
 
 
 def test_resume_accepts_other_runtime_knobs_and_names_a_changed_model_setting(tmp_path):
     from omegaconf import OmegaConf
 
-    from mer_cli import pipeline
-    from mer_cli.errors import ConfigError
+    from mer_cli.core.errors import ConfigError
+    from mer_cli.runs import pipeline
 
     (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(_config()))
     (tmp_path / "last.pt").write_bytes(b"")
@@ -199,8 +200,8 @@ def test_resume_accepts_other_runtime_knobs_and_names_a_changed_model_setting(tm
 def test_resume_auto_continues_a_run_with_the_same_settings_and_starts_fresh_where_there_is_none(tmp_path):
     from omegaconf import OmegaConf
 
-    from mer_cli import pipeline
-    from mer_cli.errors import ConfigError
+    from mer_cli.core.errors import ConfigError
+    from mer_cli.runs import pipeline
 
     cfg = OmegaConf.create(_config("resume=auto"))
     assert pipeline.check_resumable(cfg, tmp_path, resume="auto") is False  # nothing there: fresh
@@ -215,7 +216,7 @@ def test_resume_auto_continues_a_run_with_the_same_settings_and_starts_fresh_whe
 
 
 def test_the_report_groups_runs_that_differ_only_in_runtime_knobs_or_seed_as_one_model(tmp_path):
-    from mer_cli import compare
+    from mer_cli.reporting import compare
 
     def run(name: str, cfg: dict) -> compare.Run:
         return compare.Run(
@@ -223,7 +224,7 @@ def test_the_report_groups_runs_that_differ_only_in_runtime_knobs_or_seed_as_one
             modality="early",
             seed=cfg["seed"],
             fold=None,
-            config=rundir.flatten(cfg),
+            config=config.flatten(cfg),
             model_choice="bilstm",  # the same model config: labels name the keys that differ
             metrics={},
             class_names=("a",),
@@ -242,29 +243,29 @@ def test_the_report_groups_runs_that_differ_only_in_runtime_knobs_or_seed_as_one
 
 
 def test_a_late_run_from_before_combiners_is_the_same_model_as_todays_equivalent():
-    today = rundir.model_identity(_config("modality=late"))
+    today = identity.model_identity(_config("modality=late"))
     before = _config("modality=late")
     del before["modality"]["combiner"]
     before["modality"]["acoustic_weight"] = 0.5
-    assert rundir.model_identity(before) == today
-    assert rundir.model_identity(_config("modality=late", "modality.acoustic_weight=0.5")) == today
+    assert identity.model_identity(before) == today
+    assert identity.model_identity(_config("modality=late", "modality.acoustic_weight=0.5")) == today
     before["modality"]["acoustic_weight"] = "fit"
-    assert rundir.model_identity(before) == rundir.model_identity(
+    assert identity.model_identity(before) == identity.model_identity(
         _config("modality=late", "modality.combiner=weighted")
     )
     before["modality"]["acoustic_weight"] = 0.3
-    assert rundir.model_identity(before) == rundir.model_identity(
+    assert identity.model_identity(before) == identity.model_identity(
         _config("modality=late", "modality.acoustic_weight=0.3")
     )
-    assert rundir.model_identity(_config("modality=late", "modality.combiner=stacking")) != today
+    assert identity.model_identity(_config("modality=late", "modality.combiner=stacking")) != today
 
 
 def test_a_transformer_run_from_before_attention_dropout_had_its_own_key_kept_its_dropout_there():
     today = _config("model=transformer")
     before = _config("model=transformer")
     del before["model"]["encoder"]["attention_dropout"]  # then model.encoder.dropout (0.1) acted there
-    assert rundir.differences(rundir.model_identity(before), rundir.model_identity(today)) == [
+    assert identity.differences(identity.model_identity(before), identity.model_identity(today)) == [
         "model.encoder.attention_dropout: 0.1 -> 0.0"
     ]
     same = _config("model=transformer", "model.encoder.attention_dropout=0.1")
-    assert rundir.model_identity(before) == rundir.model_identity(same)
+    assert identity.model_identity(before) == identity.model_identity(same)

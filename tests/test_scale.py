@@ -12,9 +12,14 @@ import pytest
 import torch
 
 from conftest import STREAM, make_split
-from mer_cli import cli, data, folds, fusion, pipeline, preprocess, synthetic, train
-from mer_cli.errors import ConfigError, DataError
-from mer_cli.preprocess import Ragged, SequenceSet
+from mer_cli import data, preprocess
+from mer_cli.cli import commands
+from mer_cli.core.errors import ConfigError, DataError
+from mer_cli.data import folds, synthetic
+from mer_cli.preprocess import align
+from mer_cli.preprocess.streams import Ragged, SequenceSet
+from mer_cli.runs import pipeline
+from mer_cli.training import loop
 
 SPEC = synthetic.Spec(n_actors=6, clips_per_actor_per_class=2)
 
@@ -84,11 +89,11 @@ def test_native_directory_carries_the_ingestion_settings(tmp_path):
 def test_mer_convert_writes_a_directory_from_a_pickle_or_an_npz(tmp_path, capsys):
     mem = synthetic.generate(SPEC)
     npz = data.save_npz(mem, tmp_path / "f.npz")
-    cli.convert_main([str(npz), str(tmp_path / "from_npz")])
+    commands.convert_main([str(npz), str(tmp_path / "from_npz")])
     assert f"wrote {tmp_path / 'from_npz'}: " in capsys.readouterr().out
     _same_splits(data.load_npz(npz), data.load_dir(tmp_path / "from_npz"))
     with pytest.raises(SystemExit):  # never over an existing path
-        cli.convert_main([str(npz), str(tmp_path / "from_npz")])
+        commands.convert_main([str(npz), str(tmp_path / "from_npz")])
     assert capsys.readouterr().err.strip() == (
         f"mer-convert: error: {tmp_path / 'from_npz'}: already exists; choose a new directory "
         "(nothing was written)"
@@ -231,7 +236,7 @@ def test_the_scaler_fit_streams_over_ragged_clips_and_matches_numpy_on_all_frame
 def test_early_fusion_per_clip_equals_fusing_every_clip_first():
     split = synthetic.generate(SPEC).train
     lazy = pipeline.model_inputs(split, "early", ["acoustic", "visual"])["early"]
-    eager = [fusion.early_fuse(m, a) for m, a in zip(split.mfcc, split.aus, strict=True)]
+    eager = [align.early_fuse(m, a) for m, a in zip(split.mfcc, split.aus, strict=True)]
     prep = preprocess.fit(lazy, percentile=90, normalize=True)
     reference = preprocess.fit(eager, percentile=90, normalize=True)
     assert prep.target == reference.target
@@ -249,8 +254,8 @@ def test_early_fusion_per_clip_equals_fusing_every_clip_first():
 @pytest.mark.parametrize("n", [2, 3, 17, 128, 129, 1024, 1025, 1031])
 @pytest.mark.parametrize("bucket", [True, False])
 def test_batch_count_is_known_before_the_batches_are_drawn(n, bucket):
-    got = train.batch_indices(torch.arange(n), 128, torch.Generator().manual_seed(0), bucket, 8)
-    assert train.n_batches(n, 128, bucket, 8) == len(got)
+    got = loop.batch_indices(torch.arange(n), 128, torch.Generator().manual_seed(0), bucket, 8)
+    assert loop.n_batches(n, 128, bucket, 8) == len(got)
 
 
 def _set(n: int = 40) -> SequenceSet:
@@ -264,36 +269,36 @@ def _set(n: int = 40) -> SequenceSet:
 @pytest.mark.parametrize("workers", [0, 1])
 def test_loader_batches_are_batch_indices_padded(workers):
     data_set = _set()
-    settings = train.Settings(batch_size=8, bucket_batches=2)
-    loader = train.batch_loader(
+    settings = loop.Settings(batch_size=8, bucket_batches=2)
+    loader = loop.batch_loader(
         data_set,
-        train.BucketBatchSampler(data_set.lengths, settings, torch.Generator().manual_seed(3)),
+        loop.BucketBatchSampler(data_set.lengths, settings, torch.Generator().manual_seed(3)),
         torch.device("cpu"),
         workers=workers,
     )
-    expected = train.batch_indices(data_set.lengths, 8, torch.Generator().manual_seed(3), True, 2)
+    expected = loop.batch_indices(data_set.lengths, 8, torch.Generator().manual_seed(3), True, 2)
     got = list(loader)
     assert len(got) == len(loader) == len(expected)
     for (inputs, y), idx in zip(got, expected, strict=True):
         x, lengths = inputs[STREAM]
-        ref_x, ref_lengths = train.gather_batch(data_set, idx, torch.device("cpu"))[0][STREAM]
+        ref_x, ref_lengths = loop.gather_batch(data_set, idx, torch.device("cpu"))[0][STREAM]
         torch.testing.assert_close(x, ref_x, rtol=0, atol=0)
         assert lengths.tolist() == ref_lengths.tolist() == data_set.lengths[idx].tolist()
-        assert x.shape[1] == min(29, train.padded_length(int(lengths.max())))
+        assert x.shape[1] == min(29, loop.padded_length(int(lengths.max())))
         assert y.tolist() == data_set.y[idx].tolist()
 
 
 def test_the_loader_leaves_the_global_rng_alone():
     data_set = _set()
     before = torch.get_rng_state()
-    loader = train.batch_loader(data_set, [[0, 1], [2, 3]], torch.device("cpu"))
+    loader = loop.batch_loader(data_set, [[0, 1], [2, 3]], torch.device("cpu"))
     list(loader)
     assert torch.equal(before, torch.get_rng_state())  # dropout draws from it: same seed, same run
 
 
 def test_loader_workers_setting_is_checked():
     with pytest.raises(ConfigError, match=r"runtime\.loader_workers=-1: must be 0 or more"):
-        train.Settings(loader_workers=-1)
+        loop.Settings(loader_workers=-1)
 
 
 def test_cache_root_follows_config_then_env_then_xdg(tmp_path, monkeypatch):
@@ -325,7 +330,7 @@ def test_clips_on_disk_are_prepared_per_batch_as_those_in_memory_once(tmp_path):
 def _compose(*overrides: str):
     from hydra import compose, initialize_config_dir
 
-    with initialize_config_dir(config_dir=cli.config_dir(), version_base="1.3"):
+    with initialize_config_dir(config_dir=commands.config_dir(), version_base="1.3"):
         return compose(config_name="train", overrides=list(overrides))
 
 

@@ -14,9 +14,11 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from conftest import run_cli
-from mer_cli import data, pipeline, preprocess, rundir, scaling
-from mer_cli.cli import config_dir
-from mer_cli.errors import ConfigError
+from mer_cli import data, preprocess
+from mer_cli.cli.commands import config_dir
+from mer_cli.core.errors import ConfigError
+from mer_cli.preprocess import scaling
+from mer_cli.runs import identity, pipeline
 
 SPAN = np.array([1e-3, 1.0, 1e3, 1e6])  # feature scales as in raw energies next to MFCCs
 
@@ -215,15 +217,15 @@ def test_the_scaling_option_is_part_of_a_models_identity():
     base = {"preprocess": {"length_percentile": 95, "normalize": True, "scaling": "standard"}, "seed": 1}
     robust = {**base, "preprocess": {**base["preprocess"], "scaling": "robust"}}
     before_options = {**base, "preprocess": {"length_percentile": 95, "normalize": True}}
-    assert rundir.model_identity(robust) != rundir.model_identity(base)  # it changes results
-    assert rundir.model_identity(before_options) == rundir.model_identity(base)  # old runs: standard
+    assert identity.model_identity(robust) != identity.model_identity(base)  # it changes results
+    assert identity.model_identity(before_options) == identity.model_identity(base)  # old runs: standard
     unscaled = [{**c, "preprocess": {**c["preprocess"], "normalize": False}} for c in (base, robust)]
-    assert rundir.model_identity(unscaled[0]) == rundir.model_identity(unscaled[1])  # nothing scaled
+    assert identity.model_identity(unscaled[0]) == identity.model_identity(unscaled[1])  # nothing scaled
 
 
 @pytest.mark.parametrize("kind", scaling.KINDS)
 def test_the_exported_graphs_preprocessing_gives_the_pipelines_numbers(kind):
-    from mer_cli import export  # torch only: the onnx extra is imported when a file is written
+    from mer_cli.serving import export
 
     train = clips_spanning(np.random.default_rng(9), 30, min_frames=1, max_frames=20)
     prep = preprocess.fit(train, percentile=80, normalize=True, scaling=kind)

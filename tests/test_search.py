@@ -16,7 +16,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import REPO, run_cli
-from mer_cli import search, train
+from mer_cli.sweeps import search
+from mer_cli.training import loop, pruning
 
 # seconds per trial: one small stream, few clips, no figures
 TINY = (
@@ -69,7 +70,7 @@ def test_search_space_syntax_becomes_optuna_distributions_and_overrides():
 def test_search_presets_compose_and_name_existing_keys():
     from hydra import compose, initialize_config_dir
 
-    from mer_cli.cli import config_dir
+    from mer_cli.cli.commands import config_dir
 
     presets = sorted(p.stem for p in (Path(config_dir()) / "hparams_search").glob("*.yaml"))
     assert "default" in presets
@@ -94,7 +95,7 @@ def test_pruner_presets_build_optuna_pruners(pruner):
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    from mer_cli.cli import config_dir
+    from mer_cli.cli.commands import config_dir
 
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose(
@@ -115,18 +116,18 @@ def test_a_job_reports_each_epoch_and_stops_when_the_median_pruner_says_so(tmp_p
     study.tell(done, 0.5)
 
     good, bad = study.ask(), study.ask()
-    report_good = search.epoch_reporter({"storage": storage, "study": "s", "trial": good.number})
-    report_bad = search.epoch_reporter({"storage": storage, "study": "s", "trial": bad.number})
+    report_good = pruning.epoch_reporter({"storage": storage, "study": "s", "trial": good.number})
+    report_bad = pruning.epoch_reporter({"storage": storage, "study": "s", "trial": bad.number})
     assert report_good is not None and report_bad is not None
     report_good({"epoch": 1, "val/f1_macro": 0.45})  # above the median at epoch 1: trains on
-    with pytest.raises(train.StopTraining):
+    with pytest.raises(loop.StopTraining):
         report_bad({"epoch": 1, "val/f1_macro": 0.1})
     trials = {t.number: t for t in optuna.load_study(study_name="s", storage=storage).trials}
     assert trials[good.number].intermediate_values == {1: 0.45}
     assert trials[bad.number].intermediate_values == {1: 0.1}
-    assert trials[bad.number].user_attrs[search.PRUNED_AT] == 1
-    assert search.PRUNED_AT not in trials[good.number].user_attrs
-    assert search.epoch_reporter(None) is None  # outside a search: no callback
+    assert trials[bad.number].user_attrs[pruning.PRUNED_AT] == 1
+    assert pruning.PRUNED_AT not in trials[good.number].user_attrs
+    assert pruning.epoch_reporter(None) is None  # outside a search: no callback
 
 
 def _search(sweep_dir: Path, *overrides: str, n_trials: int) -> subprocess.CompletedProcess[str]:
@@ -228,13 +229,13 @@ def test_the_pruner_stops_a_hopeless_trial_after_its_first_epoch(tmp_path):
     for trial in study.trials:
         run = _metrics(sweep_dir / f"trial{trial.number}")["run"]
         assert (run["epochs_trained"], run["stopped_early"]) == (1, True)  # of 3
-        assert trial.user_attrs[search.PRUNED_AT] == 1
+        assert trial.user_attrs[pruning.PRUNED_AT] == 1
     assert not (sweep_dir / "best.yaml").exists()  # no trial completed
 
 
 def test_without_optuna_a_search_is_one_line_naming_the_extra(tmp_path):
     code = (
-        "import sys; sys.modules['optuna'] = None; from mer_cli import entry; "
+        "import sys; sys.modules['optuna'] = None; from mer_cli.cli import entry; "
         f"sys.argv = ['mer-train', '-m', 'hparams_search=default', 'hydra.sweep.dir={tmp_path / 's'}']; "
         "entry.train()"
     )

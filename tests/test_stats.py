@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 
-from mer_cli import folds, stats, synthetic
-from mer_cli.errors import ConfigError, DataError
+from mer_cli.core.errors import ConfigError, DataError
+from mer_cli.data import folds, synthetic
+from mer_cli.evaluation import stats
 
 
 def correctness(both: int, only_a: int, only_b: int, neither: int) -> tuple[np.ndarray, np.ndarray]:

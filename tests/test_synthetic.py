@@ -2,7 +2,7 @@ import re
 
 import numpy as np
 
-from mer_cli import synthetic
+from mer_cli.data import synthetic
 
 
 def _small(**kw):

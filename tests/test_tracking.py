@@ -18,8 +18,9 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import REPO, start_cli
-from mer_cli import pipeline, rundir, tracking
-from mer_cli.errors import ConfigError
+from mer_cli.core.errors import ConfigError
+from mer_cli.runs import identity, pipeline
+from mer_cli.training import tracking
 
 SMOKE = ("experiment=smoke", "modality=visual")
 
@@ -34,7 +35,7 @@ def _command(*args: str) -> list[str]:
     return [
         sys.executable,
         "-c",
-        "import sys; sys.argv[0] = 'mer-train'; from mer_cli.cli import train_main; train_main()",
+        "import sys; sys.argv[0] = 'mer-train'; from mer_cli.cli.commands import train_main; train_main()",
         *args,
     ]
 
@@ -248,7 +249,7 @@ def test_ctrl_c_then_resume_continues_the_same_mlflow_run_each_epoch_once(tmp_pa
 def _config(*overrides: str) -> dict:
     from hydra import compose, initialize_config_dir
 
-    from mer_cli.cli import config_dir
+    from mer_cli.cli.commands import config_dir
 
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose(config_name="train", overrides=["experiment=smoke", *overrides])
@@ -261,8 +262,8 @@ def _config(*overrides: str) -> dict:
 def test_the_logger_is_never_part_of_a_model_so_resume_and_sweep_reuse_ignore_it(tmp_path, logger):
     base, tracked = _config(), _config(*logger)
     assert tracked["logger"] != base["logger"]
-    assert rundir.model_identity(tracked) == rundir.model_identity(base)
-    assert rundir.run_identity(tracked) == rundir.run_identity(base)  # sweep.find_trained's test
+    assert identity.model_identity(tracked) == identity.model_identity(base)
+    assert identity.run_identity(tracked) == identity.run_identity(base)  # sweep.find_trained's test
     (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(base))
     (tmp_path / "last.pt").write_bytes(b"")
     pipeline.check_resumable(OmegaConf.create({**tracked, "resume": True}), tmp_path, resume=True)
@@ -278,7 +279,7 @@ def test_a_missing_extra_is_one_warning_naming_it_and_the_run_goes_on(tmp_path, 
     for module in ("tensorboard", "torch.utils.tensorboard"):
         monkeypatch.setitem(sys.modules, module, None)  # as if not installed: importing it fails
     cfg = OmegaConf.create(_config("logger=tensorboard"))
-    with caplog.at_level(logging.WARNING, logger="mer_cli.tracking"), tracking.session():
+    with caplog.at_level(logging.WARNING, logger="mer_cli.training.tracking"), tracking.session():
         tracked = tracking.start(cfg, tmp_path)
         tracked.log_epoch({"epoch": 1, "val/loss": 1.0})
         tracked.finish()

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from conftest import bilstm, inputs, padded_set
-from mer_cli import allocator, train
-from mer_cli.errors import ConfigError
+from mer_cli.core import allocator
+from mer_cli.core.errors import ConfigError
+from mer_cli.training import loop
 
 
 def _set(n=40, t=20, f=3, seed=0):
@@ -25,7 +26,7 @@ def _set(n=40, t=20, f=3, seed=0):
 @pytest.mark.parametrize("bucket", [True, False])
 def test_every_clip_is_in_exactly_one_batch_per_epoch(bucket):
     lengths = torch.randint(1, 100, (1003,))
-    batches = train.batch_indices(lengths, 32, torch.Generator().manual_seed(0), bucket, pool_batches=4)
+    batches = loop.batch_indices(lengths, 32, torch.Generator().manual_seed(0), bucket, pool_batches=4)
     seen = torch.cat(batches)
     assert sorted(seen.tolist()) == list(range(1003))
     assert max(len(b) for b in batches) == 32
@@ -36,7 +37,7 @@ def test_batches_are_deterministic_per_seed_and_reshuffled_every_epoch():
 
     def epochs(seed):
         g = torch.Generator().manual_seed(seed)
-        return [[b.tolist() for b in train.batch_indices(lengths, 16, g, True, 4)] for _ in range(2)]
+        return [[b.tolist() for b in loop.batch_indices(lengths, 16, g, True, 4)] for _ in range(2)]
 
     first, second = epochs(7)
     assert epochs(7) == [first, second]
@@ -48,22 +49,22 @@ def test_bucketing_pads_less_than_random_batches():
     lengths = torch.randint(40, 357, (2000,), generator=torch.Generator().manual_seed(0))
 
     def padded_frames(bucket):
-        batches = train.batch_indices(lengths, 128, torch.Generator().manual_seed(0), bucket, 32)
+        batches = loop.batch_indices(lengths, 128, torch.Generator().manual_seed(0), bucket, 32)
         return sum(int(lengths[b].max()) * len(b) for b in batches)
 
     useful = int(lengths.sum())
     assert padded_frames(True) < 1.25 * useful < 1.5 * useful < padded_frames(False)
 
 
-def _fit(tmp_path: Path, epochs: int, seed: int = 0, meta: dict | None = None, **loop):
+def _fit(tmp_path: Path, epochs: int, seed: int = 0, meta: dict | None = None, **options):
     torch.manual_seed(seed)
     model = bilstm(3, 3, hidden_sizes=(6,), dense_size=8, dropout=0.1)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.8, patience=3, min_lr=3e-5)
-    settings = train.Settings(
-        max_epochs=epochs, batch_size=8, progress=False, device="cpu", precision="fp32", **loop
+    settings = loop.Settings(
+        max_epochs=epochs, batch_size=8, progress=False, device="cpu", precision="fp32", **options
     )
-    history = train.fit(
+    history = loop.fit(
         model,
         opt,
         sched,
@@ -80,11 +81,11 @@ def _fit(tmp_path: Path, epochs: int, seed: int = 0, meta: dict | None = None, *
 def test_fit_learns_restores_the_best_epoch_and_checkpoints_it(tmp_path):
     model, history = _fit(tmp_path, epochs=6)
     assert len(history.rows) == 6
-    assert list(history.rows[0]) == list(train.HISTORY_COLUMNS)
+    assert list(history.rows[0]) == list(loop.HISTORY_COLUMNS)
     best = min(history.rows, key=lambda r: r["val/loss"])
     assert history.best_epoch == best["epoch"]
     assert best["val/accuracy"] > 0.5  # three well-separated classes
-    prob = train.predict_proba(model, _set(seed=1), 64, torch.device("cpu"), torch.float32)
+    prob = loop.predict_proba(model, _set(seed=1), 64, torch.device("cpu"), torch.float32)
     y = _set(seed=1).y.numpy()
     val_loss = float(-np.log(prob[np.arange(len(y)), y]).mean())
     assert math.isclose(val_loss, best["val/loss"], rel_tol=1e-5)  # best weights restored
@@ -119,9 +120,9 @@ def test_same_seed_same_history(tmp_path):
 
 def test_unknown_settings_are_rejected():
     with pytest.raises(TypeError):
-        train.Settings(max_epoch=3)  # typo
+        loop.Settings(max_epoch=3)  # typo
     with pytest.raises(Exception, match="valid: auto, cpu, cuda"):
-        train.Settings(device="gpu")
+        loop.Settings(device="gpu")
 
 
 def test_train_step_lowers_the_loss_on_a_fixed_batch():
@@ -133,7 +134,7 @@ def test_train_step_lowers_the_loss_on_a_fixed_batch():
     y = (x[:, :, 0].mean(1) > 0).long()
     loss_fn = torch.nn.CrossEntropyLoss()
     losses = [
-        train.train_step(model, optimizer, scaler, loss_fn, inputs(x, lengths), y, torch.float32)[0].item()
+        loop.train_step(model, optimizer, scaler, loss_fn, inputs(x, lengths), y, torch.float32)[0].item()
         for _ in range(30)
     ]
     assert losses[-1] < 0.5 * losses[0]
@@ -144,14 +145,14 @@ def test_bucketed_batches_change_membership_between_epochs_even_in_one_pool():
     lengths = torch.randint(100, 380, (840,), generator=torch.Generator().manual_seed(0))
     g = torch.Generator().manual_seed(0)
     first, second = (
-        {frozenset(b.tolist()) for b in train.batch_indices(lengths, 128, g, True, 32)} for _ in range(2)
+        {frozenset(b.tolist()) for b in loop.batch_indices(lengths, 128, g, True, 32)} for _ in range(2)
     )
     assert len(first & second) == 0
 
 
 def test_inference_batches_cover_every_clip_once_longest_first_and_predictions_keep_data_order():
     lengths = torch.randint(5, 400, (1000,), generator=torch.Generator().manual_seed(0))
-    batches = train.inference_batches(lengths, max_batch=128)
+    batches = loop.inference_batches(lengths, max_batch=128)
     assert sorted(torch.cat(batches).tolist()) == list(range(1000))
     assert all(len(b) <= 128 for b in batches)
     assert torch.equal(lengths[torch.cat(batches)], lengths.sort(descending=True).values)
@@ -164,15 +165,15 @@ def test_inference_batches_cover_every_clip_once_longest_first_and_predictions_k
     torch.manual_seed(0)
     model = bilstm(3, 4, hidden_sizes=(5,), dense_size=8, dropout=0.0)
     data = _set(n=40, seed=2)
-    together = train.predict_proba(model, data, 16, torch.device("cpu"), torch.float32)
-    one_by_one = train.predict_proba(model, data, 1, torch.device("cpu"), torch.float32)
+    together = loop.predict_proba(model, data, 16, torch.device("cpu"), torch.float32)
+    one_by_one = loop.predict_proba(model, data, 1, torch.device("cpu"), torch.float32)
     np.testing.assert_allclose(together, one_by_one, atol=1e-5)
 
 
 def test_late_fusion_refuses_members_that_predicted_different_clips_before_fitting_a_weight(tmp_path):
-    from mer_cli import pipeline
-    from mer_cli.errors import MerError
-    from mer_cli.report import Predictions
+    from mer_cli.core.errors import MerError
+    from mer_cli.runs import pipeline
+    from mer_cli.runs.outputs import Predictions
 
     def preds(split, ids):
         return Predictions(split, tuple(ids), np.zeros(len(ids), dtype=np.int64), np.full((len(ids), 2), 0.5))
@@ -198,7 +199,7 @@ def test_late_fusion_refuses_members_that_predicted_different_clips_before_fitti
 def test_no_batch_holds_a_single_clip(n, bucket):
     # 129 = 128 + 1 (a leftover clip without buckets), 1,025 = 8 x 128 + 1 (a leftover pool of one)
     lengths = torch.randint(1, 300, (n,), generator=torch.Generator().manual_seed(n))
-    batches = train.batch_indices(lengths, 128, torch.Generator().manual_seed(0), bucket, pool_batches=8)
+    batches = loop.batch_indices(lengths, 128, torch.Generator().manual_seed(0), bucket, pool_batches=8)
     assert sorted(torch.cat(batches).tolist()) == list(range(n))
     assert min(len(b) for b in batches) >= 2
     assert max(len(b) for b in batches) == min(n, 129 if n % 128 == 1 else 128)
@@ -210,18 +211,18 @@ def test_training_on_one_more_clip_than_a_whole_batch_works(tmp_path, bucket):
     model = bilstm(3, 3, hidden_sizes=(4,), dense_size=8, dropout=0.1)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=3)
-    settings = train.Settings(
+    settings = loop.Settings(
         max_epochs=1, batch_size=16, bucket_by_length=bucket, bucket_batches=2, progress=False, device="cpu"
     )
     train_set = _set(n=33)  # 2 x 16 + 1: the last clip used to form a batch of its own
-    history = train.fit(model, opt, sched, train_set, _set(seed=1), settings, tmp_path, 0, {})
+    history = loop.fit(model, opt, sched, train_set, _set(seed=1), settings, tmp_path, 0, {})
     assert len(history.rows) == 1
     assert math.isfinite(history.rows[0]["train/loss"])
 
 
 def test_a_batch_size_of_one_is_refused_with_one_line():
     with pytest.raises(ConfigError, match=r"trainer.loop.batch_size=1: must be at least 2"):
-        train.Settings(batch_size=1)
+        loop.Settings(batch_size=1)
 
 
 def _keras_plateau_lrs(losses, lr, factor, patience, min_lr):
@@ -241,7 +242,7 @@ def _keras_plateau_lrs(losses, lr, factor, patience, min_lr):
 def test_the_lr_is_cut_on_the_third_epoch_without_a_better_val_loss_as_in_keras():
     losses = [1.0, 0.9, 0.95, 0.95, 0.95, 0.95, 0.95, 0.95, 0.5, 0.6, 0.6, 0.6, 0.4]
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    sched = train.PlateauScheduler(opt, patience_epochs=3, factor=0.5, min_lr=0.01, threshold=0.0)
+    sched = loop.PlateauScheduler(opt, patience_epochs=3, factor=0.5, min_lr=0.01, threshold=0.0)
     lrs = []
     for loss in losses:
         sched.step(loss)
@@ -256,9 +257,9 @@ def test_early_stopping_and_the_lr_schedule_count_patience_the_same_way(tmp_path
     torch.manual_seed(0)
     model = bilstm(3, 3, hidden_sizes=(4,), dense_size=8, dropout=0.1)
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    sched = train.PlateauScheduler(opt, patience_epochs=3, factor=0.8)
-    settings = train.Settings(max_epochs=50, batch_size=8, patience_epochs=5, progress=False, device="cpu")
-    history = train.fit(model, opt, sched, _set(), _set(seed=1), settings, tmp_path, 0, {})
+    sched = loop.PlateauScheduler(opt, patience_epochs=3, factor=0.8)
+    settings = loop.Settings(max_epochs=50, batch_size=8, patience_epochs=5, progress=False, device="cpu")
+    history = loop.fit(model, opt, sched, _set(), _set(seed=1), settings, tmp_path, 0, {})
     # epoch 1 is the best; the 3rd epoch after it cuts the LR, the 5th stops training
     assert [r["lr"] for r in history.rows] == [1.0, 1.0, 1.0, 1.0, 0.8, 0.8]
     assert history.stopped_early and history.best_epoch == 1
@@ -269,9 +270,9 @@ def test_the_first_batch_wait_counts_from_the_process_start_once_then_from_each_
 ):
     # a launcher's worker process runs job after job: its second training must not report the
     # seconds since the worker started as its own wait
-    monkeypatch.setattr(train, "_fits_in_process", 0)
-    monkeypatch.setattr(train, "process_seconds", lambda: 5000.0)
-    with caplog.at_level(logging.INFO, logger="mer_cli.train"):
+    monkeypatch.setattr(loop, "_fits_in_process", 0)
+    monkeypatch.setattr(loop, "process_seconds", lambda: 5000.0)
+    with caplog.at_level(logging.INFO, logger="mer_cli.training.loop"):
         _fit(tmp_path / "a", epochs=1)
         _fit(tmp_path / "b", epochs=1)
     waits = [r.getMessage() for r in caplog.records if r.getMessage().startswith("first training batch")]
@@ -289,7 +290,7 @@ def test_a_training_logs_its_own_heap_trims_not_the_worker_process_total(tmp_pat
         return True
 
     monkeypatch.setattr(allocator, "relieve", trim_every_step)
-    with caplog.at_level(logging.INFO, logger="mer_cli.train"):
+    with caplog.at_level(logging.INFO, logger="mer_cli.training.loop"):
         _fit(tmp_path, epochs=2)
     steps = allocator.trims - 40
     assert steps > 0

@@ -2,7 +2,7 @@
 
 import sys
 
-from mer_cli import entry
+from mer_cli.cli import entry
 
 COMMANDS = {"train": entry.train, "evaluate": entry.evaluate, "predict": entry.predict}
 

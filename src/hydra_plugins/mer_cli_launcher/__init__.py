@@ -8,7 +8,7 @@ over the run it finds. Here the requeued job also gets ``resume=auto``, so it co
 ``last.pt`` (written after every epoch) and ends as an uninterrupted job would.
 
 Hydra accepts launchers only from the ``hydra_plugins`` namespace and imports every module there
-at start-up: without the ``sweep`` extra this defines nothing (mer_cli.launchers.missing_launcher
+at start-up: without the ``sweep`` extra this defines nothing (mer_cli.sweeps.launchers.missing_launcher
 names what to install when a preset needs it).
 """
 
@@ -18,7 +18,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from mer_cli.launchers import PARALLEL_JOBS_ENV, resuming
+from mer_cli.sweeps.launchers import PARALLEL_JOBS_ENV, resuming
 
 try:
     from hydra_plugins.hydra_submitit_launcher import submitit_launcher

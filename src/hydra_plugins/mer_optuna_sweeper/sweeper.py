@@ -24,6 +24,9 @@ from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
+from mer_cli.sweeps import search
+from mer_cli.training import pruning
+
 log = logging.getLogger(__name__)
 
 
@@ -63,8 +66,8 @@ class OptunaSweeper(Sweeper):
         )
 
     def sweep(self, arguments: list[str]) -> Any:
-        from mer_cli.entry import debug
-        from mer_cli.errors import MerError
+        from mer_cli.core.console import debug
+        from mer_cli.core.errors import MerError
 
         try:
             return self._sweep(arguments)
@@ -77,10 +80,8 @@ class OptunaSweeper(Sweeper):
     def _sweep(self, arguments: list[str]) -> Any:
         from hydra.utils import instantiate
 
-        from mer_cli import search
-
         assert self.config is not None and self.hydra_context is not None and self.launcher is not None
-        optuna = search.require_optuna()
+        optuna = pruning.require_optuna()
         if self.n_trials < 1 or self.n_jobs < 1:
             raise search.ConfigError(
                 f"hydra.sweeper.n_trials={self.n_trials}, n_jobs={self.n_jobs}: both must be at least 1"
@@ -144,7 +145,7 @@ class OptunaSweeper(Sweeper):
             log.info("wrote %s", path)
         if any(t.state == optuna.trial.TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
             best = study.best_trial
-            log.info("best: trial %d, %s %.4f: %s", best.number, search.OBJECTIVE, best.value, best.params)
+            log.info("best: trial %d, %s %.4f: %s", best.number, pruning.OBJECTIVE, best.value, best.params)
         return returns
 
     @staticmethod
@@ -165,12 +166,12 @@ class OptunaSweeper(Sweeper):
             trial.set_user_attr("error", error)
             study.tell(trial, state=states.FAIL)
             log.warning("trial %d failed: %s", trial.number, error)
-        elif search.PRUNED_AT in frozen.user_attrs:
+        elif pruning.PRUNED_AT in frozen.user_attrs:
             study.tell(trial, state=states.PRUNED)
-            log.info("trial %d pruned at epoch %d", trial.number, frozen.user_attrs[search.PRUNED_AT])
+            log.info("trial %d pruned at epoch %d", trial.number, frozen.user_attrs[pruning.PRUNED_AT])
         else:
             study.tell(trial, value)
-            log.info("trial %d: %s %.4f", trial.number, search.OBJECTIVE, value)
+            log.info("trial %d: %s %.4f", trial.number, pruning.OBJECTIVE, value)
 
 
 def _quote(text: str) -> str:
@@ -198,7 +199,6 @@ def _n_finished(optuna: Any, study: Any) -> int:
 def _retry_abandoned(optuna: Any, study: Any) -> None:
     """Trials left running by a sweeper that is gone (a crash, a kill): failed, and their
     parameters enqueued so the next trial tries them again."""
-    from mer_cli import search
 
     running: Sequence[Any] = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
     for t in running:

@@ -1,0 +1,305 @@
+"""Console entry points: mer-train (Hydra) and mer-evaluate. The only reader of HydraConfig."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.plugins import Plugins
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from hydra_plugins.mer_optuna_sweeper.sweeper import OptunaSweeper
+from mer_cli.core import allocator
+from mer_cli.core.console import debug, fail, stop_on_sigterm
+from mer_cli.core.errors import MerError
+from mer_cli.data import dataset
+from mer_cli.reporting import compare
+from mer_cli.runs import outputs, pipeline, rundir
+from mer_cli.sweeps import callback, launchers
+from mer_cli.training import loop, tracking
+
+log = logging.getLogger("mer_cli")
+
+# configs/train.yaml: hydra.run.dir: ${claim_dir:outputs/<modality>/<time>}
+OmegaConf.register_new_resolver("claim_dir", rundir.claim, replace=True)
+launchers.register_submitit_launchers()  # hydra/launcher=submitit_local|submitit_slurm
+# configs/hydra/launcher/<name>.yaml take the place of the launcher plugins' entries of the same
+# name, and Hydra checks them against those entries (a mistyped key is an error): by design here,
+# so its deprecation notice about that check is not shown on every sweep
+warnings.filterwarnings("ignore", message=r"(?s).*is validated against ConfigStore schema with the same name")
+# hparams_search: Hydra's plugin scan lists hydra_plugins/ only where it is a plain directory on
+# sys.path (a wheel), not through an editable install's import hook; so register the sweeper here
+Plugins.instance().register(OptunaSweeper)
+
+
+def config_dir() -> str:
+    """The packaged configs (a regular install) or the repo's ``configs/`` (an editable one).
+
+    Absolute on purpose: with a console script, Hydra would read a relative ``config_path`` as a
+    Python package and fail from any other working directory.
+    """
+    packaged = Path(__file__).resolve().parents[1] / "configs"
+    if (packaged / "train.yaml").is_file():
+        return str(packaged)
+    return str(Path(__file__).resolve().parents[3] / "configs")
+
+
+@hydra.main(config_path=config_dir(), config_name="train", version_base="1.3")
+def train_main(cfg: DictConfig) -> float:
+    """mer-train: train and evaluate one model; returns val/f1_macro for sweepers."""
+    allocator.configure()  # first: the malloc setting that makes CPU training fast (docs/memory.md)
+    # the console entry may have configured it before Hydra's logging existed: say it in train.log
+    log.info("malloc: %s", allocator.describe())
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    if "SUBMITIT_EXECUTOR" not in os.environ:  # a submitit job keeps submitit's handlers (requeue)
+        stop_on_sigterm()
+    multirun = hc.mode == RunMode.MULTIRUN
+    sweep_dir = Path(hc.sweep.dir) if multirun else None
+    jobs = launchers.parallel_jobs(hc.launcher) if multirun else 1
+    if jobs > 1 and cfg.runtime.get("num_threads") is None:  # never oversubscribe the CPU
+        cfg.runtime.num_threads = loop.cpu_threads(jobs)
+        log.info("%d jobs run at once: %d torch threads each", jobs, cfg.runtime.num_threads)
+    try:
+        with rundir.hold(run_dir), tracking.session(sweep_dir):  # a failed run's tracked runs say so
+            metrics = pipeline.run(cfg, run_dir, resume=cfg.resume, sweep_dir=sweep_dir)
+    except Exception as e:
+        if not multirun:
+            if not isinstance(e, MerError):
+                raise
+            if not isinstance(e, rundir.RunDirBusy):  # the other process's files are not ours
+                rundir.remove_if_nothing_trained(run_dir)
+            fail("mer-train", str(e))
+        # one failed job must not sink the sweep: record it for the report and go on
+        path = callback.record_failure(run_dir, e, cfg.modality.get("name"), cfg.get("seed"))
+        log.error("job failed (%s), the sweep goes on: %s", path, e)
+        return math.nan
+    except KeyboardInterrupt:
+        if debug():
+            raise
+        if any(run_dir.rglob("last.pt")):
+            hint = f"to resume, run the same command with resume=true hydra.run.dir={run_dir}"
+        else:  # no epoch was saved: a new run loses nothing
+            rundir.remove_if_nothing_trained(run_dir)
+            hint = "no epoch was saved: nothing to resume"
+        print(f"mer-train: interrupted: {hint}", file=sys.stderr)
+        sys.exit(130)  # the shell's code for Ctrl-C
+    log.info("summary (%s):\n%s", cfg.modality.name, outputs.summary_line(metrics, run_dir))
+    value = metrics["val"]["f1_macro"]
+    return float(value) if value is not None else math.nan
+
+
+def evaluate_main(argv: list[str] | None = None) -> None:
+    """mer-evaluate RUN_DIR [--data FILE] [--split val|test|all]"""
+    allocator.configure()
+    parser = argparse.ArgumentParser(
+        prog="mer-evaluate",
+        description="Reload a trained run's checkpoint and evaluate it again, into a new "
+        "evaluation directory inside the run (the training results stay untouched).",
+    )
+    parser.add_argument("run_dir", type=Path, help="a mer-train run directory")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="another feature file with the same features (default: the run's own data)",
+    )
+    parser.add_argument("--split", choices=("val", "test", "all"), default="test")
+    parser.add_argument("--no-plots", action="store_true", help="skip the figures")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    try:
+        out_dir, metrics = pipeline.evaluate_run(
+            args.run_dir,
+            args.data,
+            ("val", "test") if args.split == "all" else (args.split,),
+            save_plots=not args.no_plots,
+        )
+    except MerError as e:
+        fail("mer-evaluate", str(e))
+    print(outputs.summary_line(metrics, out_dir))
+
+
+def convert_main(argv: list[str] | None = None) -> None:
+    """mer-convert IN OUT: the notebook's pickle (or an .npz) -> a native .npz or dataset directory"""
+    parser = argparse.ArgumentParser(
+        prog="mer-convert",
+        description="Validate a feature pickle (read without running any code) or a native .npz and "
+        "write it as a native .npz (OUT ending in .npz, for data=npz) or a native dataset directory "
+        "(any other OUT, for data=native: plain .npy files read clip by clip, for data larger than memory)",
+    )
+    parser.add_argument("source", type=Path, help="the notebook's feature pickle, or a native .npz")
+    parser.add_argument("target", type=Path, help="the .npz file or the new directory to write")
+    parser.add_argument("--class-names", nargs="+", default=None, help="names of labels 0..K-1")
+    parser.add_argument("--nan-policy", choices=dataset.NAN_POLICIES, default="error")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    data = dataset
+    try:
+        head = b""
+        if args.source.is_file():
+            with args.source.open("rb") as f:
+                head = f.read(4)
+        read = data.load_npz if head == data.ZIP_MAGIC else data.load
+        splits = read(args.source, class_names=args.class_names, nan_policy=args.nan_policy)
+        if args.target.suffix == ".npz":
+            data.save_npz(splits, args.target)
+        else:
+            data.save_dir(splits, args.target)
+    except MerError as e:
+        fail("mer-convert", str(e))
+    except OSError as e:
+        fail("mer-convert", f"{e.filename or args.target}: {e.strerror or e}")
+    counts = ", ".join(f"{len(s)} {s.name}" for s in splits.all())
+    print(f"wrote {args.target}: {counts} clips, classes {', '.join(splits.class_names)}")
+
+
+def ingest_main(argv: list[str] | None = None) -> None:
+    """mer-ingest --audio DIR --video DIR OUT.npz: WAVs + OpenFace CSVs -> a native dataset"""
+    from mer_cli.data import ingest
+
+    a, n = ingest.AudioSettings(), ingest.Names()
+    parser = argparse.ArgumentParser(
+        prog="mer-ingest",
+        description="Build a native .npz dataset (for data=npz) from one WAV file and one OpenFace "
+        "FeatureExtraction CSV per clip, paired by file name, split by actor.",
+    )
+    parser.add_argument("target", type=Path, help="the .npz file to write")
+    parser.add_argument("--audio", type=Path, required=True, help="folder of <clip>.wav files")
+    parser.add_argument("--video", type=Path, required=True, help="folder of <clip>.csv OpenFace files")
+    g = parser.add_argument_group("acoustic features (default: 26 MFCC + 26 deltas, 100 frames/s)")
+    g.add_argument("--sample-rate", type=int, default=a.sample_rate, help="Hz (files are resampled)")
+    g.add_argument("--window-ms", type=float, default=a.window_ms)
+    g.add_argument("--hop-ms", type=float, default=a.hop_ms)
+    g.add_argument("--n-mfcc", type=int, default=a.n_mfcc)
+    g.add_argument("--n-mels", type=int, default=a.n_mels)
+    g.add_argument("--deltas", type=int, default=a.delta_orders, choices=(0, 1, 2), help="delta orders")
+    g = parser.add_argument_group("visual features")
+    g.add_argument("--au-columns", nargs="+", default=list(ingest.AU_COLUMNS), help="OpenFace columns")
+    g.add_argument(
+        "--failed-frames",
+        choices=ingest.FAILED_FRAME_POLICIES,
+        default="interpolate",
+        help="frames where OpenFace lost the face (success == 0)",
+    )
+    g = parser.add_argument_group("labels and splits")
+    g.add_argument("--name-pattern", default=n.pattern, help="regex with groups 'actor' and 'emotion'")
+    g.add_argument(
+        "--emotions",
+        nargs="+",
+        default=[f"{k}={v}" for k, v in n.emotions.items()],
+        metavar="CODE=CLASS",
+        help="emotion codes, in label order (default: CREMA-D's, the notebook's order)",
+    )
+    g.add_argument("--val-fraction", type=float, default=0.15, help="of actors")
+    g.add_argument("--test-fraction", type=float, default=0.15, help="of actors")
+    g.add_argument("--seed", type=int, default=0, help="draws which actors go to which split")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    try:
+        if args.target.suffix != ".npz":
+            raise MerError(f"{args.target}: the target must end in .npz")
+        pairs = [e.partition("=") for e in args.emotions]
+        if any(not code or not sep or not name for code, sep, name in pairs):
+            raise MerError(f"--emotions {' '.join(args.emotions)}: expected CODE=CLASS pairs")
+        audio = ingest.AudioSettings(
+            args.sample_rate, args.window_ms, args.hop_ms, args.n_mfcc, args.n_mels, args.deltas
+        )
+        names = ingest.Names(args.name_pattern, {code: name for code, _, name in pairs})
+        splits, report = ingest.build(
+            args.audio,
+            args.video,
+            audio,
+            names,
+            au_columns=args.au_columns,
+            failed_frames=args.failed_frames,
+            val_fraction=args.val_fraction,
+            test_fraction=args.test_fraction,
+            seed=args.seed,
+        )
+        dataset.save_npz(splits, args.target)
+    except MerError as e:
+        fail("mer-ingest", str(e))
+    for line in report.lines():
+        log.warning("left out %s", line)
+    print(ingest.summary(splits))
+    print(
+        f"wrote {args.target}: {splits.train.mfcc[0].shape[1]} acoustic and "
+        f"{splits.train.aus[0].shape[1]} visual features per frame"
+    )
+
+
+def compare_main(argv: list[str] | None = None) -> None:
+    """mer-compare DIR [DIR ...] [--out DIR]"""
+    defaults = compare.Settings()
+    parser = argparse.ArgumentParser(
+        prog="mer-compare",
+        description="Compare the runs in mer-train run or sweep directories (made on any day): "
+        "tables, bar charts with confidence intervals, side-by-side curves, pairwise tests and a "
+        "summary, written as report.md and a self-contained report.html into a new directory.",
+    )
+    parser.add_argument("dirs", type=Path, nargs="+", metavar="DIR", help="run or sweep directories")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="new directory for the report (default: outputs/comparisons/<time>)",
+    )
+    parser.add_argument("--bootstrap-samples", type=int, default=defaults.bootstrap_samples)
+    parser.add_argument("--confidence", type=float, default=defaults.confidence)
+    parser.add_argument(
+        "--alpha", type=float, default=defaults.alpha, help="significance level (Holm-adjusted)"
+    )
+    parser.add_argument(
+        "--human-reference",
+        choices=compare.HUMAN_REFERENCE_CHOICES,
+        default=defaults.human_reference,
+        help="draw CREMA-D's human rates (auto: when every run read data=pickle)",
+    )
+    parser.add_argument(
+        "--actor-pattern",
+        default=None,
+        help="regex whose first group is the actor in a clip id (default: each run's cv.actor_pattern)",
+    )
+    parser.add_argument(
+        "--pairwise",
+        choices=compare.PAIRWISE_CHOICES,
+        default=defaults.pairwise,
+        help="pairs tested: all, each model against the best, or auto "
+        f"(all up to {compare.ALL_PAIRS_UP_TO} models)",
+    )
+    parser.add_argument(
+        "--pair",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("A", "B"),
+        help="also test model A against model B (labels as in the report, e.g. early/gru "
+        "visual/gru); repeatable",
+    )
+    parser.add_argument("--grid-panels", type=int, default=defaults.grid_panels, help="models per figure")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    try:
+        settings = compare.Settings(
+            bootstrap_samples=args.bootstrap_samples,
+            confidence=args.confidence,
+            alpha=args.alpha,
+            human_reference=args.human_reference,
+            actor_pattern=args.actor_pattern,
+            pairwise=args.pairwise,
+            pairs=tuple(args.pair),
+            grid_panels=args.grid_panels,
+        )
+        out = compare.into_new_dir(args.dirs, Path("outputs") / "comparisons", settings, args.out)
+    except MerError as e:
+        fail("mer-compare", str(e))
+    print(f"report: {out / 'report.html'}")

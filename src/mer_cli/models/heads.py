@@ -1,0 +1,80 @@
+"""The single-stream classifier: one encoder and the shared dense head -> class logits (B, C)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import cast
+
+import torch
+from torch import nn
+
+from mer_cli.models.layers import INITS, Encoder, Frames, keras_init_
+
+
+class Classifier(nn.Module):
+    """One stream's encoder, then the head every encoder shares: Dropout -> Dense(d) -> BatchNorm
+    -> ReLU -> Dropout -> Dense(d, ReLU) -> Dense(C), the notebook's classifier.
+
+    ``n_features``: ``{stream: features per frame}`` of the one stream this model reads (a run-time
+    fact from the data). ``encoder``: builds the encoder from that feature count (a partial from
+    the config). ``dense_size`` 512 and ``dropout`` 0.8 are the notebook's sizes. ``init="keras"``
+    draws the initial weights as Keras does (`keras_init_`); ``"torch"`` keeps PyTorch's defaults.
+    ``batchnorm_momentum`` and ``batchnorm_eps`` are ``nn.BatchNorm1d``'s (PyTorch's momentum is
+    the weight of the new batch: Keras' momentum 0.99 is 0.01 here).
+    """
+
+    def __init__(
+        self,
+        n_features: Mapping[str, int],
+        n_classes: int,
+        encoder: Callable[[int], nn.Module],
+        dense_size: int = 512,
+        dropout: float = 0.8,
+        init: str = "torch",
+        batchnorm_momentum: float = 0.1,
+        batchnorm_eps: float = 1e-5,
+    ) -> None:
+        super().__init__()
+        if len(n_features) != 1:
+            raise ValueError(f"a single-stream classifier reads one stream, not {sorted(n_features)}")
+        if init not in INITS:
+            raise ValueError(f"init {init!r}: valid: {', '.join(INITS)}")
+        ((self.stream, features),) = n_features.items()
+        self.encoder = encoder(features)
+        self.dropout = nn.Dropout(dropout)
+        self.head = shared_head(
+            cast(Encoder, self.encoder).out_features,
+            n_classes,
+            dense_size,
+            dropout,
+            batchnorm_momentum,
+            batchnorm_eps,
+        )
+        if init == "keras":
+            keras_init_(self)
+
+    def forward(self, inputs: Mapping[str, Frames]) -> torch.Tensor:
+        x, lengths = inputs[self.stream]
+        _, pooled = self.encoder(x, lengths)
+        return self.head(self.dropout(pooled))
+
+
+def shared_head(
+    in_features: int,
+    n_classes: int,
+    dense_size: int = 512,
+    dropout: float = 0.8,
+    batchnorm_momentum: float = 0.1,
+    batchnorm_eps: float = 1e-5,
+) -> nn.Sequential:
+    """The head every classifier shares, from a pooled vector (after the input dropout): Dense(d)
+    -> BatchNorm -> ReLU -> Dropout -> Dense(d, ReLU) -> Dense(C)."""
+    return nn.Sequential(
+        nn.Linear(in_features, dense_size),
+        nn.BatchNorm1d(dense_size, eps=batchnorm_eps, momentum=batchnorm_momentum),
+        nn.ReLU(),
+        nn.Dropout(dropout),
+        nn.Linear(dense_size, dense_size),
+        nn.ReLU(),
+        nn.Linear(dense_size, n_classes),
+    )
