@@ -49,7 +49,7 @@ from mer_cli.training import loop
 SHAPES = {"acoustic": (356, 52), "visual": (105, 17), "early": (356, 69)}
 MODELS = ("bilstm", "bilstm_notebook", "gru", "transformer", "tcn")  # configs/model/<name>.yaml
 PEER_MODELS = ("bilstm", "bilstm_notebook")  # the Keras peer's model at these sizes
-RNN_ENCODERS = ("mer_cli.models.encoders.rnn.BiLSTMEncoder", "mer_cli.models.encoders.rnn.BiRNNEncoder")
+RNN_ENCODERS = ("birnn",)  # model.encoder.name of the recurrent encoders (LSTM or GRU cells)
 GATES = {"lstm": 4, "gru": 3}
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 MASKINGS = ("config", "reverse", "packed", "none")  # none: plain padded nn.LSTM (wrong masking)
@@ -172,7 +172,7 @@ def flops_function(model: nn.Module, cfg: dict[str, Any], n_features: int) -> An
     encoders, counted on one forward pass for the others (attention grows with frames squared,
     so the count is taken at the clip's length, rounded)."""
     encoder = cfg["encoder"]
-    if encoder["_target_"] in RNN_ENCODERS:
+    if encoder["name"] in RNN_ENCODERS:
         hidden, dense, gates = (
             list(encoder["hidden_sizes"]),
             int(cfg["dense_size"]),
@@ -260,7 +260,7 @@ def model_config(name: str) -> dict[str, Any]:
 
 
 def build(model_name: str, n_features: int, masking: str) -> tuple[nn.Module, dict[str, Any]]:
-    from mer_cli.runs.pipeline import build_model
+    from mer_cli.runs.trained import build_model
 
     cfg = model_config(model_name)
     encoder = cfg["encoder"]

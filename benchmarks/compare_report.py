@@ -22,12 +22,12 @@ from mer_cli.reporting import compare
 from mer_cli.runs import outputs
 
 ENCODERS = ("bilstm", "bilstm_notebook", "gru", "transformer", "tcn")
-ENCODER_TARGETS = {
-    "bilstm": "mer_cli.models.encoders.rnn.BiLSTMEncoder",
-    "bilstm_notebook": "mer_cli.models.encoders.rnn.BiLSTMEncoder",
-    "gru": "mer_cli.models.encoders.rnn.BiRNNEncoder",
-    "transformer": "mer_cli.models.encoders.transformer.TransformerEncoder",
-    "tcn": "mer_cli.models.encoders.tcn.TCNEncoder",
+ENCODER_NAMES = {  # model=<name> -> model.encoder.name (models/registry.py)
+    "bilstm": "birnn",
+    "bilstm_notebook": "birnn",
+    "gru": "birnn",
+    "transformer": "transformer",
+    "tcn": "tcn",
 }
 MODALITIES = compare.MODALITY_ORDER  # acoustic, visual, late, early, joint, xattn
 CLASSES = ("ANG", "DIS", "FEA", "HAP", "NEU", "SAD")
@@ -77,7 +77,7 @@ def fake_sweep(
             outputs.write(run, metrics, None, [test], CLASSES, save_plots=False)
             (run / "config.yaml").write_text(
                 f"seed: {seed}\nmodality:\n  name: {modality}\n"
-                f"model:\n  encoder:\n    _target_: {ENCODER_TARGETS[encoder]}\n"
+                f"model:\n  encoder:\n    name: {ENCODER_NAMES[encoder]}\n"
                 f"    hidden_sizes: [{512 if encoder == 'bilstm_notebook' else 64}]\n"
             )
             (run / ".hydra").mkdir()

@@ -1,4 +1,4 @@
-"""The README's model-zoo tables from a comparison report: encoder x modality.
+"""The model-zoo tables of docs/results.md from a comparison report: encoder x modality.
 
     python benchmarks/zoo_table.py outputs/sweeps/zoo          # after `make zoo` (report.md there)
     python benchmarks/zoo_table.py outputs/comparisons/<time>  # or any mer-compare output

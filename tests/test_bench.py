@@ -146,7 +146,7 @@ def test_quick_bench_runs_the_other_encoders_with_their_own_flop_counts(tmp_path
 
 
 def test_counted_flops_agree_with_the_formula_and_include_attention():
-    from mer_cli.runs.pipeline import build_model
+    from mer_cli.runs.trained import build_model
 
     def model(name):
         cfg = bench.model_config(name)

@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 
 from mer_cli.core.artifacts import load_checkpoint, save_checkpoint
-from mer_cli.runs import pipeline
+from mer_cli.core.errors import MerError
+from mer_cli.runs import pipeline, trained, upgrade
 
 # an early-fusion smoke run (data=synthetic, limit 48 clips per split, fp32) trained by mer-cli
 # 0.1.0, before encoders and heads were separate: checkpoint format 1, streams "mfcc"/"aus"/"early"
@@ -32,11 +33,11 @@ def test_an_unknown_checkpoint_format_is_refused_with_one_line(tmp_path):
     state = load_checkpoint(run / "checkpoint.pt")
     save_checkpoint(run / "checkpoint.pt", {**state, "format": 99})
     try:
-        pipeline.load_trained(run)
-    except pipeline.MerError as e:
+        trained.load_trained(run)
+    except MerError as e:
         assert str(e) == (
             f"{run / 'checkpoint.pt'}: checkpoint format 99 is not supported (this mer-cli reads "
-            f"formats 1 and {pipeline.CHECKPOINT_FORMAT})"
+            f"formats 1 to {upgrade.CHECKPOINT_FORMAT})"
         )
     else:
         raise AssertionError("format 99 was accepted")
@@ -44,7 +45,7 @@ def test_an_unknown_checkpoint_format_is_refused_with_one_line(tmp_path):
 
 def test_upgrading_format_1_keeps_every_weight():
     old = load_checkpoint(FORMAT_1_RUN / "checkpoint.pt")
-    new = pipeline.upgrade_format_1(old)
+    new = upgrade.checkpoint(old, FORMAT_1_RUN / "checkpoint.pt")
     assert (new["modality"], new["streams"]) == ("early", ["acoustic", "visual"])
     assert sorted(new["model"]) == sorted(
         f"encoder.{k}" if k.startswith("lstms.") else k for k in old["model"]

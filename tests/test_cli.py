@@ -278,7 +278,7 @@ def test_readme_make_commands_run_the_projects_entry_points(tmp_path):
             module, function = scripts[exe].split(":")
             assert callable(getattr(importlib.import_module(module), function)), exe
         else:
-            assert exe in ("python", "ruff", "mypy"), exe
+            assert exe in ("python", "ruff", "mypy", "lint-imports"), exe
     assert "mer-train" in called  # the README's first command trains a model
 
 

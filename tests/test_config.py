@@ -10,8 +10,9 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from mer_cli.cli.commands import config_dir
+from mer_cli.models import modalities
 from mer_cli.models.fusion import late as late_fusion
-from mer_cli.runs import pipeline
+from mer_cli.runs import trained
 from mer_cli.training import loop
 
 CONFIGS = Path(config_dir())
@@ -38,7 +39,7 @@ def test_every_group_has_the_documented_options():
 def test_model_options_build_and_predict_one_row_per_clip(model, experiment):
     overrides = [f"model={model}"] + ([f"experiment={experiment}"] if experiment else [])
     cfg = _compose(*overrides)
-    net = pipeline.build_model(cfg.model, n_features={"early": 69}, n_classes=6).eval()
+    net = trained.build_model(cfg.model, n_features={"early": 69}, n_classes=6).eval()
     x = torch.randn(3, 11, 69)
     assert net({"early": (x, torch.tensor([11, 4, 1]))}).shape == (3, 6)
     opt = instantiate(cfg.trainer.optimizer)(net.parameters())
@@ -66,7 +67,7 @@ def test_smoke_experiment_keeps_a_users_data_file():
 
 
 def test_every_modality_is_known_to_the_pipeline():
-    assert set(_options("modality")) == set(pipeline.MODALITIES)
+    assert set(_options("modality")) == set(modalities.MODALITIES.names())
 
 
 def test_late_fusion_defaults_to_the_notebooks_plain_average():
@@ -107,4 +108,4 @@ def test_readme_mer_train_examples_compose(args):
         for o in overrides
     ]
     cfg = _compose(*overrides)
-    assert cfg.modality.name in pipeline.MODALITIES
+    assert cfg.modality.name in modalities.MODALITIES.names()

@@ -17,7 +17,7 @@ from mer_cli import preprocess
 from mer_cli.cli.commands import config_dir
 from mer_cli.core.artifacts import load_checkpoint
 from mer_cli.preprocess import align, scaling
-from mer_cli.runs import pipeline
+from mer_cli.runs import pipeline, trained
 from mer_cli.serving import export
 
 # one smoke run per modality; the encoders vary so the exporter meets every kind of layer:
@@ -67,14 +67,12 @@ def mer_cli_test_predictions(run_dir: Path) -> tuple[np.ndarray, dict[str, list[
     splits = pipeline.load_data(cfg.data)
     late_path = run_dir / "late.json"
     if late_path.is_file():
-        late = json.loads(late_path.read_text())
-        members = {
-            m: pipeline.predict_run(run_dir / src, splits, ("test",)) for m, src in late["members"].items()
-        }
-        (pred,) = pipeline.late_predictions(members, pipeline.read_late(late, late_path), ("test",))
+        late, combined, member_dirs = trained.read_late(run_dir)
+        members = {m: trained.predict_run(d, splits, ("test",)) for m, d in member_dirs.items()}
+        (pred,) = pipeline.late_predictions(members, combined, ("test",))
         metas = [load_checkpoint(run_dir / src / "checkpoint.pt") for src in late["members"].values()]
     else:
-        pred = pipeline.predict_run(run_dir, splits, ("test",))["test"]
+        pred = trained.predict_run(run_dir, splits, ("test",))["test"]
         metas = [load_checkpoint(run_dir / "checkpoint.pt")]
     target = min(p["length"] for m in metas for p in m["prep"].values())
     return pred.y_prob, {s: list(c) for s, c in splits.test.streams.items()}, target

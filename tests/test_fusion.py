@@ -11,7 +11,7 @@ from sklearn.linear_model import LogisticRegression
 
 from mer_cli.core.errors import ConfigError
 from mer_cli.models.fusion import late as late_fusion
-from mer_cli.runs import pipeline
+from mer_cli.runs import pipeline, upgrade
 from mer_cli.runs.outputs import Predictions
 
 N_CLASSES = 4
@@ -143,7 +143,7 @@ def test_what_late_fusion_fits_depends_on_validation_labels_never_on_test_labels
     members = _members()
     rng = np.random.default_rng(6)
     late, metrics = _fitted(tmp_path, "base", combiner, members)
-    assert late["format"] == pipeline.LATE_FORMAT and late["combiner"] == combiner
+    assert late["format"] == upgrade.LATE_FORMAT and late["combiner"] == combiner
     assert metrics["run"]["combiner"] == combiner
 
     n = len(members["acoustic"]["test"].y_true)
@@ -167,7 +167,7 @@ def test_what_late_fusion_fits_depends_on_validation_labels_never_on_test_labels
 def test_late_json_reproduces_the_fused_predictions(tmp_path, combiner):
     members = _members(seed=7)
     late, _ = _fitted(tmp_path, "run", combiner, members)
-    combined = pipeline.read_late(late, tmp_path / "late.json")
+    combined = upgrade.late_json(late, tmp_path / "late.json")
     (test,) = pipeline.late_predictions(members, combined, ("test",))
     written = np.loadtxt(
         tmp_path / "run" / "predictions.csv", delimiter=",", skiprows=1, usecols=(4, 5, 6, 7)
@@ -177,7 +177,7 @@ def test_late_json_reproduces_the_fused_predictions(tmp_path, combiner):
 
 def test_late_json_format_1_is_read_as_a_mean_with_its_acoustic_weight(tmp_path):
     old = {"format": 1, "acoustic_weight": 0.25, "members": {"acoustic": "acoustic", "visual": "visual"}}
-    combined = pipeline.read_late(old, tmp_path / "late.json")
+    combined = upgrade.late_json(old, tmp_path / "late.json")
     assert (combined.combiner, combined.members, combined.weights) == (
         "mean",
         ("acoustic", "visual"),

@@ -8,7 +8,7 @@ from conftest import REPO, STREAM, bilstm, inputs, run_cli
 from mer_cli.models.encoders.rnn import BiLSTMEncoder, BiRNNEncoder
 from mer_cli.models.encoders.transformer import TransformerEncoder
 from mer_cli.models.layers import MASKING_IMPLS, MaskedBiLSTM, reverse_within_length
-from mer_cli.runs.pipeline import build_model
+from mer_cli.runs.trained import build_model
 
 
 def _batch(b=5, t=12, f=4, seed=0):
@@ -193,12 +193,12 @@ def test_every_model_trains_every_modality_in_a_smoke_run(model_name, tmp_path):
         f"hydra.sweep.dir={sweep}",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    target = OmegaConf.load(MODEL_DIR / f"{model_name}.yaml").encoder._target_
+    encoder = OmegaConf.load(MODEL_DIR / f"{model_name}.yaml").encoder.name
     for i, modality in enumerate(SMOKE_MODALITIES):
         job = sweep / f"{i}_{modality}_seed0"
         assert (job / "metrics.json").is_file(), f"{model_name} x {modality}: no metrics.json"
         cfg = OmegaConf.load(job / "config.yaml")
-        assert cfg.model.encoder._target_ == target and list(cfg.model.encoder.hidden_sizes) == [8, 8]
+        assert cfg.model.encoder.name == encoder and list(cfg.model.encoder.hidden_sizes) == [8, 8]
 
 
 def test_tcn_mean_and_max_pooling_reads_real_frames_only():

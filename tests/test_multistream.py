@@ -168,11 +168,13 @@ def test_the_comparison_report_shows_each_streams_contribution_when_runs_recorde
 
 
 def test_ogm_and_attention_options_are_part_of_a_models_identity():
-    from mer_cli.runs import pipeline
+    from mer_cli.models import modalities
 
     base = {"seed": 0, "modality": {"name": "xattn", "streams": ["acoustic", "visual"], "ogm_alpha": None}}
     ogm = {**base, "modality": {**base["modality"], "ogm_alpha": 0.5}}
     # else a sweep would reuse a run trained without OGM for one with it, and a report merge them
     assert identity.model_identity(base) != identity.model_identity(ogm)
-    for modality, (_, options) in pipeline.STREAM_MODELS.items():  # rundir lists the same options
-        assert identity._JOINT_OPTIONS[modality] == tuple(f"modality.{o}" for o in options)
+    heads = {**base, "modality": {**base["modality"], "attention_heads": 2}}
+    assert identity.model_identity(base) != identity.model_identity(heads)
+    # the identity keeps exactly the options the modality's classifier takes
+    assert modalities.get("xattn").options == ("ogm_alpha", "ogm_noise", "attention_heads")

@@ -13,7 +13,7 @@ from torch import nn
 from mer_cli import preprocess
 from mer_cli.cli.commands import config_dir
 from mer_cli.core import artifacts
-from mer_cli.runs import pipeline
+from mer_cli.runs import trained
 from mer_cli.training import loop
 
 
@@ -143,7 +143,7 @@ def test_other_runs_keep_their_own_defaults():
 
 def _net(cfg, n_features=52):
     torch.manual_seed(0)
-    return pipeline.build_model(cfg.model, n_features={"acoustic": n_features}, n_classes=6)
+    return trained.build_model(cfg.model, n_features={"acoustic": n_features}, n_classes=6)
 
 
 def test_batchnorm_is_keras_momentum_and_epsilon(notebook):
@@ -210,7 +210,7 @@ def _keras_masked_bilstm(layers, x: torch.Tensor) -> torch.Tensor:
 def test_skipping_zero_frames_gives_what_keras_masking_gives_the_notebooks_bilstm(notebook):
     assert notebook.preprocess.skip_zero_frames is True
     torch.manual_seed(0)
-    model = pipeline.build_model(notebook.model, {"acoustic": 5}, 6)
+    model = trained.build_model(notebook.model, {"acoustic": 5}, 6)
     encoder = model.encoder.eval()  # eval: the dropout between the layers is the identity
     for layer in encoder.lstms:  # the notebook's sizes, as the reference scans them
         assert layer.forward_lstm.hidden_size in (512, 256)

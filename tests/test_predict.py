@@ -22,7 +22,7 @@ from mer_cli import data
 from mer_cli.cli import commands
 from mer_cli.core.artifacts import load_checkpoint
 from mer_cli.data import ingest, spec, synthetic
-from mer_cli.runs import outputs, pipeline
+from mer_cli.runs import outputs, pipeline, trained
 from mer_cli.serving import predict
 from test_ingest import EMOTIONS, make_folder, write_openface_csv, write_wav
 
@@ -371,7 +371,7 @@ def test_a_run_without_a_feature_spec_predicts_from_features_and_refuses_raw_fil
     out = tmp_path / "p.csv"
     code, _, stderr = run_predict(capsys, run, "--data", path, "--out", out)
     assert (code, stderr) == (0, [])
-    expected = pipeline.predict_run(run, splits, ("test",))["test"]
+    expected = trained.predict_run(run, splits, ("test",))["test"]
     got = probabilities(read_rows(out), splits.class_names)
     for clip_id, p in zip(expected.clip_ids, expected.y_prob, strict=True):
         np.testing.assert_allclose(got[clip_id], p, atol=2e-6)

@@ -6,7 +6,7 @@ from scipy import ndimage
 from mer_cli import preprocess
 from mer_cli.data.dataset import Split
 from mer_cli.preprocess.align import early_fuse, stretch_frames
-from mer_cli.runs import pipeline
+from mer_cli.runs import trained
 
 
 def test_target_length_comes_from_train_lengths():
@@ -108,7 +108,7 @@ def test_early_stream_is_cut_to_the_acoustic_target_length():
     mfcc = [np.ones((n, 2), np.float32) for n in (10, 20, 30, 40)]
     aus = [np.ones((n // 3, 1), np.float32) for n in (10, 20, 30, 40)]
     train = _split("t", mfcc, aus)
-    fused = pipeline.model_inputs(train, "early", ["acoustic", "visual"])
+    fused = trained.model_inputs(train, "early", ["acoustic", "visual"])
     early = preprocess.fit(fused["early"], percentile=95, normalize=False)
     acoustic = preprocess.fit(list(train.mfcc), percentile=95, normalize=False)
     assert early.target.length == acoustic.target.length == 39

@@ -18,7 +18,7 @@ from mer_cli.core.errors import ConfigError, DataError
 from mer_cli.data import folds, synthetic
 from mer_cli.preprocess import align
 from mer_cli.preprocess.streams import Ragged, SequenceSet
-from mer_cli.runs import pipeline
+from mer_cli.runs import pipeline, trained
 from mer_cli.training import loop
 
 SPEC = synthetic.Spec(n_actors=6, clips_per_actor_per_class=2)
@@ -235,7 +235,7 @@ def test_the_scaler_fit_streams_over_ragged_clips_and_matches_numpy_on_all_frame
 
 def test_early_fusion_per_clip_equals_fusing_every_clip_first():
     split = synthetic.generate(SPEC).train
-    lazy = pipeline.model_inputs(split, "early", ["acoustic", "visual"])["early"]
+    lazy = trained.model_inputs(split, "early", ["acoustic", "visual"])["early"]
     eager = [align.early_fuse(m, a) for m, a in zip(split.mfcc, split.aus, strict=True)]
     prep = preprocess.fit(lazy, percentile=90, normalize=True)
     reference = preprocess.fit(eager, percentile=90, normalize=True)
@@ -314,7 +314,7 @@ def test_clips_on_disk_are_prepared_per_batch_as_those_in_memory_once(tmp_path):
     mem = synthetic.generate(SPEC)
     disk = data.load_dir(data.save_dir(mem, tmp_path / "d"))
     for modality, streams in (("early", ["acoustic", "visual"]), ("joint", ["acoustic", "visual"])):
-        inputs = pipeline.model_inputs(mem.train, modality, streams)
+        inputs = trained.model_inputs(mem.train, modality, streams)
         preps = {n: preprocess.fit(f, percentile=95, normalize=True) for n, f in inputs.items()}
         in_memory = pipeline.prepare(mem, modality, streams, preps)
         on_disk = pipeline.prepare(disk, modality, streams, preps)

@@ -1,10 +1,19 @@
-"""``python -m mer_cli train|evaluate|predict ...``: the console scripts without an installed entry point."""
+"""``python -m mer_cli COMMAND ...`` (train, evaluate, predict, export, compare, convert, ingest): the
+console scripts without an installed entry point."""
 
 import sys
 
 from mer_cli.cli import entry
 
-COMMANDS = {"train": entry.train, "evaluate": entry.evaluate, "predict": entry.predict}
+COMMANDS = {
+    "train": entry.train,
+    "evaluate": entry.evaluate,
+    "predict": entry.predict,
+    "export": entry.export,
+    "compare": entry.compare,
+    "convert": entry.convert,
+    "ingest": entry.ingest,
+}
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:

@@ -20,7 +20,7 @@ from hydra_plugins.mer_optuna_sweeper.sweeper import OptunaSweeper
 from mer_cli.core import allocator
 from mer_cli.core.console import debug, fail, stop_on_sigterm
 from mer_cli.core.errors import MerError
-from mer_cli.data import dataset
+from mer_cli.data import dataset, formats
 from mer_cli.reporting import compare
 from mer_cli.runs import outputs, pipeline, rundir
 from mer_cli.sweeps import callback, launchers
@@ -142,18 +142,12 @@ def convert_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--nan-policy", choices=dataset.NAN_POLICIES, default="error")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
-    data = dataset
     try:
-        head = b""
-        if args.source.is_file():
-            with args.source.open("rb") as f:
-                head = f.read(4)
-        read = data.load_npz if head == data.ZIP_MAGIC else data.load
-        splits = read(args.source, class_names=args.class_names, nan_policy=args.nan_policy)
+        splits = formats.read(args.source, class_names=args.class_names, nan_policy=args.nan_policy)
         if args.target.suffix == ".npz":
-            data.save_npz(splits, args.target)
+            dataset.save_npz(splits, args.target)
         else:
-            data.save_dir(splits, args.target)
+            dataset.save_dir(splits, args.target)
     except MerError as e:
         fail("mer-convert", str(e))
     except OSError as e:

@@ -16,8 +16,11 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats as sps
 
+from mer_cli.evaluation.metrics import METRICS
+
 # label-based metrics the bootstrap recomputes (same definitions as evaluate.score / scikit-learn)
-BOOTSTRAP_METRICS = ("f1_macro", "accuracy", "balanced_accuracy")
+# the metrics computed from predicted labels alone: resampled by the bootstrap (the registry says which)
+BOOTSTRAP_METRICS = tuple(name for name, m in METRICS.items() if m.from_labels)
 EXACT_MCNEMAR_BELOW = 25  # discordant pairs; below this the exact binomial test is used
 
 

@@ -37,23 +37,18 @@ from mer_cli.core.config import flatten
 from mer_cli.core.errors import MerError
 from mer_cli.data.folds import CREMA_D_ACTOR_PATTERN, maybe_actor_ids
 from mer_cli.evaluation import stats
-from mer_cli.runs import outputs
+from mer_cli.evaluation.metrics import BARS, METRICS, TABLE
+from mer_cli.models import modalities
+from mer_cli.runs import files, outputs
 from mer_cli.runs.identity import model_identity
 
 log = logging.getLogger(__name__)
 
-MODALITY_ORDER = ("acoustic", "visual", "late", "early", "joint", "xattn")
+MODALITY_ORDER = modalities.MODALITIES.names()  # acoustic, visual, late, early, joint, xattn
 # test metrics in the tables: the label-based ones also get a bootstrap interval
-TABLE_METRICS = ("f1_macro", "accuracy", "balanced_accuracy", "roc_auc_micro", "roc_auc_macro", "loss")
-BAR_METRICS = ("f1_macro", "accuracy", "balanced_accuracy")
-METRIC_TITLES = {
-    "f1_macro": "macro F1",
-    "accuracy": "accuracy",
-    "balanced_accuracy": "balanced accuracy",
-    "roc_auc_micro": "ROC-AUC (micro)",
-    "roc_auc_macro": "ROC-AUC (macro)",
-    "loss": "loss",
-}
+TABLE_METRICS = TABLE
+BAR_METRICS = BARS
+METRIC_TITLES = {name: m.title for name, m in METRICS.items()}
 # people rating CREMA-D clips (accuracy per rating, the dataset paper): drawn on the bar charts
 HUMAN_RATES = {"voice": 0.409, "face": 0.582, "both": 0.636}
 HUMAN_RATE_OF_MODALITY = {
@@ -224,12 +219,12 @@ def _hydra_choices(path: Path) -> dict[str, str]:
         hydra_yaml = path.parent / ".hydra" / "hydra.yaml"
     if not hydra_yaml.is_file():
         return {}
-    try:
-        choices = OmegaConf.select(OmegaConf.load(hydra_yaml), "hydra.runtime.choices", default=None)
-    except Exception:  # a damaged Hydra record only costs the short label
+    try:  # plain YAML: Hydra's record keeps its interpolations unresolved, and they stay so
+        record = files.read_yaml(hydra_yaml)
+    except MerError:  # a damaged Hydra record only costs the short label
         return {}
-    container = OmegaConf.to_container(choices) if choices is not None else None
-    return {str(k): str(v) for k, v in container.items()} if isinstance(container, dict) else {}
+    choices = ((record or {}).get("hydra") or {}).get("runtime", {}).get("choices")
+    return {str(k): str(v) for k, v in choices.items()} if isinstance(choices, dict) else {}
 
 
 def _load_failure(path: Path) -> Failure:

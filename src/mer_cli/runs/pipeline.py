@@ -20,12 +20,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import logging
 import random
 import shutil
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -36,35 +34,17 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from mer_cli import data, preprocess
-from mer_cli.core.artifacts import load_checkpoint, write_json, write_text
+from mer_cli.core.artifacts import write_json, write_text
 from mer_cli.core.errors import ConfigError, MerError
-from mer_cli.data import folds, spec, synthetic
+from mer_cli.data import folds, formats, spec, synthetic
 from mer_cli.evaluation.metrics import HEADLINE, score
+from mer_cli.models import modalities
 from mer_cli.models.fusion import late as late_fusion
-from mer_cli.preprocess import align
 from mer_cli.preprocess.scaling import check_kind as check_scaling
-from mer_cli.runs import identity, outputs, reuse
+from mer_cli.runs import files, identity, outputs, reuse, trained, upgrade
 from mer_cli.training import loop, pruning, tracking
 
 log = logging.getLogger(__name__)
-
-# modality -> how its model's input streams are made from the data's (``modality.streams``):
-# one stream as it is, several fused per frame, or several each as it is (one encoder per stream,
-# trained jointly); late fusion combines an acoustic and a visual model
-INPUTS = {"acoustic": "single", "visual": "single", "early": "early", "joint": "streams", "xattn": "streams"}
-# multi-stream modalities -> their model (the `model` group's encoder and head sizes, per stream)
-# and the ``modality`` options it takes
-STREAM_MODELS = {
-    "joint": ("mer_cli.models.fusion.joint.JointClassifier", ("ogm_alpha", "ogm_noise")),
-    "xattn": (
-        "mer_cli.models.fusion.xattn.CrossAttentionClassifier",
-        ("ogm_alpha", "ogm_noise", "attention_heads"),
-    ),
-}
-MODALITIES = (*INPUTS, "late")
-CHECKPOINT_FORMAT = 2  # 1: before encoders and heads were separate (read through upgrade_format_1)
-LATE_FORMAT = 2  # late.json; 1: one acoustic weight, before modality.combiner (read by read_late)
-PRECISION_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def run(
@@ -77,8 +57,7 @@ def run(
     there with the same settings are reused instead of trained again (see `sweep`).
     """
     modality = cfg.modality.name
-    if modality not in MODALITIES:
-        raise ConfigError(f"modality={modality!r}: valid: {', '.join(MODALITIES)}")
+    modalities.get(modality)  # an unknown name: one line listing the valid ones
     check_scaling(cfg.preprocess.scaling)
     out_dir.mkdir(parents=True, exist_ok=True)
     resume_here = check_resumable(cfg, out_dir, resume)
@@ -152,14 +131,6 @@ def check_resumable(cfg: DictConfig, out_dir: Path, resume: bool | str) -> bool:
     return True
 
 
-# data.name -> the reader of a user's file, and what that file is
-READERS = {
-    "pickle": (data.load, "the notebook's feature pickle"),
-    "npz": (data.load_npz, "a native dataset written by mer-convert or mer-ingest"),
-    "native": (data.load_dir, "a native dataset directory written by mer-convert"),
-}
-
-
 # data.cache: where the embedded generator's clips live. auto: in memory below CACHE_FROM_CLIPS
 # clips (the default 1,200: generated in about a second), on disk from there (generated once into
 # the cache, then read clip by clip: memory does not grow with the dataset)
@@ -201,13 +172,13 @@ def load_data(data_cfg: DictConfig, cv_cfg: DictConfig | None = None) -> data.Sp
             splits = synthetic.cached(spec, synthetic.cache_root(data_cfg.get("cache_dir")))
         else:
             splits = synthetic.generate(spec)
-    elif name in READERS:
+    elif name in formats.FORMATS:
+        fmt = formats.FORMATS.get(name)
         if OmegaConf.is_missing(data_cfg, "path") or data_cfg.path is None:
-            raise ConfigError(f"data={name} needs data.path=FILE ({READERS[name][1]})")
-        read = READERS[name][0]
-        splits = read(data_cfg.path, class_names=data_cfg.class_names, nan_policy=data_cfg.nan_policy)
+            raise ConfigError(f"data={name} needs data.path=FILE ({fmt.what})")
+        splits = fmt.read(data_cfg.path, class_names=data_cfg.class_names, nan_policy=data_cfg.nan_policy)
     else:
-        raise ConfigError(f"data={name!r}: valid: synthetic, {', '.join(READERS)}")
+        raise ConfigError(f"data={name!r}: valid: synthetic, {', '.join(formats.FORMATS)}")
     splits = splits.limit(data_cfg.limit_per_split)
     if cv_cfg is not None and cv_cfg.folds is not None:  # speaker-independent CV (configs/cv/)
         splits = folds.split(splits, int(cv_cfg.folds), int(cv_cfg.fold), cv_cfg.actor_pattern)
@@ -232,28 +203,6 @@ def loop_settings(cfg: DictConfig) -> loop.Settings:
     return loop.Settings(**cfg.trainer.loop, **runtime)
 
 
-def model_inputs(split: data.Split, modality: str, streams: list[str]) -> dict[str, Sequence[np.ndarray]]:
-    """The input streams (name -> each clip's frames) a ``modality`` model reads from ``split``:
-    the split's own ragged clips, or early-fused clip by clip when read (no copy either way)."""
-    available = split.streams
-    missing = [s for s in streams if s not in available]
-    if missing or not streams:
-        raise ConfigError(f"modality.streams={streams}: the data has the streams {', '.join(available)}")
-    kind = INPUTS[modality]
-    if kind == "single":
-        if len(streams) != 1:
-            raise ConfigError(f"modality={modality} reads one stream, not modality.streams={streams}")
-        return {streams[0]: available[streams[0]]}
-    if kind == "streams":  # each stream at its own frame rate, for its own encoder
-        if len(streams) < 2:
-            raise ConfigError(
-                f"modality={modality} reads two streams or more, not modality.streams={streams}"
-            )
-        return {s: available[s] for s in streams}
-    # early: every stream stretched to the first one's frame count, joined per frame
-    return {modality: align.EarlyFused([available[s] for s in streams])}
-
-
 def log_profile(name: str, prep: preprocess.StreamPrep) -> None:
     """The stream's data profile and fitted preprocessing in the log; a warning when its feature
     scales differ by orders of magnitude and the scaling does not cope with that."""
@@ -271,7 +220,7 @@ def prepare(
 ) -> tuple[preprocess.SequenceSet, ...]:
     """Train, validation and test as the model reads them, through the fitted ``preps``."""
     return tuple(
-        preprocess.apply(preps, model_inputs(s, modality, streams), s.labels, s.clip_ids)
+        preprocess.apply(preps, trained.model_inputs(s, modality, streams), s.labels, s.clip_ids)
         for s in splits.all()
     )
 
@@ -290,26 +239,31 @@ def train_model(cfg: DictConfig, splits: data.Splits, out_dir: Path, resume: boo
             scaling=cfg.preprocess.scaling,
             skip_zero_frames=bool(cfg.preprocess.get("skip_zero_frames", False)),
         )
-        for name, frames in model_inputs(splits.train, modality, streams).items()
+        for name, frames in trained.model_inputs(splits.train, modality, streams).items()
     }
     train_set, val_set, test_set = prepare(splits, modality, streams, preps)
     for name, prep in preps.items():
         log_profile(name, prep)
 
     model_cfg = model_config(cfg)
-    model = build_model(model_cfg, train_set.n_features, splits.n_classes)
+    model = trained.build_model(model_cfg, train_set.n_features, splits.n_classes)
     n_params = sum(p.numel() for p in model.parameters())
-    log.info("model: %s, %s parameters", model_cfg["_target_"], f"{n_params:,}")
+    log.info(
+        "model: %s classifier, %s encoder, %s parameters",
+        model_cfg["classifier"],
+        model_cfg["encoder"]["name"],
+        f"{n_params:,}",
+    )
     optimizer = instantiate(cfg.trainer.optimizer)(model.parameters())
     scheduler = instantiate(cfg.trainer.scheduler)(optimizer)
     device = loop.resolve_device(settings.device)
     dtype = loop.resolve_precision(settings.precision, device)
     meta = {
-        "format": CHECKPOINT_FORMAT,
+        "format": upgrade.CHECKPOINT_FORMAT,
         "modality": modality,
         "streams": streams,
         # every later prediction of this model (late fusion, mer-evaluate) uses the same precision
-        "precision": PRECISION_NAMES[dtype],
+        "precision": trained.PRECISION_NAMES[dtype],
         "eval_batch_size": settings.eval_batch_size,
         "model_config": model_cfg,
         "n_features": train_set.n_features,
@@ -361,8 +315,8 @@ def train_model(cfg: DictConfig, splits: data.Splits, out_dir: Path, resume: boo
         },
         **{s: score(p.y_true, p.y_prob, splits.class_names) for s, p in predictions.items()},
     }
-    if modality in STREAM_MODELS:
-        metrics["test"]["stream_contribution"] = stream_contribution(
+    if modality in modalities.jointly_trained():
+        metrics["test"]["stream_contribution"] = trained.stream_contribution(
             model, test_set, settings.eval_batch_size, device, dtype
         )
         log.info(
@@ -381,48 +335,18 @@ def train_model(cfg: DictConfig, splits: data.Splits, out_dir: Path, resume: boo
 
 
 def model_config(cfg: DictConfig) -> dict[str, Any]:
-    """The ``model`` group as the model to build: for a multi-stream modality (`STREAM_MODELS`)
-    its encoder, once per stream, and its head sizes, in that modality's model with its options."""
+    """The model to build, as the checkpoint stores it: the modality's classifier (registry name),
+    the ``model`` group (its encoder, once per stream for a multi-stream modality, and its head
+    sizes) and the modality options that classifier takes."""
+    modality = modalities.get(cfg.modality.name)
     model_cfg = cast(dict[str, Any], OmegaConf.to_container(cfg.model, resolve=True))
-    if cfg.modality.name in STREAM_MODELS:
-        target, options = STREAM_MODELS[cfg.modality.name]
-        model_cfg["_target_"] = target
-        model_cfg.update({k: cfg.modality[k] for k in options if k in cfg.modality})
+    model_cfg = {"classifier": modality.classifier, **model_cfg}
+    model_cfg.update({k: cfg.modality[k] for k in modality.options if k in cfg.modality})
     return model_cfg
-
-
-def stream_contribution(
-    model: torch.nn.Module,
-    seqs: preprocess.SequenceSet,
-    batch_size: int,
-    device: torch.device,
-    dtype: torch.dtype,
-) -> dict[str, float]:
-    """Per stream: accuracy on ``seqs`` when every other stream's frames are zeros (their lengths
-    kept; zero is the training mean where features are standardized)."""
-    out = {}
-    for keep in seqs.streams:
-        streams = {name: r if name == keep else preprocess.Blank(r) for name, r in seqs.streams.items()}
-        prob = loop.predict_proba(
-            model, preprocess.SequenceSet(streams, seqs.y, seqs.clip_ids), batch_size, device, dtype
-        )
-        out[keep] = float((prob.argmax(1) == seqs.y.numpy()).mean())
-    return out
-
-
-def build_model(
-    model_cfg: DictConfig | dict[str, Any], n_features: dict[str, int], n_classes: int
-) -> torch.nn.Module:
-    # run-time facts (feature and class counts) come from the data, never from the config
-    return instantiate(model_cfg, n_features=n_features, n_classes=n_classes, _convert_="all")
 
 
 # ---------------------------------------------------------------------------------------------
 # Late fusion
-
-
-# one member per stream of the data, each a single-stream model of that name
-LATE_MEMBERS = ("acoustic", "visual")
 
 
 def run_late(
@@ -443,7 +367,7 @@ def run_late(
     tracked = tracking.start(cfg, out_dir)  # the members trained here are its children
     members: dict[str, dict[str, outputs.Predictions]] = {}
     sources: dict[str, str] = {}
-    for member in LATE_MEMBERS:
+    for member in modalities.get("late").members:
         member_run = cfg.modality.get(f"{member}_run")
         member_cfg = member_config(cfg, member)
         # a parallel job of the sweep training this member: wait for it and reuse its run
@@ -458,7 +382,7 @@ def run_late(
             if member_run:
                 run_dir = Path(member_run).expanduser().resolve()
                 log.info("late fusion: reusing the %s model in %s", member, run_dir)
-                members[member] = predict_run(run_dir, splits)
+                members[member] = trained.predict_run(run_dir, splits)
                 sources[member] = str(run_dir)
             else:
                 log.info("late fusion: training the %s model", member)
@@ -586,147 +510,13 @@ def fuse_and_report(
         },
         **{p.split: score(p.y_true, p.y_prob, class_names) for p in predictions},
     }
-    write_json(out_dir / "late.json", {"format": LATE_FORMAT, **fitted, "members": sources})
+    write_json(out_dir / "late.json", {"format": upgrade.LATE_FORMAT, **fitted, "members": sources})
     outputs.write(out_dir, metrics, None, predictions, class_names, save_plots=save_plots)
     return metrics
 
 
-def read_late(late: dict[str, Any], path: Path) -> late_fusion.LateFusion:
-    """late.json's combiner. Format 1 (before ``modality.combiner``) held one acoustic weight."""
-    members = list(late["members"])
-    if late.get("format") == 1:
-        w = float(late["acoustic_weight"])
-        return late_fusion.LateFusion("mean", ("acoustic", "visual"), weights=(w, 1.0 - w))
-    if late.get("format") != LATE_FORMAT:
-        raise MerError(
-            f"{path}: format {late.get('format')!r} is not supported (this mer-cli reads formats 1 "
-            f"and {LATE_FORMAT})"
-        )
-    return late_fusion.LateFusion.from_state(late, members)
-
-
 # ---------------------------------------------------------------------------------------------
 # Reloading a trained run
-
-
-def load_trained(run_dir: Path) -> tuple[torch.nn.Module, dict[str, preprocess.StreamPrep], dict[str, Any]]:
-    """Rebuild the model and the fitted preprocessing of a trained run from its checkpoint."""
-    path = run_dir / "checkpoint.pt"
-    if not path.exists():
-        raise MerError(
-            f"{run_dir}: no checkpoint.pt (not a mer-train run directory, or it "
-            "stopped before its first epoch)"
-        )
-    meta = load_checkpoint(path)
-    if meta.get("format") == 1:
-        meta = upgrade_format_1(meta)
-    if meta.get("format") != CHECKPOINT_FORMAT:
-        raise MerError(
-            f"{path}: checkpoint format {meta.get('format')!r} is not supported (this mer-cli reads "
-            f"formats 1 and {CHECKPOINT_FORMAT})"
-        )
-    model = build_model(meta["model_config"], meta["n_features"], len(meta["class_names"]))
-    model.load_state_dict(meta["model"])
-    preps = {name: preprocess.StreamPrep.from_state(state) for name, state in meta["prep"].items()}
-    return model, preps, meta
-
-
-# format 1 (one BiLSTMClassifier per run, streams named as in the files) -> modality and streams
-_FORMAT_1_STREAMS = {"mfcc": ("acoustic", ["acoustic"]), "aus": ("visual", ["visual"])}
-
-
-def upgrade_format_1(meta: dict[str, Any]) -> dict[str, Any]:
-    """A format-1 checkpoint (before encoders and heads were separate) as format 2: the same
-    weights under the encoder's names, the same numbers out."""
-    modality, streams = _FORMAT_1_STREAMS.get(meta["stream"], ("early", ["acoustic", "visual"]))
-    name = streams[0] if modality != "early" else "early"
-    old = {k: v for k, v in meta["model_config"].items() if k != "_target_"}
-    encoder = {
-        "_target_": "mer_cli.models.encoders.rnn.BiLSTMEncoder",
-        "_partial_": True,
-        "hidden_sizes": old.pop("hidden_sizes", [512, 256]),
-        "dropout": old.get("dropout", 0.8),
-        "masking": old.pop("masking", "reverse"),
-    }
-    weights = {
-        (f"encoder.{k}" if k.startswith(("lstms.", "frame_dropout.")) else k): v
-        for k, v in meta["model"].items()
-    }
-    return {
-        **meta,
-        "format": 2,
-        "modality": modality,
-        "streams": streams,
-        "model_config": {"_target_": "mer_cli.models.heads.Classifier", "encoder": encoder, **old},
-        "n_features": {name: meta["n_features"]},
-        "prep": {name: meta["prep"]},
-        "model": weights,
-    }
-
-
-def predict_run(
-    run_dir: Path,
-    splits: data.Splits,
-    split_names: tuple[str, ...] = ("val", "test"),
-    batch_size: int = 512,
-) -> dict[str, outputs.Predictions]:
-    """Predictions of a trained run on ``splits`` (its own fitted preprocessing), made at the
-    precision and batch size it was evaluated with when it was trained."""
-    model, preps, meta = load_trained(run_dir)
-    if tuple(meta["class_names"]) != splits.class_names:
-        raise MerError(
-            f"{run_dir}: trained on classes {meta['class_names']}, "
-            f"but the data has {list(splits.class_names)}"
-        )
-    out = {}
-    device = loop.resolve_device("auto")
-    dtype = loop.resolve_precision(trained_precision(run_dir, meta), device)
-    batch_size = int(meta.get("eval_batch_size", batch_size))
-    model.to(device)
-    feature_spec = spec.from_meta(meta)
-    for s in split_names:
-        split = getattr(splits, s)
-        # checked before any preprocessing: a scaler fitted on other features fails on a shape
-        counts = {name: split.streams[name].n_features for name in meta["streams"]}
-        spec.check_features(feature_spec, counts, f"{splits.source}: {s}")
-        seqs = preprocess.apply(
-            preps, model_inputs(split, meta["modality"], list(meta["streams"])), split.labels, split.clip_ids
-        )
-        for name, n in seqs.n_features.items():
-            if n != meta["n_features"][name]:
-                raise MerError(
-                    f"{run_dir}: the model reads {meta['n_features'][name]} {name} features per "
-                    f"frame, the data has {n}"
-                )
-        prob = loop.predict_proba(model, seqs, batch_size, device, dtype)
-        out[s] = outputs.Predictions(s, seqs.clip_ids, seqs.y.numpy(), prob)
-    return out
-
-
-def run_stream_contribution(run_dir: Path, split: data.Split) -> dict[str, float]:
-    """`stream_contribution` of a trained multi-stream run on ``split``, as it was evaluated."""
-    model, preps, meta = load_trained(run_dir)
-    device = loop.resolve_device("auto")
-    dtype = loop.resolve_precision(trained_precision(run_dir, meta), device)
-    seqs = preprocess.apply(
-        preps, model_inputs(split, meta["modality"], list(meta["streams"])), split.labels, split.clip_ids
-    )
-    model.to(device)
-    return stream_contribution(model, seqs, int(meta.get("eval_batch_size", 512)), device, dtype)
-
-
-def trained_precision(run_dir: Path, meta: dict[str, Any]) -> str:
-    """``fp32`` | ``bf16`` | ``fp16``: what the run trained and evaluated with. Checkpoints from
-    before it was recorded there: the run's metrics.json says it (``run.precision``)."""
-    if "precision" in meta:
-        return str(meta["precision"])
-    metrics_path = run_dir / "metrics.json"
-    if metrics_path.is_file():
-        dtype_name = json.loads(metrics_path.read_text()).get("run", {}).get("precision")
-        by_dtype = {str(d).removeprefix("torch."): name for d, name in PRECISION_NAMES.items()}
-        if dtype_name in by_dtype:
-            return by_dtype[dtype_name]
-    return "fp32"
 
 
 def evaluate_run(
@@ -741,13 +531,13 @@ def evaluate_run(
     config_path = run_dir / "config.yaml"
     if not config_path.is_file():
         raise MerError(f"{run_dir}: no config.yaml: not a mer-train run directory")
-    cfg = OmegaConf.load(config_path)
+    cfg = files.read_config(config_path)
     data_cfg = cfg.data
     if data_path is not None:
         data_cfg = OmegaConf.merge(
             data_cfg,
             {
-                "name": "native" if data_path.is_dir() else "npz" if data_path.suffix == ".npz" else "pickle",
+                "name": formats.recognise(data_path).name,
                 "path": str(data_path),
                 "limit_per_split": None,
             },
@@ -755,19 +545,15 @@ def evaluate_run(
     # a cross-validation fold is re-evaluated on its own fold; another file has no folds
     cv_cfg = cfg.cv if data_path is None and "cv" in cfg else None
     splits = load_data(data_cfg, cv_cfg)
-    late_path = run_dir / "late.json"
+    late = trained.read_late(run_dir)
     late_info: dict[str, Any] = {}
-    if late_path.exists():
-        late = json.loads(late_path.read_text())
-        combined = read_late(late, late_path)
-        members = {
-            m: predict_run(_member_dir(run_dir, src), splits, split_names)
-            for m, src in late["members"].items()
-        }
+    if late is not None:
+        _, combined, member_dirs = late
+        members = {m: trained.predict_run(d, splits, split_names) for m, d in member_dirs.items()}
         predictions = late_predictions(members, combined, split_names)
         late_info = {"combiner": combined.combiner}
     else:
-        predictions = list(predict_run(run_dir, splits, split_names).values())
+        predictions = list(trained.predict_run(run_dir, splits, split_names).values())
     metrics = {
         "run": {
             "evaluated_run": str(run_dir),
@@ -777,8 +563,8 @@ def evaluate_run(
         },
         **{p.split: score(p.y_true, p.y_prob, splits.class_names) for p in predictions},
     }
-    if cfg.modality.name in STREAM_MODELS and "test" in split_names:
-        metrics["test"]["stream_contribution"] = run_stream_contribution(run_dir, splits.test)
+    if cfg.modality.name in modalities.jointly_trained() and "test" in split_names:
+        metrics["test"]["stream_contribution"] = trained.run_stream_contribution(run_dir, splits.test)
     stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
     out_dir = run_dir / "evaluations" / stamp
     n = 1
@@ -802,8 +588,3 @@ def evaluate_run(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir, metrics
-
-
-def _member_dir(run_dir: Path, source: str) -> Path:
-    p = Path(source)
-    return p if p.is_absolute() else run_dir / p

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import logging
 import sys
 import warnings
@@ -32,17 +31,17 @@ from typing import Any, cast
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 from torch import nn
 
 from mer_cli import preprocess
 from mer_cli.core.artifacts import atomic_open, write_json
 from mer_cli.core.console import fail
 from mer_cli.core.errors import MerError
+from mer_cli.models import modalities
 from mer_cli.models.fusion import late as late_fusion
 from mer_cli.models.layers import MaskedBiRNN
 from mer_cli.preprocess import scaling
-from mer_cli.runs import pipeline
+from mer_cli.runs import files, pipeline, trained
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +154,7 @@ class RunGraph(nn.Module):
     ) -> None:
         super().__init__()
         self.inputs = list(streams)
-        self.early = EarlyFuse() if pipeline.INPUTS[modality] == "early" else None
+        self.early = EarlyFuse() if modalities.get(modality).inputs == "early" else None
         self.preps = nn.ModuleDict({name: StreamPreprocess(p) for name, p in preps.items()})
         self.model = model
 
@@ -227,7 +226,7 @@ def exact_masking_everywhere(model: nn.Module) -> None:
 
 def run_graph(run_dir: Path) -> tuple[RunGraph, dict[str, Any], dict[str, int]]:
     """The graph of one trained run, its checkpoint meta and its inputs' feature counts."""
-    model, preps, meta = pipeline.load_trained(run_dir)
+    model, preps, meta = trained.load_trained(run_dir)
     model.eval()
     exact_masking_everywhere(model)
     streams = list(meta["streams"])
@@ -239,14 +238,14 @@ def input_features(run_dir: Path, meta: dict[str, Any]) -> dict[str, int]:
     """Features per frame of each raw input stream. Early fusion's split between its streams comes
     from the checkpoint's feature spec; a checkpoint from before specs has the fused count only,
     and the split is read from the run's data (the run's own config)."""
-    if pipeline.INPUTS[meta["modality"]] != "early":
+    if modalities.get(meta["modality"]).inputs != "early":
         return {s: int(meta["n_features"][s]) for s in meta["streams"]}
     recorded = meta.get("feature_spec", {}).get("streams", {})
     if all(recorded.get(s, {}).get("n_features") for s in meta["streams"]):  # the run's feature spec
         return {s: int(recorded[s]["n_features"]) for s in meta["streams"]}
     config_path = run_dir / "config.yaml"
     try:
-        cfg = OmegaConf.load(config_path)
+        cfg = files.read_config(config_path)
         split = pipeline.load_data(cfg.data).train
     except (MerError, OSError) as e:
         raise MerError(
@@ -265,17 +264,15 @@ def input_features(run_dir: Path, meta: dict[str, Any]) -> dict[str, int]:
 def late_graph(run_dir: Path) -> tuple[LateGraph, dict[str, Any]]:
     """The graph of a late fusion run (both members and the combiner) and its sidecar fields."""
     late_path = run_dir / "late.json"
-    try:
-        late = json.loads(late_path.read_text())
-    except (OSError, ValueError) as e:
-        raise MerError(f"{late_path}: unreadable ({e})") from None
-    combined = pipeline.read_late(late, late_path)
+    read = trained.read_late(run_dir)
+    if read is None:
+        raise MerError(f"{late_path}: not found")
+    _, combined, member_dirs = read
     members: dict[str, RunGraph] = {}
     about: dict[str, Any] = {}
     class_names: list[str] | None = None
     features: dict[str, int] = {}
-    for m, source in late["members"].items():
-        member_dir = pipeline._member_dir(run_dir, source)  # the one reading of late.json's paths
+    for m, member_dir in member_dirs.items():
         graph, meta, counts = run_graph(member_dir)
         if class_names is not None and meta["class_names"] != class_names:
             raise MerError(f"{late_path}: the members were trained on different classes")
@@ -308,7 +305,7 @@ def member_fields(run_dir: Path, meta: dict[str, Any]) -> dict[str, Any]:
         "run": str(run_dir),
         "modality": meta["modality"],
         "streams": list(meta["streams"]),
-        "trained_precision": pipeline.trained_precision(run_dir, meta),
+        "trained_precision": trained.trained_precision(run_dir, meta),
         "preprocessing": {
             name: {
                 "target_length": prep.target.length,

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 import sys
 import time
 from dataclasses import dataclass, field
@@ -30,9 +29,9 @@ from mer_cli import data
 from mer_cli.core.artifacts import write_text
 from mer_cli.core.console import debug
 from mer_cli.core.errors import DataError, MerError
-from mer_cli.data import spec
+from mer_cli.data import formats, spec
 from mer_cli.models.fusion import late as late_fusion
-from mer_cli.runs import outputs, pipeline
+from mer_cli.runs import outputs, pipeline, trained
 
 PROG = "mer-predict"
 TABLE_ROWS = 20  # clips shown on screen; the file holds them all
@@ -93,17 +92,15 @@ def load_run(run_dir: Path) -> Run:
         raise MerError(
             f"{run_dir}: a cross-validation run: give one fold's directory, e.g. {run_dir / 'fold0'}"
         )
-    late_path = run_dir / "late.json"
+    late = trained.read_late(run_dir)
     combiner = None
-    if late_path.exists():
-        late = json.loads(late_path.read_text())
-        combiner = pipeline.read_late(late, late_path)
-        models = {m: pipeline._member_dir(run_dir, src) for m, src in late["members"].items()}
+    if late is not None:
+        _, combiner, models = late
     else:
         models = {"model": run_dir}
     specs, names = {}, set()
     for name, model_dir in models.items():
-        _, _, meta = pipeline.load_trained(model_dir)
+        _, _, meta = trained.load_trained(model_dir)
         specs[name] = spec.from_meta(meta)
         names.add(tuple(meta["class_names"]))
     if len(names) != 1:
@@ -225,12 +222,13 @@ def frame_rate_warning(path: Path, fps: float | None, trained_fps: float | None)
 
 
 def read_data(run: Run, path: Path) -> Clips:
-    """The clips of a feature file: a native .npz (labels and splits optional) or any dataset
-    mer-train reads (every split's clips, with labels)."""
+    """The clips of a dataset: a native .npz (labels and splits optional) or any other format
+    mer-train reads (a native directory, the notebook's pickle: every split's clips, with labels)."""
     path = path.expanduser()
-    if path.suffix == ".npz":
+    fmt = formats.recognise(path)  # the same choice mer-train and mer-evaluate make
+    if fmt.name == "npz":
         return read_npz(run, path)
-    splits = data.load(path, class_names=run.class_names)
+    splits = fmt.read(path, class_names=run.class_names)
     problem = count_mismatch(run, {s: splits.train.streams[s][0].shape[1] for s in run.streams})
     if problem is not None:
         raise DataError(f"{path}: {problem}")
@@ -316,7 +314,7 @@ def read_npz(run: Run, path: Path) -> Clips:
 
 
 def predict(run: Run, clips: Clips) -> outputs.Predictions:
-    """The run's class probabilities for ``clips``, as `pipeline.predict_run` makes them for a
+    """The run's class probabilities for ``clips``, as `trained.predict_run` makes them for a
     run's own data (same preprocessing, precision and batching); late fusion combines its
     members' with the combiner it fitted."""
     n = len(clips.clip_ids)
@@ -329,7 +327,7 @@ def predict(run: Run, clips: Clips) -> outputs.Predictions:
         labels=y,
     )
     splits = data.Splits(split, split, split, class_names=run.class_names, source=clips.source)
-    members = {m: pipeline.predict_run(d, splits, ("test",)) for m, d in run.models.items()}
+    members = {m: trained.predict_run(d, splits, ("test",)) for m, d in run.models.items()}
     if run.combiner is None:
         return members["model"]["test"]
     return pipeline.late_predictions(members, run.combiner, ("test",))[0]

@@ -19,13 +19,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.metrics import f1_score, roc_auc_score
 from torch import nn
 from tqdm import tqdm
 
 from mer_cli.core import allocator
 from mer_cli.core.artifacts import deferred_interrupts, load_checkpoint, save_checkpoint
 from mer_cli.core.errors import ConfigError
+from mer_cli.evaluation import metrics
 from mer_cli.models.layers import Frames
 from mer_cli.preprocess.streams import SequenceSet, pad_clips
 
@@ -438,15 +438,6 @@ def inference_batches(lengths: torch.Tensor, max_batch: int) -> list[torch.Tenso
     return list(order.split(-(-n // best_k)))
 
 
-def roc_auc_micro(y_true: np.ndarray, y_prob: np.ndarray) -> float:
-    """Micro-averaged one-vs-rest ROC-AUC (Keras' AUC metric on one-hot targets); NaN if undefined."""
-    onehot = np.eye(y_prob.shape[1])[y_true]
-    try:
-        return float(roc_auc_score(onehot, y_prob, average="micro"))
-    except ValueError:
-        return math.nan
-
-
 # ---------------------------------------------------------------------------------------------
 # The loop
 
@@ -582,21 +573,13 @@ def fit(
             "epoch": epoch,
             "train/loss": total_loss / len(train_set),
             "train/accuracy": float((yp.argmax(1) == yt).mean()),
-            "train/roc_auc": roc_auc_micro(yt, yp),
+            "train/roc_auc": metrics.roc_auc_micro(yt, yp),
             "lr": optimizer.param_groups[0]["lr"],
             "val/loss": val_loss,
             "val/accuracy": float((val_prob.argmax(1) == val_y).mean()),
-            "val/roc_auc": roc_auc_micro(val_y, val_prob),
-            # as metrics.json's f1_macro (every class counted): what a hyperparameter search maximizes
-            "val/f1_macro": float(
-                f1_score(
-                    val_y,
-                    val_prob.argmax(1),
-                    labels=np.arange(val_prob.shape[1]),
-                    average="macro",
-                    zero_division=0,
-                )
-            ),
+            "val/roc_auc": metrics.roc_auc_micro(val_y, val_prob),
+            # metrics.json's f1_macro (every class counted): what a hyperparameter search maximizes
+            "val/f1_macro": metrics.f1_macro(val_y, val_prob),
             "seconds": time.perf_counter() - started,
         }
         history.rows.append(row)

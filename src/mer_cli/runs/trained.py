@@ -1,0 +1,185 @@
+"""A trained run read back: its model rebuilt from the registry, its fitted preprocessing, and
+its predictions on a dataset at the precision it was trained with.
+
+Input: a run directory (checkpoint.pt; late fusion: late.json and its members). Reading it never
+imports or calls anything it names: the model is a registry name plus plain parameters
+(`models.registry.build`), older formats are upgraded by `runs.upgrade`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from mer_cli import data, preprocess
+from mer_cli.core.errors import ConfigError, MerError
+from mer_cli.data import spec
+from mer_cli.models import modalities, registry
+from mer_cli.models.fusion import late as late_fusion
+from mer_cli.preprocess import align
+from mer_cli.runs import files, outputs, upgrade
+from mer_cli.training import loop
+
+PRECISION_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def model_inputs(split: data.Split, modality: str, streams: list[str]) -> dict[str, Sequence[np.ndarray]]:
+    """The input streams (name -> each clip's frames) a ``modality`` model reads from ``split``:
+    the split's own ragged clips, or early-fused clip by clip when read (no copy either way)."""
+    available = split.streams
+    missing = [s for s in streams if s not in available]
+    if missing or not streams:
+        raise ConfigError(f"modality.streams={streams}: the data has the streams {', '.join(available)}")
+    kind = modalities.get(modality).inputs
+    if kind == "single":
+        if len(streams) != 1:
+            raise ConfigError(f"modality={modality} reads one stream, not modality.streams={streams}")
+        return {streams[0]: available[streams[0]]}
+    if kind == "streams":  # each stream at its own frame rate, for its own encoder
+        if len(streams) < 2:
+            raise ConfigError(
+                f"modality={modality} reads two streams or more, not modality.streams={streams}"
+            )
+        return {s: available[s] for s in streams}
+    # early: every stream stretched to the first one's frame count, joined per frame
+    return {modality: align.EarlyFused([available[s] for s in streams])}
+
+
+def stream_contribution(
+    model: torch.nn.Module,
+    seqs: preprocess.SequenceSet,
+    batch_size: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> dict[str, float]:
+    """Per stream: accuracy on ``seqs`` when every other stream's frames are zeros (their lengths
+    kept; zero is the training mean where features are standardized)."""
+    out = {}
+    for keep in seqs.streams:
+        streams = {name: r if name == keep else preprocess.Blank(r) for name, r in seqs.streams.items()}
+        prob = loop.predict_proba(
+            model, preprocess.SequenceSet(streams, seqs.y, seqs.clip_ids), batch_size, device, dtype
+        )
+        out[keep] = float((prob.argmax(1) == seqs.y.numpy()).mean())
+    return out
+
+
+def build_model(
+    model_cfg: DictConfig | Mapping[str, Any], n_features: dict[str, int], n_classes: int
+) -> torch.nn.Module:
+    """The model a config's ``model`` group (or a checkpoint's description) names, from the
+    model registry; run-time facts (feature and class counts) come from the data."""
+    if isinstance(model_cfg, DictConfig):
+        model_cfg = cast(dict[str, Any], OmegaConf.to_container(model_cfg, resolve=True))
+    return registry.build(model_cfg, n_features, n_classes)
+
+
+def load_trained(run_dir: Path) -> tuple[torch.nn.Module, dict[str, preprocess.StreamPrep], dict[str, Any]]:
+    """Rebuild the model and the fitted preprocessing of a trained run from its checkpoint."""
+    path = run_dir / "checkpoint.pt"
+    if not path.exists():
+        raise MerError(
+            f"{run_dir}: no checkpoint.pt (not a mer-train run directory, or it "
+            "stopped before its first epoch)"
+        )
+    try:
+        meta = upgrade.checkpoint(files.read_checkpoint(path), path)
+        model = build_model(meta["model_config"], meta["n_features"], len(meta["class_names"]))
+        model.load_state_dict(meta["model"])
+        preps = {name: preprocess.StreamPrep.from_state(state) for name, state in meta["prep"].items()}
+    except ConfigError as e:  # a description outside the model registry: nothing was built
+        raise MerError(f"{path}: {e}") from None
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:  # a file that is not ours
+        raise MerError(f"{path}: not a mer-cli checkpoint ({type(e).__name__}: {e})") from None
+    return model, preps, meta
+
+
+def predict_run(
+    run_dir: Path,
+    splits: data.Splits,
+    split_names: tuple[str, ...] = ("val", "test"),
+    batch_size: int = 512,
+) -> dict[str, outputs.Predictions]:
+    """Predictions of a trained run on ``splits`` (its own fitted preprocessing), made at the
+    precision and batch size it was evaluated with when it was trained."""
+    model, preps, meta = load_trained(run_dir)
+    if tuple(meta["class_names"]) != splits.class_names:
+        raise MerError(
+            f"{run_dir}: trained on classes {meta['class_names']}, "
+            f"but the data has {list(splits.class_names)}"
+        )
+    out = {}
+    device = loop.resolve_device("auto")
+    dtype = loop.resolve_precision(trained_precision(run_dir, meta), device)
+    batch_size = int(meta.get("eval_batch_size", batch_size))
+    model.to(device)
+    feature_spec = spec.from_meta(meta)
+    for s in split_names:
+        split = getattr(splits, s)
+        # checked before any preprocessing: a scaler fitted on other features fails on a shape
+        counts = {name: split.streams[name].n_features for name in meta["streams"]}
+        spec.check_features(feature_spec, counts, f"{splits.source}: {s}")
+        seqs = preprocess.apply(
+            preps, model_inputs(split, meta["modality"], list(meta["streams"])), split.labels, split.clip_ids
+        )
+        for name, n in seqs.n_features.items():
+            if n != meta["n_features"][name]:
+                raise MerError(
+                    f"{run_dir}: the model reads {meta['n_features'][name]} {name} features per "
+                    f"frame, the data has {n}"
+                )
+        prob = loop.predict_proba(model, seqs, batch_size, device, dtype)
+        out[s] = outputs.Predictions(s, seqs.clip_ids, seqs.y.numpy(), prob)
+    return out
+
+
+def run_stream_contribution(run_dir: Path, split: data.Split) -> dict[str, float]:
+    """`stream_contribution` of a trained multi-stream run on ``split``, as it was evaluated."""
+    model, preps, meta = load_trained(run_dir)
+    device = loop.resolve_device("auto")
+    dtype = loop.resolve_precision(trained_precision(run_dir, meta), device)
+    seqs = preprocess.apply(
+        preps, model_inputs(split, meta["modality"], list(meta["streams"])), split.labels, split.clip_ids
+    )
+    model.to(device)
+    return stream_contribution(model, seqs, int(meta.get("eval_batch_size", 512)), device, dtype)
+
+
+def trained_precision(run_dir: Path, meta: dict[str, Any]) -> str:
+    """``fp32`` | ``bf16`` | ``fp16``: what the run trained and evaluated with. Checkpoints from
+    before it was recorded there: the run's metrics.json says it (``run.precision``)."""
+    if "precision" in meta:
+        return str(meta["precision"])
+    metrics_path = run_dir / "metrics.json"
+    if metrics_path.is_file():
+        return upgrade.precision_from_metrics(json.loads(metrics_path.read_text())) or "fp32"
+    return "fp32"
+
+
+def member_dir(run_dir: Path, source: str) -> Path:
+    """A late fusion member's run directory as late.json names it (relative: inside the run)."""
+    p = Path(source)
+    return p if p.is_absolute() else run_dir / p
+
+
+def read_late(run_dir: Path) -> tuple[dict[str, Any], late_fusion.LateFusion, dict[str, Path]] | None:
+    """A late fusion run's late.json, its combiner and its members' run directories; None for a
+    run that is not late fusion."""
+    path = run_dir / "late.json"
+    if not path.exists():
+        return None
+    try:
+        late = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise MerError(f"{path}: unreadable ({e})") from None
+    sources = late.get("members") if isinstance(late, dict) else None
+    if not isinstance(sources, dict) or not all(isinstance(v, str) for v in sources.values()):
+        raise MerError(f"{path}: 'members' must map each member to its run directory")
+    members = {m: member_dir(run_dir, src) for m, src in sources.items()}
+    return late, upgrade.late_json(late, path), members
