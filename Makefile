@@ -15,7 +15,7 @@ STAMP := $(VENV)/.installed
 # glibc's defaults 1.0 GiB, 145-147 s; GLIBC_TUNABLES=glibc.malloc.hugetlb=1 1.0 GiB, 104-120 s
 # (mer-bench: 9 % slower training than the heap). Table and the other settings: docs/memory.md.
 
-.PHONY: help venv run compare zoo test smoke lint bench bench-peer bench-inference bench-scale clean
+.PHONY: help venv run compare zoo test test-fast smoke lint bench bench-peer bench-inference bench-scale clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -59,6 +59,9 @@ zoo: $(STAMP)  ## the model zoo: every encoder x modality x SEEDS, one report in
 
 test: $(STAMP)  ## the whole test suite (a few minutes on 2 cores)
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(ARGS)
+
+test-fast: $(STAMP)  ## unit tests only (under a minute on 2 cores)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not slow" $(ARGS)
 
 smoke: $(STAMP)  ## every modality for two tiny epochs
 	$(BIN)/mer-train -m experiment=smoke modality=acoustic,visual,late,early $(ARGS)

@@ -3,9 +3,9 @@
 Input: generated clips shaped like the real features (acoustic 356x52, visual 105x17, early
 356x69; lengths uniform in 40-100 % of the maximum, 5 % at the maximum, zero-padded, as the
 Keras peer ``benchmarks/peer_keras.py`` draws them). Output: a table on stdout and one JSON line per
-shape x model x device x precision (``--out``). Each row trains through ``loop.batch_indices``
-(length buckets), ``loop.gather_batch`` and ``loop.train_step`` (the loop ``mer-train`` runs)
-and infers through ``loop.predict_proba``.
+shape x model x device x precision (``--out``). Each row trains through ``batching.batch_indices``
+(length buckets), ``batching.gather_batch`` and ``loop.train_step`` (the loop ``mer-train`` runs)
+and infers through ``batching.predict_proba``.
 
     mer-bench                                    # every shape, every model, fp32 and bf16
     mer-bench --shape acoustic --model bilstm_notebook --precision bf16 --batches 4
@@ -43,8 +43,8 @@ from torch import nn
 
 from mer_cli.core import allocator
 from mer_cli.models.encoders.rnn import BiRNNEncoder
-from mer_cli.preprocess.streams import Ragged, SequenceSet
-from mer_cli.training import loop
+from mer_cli.preprocess.sequences import Ragged, SequenceSet
+from mer_cli.training import batching, hardware, loop
 
 SHAPES = {"acoustic": (356, 52), "visual": (105, 17), "early": (356, 69)}
 MODELS = ("bilstm", "bilstm_notebook", "gru", "transformer", "tcn")  # configs/model/<name>.yaml
@@ -57,7 +57,7 @@ N_CLASSES = 6
 # the Keras peer: a script of the source repository (TensorFlow is never a dependency of the package)
 PEER_SCRIPT = Path(__file__).resolve().parent / "peer_keras.py"
 EPOCH_CLIPS = 5000  # the epoch the estimate is for (CREMA-D's train split is about 5,200 clips)
-# every JSON row has these keys (tests/test_bench.py checks them)
+# every JSON row has these keys (tests/benchmarks/test_bench.py checks them)
 FIELDS = (
     "shape",
     "T",
@@ -318,8 +318,8 @@ def run_case(case: Case, peaks: dict[str, float]) -> dict[str, Any]:
         bucket_by_length=case.bucket,
         progress=False,
     )
-    device = loop.resolve_device(settings.device)
-    dtype = loop.resolve_precision(settings.precision, device)
+    device = hardware.resolve_device(settings.device)
+    dtype = hardware.resolve_precision(settings.precision, device)
     torch.manual_seed(case.seed)
     model, cfg = build(case.model, n_features, case.masking)
     model.to(device)
@@ -338,7 +338,7 @@ def run_case(case: Case, peaks: dict[str, float]) -> dict[str, Any]:
     def epoch(data: SequenceSet, limit: int | None = None) -> tuple[float, int, list[float]]:
         """Seconds, computed frames and losses of one pass of ``mer-train``'s inner loop."""
         model.train()
-        batches = loop.batch_indices(
+        batches = batching.batch_indices(
             data.lengths,
             case.batch,
             generator,
@@ -350,7 +350,7 @@ def run_case(case: Case, peaks: dict[str, float]) -> dict[str, Any]:
         sync()
         t0 = time.perf_counter()
         for idx in batches:
-            inputs, y = loop.gather_batch(data, idx, device)
+            inputs, y = batching.gather_batch(data, idx, device)
             loss, _ = loop.train_step(model, optimizer, scaler, loss_fn, inputs, y, dtype)
             losses.append(loss.item())
             frames += inputs[STREAM][0].shape[0] * inputs[STREAM][0].shape[1]
@@ -368,16 +368,16 @@ def run_case(case: Case, peaks: dict[str, float]) -> dict[str, Any]:
     # inference warm-up on a slice, then timed passes through predict_proba (length-sorted
     # batches of at most eval_batch_size, inference_mode)
     warm = infer_set.take(range(min(64, len(infer_set))))
-    loop.predict_proba(model, warm, settings.eval_batch_size, device, dtype)
+    batching.predict_proba(model, warm, settings.eval_batch_size, device, dtype)
     for _ in range(case.rounds):
         sync()
         t0 = time.perf_counter()
-        loop.predict_proba(model, infer_set, settings.eval_batch_size, device, dtype)
+        batching.predict_proba(model, infer_set, settings.eval_batch_size, device, dtype)
         sync()
         infer_s.append(time.perf_counter() - t0)
     infer_frames = sum(
         len(idx) * int(infer_set.lengths[idx].max())
-        for idx in loop.inference_batches(infer_set.lengths, settings.eval_batch_size)
+        for idx in batching.inference_batches(infer_set.lengths, settings.eval_batch_size)
     )
 
     hidden, dense = list(cfg["encoder"]["hidden_sizes"]), int(cfg["dense_size"])
@@ -445,7 +445,7 @@ def run_case(case: Case, peaks: dict[str, float]) -> dict[str, Any]:
 
 RUNTIMES = ("torch", "onnxruntime")
 INFER_MODELS = ("bilstm", "bilstm_notebook")  # the default and the notebook's model
-# every --inference JSON row has these keys (tests/test_bench.py checks them)
+# every --inference JSON row has these keys (tests/benchmarks/test_bench.py checks them)
 INFER_FIELDS = (
     "mode",
     "shape",
@@ -487,7 +487,7 @@ def exported_graph(model_name: str, shape: str, seed: int) -> tuple[nn.Module, i
     """The graph mer-export writes for a single-stream run of ``model_name`` on ``shape`` clips:
     target length the shape's frames, a scaler fitted on generated clips, the model (untrained
     weights: speed does not depend on them), the softmax. Returns it and its parameter count."""
-    from mer_cli import preprocess
+    from mer_cli.preprocess import sequences
     from mer_cli.serving import export
 
     max_len, n_features = SHAPES[shape]
@@ -495,7 +495,7 @@ def exported_graph(model_name: str, shape: str, seed: int) -> tuple[nn.Module, i
     model, _ = build(model_name, n_features, "config")
     clips = make_set(64, max_len, n_features, seed + 3).streams[STREAM]
     frames = [clips.frames[clips.offsets[i] : clips.offsets[i + 1]] for i in range(len(clips))]
-    prep = preprocess.fit(frames, percentile=100, normalize=True)
+    prep = sequences.fit(frames, percentile=100, normalize=True)
     graph = export.RunGraph(model.eval(), {STREAM: prep}, STREAM, [STREAM]).eval()
     return graph, sum(p.numel() for p in model.parameters())
 
@@ -771,7 +771,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--model", nargs="+", choices=MODELS, default=None, help="default: all (with the peer: the LSTM ones)"
     )
     ap.add_argument("--precision", nargs="+", choices=PRECISIONS, default=["fp32", "bf16"])
-    ap.add_argument("--device", choices=loop.DEVICES, default="cpu")
+    ap.add_argument("--device", choices=hardware.DEVICES, default="cpu")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--batches", type=int, default=6, help="timed training batches (one bucketed epoch)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed training batches first")

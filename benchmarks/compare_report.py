@@ -2,7 +2,7 @@
 
 No training: fake run directories, as mer-train leaves them (config.yaml, .hydra/hydra.yaml with
 the sweep's choices, metrics.json, predictions.csv), each model right on its own share of the
-test clips. Then `compare.write` builds the report, timed.
+test clips. Then `reporting.report.write` builds the report, timed.
 
     PYTHONPATH=src python benchmarks/compare_report.py             # 30 models x 3 seeds
     PYTHONPATH=src python benchmarks/compare_report.py --seeds 1 --bootstrap-samples 1000
@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from mer_cli.evaluation.metrics import score
-from mer_cli.reporting import compare
+from mer_cli.reporting import analysis, options, report
+from mer_cli.reporting.collect import collect
 from mer_cli.runs import outputs
 
 ENCODERS = ("bilstm", "bilstm_notebook", "gru", "transformer", "tcn")
@@ -29,7 +30,7 @@ ENCODER_NAMES = {  # model=<name> -> model.encoder.name (models/registry.py)
     "transformer": "transformer",
     "tcn": "tcn",
 }
-MODALITIES = compare.MODALITY_ORDER  # acoustic, visual, late, early, joint, xattn
+MODALITIES = options.MODALITY_ORDER  # acoustic, visual, late, early, joint, xattn
 CLASSES = ("ANG", "DIS", "FEA", "HAP", "NEU", "SAD")
 
 
@@ -91,17 +92,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=3, help="runs per model")
     ap.add_argument("--clips", type=int, default=240, help="test clips per run")
-    ap.add_argument("--bootstrap-samples", type=int, default=compare.Settings().bootstrap_samples)
+    ap.add_argument("--bootstrap-samples", type=int, default=options.Settings().bootstrap_samples)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         sweep = fake_sweep(Path(tmp) / "sweep", seeds=tuple(range(args.seeds)), n_clips=args.clips)
-        settings = compare.Settings(bootstrap_samples=args.bootstrap_samples)
+        settings = options.Settings(bootstrap_samples=args.bootstrap_samples)
         start, cpu_start = time.perf_counter(), time.process_time()
-        runs, failures = compare.collect([sweep])
+        runs, failures = collect([sweep])
         loaded = time.perf_counter()
-        result = compare.build(runs, failures, settings)
+        result = analysis.build(runs, failures, settings)
         built = time.perf_counter()
-        result = compare.write(Path(tmp) / "report", runs, failures, settings)
+        result = report.write(Path(tmp) / "report", runs, failures, settings)
         done, cpu = time.perf_counter(), time.process_time() - cpu_start
         figures = sorted(p.name for p in (Path(tmp) / "report" / "figures").iterdir())
     print(

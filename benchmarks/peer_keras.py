@@ -6,7 +6,7 @@ Input: generated clips shaped like the real features (see ``SHAPES``), drawn the
 inference speed, so that ``make bench-peer`` can set mer-cli's numbers beside it.
 
 Contract with ``mer-bench --peer-python PY --peer-script benchmarks/peer_keras.py``
-(``mer_cli.bench.side_by_side``, checked by ``tests/test_bench.py``):
+(``benchmarks/bench.py``'s ``side_by_side``, checked by ``tests/benchmarks/test_bench.py``):
   - it passes ``--shape --hidden H1,H2 --dense --batch --train-batches --seed``;
   - it reads the last stdout line that starts with ``{`` and uses ``train_samples_per_s``,
     ``infer_samples_per_s``, ``epoch_s_est`` and ``versions``; a non-zero exit is a failure.

@@ -1,26 +1,48 @@
-"""Shared helpers: hand-built Splits and a way to run the console scripts in a subprocess."""
+"""The tests' one harness: the checkout's paths, the console scripts in a subprocess, composed
+configs, hand-built Splits and models, and generated WAV + OpenFace files.
+
+A test module imports what it needs (``from conftest import REPO, run_cli``): pytest puts this
+folder on sys.path, so the tests in every subfolder share these helpers.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
+import wave
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, OmegaConf
 
-from mer_cli.data.dataset import NOTEBOOK_CLASS_NAMES, Split, Splits
+from mer_cli.data import ingest
+from mer_cli.data.splits import NOTEBOOK_CLASS_NAMES, Split, Splits
+from mer_cli.evaluation.metrics import score
 from mer_cli.models.encoders.rnn import BiLSTMEncoder
 from mer_cli.models.heads import Classifier
-from mer_cli.preprocess.streams import Ragged, SequenceSet
+from mer_cli.preprocess.sequences import Ragged, SequenceSet
+from mer_cli.reporting import options
+from mer_cli.reporting.collect import Run
+from mer_cli.reporting.document import document
+from mer_cli.reporting.render import to_markdown
+from mer_cli.runs import outputs
+from mer_cli.sweeps.launchers import PARALLEL_JOBS_ENV
 
 # tiny tensors: one thread avoids OpenMP spin-waiting on a busy 2-core machine
 torch.set_num_threads(1)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[1]  # the checkout: tests/ sits at its top
+SRC = REPO / "src"
+# a run directory written by mer-cli 0.1 (checkpoint format 1): early fusion on the embedded data
+FORMAT_1_RUN = REPO / "tests" / "data" / "format1_early"
 
 
 @pytest.fixture(autouse=True)
@@ -32,6 +54,122 @@ def _ctrl_c_raises_keyboard_interrupt():  # type: ignore[no-untyped-def]
     signal.signal(signal.SIGINT, signal.default_int_handler)
     yield
     signal.signal(signal.SIGINT, previous)
+
+
+# ---------------------------------------------------------------------------------------------
+# The console scripts in a subprocess
+
+
+def cli_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a command a test runs: this one, with the checkout's src/ first on
+    PYTHONPATH and neither MER_DEBUG nor a sweep's job count from the shell that runs pytest;
+    ``extra`` on top."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
+    for key in ("MER_DEBUG", PARALLEL_JOBS_ENV):
+        env.pop(key, None)
+    return {**env, **(extra or {})}
+
+
+def cli_command(*args: str) -> list[str]:
+    """``python -m mer_cli <args>``: a console script as a user runs it (``train ...``)."""
+    return [sys.executable, "-m", "mer_cli", *args]
+
+
+def main_command(command: str, *args: str, guarded: bool = False) -> list[str]:
+    """``mer-<command> <args>`` run by its function in this interpreter: the command alone,
+    ``mer_cli.cli.commands.<command>_main``, or with ``guarded`` the console script's own
+    ``mer_cli.cli.entry.<command>`` (Ctrl-C guarded from its first line); sys.argv[0] is the
+    console script's name either way."""
+    module, function = (
+        ("mer_cli.cli.entry", command) if guarded else ("mer_cli.cli.commands", f"{command}_main")
+    )
+    code = f"import sys; sys.argv[0] = 'mer-{command}'; from {module} import {function}; {function}()"
+    return [sys.executable, "-c", code, *args]
+
+
+def run(
+    argv: Sequence[str], cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess[str]:
+    """``argv`` to its end in ``cli_env(env)``, stdout and stderr captured as text."""
+    return subprocess.run(
+        list(argv), cwd=cwd, env=cli_env(env), capture_output=True, text=True, timeout=timeout
+    )
+
+
+def start(
+    argv: Sequence[str],
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+    stderr: int = subprocess.PIPE,
+) -> subprocess.Popen[str]:
+    """``argv`` started in the background in ``cli_env(env)`` as a foreground console script
+    runs: stdout discarded, stderr piped (or ``stderr``), SIGINT at its default (a background job
+    inherits it ignored), for tests that signal a run."""
+    return subprocess.Popen(
+        list(argv),
+        cwd=cwd,
+        env=cli_env(env),
+        stdout=subprocess.DEVNULL,
+        stderr=stderr,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+
+
+def run_cli(
+    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m mer_cli <args>`` as a user would run the console script (from the
+    checkout unless ``cwd``)."""
+    return run(
+        cli_command(*args), cwd=cwd or REPO, env={"PYTHONUNBUFFERED": "1", **(env or {})}, timeout=timeout
+    )
+
+
+def start_cli(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    """Start ``python -m mer_cli <args>`` in the background (see ``start``)."""
+    return start(cli_command(*args), cwd=cwd, env=env)
+
+
+def run_main(
+    command: str,
+    *args: str,
+    guarded: bool = False,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 600,
+) -> subprocess.CompletedProcess[str]:
+    """Run ``mer-<command> <args>`` by its function (see ``main_command``)."""
+    return run(main_command(command, *args, guarded=guarded), cwd=cwd, env=env, timeout=timeout)
+
+
+def wait_for(proc: subprocess.Popen[str], path: Path) -> None:
+    """Until ``path`` exists (a run's first ``last.pt``, say) or ``proc`` has ended: polling the
+    file, not timing."""
+    while not path.exists() and proc.poll() is None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=0.05)
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs, as mer-train composes them
+
+
+def compose_train(*overrides: str, with_hydra: bool = False) -> DictConfig:
+    """The ``train`` config with ``overrides`` (and with ``with_hydra``, Hydra's own node)."""
+    from mer_cli.cli.commands import config_dir
+
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides), return_hydra_config=with_hydra)
+
+
+def smoke_config(*overrides: str) -> dict[str, Any]:
+    """``experiment=smoke`` plus ``overrides``, resolved to the plain dict a run's config.yaml holds."""
+    return OmegaConf.to_container(compose_train("experiment=smoke", *overrides), resolve=True)  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------------------------------------
+# Hand-built data and models
 
 
 def make_split(
@@ -62,36 +200,6 @@ def tiny_splits() -> Splits:
         make_split("test", 12, rng),
         class_names=NOTEBOOK_CLASS_NAMES,
         source="tiny",
-    )
-
-
-def run_cli(
-    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 300
-) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m mer_cli <args>`` as a user would run the console script."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "mer_cli", *args],
-        cwd=cwd or REPO,
-        env=full_env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-def start_cli(*args: str, cwd: Path, env: dict[str, str]) -> subprocess.Popen[str]:
-    """Start ``python -m mer_cli <args>`` in the background as a foreground console script runs:
-    stdout discarded, stderr piped, SIGINT at its default (a background job inherits it ignored),
-    for tests that signal a run."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "mer_cli", *args],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 
@@ -128,3 +236,71 @@ def padded_set(x: torch.Tensor, lengths: torch.Tensor, y: torch.Tensor) -> Seque
 def inputs(x: torch.Tensor, lengths: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """A batch of one stream as a model's input."""
     return {STREAM: (x, lengths)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Generated WAV files and OpenFace CSVs (mer-ingest's and mer-predict's inputs)
+
+EMOTIONS = list(ingest.CREMA_D_EMOTIONS)  # NEU ANG HAP FEA DIS SAD, label order
+
+
+def write_wav(path: Path, seconds: float, sample_rate: int, freq: float, seed: int = 0) -> None:
+    """A 16-bit mono tone plus noise (stdlib wave: no audio library needed to make test data)."""
+    t = np.arange(int(seconds * sample_rate)) / sample_rate
+    y = 0.5 * np.sin(2 * np.pi * freq * t) + 0.05 * np.random.default_rng(seed).normal(size=t.size)
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(sample_rate)
+        w.writeframes((np.clip(y, -1, 1) * 32767).astype("<i2").tobytes())
+
+
+def write_openface_csv(path: Path, n_frames: int, level: float, failed: tuple[int, ...] = ()) -> None:
+    """An OpenFace FeatureExtraction-like CSV: ', '-separated header, AU intensities and presences."""
+    extra = ["AU01_c", "AU12_c"]
+    header = ["frame", "face_id", "timestamp", "confidence", "success", *ingest.AU_COLUMNS, *extra]
+    lines = [", ".join(header)]
+    for i in range(n_frames):
+        ok = i not in failed
+        aus = [level + 0.1 * j + 0.01 * i if ok else 0.0 for j in range(len(ingest.AU_COLUMNS))]
+        row = [i + 1, 0, round(i / 30, 3), 0.98 if ok else 0.0, int(ok), *aus, 1, 0]
+        lines.append(", ".join(str(v) for v in row))
+    path.write_text("\n".join(lines) + "\n")
+
+
+def make_folder(root: Path, n_actors: int = 6) -> tuple[Path, Path]:
+    """One ~1 s clip per actor and emotion: a WAV whose pitch and a face whose AUs follow the emotion."""
+    audio, video = root / "wav", root / "openface"
+    audio.mkdir(parents=True)
+    video.mkdir(parents=True)
+    for a in range(n_actors):
+        for label, code in enumerate(EMOTIONS):
+            stem = f"{1001 + a}_DFA_{code}_XX"
+            write_wav(audio / f"{stem}.wav", 1.0, 16000, 150.0 + 60 * label, seed=a * 10 + label)
+            write_openface_csv(video / f"{stem}.csv", 30, level=float(label), failed=(3, 4))
+    return audio, video
+
+
+# ---------------------------------------------------------------------------------------------
+# Comparison reports: run directories as mer-train leaves them, made up
+
+CLASSES = ("a", "b", "c", "d")
+
+
+def fake_run(root: Path, modality: str, seed: int, y_true: np.ndarray, y_pred: np.ndarray) -> Path:
+    """A run directory as mer-train leaves it, predicting ``y_pred`` with confidence 0.7."""
+    run = root / f"{modality}_seed{seed}"
+    run.mkdir(parents=True)
+    prob = np.full((len(y_true), len(CLASSES)), 0.1)
+    prob[np.arange(len(y_true)), y_pred] = 0.7
+    clip_ids = tuple(f"{actor:04d}_clip{i}" for i, actor in enumerate(1001 + np.arange(len(y_true)) // 4))
+    test = outputs.Predictions("test", clip_ids, y_true, prob)
+    metrics = {"run": {"seed": seed, "modality": modality}, "test": score(y_true, prob, CLASSES)}
+    outputs.write(run, metrics, None, [test], CLASSES, save_plots=False)
+    (run / "config.yaml").write_text(f"seed: {seed}\nmodality:\n  name: {modality}\n")
+    return run
+
+
+def markdown(result: dict, runs: list[Run]) -> str:
+    figures = {k: ["x.png"] for k in (*options.BAR_METRICS, *options.GRIDS)}
+    return to_markdown("t", document(result, runs, figures, Path("/")))

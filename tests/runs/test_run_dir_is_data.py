@@ -14,11 +14,10 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import FORMAT_1_RUN
 from mer_cli.core.artifacts import load_checkpoint, save_checkpoint
-from mer_cli.data import dataset, synthetic
+from mer_cli.data import npz, synthetic
 from mer_cli.runs import trained, upgrade
-
-OLD_RUN = Path(__file__).resolve().parents[1] / "data" / "format1_early"  # written by mer-cli 0.1
 
 
 class Boom:
@@ -38,7 +37,7 @@ def _today(run: Path) -> dict:
 
 def _crafted(tmp_path: Path, kind: str, marker: Path) -> Path:
     run = tmp_path / kind
-    shutil.copytree(OLD_RUN, run)
+    shutil.copytree(FORMAT_1_RUN, run)
     meta = _today(run)
     calls = {"_target_": "os.makedirs", "name": str(marker)}
     if kind == "format2_target":  # Hydra-era checkpoint naming any callable
@@ -84,7 +83,7 @@ def clips(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The old run's own data (the embedded generator's clips) as an .npz for mer-predict."""
     spec = synthetic.Spec(seed=1234, n_actors=10, clips_per_actor_per_class=1)
     path = tmp_path_factory.mktemp("data") / "clips.npz"
-    dataset.save_npz(synthetic.generate(spec).limit(12), path)
+    npz.save_npz(synthetic.generate(spec).limit(12), path)
     return path
 
 
@@ -97,8 +96,7 @@ def _tools(run: Path, clips: Path, out: Path) -> dict[str, list[str]]:
 
 
 def _main(tool: str):  # type: ignore[no-untyped-def]
-    from mer_cli.cli import commands
-    from mer_cli.serving import export, predict
+    from mer_cli.cli import commands, export, predict
 
     mains = {"mer-evaluate": commands.evaluate_main, "mer-predict": predict.main, "mer-export": export.main}
     return mains[tool]
@@ -160,14 +158,14 @@ def test_a_late_json_naming_an_unknown_combiner_is_refused(tmp_path, capsys, mon
 
 def test_the_old_run_still_loads_and_predicts_as_before(clips):
     # the format-1 checkpoint read through every upgrade: the same weights, a working model
-    model, _, meta = trained.load_trained(OLD_RUN)
+    model, _, meta = trained.load_trained(FORMAT_1_RUN)
     assert meta["format"] == upgrade.CHECKPOINT_FORMAT
     assert meta["model_config"]["classifier"] == "single"
     assert meta["model_config"]["encoder"]["name"] == "birnn"
-    old = load_checkpoint(OLD_RUN / "checkpoint.pt")["model"]
+    old = load_checkpoint(FORMAT_1_RUN / "checkpoint.pt")["model"]
     state = model.state_dict()
     for k, v in old.items():
         assert torch.equal(state.get(k, state.get(f"encoder.{k}")), v), k
-    splits = dataset.load_npz(clips)
-    prob = trained.predict_run(OLD_RUN, splits, ("test",))["test"].y_prob
+    splits = npz.load_npz(clips)
+    prob = trained.predict_run(FORMAT_1_RUN, splits, ("test",))["test"].y_prob
     np.testing.assert_allclose(prob.sum(axis=1), 1.0, atol=1e-5)

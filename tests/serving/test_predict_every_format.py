@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mer_cli.data import dataset, formats, synthetic
+from conftest import FORMAT_1_RUN
+from mer_cli.cli import predict as predict_cli
+from mer_cli.data import formats, native, npz, synthetic
+from mer_cli.data.notebook_pickle import load as load_pickle
 from mer_cli.runs import trained
-from mer_cli.serving import predict
-
-OLD_RUN = Path(__file__).resolve().parents[1] / "data" / "format1_early"  # an early fusion run
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +29,8 @@ def datasets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     }
     (root / "features.pkl").write_bytes(pickle.dumps(raw))
     out = {"pickle": root / "features.pkl", "npz": root / "features.npz", "native": root / "features"}
-    dataset.save_npz(dataset.load(out["pickle"]), out["npz"])
-    dataset.save_dir(dataset.load(out["pickle"]), out["native"])
+    npz.save_npz(load_pickle(out["pickle"]), out["npz"])
+    native.save_dir(load_pickle(out["pickle"]), out["native"])
     return out
 
 
@@ -50,17 +50,18 @@ def _predicted(path: Path) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.parametrize("fmt", ["pickle", "npz", "native"])
+@pytest.mark.slow
 def test_mer_predict_data_reads_every_format_with_the_evaluate_paths_probabilities(
     tmp_path, monkeypatch, datasets, fmt
 ):
     out = tmp_path / "predictions.csv"
     monkeypatch.setattr(sys, "argv", ["mer-predict"])
     with pytest.raises(SystemExit) as exit_info:
-        predict.main([str(OLD_RUN), "--data", str(datasets[fmt]), "--out", str(out)])
+        predict_cli.main([str(FORMAT_1_RUN), "--data", str(datasets[fmt]), "--out", str(out)])
     assert exit_info.value.code == 0
     got = _predicted(out)
     splits = formats.read(datasets[fmt])
-    expected = trained.predict_run(OLD_RUN, splits, ("train", "val", "test"))
+    expected = trained.predict_run(FORMAT_1_RUN, splits, ("train", "val", "test"))
     want = {cid: p for pred in expected.values() for cid, p in zip(pred.clip_ids, pred.y_prob, strict=True)}
     assert sorted(got) == sorted(want)  # every clip of every split, once
     for cid, p in want.items():
@@ -72,7 +73,7 @@ def test_a_directory_that_is_no_dataset_is_one_line(tmp_path, capsys, monkeypatc
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(SystemExit) as exit_info:
-        predict.main([str(OLD_RUN), "--data", str(empty), "--out", str(tmp_path / "p.csv")])
+        predict_cli.main([str(FORMAT_1_RUN), "--data", str(empty), "--out", str(tmp_path / "p.csv")])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"mer-predict: error: {empty}: a directory without dataset.json"), err

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -66,16 +65,13 @@ class OptunaSweeper(Sweeper):
         )
 
     def sweep(self, arguments: list[str]) -> Any:
-        from mer_cli.core.console import debug
+        from mer_cli.core.console import fail
         from mer_cli.core.errors import MerError
 
         try:
             return self._sweep(arguments)
         except MerError as e:  # a bad search space or storage, Optuna missing: one line, as mer-train's
-            if debug():
-                raise
-            print(f"mer-train: error: {' '.join(str(e).split())}", file=sys.stderr)
-            sys.exit(2)
+            fail("mer-train", str(e))
 
     def _sweep(self, arguments: list[str]) -> Any:
         from hydra.utils import instantiate

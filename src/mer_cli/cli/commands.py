@@ -20,11 +20,13 @@ from hydra_plugins.mer_optuna_sweeper.sweeper import OptunaSweeper
 from mer_cli.core import allocator
 from mer_cli.core.console import debug, fail, stop_on_sigterm
 from mer_cli.core.errors import MerError
-from mer_cli.data import dataset, formats
-from mer_cli.reporting import compare
-from mer_cli.runs import outputs, pipeline, rundir
+from mer_cli.data import formats, native, npz
+from mer_cli.data.splits import NAN_POLICIES
+from mer_cli.reporting import options as compare_options
+from mer_cli.reporting import report as compare_report
+from mer_cli.runs import evaluate, execute, outputs, rundir
 from mer_cli.sweeps import callback, launchers
-from mer_cli.training import loop, tracking
+from mer_cli.training import hardware, tracking
 
 log = logging.getLogger("mer_cli")
 
@@ -66,11 +68,11 @@ def train_main(cfg: DictConfig) -> float:
     sweep_dir = Path(hc.sweep.dir) if multirun else None
     jobs = launchers.parallel_jobs(hc.launcher) if multirun else 1
     if jobs > 1 and cfg.runtime.get("num_threads") is None:  # never oversubscribe the CPU
-        cfg.runtime.num_threads = loop.cpu_threads(jobs)
+        cfg.runtime.num_threads = hardware.cpu_threads(jobs)
         log.info("%d jobs run at once: %d torch threads each", jobs, cfg.runtime.num_threads)
     try:
         with rundir.hold(run_dir), tracking.session(sweep_dir):  # a failed run's tracked runs say so
-            metrics = pipeline.run(cfg, run_dir, resume=cfg.resume, sweep_dir=sweep_dir)
+            metrics = execute.run(cfg, run_dir, resume=cfg.resume, sweep_dir=sweep_dir)
     except Exception as e:
         if not multirun:
             if not isinstance(e, MerError):
@@ -117,7 +119,7 @@ def evaluate_main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     try:
-        out_dir, metrics = pipeline.evaluate_run(
+        out_dir, metrics = evaluate.evaluate_run(
             args.run_dir,
             args.data,
             ("val", "test") if args.split == "all" else (args.split,),
@@ -139,15 +141,15 @@ def convert_main(argv: list[str] | None = None) -> None:
     parser.add_argument("source", type=Path, help="the notebook's feature pickle, or a native .npz")
     parser.add_argument("target", type=Path, help="the .npz file or the new directory to write")
     parser.add_argument("--class-names", nargs="+", default=None, help="names of labels 0..K-1")
-    parser.add_argument("--nan-policy", choices=dataset.NAN_POLICIES, default="error")
+    parser.add_argument("--nan-policy", choices=NAN_POLICIES, default="error")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     try:
         splits = formats.read(args.source, class_names=args.class_names, nan_policy=args.nan_policy)
         if args.target.suffix == ".npz":
-            dataset.save_npz(splits, args.target)
+            npz.save_npz(splits, args.target)
         else:
-            dataset.save_dir(splits, args.target)
+            native.save_dir(splits, args.target)
     except MerError as e:
         fail("mer-convert", str(e))
     except OSError as e:
@@ -219,7 +221,7 @@ def ingest_main(argv: list[str] | None = None) -> None:
             test_fraction=args.test_fraction,
             seed=args.seed,
         )
-        dataset.save_npz(splits, args.target)
+        npz.save_npz(splits, args.target)
     except MerError as e:
         fail("mer-ingest", str(e))
     for line in report.lines():
@@ -233,7 +235,7 @@ def ingest_main(argv: list[str] | None = None) -> None:
 
 def compare_main(argv: list[str] | None = None) -> None:
     """mer-compare DIR [DIR ...] [--out DIR]"""
-    defaults = compare.Settings()
+    defaults = compare_options.Settings()
     parser = argparse.ArgumentParser(
         prog="mer-compare",
         description="Compare the runs in mer-train run or sweep directories (made on any day): "
@@ -254,7 +256,7 @@ def compare_main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--human-reference",
-        choices=compare.HUMAN_REFERENCE_CHOICES,
+        choices=compare_options.HUMAN_REFERENCE_CHOICES,
         default=defaults.human_reference,
         help="draw CREMA-D's human rates (auto: when every run read data=pickle)",
     )
@@ -265,10 +267,10 @@ def compare_main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--pairwise",
-        choices=compare.PAIRWISE_CHOICES,
+        choices=compare_options.PAIRWISE_CHOICES,
         default=defaults.pairwise,
         help="pairs tested: all, each model against the best, or auto "
-        f"(all up to {compare.ALL_PAIRS_UP_TO} models)",
+        f"(all up to {compare_options.ALL_PAIRS_UP_TO} models)",
     )
     parser.add_argument(
         "--pair",
@@ -283,7 +285,7 @@ def compare_main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     try:
-        settings = compare.Settings(
+        settings = compare_options.Settings(
             bootstrap_samples=args.bootstrap_samples,
             confidence=args.confidence,
             alpha=args.alpha,
@@ -293,7 +295,7 @@ def compare_main(argv: list[str] | None = None) -> None:
             pairs=tuple(args.pair),
             grid_panels=args.grid_panels,
         )
-        out = compare.into_new_dir(args.dirs, Path("outputs") / "comparisons", settings, args.out)
+        out = compare_report.into_new_dir(args.dirs, Path("outputs") / "comparisons", settings, args.out)
     except MerError as e:
         fail("mer-compare", str(e))
     print(f"report: {out / 'report.html'}")

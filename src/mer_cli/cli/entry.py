@@ -90,7 +90,7 @@ def _module_main(module: str) -> Callable[[], object]:
     def command() -> object:
         import importlib
 
-        return importlib.import_module(f"mer_cli.serving.{module}").main()
+        return importlib.import_module(f"mer_cli.cli.{module}").main()
 
     return command
 

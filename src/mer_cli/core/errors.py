@@ -15,3 +15,9 @@ class DataError(MerError):
 
 class ConfigError(MerError):
     """A configuration value that is not one of the allowed ones."""
+
+
+def one_line(error: BaseException | str, limit: int = 200) -> str:
+    """An error's text as one line (whitespace collapsed) of at most ``limit`` characters."""
+    text = " ".join(str(error).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."

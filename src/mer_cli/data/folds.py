@@ -14,7 +14,7 @@ import numpy as np
 from sklearn.model_selection import GroupKFold
 
 from mer_cli.core.errors import ConfigError, DataError
-from mer_cli.data.dataset import Clips, Split, Splits
+from mer_cli.data.splits import Clips, Split, Splits
 
 CREMA_D_ACTOR_PATTERN = r"^(\d{4})_"  # 1001_DFA_ANG_XX -> actor 1001
 

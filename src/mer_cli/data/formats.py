@@ -13,9 +13,10 @@ from pathlib import Path
 
 from mer_cli.core.errors import DataError
 from mer_cli.core.registry import Registry
-from mer_cli.data import dataset
+from mer_cli.data import native, notebook_pickle, npz
+from mer_cli.data.splits import Splits
 
-Reader = Callable[..., dataset.Splits]  # (path, class_names=None, nan_policy="error") -> Splits
+Reader = Callable[..., Splits]  # (path, class_names=None, nan_policy="error") -> Splits
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,7 @@ def _is_npz(path: Path) -> bool:
     if not path.is_file():
         return False
     with path.open("rb") as f:
-        return f.read(4) == dataset.ZIP_MAGIC or path.suffix == ".npz"
+        return f.read(4) == npz.ZIP_MAGIC or path.suffix == ".npz"
 
 
 # in the order `recognise` asks: a directory, then a zip (.npz), then any other file (a pickle)
@@ -41,14 +42,14 @@ FORMATS.add(
     Format(
         "native",
         "a native dataset directory written by mer-convert",
-        dataset.is_dataset_dir,
-        dataset.load_dir,
+        native.is_dataset_dir,
+        native.load_dir,
     ),
 )
 FORMATS.add(
-    "npz", Format("npz", "a native dataset written by mer-convert or mer-ingest", _is_npz, dataset.load_npz)
+    "npz", Format("npz", "a native dataset written by mer-convert or mer-ingest", _is_npz, npz.load_npz)
 )
-FORMATS.add("pickle", Format("pickle", "the notebook's feature pickle", Path.is_file, dataset.load))
+FORMATS.add("pickle", Format("pickle", "the notebook's feature pickle", Path.is_file, notebook_pickle.load))
 
 
 def recognise(path: Path) -> Format:
@@ -60,11 +61,11 @@ def recognise(path: Path) -> Format:
         if fmt.recognises(path):
             return fmt
     raise DataError(
-        f"{path}: a directory without {dataset.DIR_INDEX}: not a dataset mer-cli reads "
+        f"{path}: a directory without {native.DIR_INDEX}: not a dataset mer-cli reads "
         "(a native dataset directory, an .npz or the notebook's pickle)"
     )
 
 
-def read(path: Path, class_names: Sequence[str] | None = None, nan_policy: str = "error") -> dataset.Splits:
+def read(path: Path, class_names: Sequence[str] | None = None, nan_policy: str = "error") -> Splits:
     """The dataset at ``path``, in whichever format it is."""
     return recognise(path).read(path, class_names=class_names, nan_policy=nan_policy)

@@ -2,7 +2,7 @@
 
 Input: a folder of OpenFace ``FeatureExtraction`` CSVs and a folder of WAV files, one of each per
 clip, named like CREMA-D (``1001_DFA_ANG_XX``: actor, sentence, emotion, intensity). Output:
-`data.Splits` split by actor (seeded), ready for `data.save_npz`, carrying the settings that made
+`Splits` split by actor (seeded), ready for `npz.save_npz`, carrying the settings that made
 its features (`settings_record`, reused by mer-predict on new files), and an `IngestReport` of
 what could not be used and why.
 """
@@ -21,8 +21,9 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from mer_cli import data
 from mer_cli.core.errors import ConfigError, DataError
+from mer_cli.data import checks
+from mer_cli.data.splits import SPLIT_NAMES, Splits
 
 log = logging.getLogger(__name__)
 
@@ -357,7 +358,7 @@ def build(
     test_fraction: float = 0.15,
     seed: int = 0,
     progress: bool = True,
-) -> tuple[data.Splits, IngestReport]:
+) -> tuple[Splits, IngestReport]:
     """Read every paired clip, split by actor and validate as any dataset is validated."""
     if failed_frames not in FAILED_FRAME_POLICIES:
         raise ConfigError(f"failed frames {failed_frames!r}: valid: {', '.join(FAILED_FRAME_POLICIES)}")
@@ -395,16 +396,16 @@ def build(
         raise DataError(f"{audio_dir}, {video_dir}: no clip could be read ({'; '.join(report.lines(3))})")
 
     split_of = split_actors([c[1] for c in clips], val_fraction, test_fraction, seed)
-    raw: dict[str, dict[str, Any]] = {s: {} for s in data.SPLIT_NAMES}
+    raw: dict[str, dict[str, Any]] = {s: {} for s in SPLIT_NAMES}
     for stem, actor, mfcc, aus, label in clips:
         raw[split_of[actor]][stem] = (mfcc, aus, label)
-    splits = data.from_mapping(raw, f"ingest({audio_dir}, {video_dir})", class_names=names.class_names)
+    splits = checks.from_mapping(raw, f"ingest({audio_dir}, {video_dir})", class_names=names.class_names)
     video_fps = round(float(np.median(fps)), 3) if fps else None
     record = settings_record(audio, au_columns, failed_frames, video_fps)
     return replace(splits, ingest_settings=record), report
 
 
-def summary(splits: data.Splits) -> str:
+def summary(splits: Splits) -> str:
     """Clips per split and class, as a small table."""
     width = max(len(n) for n in (*splits.class_names, "split"))
     head = f"{'class':<{width}}  " + "  ".join(f"{s.name:>5}" for s in splits.all())

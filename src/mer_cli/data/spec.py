@@ -1,6 +1,6 @@
 """The feature spec: what a trained model reads, recorded in its checkpoint and checked on new input.
 
-Input at training time: the data (`data.Splits`, with mer-ingest's settings when it recorded
+Input at training time: the data (`Splits`, with mer-ingest's settings when it recorded
 them), the modality, its streams and the model's input sizes. Output: a plain JSON-able dict,
 ``feature_spec`` in the checkpoint's meta (next to the fitted preprocessing, ``prep``):
 
@@ -26,9 +26,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from mer_cli import data
 from mer_cli.core.errors import DataError
 from mer_cli.data import synthetic
+from mer_cli.data.splits import STREAM_FIELDS, Splits
 
 SPEC_VERSION = 1
 # frames per second of the embedded data's streams: known because it is generated that way
@@ -36,14 +36,14 @@ _SYNTHETIC_FRAME_RATES = {"acoustic": synthetic.AUDIO_FPS, "visual": synthetic.V
 
 
 def build(
-    splits: data.Splits, modality: str, streams: Sequence[str], n_features: Mapping[str, int]
+    splits: Splits, modality: str, streams: Sequence[str], n_features: Mapping[str, int]
 ) -> dict[str, Any]:
     """The spec of a model of ``modality`` reading ``streams`` of ``splits`` (its train split's
     feature counts) with input sizes ``n_features`` (after fusion)."""
     recorded = splits.ingest_settings or {}
     out: dict[str, Any] = {}
     for name in streams:
-        field = data.STREAM_FIELDS[name]
+        field = STREAM_FIELDS[name]
         ingest = recorded.get(name)
         rate = ingest.get("frame_rate_hz") if ingest else None
         if rate is None and splits.source.startswith("synthetic"):
@@ -78,7 +78,7 @@ def from_meta(meta: Mapping[str, Any]) -> dict[str, Any]:
         "modality": meta["modality"],
         "streams": {
             name: {
-                "field": data.STREAM_FIELDS[name],
+                "field": STREAM_FIELDS[name],
                 "n_features": inputs.get(name),  # None: only known summed with the others
                 "feature_names": None,
                 "frame_rate_hz": None,

@@ -32,16 +32,8 @@ from typing import Any
 import numpy as np
 
 from mer_cli.core.errors import ConfigError
-from mer_cli.data.dataset import (
-    DIR_FORMAT_VERSION,
-    NOTEBOOK_CLASS_NAMES,
-    Clips,
-    DatasetWriter,
-    Split,
-    Splits,
-    is_dataset_dir,
-    load_dir,
-)
+from mer_cli.data.native import DIR_FORMAT_VERSION, DatasetWriter, is_dataset_dir, load_dir
+from mer_cli.data.splits import NOTEBOOK_CLASS_NAMES, Clips, Split, Splits
 
 log = logging.getLogger(__name__)
 

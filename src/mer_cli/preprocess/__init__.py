@@ -1,4 +1,3 @@
-"""Preprocessing fitted on the training split: target lengths, feature scaling, early fusion's
-frame alignment; applied clip by clip to every split."""
-
-from mer_cli.preprocess.streams import *  # noqa: F403  (transitional)
+"""Preprocessing fitted on the training split and applied clip by clip to every split: target
+lengths and the model-ready sequences (`sequences`), feature scaling and the data profile
+(`scaling`), early fusion's frame alignment (`align`)."""

@@ -16,7 +16,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from mer_cli.core.artifacts import load_checkpoint
-from mer_cli.core.errors import MerError
+from mer_cli.core.errors import MerError, one_line
 
 
 def _interpolations(value: Any, where: str) -> list[str]:
@@ -34,7 +34,7 @@ def read_config(path: Path) -> DictConfig:
     try:
         raw = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as e:
-        raise MerError(f"{path}: unreadable ({' '.join(str(e).split())[:200]})") from None
+        raise MerError(f"{path}: unreadable ({one_line(e)})") from None
     if not isinstance(raw, dict):
         raise MerError(f"{path}: not a mer-train config (expected a mapping)")
     found = _interpolations(raw, "")
@@ -53,7 +53,7 @@ def read_yaml(path: Path) -> Any:
     try:
         return yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as e:
-        raise MerError(f"{path}: unreadable ({' '.join(str(e).split())[:200]})") from None
+        raise MerError(f"{path}: unreadable ({one_line(e)})") from None
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:
@@ -61,7 +61,7 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     try:
         meta = load_checkpoint(path)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
-        first = " ".join(str(e).split())[:200]
+        first = one_line(e)
         raise MerError(f"{path}: not a mer-cli checkpoint, refused ({first})") from None
     if not isinstance(meta, dict):
         raise MerError(f"{path}: not a mer-cli checkpoint (expected a mapping)")

@@ -29,6 +29,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from mer_cli.core.artifacts import write_json
+from mer_cli.core.config import plain_dict
 from mer_cli.runs.identity import run_identity
 from mer_cli.runs.rundir import LOCK_NAME, wait_and_hold
 
@@ -48,7 +49,7 @@ def training_once(sweep_dir: Path, cfg: DictConfig) -> Iterator[None]:
     """Hold the sweep-wide lock of the model and run ``cfg`` describes while the block looks for a
     trained copy (`find_trained`) and, finding none, trains it. Another job of the sweep that is
     training the same model holds the lock: this waits until that job has finished it."""
-    identity = json.dumps(run_identity(_container(cfg)), sort_keys=True, default=str)
+    identity = json.dumps(run_identity(plain_dict(cfg)), sort_keys=True, default=str)
     path = sweep_dir / LOCKS_DIR / f"{hashlib.sha256(identity.encode()).hexdigest()[:16]}.lock"
     name = cfg.modality.name
 
@@ -62,7 +63,7 @@ def training_once(sweep_dir: Path, cfg: DictConfig) -> Iterator[None]:
 def find_trained(sweep_dir: Path, cfg: DictConfig, exclude: Path) -> Path | None:
     """A finished run in ``sweep_dir`` of the model and run ``cfg`` describes (a late fusion
     member's config, or this job's). ``exclude``: this job's own directory."""
-    want = run_identity(_container(cfg))
+    want = run_identity(plain_dict(cfg))
     exclude = exclude.resolve()
     for config_path in sorted(sweep_dir.glob("**/config.yaml")):
         run_dir = config_path.parent.resolve()
@@ -70,15 +71,9 @@ def find_trained(sweep_dir: Path, cfg: DictConfig, exclude: Path) -> Path | None
             continue
         if not all((run_dir / f).is_file() for f in FINISHED_RUN_FILES):
             continue
-        if run_identity(_container(OmegaConf.load(config_path))) == want:
+        if run_identity(plain_dict(OmegaConf.load(config_path))) == want:
             return run_dir
     return None
-
-
-def _container(cfg: Any) -> dict[str, Any]:
-    obj = OmegaConf.to_container(cfg, resolve=True)
-    assert isinstance(obj, dict)
-    return {str(k): v for k, v in obj.items()}
 
 
 def adopt(source: Path, out_dir: Path) -> dict[str, Any]:

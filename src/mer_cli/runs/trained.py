@@ -17,19 +17,19 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from mer_cli import data, preprocess
 from mer_cli.core.errors import ConfigError, MerError
 from mer_cli.data import spec
+from mer_cli.data.splits import Split, Splits
 from mer_cli.models import modalities, registry
 from mer_cli.models.fusion import late as late_fusion
-from mer_cli.preprocess import align
+from mer_cli.preprocess import align, sequences
 from mer_cli.runs import files, outputs, upgrade
-from mer_cli.training import loop
+from mer_cli.training import batching, hardware
 
 PRECISION_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
-def model_inputs(split: data.Split, modality: str, streams: list[str]) -> dict[str, Sequence[np.ndarray]]:
+def model_inputs(split: Split, modality: str, streams: list[str]) -> dict[str, Sequence[np.ndarray]]:
     """The input streams (name -> each clip's frames) a ``modality`` model reads from ``split``:
     the split's own ragged clips, or early-fused clip by clip when read (no copy either way)."""
     available = split.streams
@@ -53,7 +53,7 @@ def model_inputs(split: data.Split, modality: str, streams: list[str]) -> dict[s
 
 def stream_contribution(
     model: torch.nn.Module,
-    seqs: preprocess.SequenceSet,
+    seqs: sequences.SequenceSet,
     batch_size: int,
     device: torch.device,
     dtype: torch.dtype,
@@ -62,9 +62,9 @@ def stream_contribution(
     kept; zero is the training mean where features are standardized)."""
     out = {}
     for keep in seqs.streams:
-        streams = {name: r if name == keep else preprocess.Blank(r) for name, r in seqs.streams.items()}
-        prob = loop.predict_proba(
-            model, preprocess.SequenceSet(streams, seqs.y, seqs.clip_ids), batch_size, device, dtype
+        streams = {name: r if name == keep else sequences.Blank(r) for name, r in seqs.streams.items()}
+        prob = batching.predict_proba(
+            model, sequences.SequenceSet(streams, seqs.y, seqs.clip_ids), batch_size, device, dtype
         )
         out[keep] = float((prob.argmax(1) == seqs.y.numpy()).mean())
     return out
@@ -80,7 +80,7 @@ def build_model(
     return registry.build(model_cfg, n_features, n_classes)
 
 
-def load_trained(run_dir: Path) -> tuple[torch.nn.Module, dict[str, preprocess.StreamPrep], dict[str, Any]]:
+def load_trained(run_dir: Path) -> tuple[torch.nn.Module, dict[str, sequences.StreamPrep], dict[str, Any]]:
     """Rebuild the model and the fitted preprocessing of a trained run from its checkpoint."""
     path = run_dir / "checkpoint.pt"
     if not path.exists():
@@ -92,7 +92,7 @@ def load_trained(run_dir: Path) -> tuple[torch.nn.Module, dict[str, preprocess.S
         meta = upgrade.checkpoint(files.read_checkpoint(path), path)
         model = build_model(meta["model_config"], meta["n_features"], len(meta["class_names"]))
         model.load_state_dict(meta["model"])
-        preps = {name: preprocess.StreamPrep.from_state(state) for name, state in meta["prep"].items()}
+        preps = {name: sequences.StreamPrep.from_state(state) for name, state in meta["prep"].items()}
     except ConfigError as e:  # a description outside the model registry: nothing was built
         raise MerError(f"{path}: {e}") from None
     except (KeyError, TypeError, ValueError, RuntimeError) as e:  # a file that is not ours
@@ -102,7 +102,7 @@ def load_trained(run_dir: Path) -> tuple[torch.nn.Module, dict[str, preprocess.S
 
 def predict_run(
     run_dir: Path,
-    splits: data.Splits,
+    splits: Splits,
     split_names: tuple[str, ...] = ("val", "test"),
     batch_size: int = 512,
 ) -> dict[str, outputs.Predictions]:
@@ -115,8 +115,8 @@ def predict_run(
             f"but the data has {list(splits.class_names)}"
         )
     out = {}
-    device = loop.resolve_device("auto")
-    dtype = loop.resolve_precision(trained_precision(run_dir, meta), device)
+    device = hardware.resolve_device("auto")
+    dtype = hardware.resolve_precision(trained_precision(run_dir, meta), device)
     batch_size = int(meta.get("eval_batch_size", batch_size))
     model.to(device)
     feature_spec = spec.from_meta(meta)
@@ -125,7 +125,7 @@ def predict_run(
         # checked before any preprocessing: a scaler fitted on other features fails on a shape
         counts = {name: split.streams[name].n_features for name in meta["streams"]}
         spec.check_features(feature_spec, counts, f"{splits.source}: {s}")
-        seqs = preprocess.apply(
+        seqs = sequences.apply(
             preps, model_inputs(split, meta["modality"], list(meta["streams"])), split.labels, split.clip_ids
         )
         for name, n in seqs.n_features.items():
@@ -134,17 +134,17 @@ def predict_run(
                     f"{run_dir}: the model reads {meta['n_features'][name]} {name} features per "
                     f"frame, the data has {n}"
                 )
-        prob = loop.predict_proba(model, seqs, batch_size, device, dtype)
+        prob = batching.predict_proba(model, seqs, batch_size, device, dtype)
         out[s] = outputs.Predictions(s, seqs.clip_ids, seqs.y.numpy(), prob)
     return out
 
 
-def run_stream_contribution(run_dir: Path, split: data.Split) -> dict[str, float]:
+def run_stream_contribution(run_dir: Path, split: Split) -> dict[str, float]:
     """`stream_contribution` of a trained multi-stream run on ``split``, as it was evaluated."""
     model, preps, meta = load_trained(run_dir)
-    device = loop.resolve_device("auto")
-    dtype = loop.resolve_precision(trained_precision(run_dir, meta), device)
-    seqs = preprocess.apply(
+    device = hardware.resolve_device("auto")
+    dtype = hardware.resolve_precision(trained_precision(run_dir, meta), device)
+    seqs = sequences.apply(
         preps, model_inputs(split, meta["modality"], list(meta["streams"])), split.labels, split.clip_ids
     )
     model.to(device)

@@ -7,7 +7,7 @@ the training data held them, padded with anything after each clip's length, and
 ``<stream>_lengths`` (batch,) int64; batch and time are dynamic. It returns ``probabilities``
 (batch, classes) float32. The fitted preprocessing is inside the graph and exact: each clip cut
 to the stream's target length (its start kept) and standardized in float64, as
-`preprocess.StreamPrep.apply` does, then zeroed past its length. Early fusion takes the acoustic
+`sequences.StreamPrep.apply` does, then zeroed past its length. Early fusion takes the acoustic
 and visual streams and stretches the action units inside the graph (`align.early_fuse`); late
 fusion holds both members and the combiner of late.json. The sidecar repeats every number as
 plain values (target lengths, means, stds, the combiner's weights or coefficients), with the
@@ -20,10 +20,8 @@ class names, the inputs' names and shapes, the feature counts per stream and the
 
 from __future__ import annotations
 
-import argparse
 import io
 import logging
-import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,114 +31,35 @@ import numpy as np
 import torch
 from torch import nn
 
-from mer_cli import preprocess
 from mer_cli.core.artifacts import atomic_open, write_json
-from mer_cli.core.console import fail
 from mer_cli.core.errors import MerError
+from mer_cli.data.load import load_data
 from mer_cli.models import modalities
 from mer_cli.models.fusion import late as late_fusion
 from mer_cli.models.layers import MaskedBiRNN
-from mer_cli.preprocess import scaling
-from mer_cli.runs import files, pipeline, trained
+from mer_cli.preprocess import sequences
+from mer_cli.preprocess.graph import EarlyFuse, StreamPreprocess
+from mer_cli.runs import files, trained
 
 log = logging.getLogger(__name__)
 
+
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
+
+
 SIDECAR_FORMAT = 1
+
+
 OPSET = 17  # onnxruntime >= 1.14 runs it; the highest the legacy exporter's LSTM mapping is tested at
+
+
 OUTPUT = "probabilities"
+
+
 PARITY_TOLERANCE = 1e-5  # max |p_file - p_torch| an export must meet on its check batch (fp32)
+
+
 EXTRA_HINT = "pip install 'mer-cli[export]'"
-
-
-# ---------------------------------------------------------------------------------------------
-# The graph: preprocessing + model (+ early fusion, + late fusion's combiner), all as torch ops
-
-
-class StreamPreprocess(nn.Module):
-    """One stream's fitted preprocessing: cut to ``length`` frames (the start kept) and, with a
-    scaler, its `scaling.Scaler.transform` in float64 then float32 (the same numbers): signed-log
-    compression for ``signed_log``, then ``(x - center) / scale``, where ``per_clip`` takes center
-    and scale from each clip's own frames; frames past each clip's length are zeroed, as
-    `preprocess.Ragged.pad` pads."""
-
-    center: torch.Tensor  # (F,) float64 buffers; empty without a fitted scaler
-    scale: torch.Tensor
-
-    def __init__(self, prep: preprocess.StreamPrep) -> None:
-        super().__init__()
-        self.length = prep.target.length
-        self.skip_zero_frames = prep.skip_zero_frames
-        self.kind = prep.scaler.kind if prep.scaler is not None else "none"
-        fitted = prep.scaler is not None and prep.scaler.center is not None
-        center = prep.scaler.center if fitted else np.zeros(0)  # type: ignore[union-attr]
-        scale = prep.scaler.scale if fitted else np.ones(0)  # type: ignore[union-attr]
-        self.register_buffer("center", torch.from_numpy(np.asarray(center, dtype=np.float64)))
-        self.register_buffer("scale", torch.from_numpy(np.asarray(scale, dtype=np.float64)))
-
-    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = x[:, : self.length]
-        lengths = lengths.clamp(max=self.length)
-        keep = torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None]  # (B, T)
-        if self.skip_zero_frames:
-            x, lengths, keep = self._drop_zero_frames(x, keep)
-        if self.kind != "none":
-            v = x.double()
-            if self.kind == "signed_log":
-                v = torch.sign(v) * torch.log1p(v.abs())
-            if self.kind == "per_clip":  # each clip's own mean and std over its real frames
-                mask = keep[:, :, None].double()
-                n = lengths.clamp(min=1).double()[:, None, None]
-                center = (v * mask).sum(dim=1, keepdim=True) / n
-                std = ((((v - center) * mask) ** 2).sum(dim=1, keepdim=True) / n).sqrt()
-                scale = torch.where(std >= scaling.MIN_SPREAD, std, torch.ones_like(std))
-                x = ((v - center) / scale).float()
-            else:
-                x = ((v - self.center) / self.scale).float()
-        return torch.where(keep[:, :, None], x, torch.zeros_like(x)), lengths
-
-    @staticmethod
-    def _drop_zero_frames(
-        x: torch.Tensor, keep: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`preprocess.drop_zero_frames` on a padded batch: each clip's frames that are not all 0
-        moved to its start, in order (a clip with none keeps its first frame)."""
-        kept = keep & (x != 0).any(dim=2)  # (B, T)
-        first = torch.zeros_like(kept)
-        first[:, 0] = True
-        kept = kept | (first & ~kept.any(dim=1, keepdim=True))
-        steps = x.shape[1]
-        # frame t goes to position (kept frames up to t) - 1; dropped frames to a spare slot
-        slot = torch.where(
-            kept, kept.long().cumsum(dim=1) - 1, torch.full_like(kept, steps, dtype=torch.long)
-        )
-        out = torch.zeros(x.shape[0], steps + 1, x.shape[2], dtype=x.dtype, device=x.device)
-        out = out.scatter(1, slot[:, :, None].expand(-1, -1, x.shape[2]), x)[:, :steps]
-        lengths = kept.long().sum(dim=1)
-        return out, lengths, torch.arange(steps, device=x.device)[None, :] < lengths[:, None]
-
-
-class EarlyFuse(nn.Module):
-    """`align.early_fuse` on a padded batch: each clip's second stream stretched linearly to its
-    first stream's frame count (first and last frames kept), joined per frame. The sample
-    positions are computed in float64 and the weights rounded to float32 as `align.stretch_frames`
-    does, so the fused frames are the same numbers."""
-
-    def forward(
-        self, xa: torch.Tensor, la: torch.Tensor, xv: torch.Tensor, lv: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        # frame i of a clip samples the second stream at i * (T_v - 1) / (T_a - 1); a one-frame
-        # clip on either side gives ratio 0 or a single frame: its first frame repeated
-        ratio = (lv - 1).double() / (la - 1).clamp(min=1).double()  # (B,)
-        pos = torch.arange(xa.shape[1], device=xa.device).double()[None, :] * ratio[:, None]  # (B, T_a)
-        last = (lv - 1)[:, None]
-        lo = torch.minimum(pos.floor().long(), last)  # past a clip's end: its last frame (masked later)
-        hi = torch.minimum(lo + 1, last)
-        w = (pos - lo.double()).float()[:, :, None]
-        n_v = xv.shape[2]
-        low = xv.gather(1, lo[:, :, None].expand(-1, -1, n_v))
-        high = xv.gather(1, hi[:, :, None].expand(-1, -1, n_v))
-        return torch.cat([xa, low * (1 - w) + high * w], dim=2), la
 
 
 class RunGraph(nn.Module):
@@ -150,7 +69,7 @@ class RunGraph(nn.Module):
     ``streams``)."""
 
     def __init__(
-        self, model: nn.Module, preps: dict[str, preprocess.StreamPrep], modality: str, streams: list[str]
+        self, model: nn.Module, preps: dict[str, sequences.StreamPrep], modality: str, streams: list[str]
     ) -> None:
         super().__init__()
         self.inputs = list(streams)
@@ -213,15 +132,11 @@ class LateGraph(nn.Module):
 
 def exact_masking_everywhere(model: nn.Module) -> None:
     """Recurrent layers trained with ``masking=packed`` run the ``reverse`` path instead: the same
-    weights and outputs (tests/test_models.py), but no ``pack_padded_sequence``, whose lengths a
+    weights and outputs (tests/models/test_models.py), but no ``pack_padded_sequence``, whose lengths a
     tracer would freeze into the file as constants."""
     for m in model.modules():
         if isinstance(m, MaskedBiRNN):
             m.impl = "reverse"
-
-
-# ---------------------------------------------------------------------------------------------
-# Building the graph of a run, and what the sidecar says about it
 
 
 def run_graph(run_dir: Path) -> tuple[RunGraph, dict[str, Any], dict[str, int]]:
@@ -246,7 +161,7 @@ def input_features(run_dir: Path, meta: dict[str, Any]) -> dict[str, int]:
     config_path = run_dir / "config.yaml"
     try:
         cfg = files.read_config(config_path)
-        split = pipeline.load_data(cfg.data).train
+        split = load_data(cfg.data).train
     except (MerError, OSError) as e:
         raise MerError(
             f"{run_dir}: early fusion: the checkpoint holds {meta['n_features']['early']} fused features "
@@ -291,7 +206,7 @@ def late_graph(run_dir: Path) -> tuple[LateGraph, dict[str, Any]]:
     return late_fused, fields
 
 
-def _scaling_state(prep: preprocess.StreamPrep) -> dict[str, object] | None:
+def _scaling_state(prep: sequences.StreamPrep) -> dict[str, object] | None:
     """The fitted scaler as plain numbers (kind, center, scale; a checkpoint from before scaling
     options reads as standard); None: features as they are."""
     return None if prep.scaler is None else prep.scaler.state()
@@ -300,7 +215,7 @@ def _scaling_state(prep: preprocess.StreamPrep) -> dict[str, object] | None:
 def member_fields(run_dir: Path, meta: dict[str, Any]) -> dict[str, Any]:
     """What the sidecar says of one trained run: its preprocessing as plain numbers, the
     precision it was trained and evaluated at, its feature spec where the checkpoint has one."""
-    preps = {name: preprocess.StreamPrep.from_state(state) for name, state in meta["prep"].items()}
+    preps = {name: sequences.StreamPrep.from_state(state) for name, state in meta["prep"].items()}
     return {
         "run": str(run_dir),
         "modality": meta["modality"],
@@ -335,10 +250,6 @@ def build(run_dir: Path) -> tuple[nn.Module, list[str], dict[str, Any]]:
         **member_fields(run_dir, meta),
     }
     return single, list(single.inputs), fields
-
-
-# ---------------------------------------------------------------------------------------------
-# Example batches, the file itself, the check
 
 
 def example_batch(
@@ -514,30 +425,3 @@ EARLY_INPUT = (
 
 def sidecar_path(out: Path) -> Path:
     return out.with_name(out.name + ".json")
-
-
-def main(argv: list[str] | None = None) -> None:
-    """mer-export RUN_DIR [--format onnx|torchscript] [--out FILE]"""
-
-    parser = argparse.ArgumentParser(
-        prog="mer-export",
-        description="Export a trained run (any modality, late fusion with both members) as one "
-        "ONNX or TorchScript file: raw padded frames and lengths per stream in, class "
-        "probabilities out, the fitted preprocessing inside; a JSON sidecar beside it.",
-    )
-    parser.add_argument("run_dir", type=Path, help="a mer-train run directory")
-    parser.add_argument("--format", choices=tuple(FORMATS), default="onnx")
-    parser.add_argument("--out", type=Path, default=None, help="default: model.onnx | model.pt here")
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    out = args.out if args.out is not None else Path("model" + FORMATS[args.format])
-    try:
-        sidecar = export(args.run_dir, args.format, out)
-    except MerError as e:
-        fail("mer-export", str(e))
-    frames = [i for i in sidecar["inputs"] if i["dtype"] == "float32"]
-    shapes = ", ".join(f"{i['name']} ({', '.join(map(str, i['shape']))})" for i in frames)
-    print(
-        f"wrote {out} ({args.format}) and {sidecar_path(out)}: {sidecar['modality']}, inputs {shapes} "
-        f"and their _lengths, output {OUTPUT} ({len(sidecar['class_names'])} classes); "
-        f"max |p_file - p_torch| {sidecar['check']['max_abs_diff']:.1e}"
-    )

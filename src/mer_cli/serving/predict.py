@@ -13,10 +13,8 @@ is 1.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,13 +23,14 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from mer_cli import data
 from mer_cli.core.artifacts import write_text
-from mer_cli.core.console import debug
 from mer_cli.core.errors import DataError, MerError
-from mer_cli.data import formats, spec
+from mer_cli.data import formats, npz, spec
+from mer_cli.data.splits import STREAM_FIELDS, Split, Splits
+from mer_cli.data.splits import Clips as RaggedClips
 from mer_cli.models.fusion import late as late_fusion
-from mer_cli.runs import outputs, pipeline, trained
+from mer_cli.runs import outputs, trained
+from mer_cli.runs.late import late_predictions
 
 PROG = "mer-predict"
 TABLE_ROWS = 20  # clips shown on screen; the file holds them all
@@ -56,7 +55,7 @@ class Run:
     def streams(self) -> list[str]:
         """The data streams any of its models reads, in the data's order."""
         read = {s for sp in self.specs.values() for s in sp["streams"]}
-        return [s for s in data.STREAM_FIELDS if s in read]
+        return [s for s in STREAM_FIELDS if s in read]
 
 
 @dataclass
@@ -248,14 +247,14 @@ def read_npz(run: Run, path: Path) -> Clips:
     """An .npz of clips: mer-cli's native layout (``<split>.clip_ids``, ``<split>.mfcc`` with
     ``<split>.mfcc_offsets``, ...) or the same arrays without the split prefix; any split may be
     absent, and so may the labels (``[<split>.]labels``) and the streams the model does not read."""
-    arrays = data.read_npz_arrays(path)
+    arrays = npz.read_npz_arrays(path)
     groups = [g for g in NPZ_GROUPS if f"{g}clip_ids" in arrays]
     if not groups:
         raise DataError(
             f"{path}: no clip_ids array (expected clip_ids, mfcc, mfcc_offsets, aus, aus_offsets, "
             "or the same per split as mer-ingest writes them)"
         )
-    recorded = data.read_ingest_settings(arrays, path)
+    recorded = npz.read_ingest_settings(arrays, path)
     if recorded is not None:  # written by mer-ingest: were its features computed as the model's?
         for sp in run.specs.values():
             problem = spec.settings_mismatch(sp, recorded)
@@ -279,10 +278,8 @@ def read_npz(run: Run, path: Path) -> Clips:
         ids = arrays[f"{g}clip_ids"]
         if ids.ndim != 1 or ids.dtype.kind != "U":
             raise DataError(f"{path}: {g}clip_ids must be a 1-D array of strings")
-        frames = {s: data.stream_clips(arrays, g, data.STREAM_FIELDS[s], len(ids), path) for s in run.streams}
-        problem = count_mismatch(
-            run, {s: arrays[f"{g}{data.STREAM_FIELDS[s]}"].shape[1] for s in run.streams}
-        )
+        frames = {s: npz.stream_clips(arrays, g, STREAM_FIELDS[s], len(ids), path) for s in run.streams}
+        problem = count_mismatch(run, {s: arrays[f"{g}{STREAM_FIELDS[s]}"].shape[1] for s in run.streams})
         if problem is not None:  # one feature size per array: every clip in it has the problem
             raise DataError(f"{path}: {g.rstrip('.') + ': ' if g else ''}{problem}")
         labels = arrays.get(f"{g}labels") if labelled else None
@@ -319,18 +316,18 @@ def predict(run: Run, clips: Clips) -> outputs.Predictions:
     members' with the combiner it fitted."""
     n = len(clips.clip_ids)
     y = np.asarray(clips.labels if clips.labels is not None else np.zeros(n), dtype=np.int64)
-    split = data.Split(
+    split = Split(
         "test",  # predict_run reads the splits it is asked for: this one
         tuple(clips.clip_ids),
-        mfcc=data.Clips.pack(clips.frames.get("acoustic", [NOT_READ] * n)),
-        aus=data.Clips.pack(clips.frames.get("visual", [NOT_READ] * n)),
+        mfcc=RaggedClips.pack(clips.frames.get("acoustic", [NOT_READ] * n)),
+        aus=RaggedClips.pack(clips.frames.get("visual", [NOT_READ] * n)),
         labels=y,
     )
-    splits = data.Splits(split, split, split, class_names=run.class_names, source=clips.source)
+    splits = Splits(split, split, split, class_names=run.class_names, source=clips.source)
     members = {m: trained.predict_run(d, splits, ("test",)) for m, d in run.models.items()}
     if run.combiner is None:
         return members["model"]["test"]
-    return pipeline.late_predictions(members, run.combiner, ("test",))[0]
+    return late_predictions(members, run.combiner, ("test",))[0]
 
 
 def write_predictions(
@@ -404,56 +401,3 @@ def check_out(out: Path, run: Run) -> None:
         raise MerError(f"--out {out}: that is a run's own predictions.csv (its val/test predictions)")
     if out.is_dir():
         raise MerError(f"--out {out}: a folder; give the .csv file to write")
-
-
-def main(argv: list[str] | None = None) -> None:
-    """mer-predict RUN_DIR (--audio WAV|DIR --video CSV|DIR | --data FILE) [--out FILE]"""
-    parser = argparse.ArgumentParser(
-        prog=PROG,
-        description="Predict the emotion of new clips with a trained run (any modality): from one "
-        "WAV and one OpenFace CSV per clip (features computed with the run's recorded ingestion "
-        "settings) or from a feature file. Writes predictions.csv and prints a short table.",
-    )
-    parser.add_argument("run_dir", type=Path, help="a mer-train run directory")
-    parser.add_argument("--audio", type=Path, help="a .wav file, or a folder of them")
-    parser.add_argument("--video", type=Path, help="an OpenFace .csv file, or a folder of them")
-    parser.add_argument(
-        "--data", type=Path, help="a feature file instead: .npz (labels optional) or the notebook's pickle"
-    )
-    parser.add_argument(
-        "--out", type=Path, help="the .csv to write (default: RUN_DIR/predictions/<time>/predictions.csv)"
-    )
-    args = parser.parse_args(argv)
-    if (args.data is None) == (args.audio is None and args.video is None):
-        parser.error("give --audio/--video (raw files) or --data (a feature file), not both")
-    try:
-        run = load_run(args.run_dir)
-        out = (
-            args.out.expanduser()
-            if args.out is not None
-            else default_out(args.run_dir.expanduser().resolve())
-        )
-        check_out(out, run)
-        where = str(args.run_dir)
-        clips = read_data(run, args.data) if args.data else read_files(run, args.audio, args.video, where)
-        for line in clips.warnings:
-            print(f"{PROG}: warning: {line}", file=sys.stderr)
-        for line in clips.failed:
-            print(f"{PROG}: error: {line}", file=sys.stderr)
-        if not clips.clip_ids:
-            raise DataError(f"{clips.source}: no clip could be predicted")
-        pred = predict(run, clips)
-        try:
-            write_predictions(out, clips, pred, run.class_names)
-        except OSError as e:
-            raise MerError(f"{out}: cannot write: {e.strerror or e}") from e
-    except MerError as e:
-        if debug():
-            raise
-        print(f"{PROG}: error: {' '.join(str(e).split())}", file=sys.stderr)
-        sys.exit(2)
-    print(table(clips, pred, run.class_names))
-    failed = f"; {len(clips.failed)} failed (listed on stderr)" if clips.failed else ""
-    n = len(pred.clip_ids)
-    print(f"wrote {out}: {n} clip{'' if n == 1 else 's'}{failed}")
-    sys.exit(1 if clips.failed else 0)

@@ -13,9 +13,10 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from mer_cli.core.artifacts import write_json
+from mer_cli.core.config import plain_dict
 from mer_cli.core.errors import MerError
-from mer_cli.reporting import compare
-from mer_cli.runs.reuse import _container
+from mer_cli.reporting import report
+from mer_cli.reporting.options import Settings
 
 log = logging.getLogger(__name__)
 
@@ -34,12 +35,12 @@ def record_failure(job_dir: Path, error: BaseException, modality: str | None, se
     return path
 
 
-def settings_of(cfg: DictConfig) -> compare.Settings:
-    """``compare`` config node -> `compare.Settings` (``enabled`` is the callback's own switch)."""
-    node = {k: v for k, v in _container(cfg.compare).items() if k != "enabled"}
+def settings_of(cfg: DictConfig) -> Settings:
+    """``compare`` config node -> `Settings` (``enabled`` is the callback's own switch)."""
+    node = {k: v for k, v in plain_dict(cfg.compare).items() if k != "enabled"}
     node.setdefault("actor_pattern", cfg.get("cv", {}).get("actor_pattern"))
     try:
-        return compare.Settings(**node)
+        return Settings(**node)
     except TypeError as e:  # a key Settings does not know (a typo): one line, not a traceback
         raise MerError(f"compare: {e}") from e
 
@@ -52,7 +53,7 @@ class ReportCallback(Callback):
             return
         sweep_dir = Path(config.hydra.sweep.dir)
         try:
-            result = compare.into_sweep(sweep_dir, settings_of(config))
+            result = report.into_sweep(sweep_dir, settings_of(config))
         except MerError as e:
             log.error("comparison report not written: %s", e)
             return

@@ -19,6 +19,7 @@ OBJECTIVE = "val/f1_macro"  # the history column reported per epoch; mer-train r
 
 # trial user attributes: set by a job when the pruner stopped it; by the sweeper on a trial whose
 # sweeper died (it is retried as a new trial), and to rerun a trial (its overrides, its run directory)
+PRUNERS = "optuna.pruners."  # the only callables a study's stored pruner config may name
 PRUNED_AT = "pruned_at_epoch"
 
 
@@ -30,6 +31,18 @@ def require_optuna() -> Any:
         raise MerError("hyperparameter search needs Optuna: pip install 'mer-cli[sweep]'") from None
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the sweeper logs each trial itself
     return optuna
+
+
+def checked_pruner(cfg: Any) -> dict[str, Any]:
+    """The pruner a study's storage names (its config, as the sweeper stored it), if it is one of
+    Optuna's own pruners with plain arguments: a storage is data, so it may name nothing else."""
+    target = cfg.get("_target_") if isinstance(cfg, dict) else None
+    plain = isinstance(cfg, dict) and all(
+        isinstance(v, (bool, int, float, str, type(None))) for k, v in cfg.items() if k != "_target_"
+    )
+    if not (isinstance(target, str) and target.startswith(PRUNERS) and plain):
+        raise ConfigError(f"the study's pruner {cfg!r} is not one of Optuna's pruners ({PRUNERS}*)")
+    return cfg
 
 
 def epoch_reporter(link: Mapping[str, Any] | None) -> Callable[[dict[str, float]], None] | None:
@@ -51,7 +64,7 @@ def epoch_reporter(link: Mapping[str, Any] | None) -> Callable[[dict[str, float]
     except KeyError as e:
         raise ConfigError(f"search={dict(link)}: no such study or trial in the storage ({e})") from None
     pruner_cfg = storage.get_study_user_attrs(study_id).get("pruner")
-    pruner = instantiate(pruner_cfg) if pruner_cfg else optuna.pruners.NopPruner()
+    pruner = instantiate(checked_pruner(pruner_cfg)) if pruner_cfg else optuna.pruners.NopPruner()
     study = optuna.load_study(study_name=link["study"], storage=storage, pruner=pruner)
     trial = optuna.trial.Trial(study, trial_id)
 

@@ -1,0 +1,223 @@
+"""Clips of named streams in train/val/test splits: `Clips` (a stream's clips stored ragged),
+`Split`, `Splits`; the names every format shares (splits, the notebook's classes, stream fields).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
+from functools import cached_property
+from typing import Any, overload
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+SPLIT_NAMES = ("train", "val", "test")
+
+
+# The notebook's label order: 0 neutral, 1 anger, 2 happy, 3 fear, 4 disgust, 5 sad.
+NOTEBOOK_CLASS_NAMES = ("neutral", "anger", "happy", "fear", "disgust", "sad")
+
+
+NAN_POLICIES = ("error", "zero", "drop")
+
+
+# the file formats' two streams, under the names the rest of mer-cli uses (config, models, reports)
+STREAM_FIELDS = {"acoustic": "mfcc", "visual": "aus"}
+
+
+class Clips(Sequence[np.ndarray]):
+    """One stream's clips, stored ragged: every clip's frames end to end in one or more stores
+    (``(frames (sum T, F), offsets (M + 1,))``, in memory or in a native dataset directory), and
+    which stored clips this sequence holds, in order. ``clips[i]`` is clip i's (T_i, F) float32
+    frames: a view of an in-memory store, or read from the file when it is asked for. Taking a
+    subset (`take`, `concat`) copies no frames, only clip numbers.
+    """
+
+    def __init__(
+        self,
+        stores: Sequence[tuple[Any, np.ndarray]],
+        index: np.ndarray | None = None,
+        zero_nonfinite: bool = False,
+    ) -> None:
+        self.stores = tuple(stores)
+        counts = [len(offsets) - 1 for _, offsets in self.stores]
+        self._base = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        n_stored = int(self._base[-1])
+        # which stored clips, in order (numbered across the stores)
+        self.order = np.arange(n_stored, dtype=np.int64) if index is None else np.asarray(index, np.int64)
+        # data.nan_policy=zero: NaN/inf become 0 when a clip is read (the stored frames stay as they are)
+        self.zero_nonfinite = zero_nonfinite
+
+    @staticmethod
+    def pack(clips: Sequence[np.ndarray]) -> Clips:
+        """Per-clip arrays (each (T_i, F)) copied end to end into one in-memory store."""
+        offsets = np.concatenate([[0], np.cumsum([len(c) for c in clips])]).astype(np.int64)
+        if not len(clips):
+            return Clips([(np.zeros((0, 0), np.float32), offsets)])
+        return Clips([(np.concatenate(clips).astype(np.float32, copy=False), offsets)])
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    @overload
+    def __getitem__(self, i: int) -> np.ndarray: ...
+    @overload
+    def __getitem__(self, i: slice) -> Clips: ...
+    def __getitem__(self, i: int | slice) -> np.ndarray | Clips:
+        if isinstance(i, slice):
+            return self.take(np.arange(len(self))[i])
+        g = int(self.order[i])
+        s = int(np.searchsorted(self._base, g, side="right")) - 1
+        frames, offsets = self.stores[s]
+        local = g - int(self._base[s])
+        x = frames[int(offsets[local]) : int(offsets[local + 1])]
+        if self.zero_nonfinite:
+            x = np.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+        return x
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        return (self[i] for i in range(len(self)))
+
+    @cached_property
+    def lengths(self) -> np.ndarray:
+        """(N,) int64: each clip's frame count (read from the offsets alone, never the frames)."""
+        stored = np.concatenate([np.diff(offsets) for _, offsets in self.stores]).astype(np.int64)
+        return stored[self.order]
+
+    @property
+    def n_features(self) -> int:
+        return int(self.stores[0][0].shape[1])
+
+    @property
+    def in_memory(self) -> bool:
+        """Every store is an array in memory (none is read from a file clip by clip)."""
+        return all(isinstance(frames, np.ndarray) for frames, _ in self.stores)
+
+    def take(self, idx: Sequence[int] | np.ndarray) -> Clips:
+        """The clips ``idx``, in that order (no frame is copied)."""
+        return Clips(self.stores, self.order[np.asarray(idx, dtype=np.int64)], self.zero_nonfinite)
+
+    def with_zeroed_nonfinite(self) -> Clips:
+        return Clips(self.stores, self.order, zero_nonfinite=True)
+
+    @staticmethod
+    def concat(parts: Sequence[Clips]) -> Clips:
+        """The clips of ``parts`` one after another, over the union of their stores."""
+        stores: list[tuple[Any, np.ndarray]] = []
+        index = []
+        for p in parts:
+            base = []
+            for store in p.stores:
+                found = next((k for k, s in enumerate(stores) if s is store), None)
+                if found is None:
+                    stores.append(store)
+                    found = len(stores) - 1
+                base.append(found)
+            # the part's clip numbers, renumbered into the union's
+            new_base = np.concatenate([[0], np.cumsum([len(o) - 1 for _, o in stores])])
+            which = np.searchsorted(p._base, p.order, side="right") - 1
+            local = p.order - p._base[which]
+            index.append(new_base[np.asarray(base, dtype=np.int64)[which]] + local)
+        zero = any(p.zero_nonfinite for p in parts)
+        return Clips(stores, np.concatenate(index) if index else np.zeros(0, np.int64), zero)
+
+    def nonfinite(self, chunk_rows: int = 1 << 18) -> np.ndarray:
+        """Positions (in this sequence) of the clips holding a NaN or infinite value; the stores
+        are scanned ``chunk_rows`` frames at a time, so a file-backed one is never read whole."""
+        bad_stored: list[np.ndarray] = []
+        for s, (frames, offsets) in enumerate(self.stores):
+            rows: list[np.ndarray] = []
+            for start in range(0, int(offsets[-1]), chunk_rows):
+                block = np.asarray(frames[start : start + chunk_rows])
+                finite = np.isfinite(block).all(axis=1)
+                if not finite.all():
+                    rows.append(start + np.flatnonzero(~finite))
+            if rows:
+                clip = np.searchsorted(offsets, np.concatenate(rows), side="right") - 1
+                bad_stored.append(self._base[s] + np.unique(clip))
+        if not bad_stored:
+            return np.zeros(0, np.int64)
+        return np.flatnonzero(np.isin(self.order, np.concatenate(bad_stored)))
+
+
+@dataclass(frozen=True)
+class Split:
+    """One split: parallel per-clip sequences. ``mfcc[i]`` is (T_a, D_a), ``aus[i]`` is (T_v, D_v),
+    both float32. Per-clip arrays given here are packed into one ragged `Clips` store per stream."""
+
+    name: str
+    clip_ids: tuple[str, ...]
+    mfcc: Clips
+    aus: Clips
+    labels: np.ndarray  # (N,) int64
+
+    def __post_init__(self) -> None:
+        for stream in ("mfcc", "aus"):
+            value = getattr(self, stream)
+            if not isinstance(value, Clips):
+                object.__setattr__(self, stream, Clips.pack([np.asarray(x, np.float32) for x in value]))
+
+    def __len__(self) -> int:
+        return len(self.clip_ids)
+
+    @property
+    def streams(self) -> dict[str, Clips]:
+        """``{"acoustic": mfcc, "visual": aus}``: each clip's frames by stream name."""
+        return {name: getattr(self, field) for name, field in STREAM_FIELDS.items()}
+
+    def take(self, index: Sequence[int] | np.ndarray) -> Split:
+        """The clips at ``index``, in that order (no frame is copied)."""
+        idx = np.asarray(index, dtype=np.int64)
+        return replace(
+            self,
+            clip_ids=tuple(self.clip_ids[i] for i in idx.tolist()),
+            mfcc=self.mfcc.take(idx),
+            aus=self.aus.take(idx),
+            labels=self.labels[idx],
+        )
+
+
+@dataclass(frozen=True)
+class Splits:
+    train: Split
+    val: Split
+    test: Split
+    class_names: tuple[str, ...]
+    source: str  # file path or "synthetic(...)": where the clips came from
+    # per stream, how its features were computed from raw files (mer-ingest's settings, see
+    # `ingest.settings_record`); None: not recorded (the notebook's pickle, the embedded data)
+    ingest_settings: Mapping[str, Any] | None = None
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.class_names)
+
+    def all(self) -> tuple[Split, Split, Split]:
+        return self.train, self.val, self.test
+
+    def limit(self, clips_per_split: int | None) -> Splits:
+        """A stratified, deterministic slice: at most ``clips_per_split`` clips per split."""
+        if clips_per_split is None:
+            return self
+        train, val, test = (_stratified_head(s, clips_per_split) for s in self.all())
+        return replace(self, train=train, val=val, test=test)
+
+
+def _stratified_head(split: Split, n: int) -> Split:
+    if len(split) <= n:
+        return split
+    # round-robin over classes, so a small slice still holds every class
+    order = np.argsort(split.labels, kind="stable")
+    by_class = [order[split.labels[order] == c] for c in np.unique(split.labels)]
+    picked: list[int] = []
+    rank = 0
+    while len(picked) < n:
+        for members in by_class:
+            if rank < len(members) and len(picked) < n:
+                picked.append(int(members[rank]))
+        rank += 1
+    return split.take(sorted(picked))

@@ -1,0 +1,272 @@
+"""The report as a document: `Block`s (headings, paragraphs, lists, tables, figures) made from a
+`Comparison`, its runs and its figure files, in the order the report shows them; `render` writes
+them as Markdown and HTML.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mer_cli.evaluation import stats
+from mer_cli.reporting.collect import Run, relative_path
+from mer_cli.reporting.options import (
+    ALL_PAIRS_UP_TO,
+    BAR_METRICS,
+    GRIDS,
+    METRIC_TITLES,
+    TABLE_METRICS,
+    Comparison,
+)
+from mer_cli.reporting.prose import order_text, pct, unreachable_alpha
+
+
+@dataclass(frozen=True)
+class Block:
+    kind: str  # h2 | p | ul | table | img
+    text: str = ""
+    items: tuple[str, ...] = ()
+    rows: tuple[tuple[str, ...], ...] = ()  # table: first row is the header
+    path: str = ""  # img: relative to the report
+
+
+def _cell(entry: dict[str, Any], percent: bool = True) -> str:
+    def f(x: float | None) -> str:
+        if x is None or not math.isfinite(x):
+            return "n/a"
+        return f"{100 * x:.1f}" if percent else f"{x:.3f}"
+
+    text = f(entry["mean"]) + (" %" if percent else "")
+    if entry.get("std") is not None:
+        text += f" ± {f(entry['std'])}"
+    if entry.get("ci"):
+        text += f" [{f(entry['ci'][0])}, {f(entry['ci'][1])}]"
+    return text
+
+
+def document(
+    result: Comparison, runs: Sequence[Run], figures: dict[str, list[str]], root: Path
+) -> list[Block]:
+    """The report's blocks; ``figures``: figure kind (bar metric or grid) -> its files, in order."""
+    conf = round(100 * result["settings"]["confidence"])
+    labels = {Path(p): m["label"] for m in result["models"] for p in m["runs"]}
+    blocks = [Block("h2", "Summary"), Block("ul", items=tuple(result["summary"]))]
+    blocks.append(Block("h2", "Test metrics per model"))
+    blocks.append(
+        Block(
+            "p",
+            f"Mean ± standard deviation across runs (seeds, folds) [{conf} % confidence interval]. "
+            "Intervals of macro F1, accuracy and balanced accuracy come from the bootstrap described "
+            "in the summary; the others are t-intervals across runs (none for a single run).",
+        )
+    )
+    header = ("model", "runs", *(METRIC_TITLES[k] for k in TABLE_METRICS))
+    rows = [
+        (m["label"], str(m["n_runs"]), *(_cell(m["test"][k], percent=k != "loss") for k in TABLE_METRICS))
+        for m in result["models"]
+    ]
+    blocks.append(Block("table", rows=(header, *rows)))
+    blocks += contribution_blocks(result)
+    blocks.append(Block("h2", "Ranking"))
+    blocks.append(
+        Block(
+            "p",
+            "By the mean over runs, best first; models whose means are equal as the table shows "
+            "them (to 0.1 percentage point) are tied, written with =.",
+        )
+    )
+    blocks.append(
+        Block(
+            "ul",
+            items=tuple(
+                f"by {METRIC_TITLES[k]}: {order_text(order)}"
+                for k, order in result["ranking_by_metric"].items()
+            ),
+        )
+    )
+    for key in BAR_METRICS:
+        blocks += [Block("img", text=f"test/{key}", path=f) for f in figures[key]]
+    if result["pairwise"]:
+        blocks.append(Block("h2", "Pairwise tests"))
+        pairs = result["pairwise"]
+        n_boot = result["settings"]["bootstrap_samples"]
+        alpha = result["settings"]["alpha"]
+        blocks.append(
+            Block(
+                "p",
+                _tested_text(result)
+                + "Δ = macro F1 of A minus B (mean over matched runs) with its paired-bootstrap "
+                f"{conf} % interval; p: paired bootstrap, Holm-adjusted over all {len(pairs)} pair(s) "
+                f"tested; significant: Holm-adjusted p < α = {alpha}.",
+            )
+        )
+        blocks.append(
+            Block(
+                "p",
+                f"With B = {n_boot} bootstrap samples the smallest p the paired bootstrap can show is "
+                f"2/(B+1) ≈ {stats.round_up(pairs[0]['p_bootstrap_floor'])}, and after Holm's "
+                f"adjustment over {len(pairs)} pair(s) {len(pairs)} × 2/(B+1) ≈ "
+                f"{stats.round_up(pairs[0]['p_holm_floor'])}. A p at that floor is written as a bound, "
+                '"≤": no resample reversed the difference, and the true p may be smaller; '
+                "compare.bootstrap_samples (mer-compare --bootstrap-samples) lowers the floor."
+                + unreachable_alpha(result),
+            )
+        )
+        blocks.append(
+            Block(
+                "p",
+                "McNemar's test on per-clip correctness (b: clips only A gets right, c: only B) is "
+                "shown for each matched run (seed, fold) separately, not combined: runs of different "
+                "seeds are tested on the same clips, so their tests are not independent and pooling "
+                "their counts would count every clip once per seed. The last column counts the runs "
+                f"with McNemar p < α = {alpha} (not adjusted for the number of pairs).",
+            )
+        )
+        header = (
+            "A",
+            "B",
+            "Δ macro F1",
+            "p (bootstrap)",
+            "p (Holm)",
+            "significant",
+            "McNemar per run: b/c, p",
+            "McNemar p < α",
+        )
+        rows = [
+            (
+                p["a"],
+                p["b"],
+                f"{100 * p['f1_macro_diff']:+.1f} [{100 * p['f1_macro_diff_ci'][0]:+.1f}, "
+                f"{100 * p['f1_macro_diff_ci'][1]:+.1f}]",
+                stats.format_p(p["p_bootstrap"], p["p_bootstrap_floor"]),
+                stats.format_p(p["p_holm"], p["p_holm_floor"]),
+                "yes" if p["significant"] else "no",
+                "; ".join(
+                    f"{t['run']}: {t['b']}/{t['c']}, {stats.format_p(t['p_value'])} ({t['method']})"
+                    for t in p["mcnemar"]
+                ),
+                f"{p['mcnemar_significant_runs']} of {len(p['mcnemar'])}",
+            )
+            for p in pairs
+        ]
+        blocks.append(Block("table", rows=(header, *rows)))
+    blocks.append(Block("h2", "Per class (mean over runs)"))
+    classes = result["class_names"]
+    for key, title in (
+        ("f1_per_class", "F1"),
+        ("roc_auc_per_class", "ROC-AUC"),
+        ("pr_auc_per_class", "PR-AUC"),
+    ):
+        rows = [(m["label"], *(pct(m["test"][key].get(c)) for c in classes)) for m in result["models"]]
+        blocks.append(Block("p", f"{title} per class:"))
+        blocks.append(Block("table", rows=(("model", *classes), *rows)))
+    blocks.append(Block("h2", "Side by side"))
+    for kind, title in GRIDS.items():
+        parts = figures[kind]
+        blocks += [
+            Block(
+                "img", text=f"test: {title}" + (f" ({i} of {len(parts)})" if len(parts) > 1 else ""), path=f
+            )
+            for i, f in enumerate(parts, 1)
+        ]
+    blocks.append(Block("h2", "Runs"))
+    header = ("model", "seed", "fold", *(METRIC_TITLES[k] for k in BAR_METRICS), "run directory")
+    rows = [_run_row(r, labels, root, *(pct(r.metrics["test"].get(k)) for k in BAR_METRICS)) for r in runs]
+    blocks.append(Block("table", rows=(header, *rows)))
+    return blocks + late_fusion_blocks(runs, labels, root) + failure_blocks(result["failures"], root)
+
+
+def nothing_to_compare_document(result: Comparison, root: Path) -> list[Block]:
+    """The report's blocks when every job failed (`analysis.nothing_to_compare`)."""
+    return [
+        Block("h2", "Summary"),
+        Block("ul", items=tuple(result["summary"])),
+        *failure_blocks(result["failures"], root),
+    ]
+
+
+def _run_row(run: Run, labels: dict[Path, str], root: Path, *cells: str) -> tuple[str, ...]:
+    """One run's table row: its model, seed and fold, ``cells``, then its directory."""
+    seed = "" if run.seed is None else str(run.seed)
+    fold = "" if run.fold is None else str(run.fold)
+    return (labels[run.path], seed, fold, *cells, relative_path(run.path, root))
+
+
+def _tested_text(result: Comparison) -> str:
+    """Which pairs the table holds, when not every pair (compare.pairwise), else ""."""
+    if result["settings"]["pairwise"] != "best":
+        return ""
+    named = sum(p["tested_because"] == "named" for p in result["pairwise"])
+    return (
+        f"With {len(result['models'])} models (more than {ALL_PAIRS_UP_TO}, or compare.pairwise=best) "
+        "each model is tested against the best by macro F1, not every pair against every other"
+        + (f", plus {named} pair(s) named in compare.pairs" if named else "")
+        + " (compare.pairwise=all tests every pair). "
+    )
+
+
+def late_fusion_of(run: Run) -> tuple[str, str]:
+    """A late run's combiner and what it weighed its members with (metrics.json's run section;
+    runs from before ``modality.combiner`` held one ``acoustic_weight``)."""
+    info = run.metrics.get("run", {})
+    weights = info.get("weights")
+    if weights is None and "acoustic_weight" in info:
+        w = float(info["acoustic_weight"])
+        weights = {"acoustic": w, "visual": 1.0 - w}
+    combiner = str(info.get("combiner", "mean"))
+    if weights is None:
+        return combiner, "logistic regression on the members' probabilities (late.json)"
+    return combiner, ", ".join(f"{m} {float(w):.2f}" for m, w in weights.items())
+
+
+def late_fusion_blocks(runs: Sequence[Run], labels: dict[Path, str], root: Path) -> list[Block]:
+    late = [r for r in runs if r.modality == "late"]
+    if not late:
+        return []
+    header = ("model", "seed", "fold", "combiner", "weights", "run directory")
+    rows = [_run_row(r, labels, root, *late_fusion_of(r)) for r in late]
+    return [
+        Block("h2", "Late fusion"),
+        Block(
+            "p",
+            "How each late fusion run combined its members' class probabilities (modality.combiner): "
+            "mean averages them, weighted uses weights fitted on validation, stacking a classifier "
+            "fitted on validation; the test split chose none of them.",
+        ),
+        Block("table", rows=(header, *rows)),
+    ]
+
+
+def contribution_blocks(result: Comparison) -> list[Block]:
+    """Each stream's contribution to the multi-stream models that recorded it (empty if none)."""
+    models = [m for m in result["models"] if m.get("stream_contribution")]
+    if not models:
+        return []
+    streams = list(dict.fromkeys(s for m in models for s in m["stream_contribution"]))
+    header = ("model", METRIC_TITLES["accuracy"], *(f"{s} only" for s in streams))
+    rows = [
+        (
+            m["label"],
+            pct(m["test"]["accuracy"]["mean"]),
+            *(pct(m["stream_contribution"].get(s)) for s in streams),
+        )
+        for m in models
+    ]
+    text = (
+        "Test accuracy of each jointly trained model with all its streams, and with one stream "
+        "kept and the others' frames zeroed (mean over runs): how much the model relies on each."
+    )
+    return [Block("h2", "Stream contribution"), Block("p", text), Block("table", rows=(header, *rows))]
+
+
+def failure_blocks(failures: Sequence[dict[str, Any]], root: Path) -> list[Block]:
+    if not failures:
+        return []
+    rows = [
+        (relative_path(Path(f["path"]), root), str(f["modality"]), str(f["seed"]), f["error"])
+        for f in failures
+    ]
+    return [Block("h2", "Failed jobs"), Block("table", rows=(("job", "modality", "seed", "error"), *rows))]

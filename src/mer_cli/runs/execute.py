@@ -1,0 +1,111 @@
+"""One mer-train run, top to bottom: the modality decides what is trained (one model, late fusion
+of two, or one run per cross-validation fold), a sweep's trained models are reused, and every file
+of the run directory is written by a function called from here:
+  config.yaml              resolved config (Hydra's .hydra/ keeps the unresolved one and overrides)
+  checkpoint.pt            best weights by val/loss, with what is needed to rebuild the model
+  last.pt                  the latest epoch's full state, to resume an interrupted run
+  history.csv              one row per epoch (train/*, val/*, lr)
+  metrics.json             {"run": {...}, "val": {...}, "test": {...}}
+  predictions.csv          per clip: split, clip id, true label, predicted label, probabilities
+  plots/*.png              training curves; test split: confusion matrix, ROC, per-class ROC, PR
+  acoustic/, visual/       late fusion only: the two member runs (same layout), unless reused
+  late.json                late fusion only: members, combiner and what it fitted, for mer-evaluate
+  fold<i>/, cv.json        cv.folds=K only: one run per fold (same layout), mean over folds
+  failed.json              a failed job of a sweep (written by the CLI): its error, for the report
+  tensorboard/             logger=tensorboard only: event files (training/tracking.py; logger=mlflow
+                           writes outside the run directory, by default into outputs/mlflow.db)
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from mer_cli.core.artifacts import write_json, write_text
+from mer_cli.data.load import load_data
+from mer_cli.data.splits import Splits
+from mer_cli.evaluation.metrics import HEADLINE
+from mer_cli.models import modalities
+from mer_cli.preprocess.scaling import check_kind as check_scaling
+from mer_cli.runs import reuse
+from mer_cli.runs.late import run_late
+from mer_cli.runs.resume import check_resumable
+from mer_cli.runs.train import train_model
+from mer_cli.training import tracking
+
+log = logging.getLogger(__name__)
+
+
+def run(
+    cfg: DictConfig, out_dir: Path, resume: bool | str = False, sweep_dir: Path | None = None
+) -> dict[str, Any]:
+    """Train and evaluate the model ``cfg`` describes; write everything into ``out_dir``.
+
+    ``resume``: true, false or "auto" (continue the run in ``out_dir`` if there is one).
+    ``sweep_dir``: the multirun's root when this is one job of a sweep; models already trained
+    there with the same settings are reused instead of trained again (see `sweep`).
+    """
+    modality = cfg.modality.name
+    modalities.get(modality)  # an unknown name: one line listing the valid ones
+    check_scaling(cfg.preprocess.scaling)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    resume_here = check_resumable(cfg, out_dir, resume)
+    write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    if cfg.cv.folds is not None and cfg.cv.fold is None:
+        return run_folds(cfg, out_dir, resume, sweep_dir)  # resume=auto: each fold decides for itself
+    if sweep_dir is not None and modality != "late":
+        # a parallel job may be training this very model (as a late fusion member): wait for it
+        with reuse.training_once(sweep_dir, cfg):
+            done = reuse.find_trained(sweep_dir, cfg, out_dir)
+            if done is not None:  # trained earlier in this sweep, as a late fusion member
+                log.info(
+                    "%s: this sweep already trained the same model in %s: copied, not retrained",
+                    modality,
+                    done,
+                )
+                metrics = reuse.adopt(done, out_dir)
+                tracking.start(cfg, out_dir).finish()  # the copy is this job's tracked run
+                return metrics
+            return train_model(cfg, load_logged(cfg), out_dir, resume_here).metrics
+    splits = load_logged(cfg)
+    if modality == "late":
+        return run_late(cfg, splits, out_dir, resume_here, sweep_dir)
+    result = train_model(cfg, splits, out_dir, resume_here)
+    return result.metrics
+
+
+def load_logged(cfg: DictConfig) -> Splits:
+    """`load_data`, and a log line on what was loaded."""
+    splits = load_data(cfg.data, cfg.cv)
+    log.info(
+        "data: %s: %d train / %d val / %d test clips, %d classes",
+        splits.source,
+        len(splits.train),
+        len(splits.val),
+        len(splits.test),
+        splits.n_classes,
+    )
+    return splits
+
+
+def run_folds(cfg: DictConfig, out_dir: Path, resume: bool | str, sweep_dir: Path | None) -> dict[str, Any]:
+    """cv.folds=K: run every fold into ``out_dir/fold<i>/``; cv.json holds the mean over folds."""
+    tracked = tracking.start(cfg, out_dir)  # the folds' runs are its children
+    per_fold = []
+    for i in range(cfg.cv.folds):
+        log.info("cross-validation: fold %d of %d", i + 1, cfg.cv.folds)
+        fold_cfg = cast(DictConfig, OmegaConf.merge(cfg, {"cv": {"fold": i}}))
+        per_fold.append(run(fold_cfg, out_dir / f"fold{i}", resume, sweep_dir))
+    summary = {
+        "run": {"modality": cfg.modality.name, "seed": int(cfg.seed), "folds": int(cfg.cv.folds)},
+        **{s: {k: float(np.mean([m[s][k] for m in per_fold])) for k in HEADLINE} for s in ("val", "test")},
+    }
+    write_json(
+        out_dir / "cv.json", {**summary, "per_fold": [{s: m[s] for s in ("val", "test")} for m in per_fold]}
+    )
+    tracked.finish()
+    return summary

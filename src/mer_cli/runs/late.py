@@ -1,0 +1,191 @@
+"""Late fusion: an acoustic and a visual model (trained here or reused) whose validation
+probabilities fit the combiner (never the test split's), then both splits fused and scored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from mer_cli.core.artifacts import write_json, write_text
+from mer_cli.core.errors import ConfigError, MerError
+from mer_cli.data.splits import Splits
+from mer_cli.evaluation.metrics import score
+from mer_cli.models import modalities
+from mer_cli.models.fusion import late as late_fusion
+from mer_cli.runs import outputs, reuse, trained, upgrade
+from mer_cli.runs.train import train_model
+from mer_cli.training import tracking
+
+log = logging.getLogger(__name__)
+
+
+def run_late(
+    cfg: DictConfig,
+    splits: Splits,
+    out_dir: Path,
+    resume: bool = False,
+    sweep_dir: Path | None = None,
+) -> dict[str, Any]:
+    """Combine the class probabilities of an acoustic and a visual model (``modality.combiner``).
+
+    Each member is reused from ``modality.<member>_run`` when given, else from a run of this sweep
+    with the same settings, else trained into ``out_dir/<member>/`` with this run's data, model,
+    trainer and seed.
+    """
+    combiner, acoustic_weight = cfg.modality.get("combiner", "mean"), cfg.modality.get("acoustic_weight")
+    check_combiner(combiner, acoustic_weight)  # before any member is trained
+    tracked = tracking.start(cfg, out_dir)  # the members trained here are its children
+    members: dict[str, dict[str, outputs.Predictions]] = {}
+    sources: dict[str, str] = {}
+    for member in modalities.get("late").members:
+        member_run = cfg.modality.get(f"{member}_run")
+        member_cfg = member_config(cfg, member)
+        # a parallel job of the sweep training this member: wait for it and reuse its run
+        in_sweep = (
+            reuse.training_once(sweep_dir, member_cfg)
+            if not member_run and sweep_dir is not None
+            else contextlib.nullcontext()
+        )
+        with in_sweep:
+            if not member_run and sweep_dir is not None:
+                member_run = reuse.find_trained(sweep_dir, member_cfg, out_dir)
+            if member_run:
+                run_dir = Path(member_run).expanduser().resolve()
+                log.info("late fusion: reusing the %s model in %s", member, run_dir)
+                members[member] = trained.predict_run(run_dir, splits)
+                sources[member] = str(run_dir)
+            else:
+                log.info("late fusion: training the %s model", member)
+                member_dir = out_dir / member
+                write_text(member_dir / "config.yaml", OmegaConf.to_yaml(member_cfg, resolve=True))
+                result = train_model(member_cfg, splits, member_dir, resume)
+                members[member] = result.predictions
+                sources[member] = member
+    metrics = fuse_and_report(
+        combiner,
+        acoustic_weight,
+        members,
+        sources,
+        splits.class_names,
+        out_dir,
+        seed=int(cfg.seed),
+        data_source=splits.source,
+        save_plots=cfg.runtime.save_plots,
+    )
+    tracked.finish()
+    return metrics
+
+
+def member_config(cfg: DictConfig, member: str) -> DictConfig:
+    """A late fusion member's config: this run's, with the single-stream modality ``member``."""
+    member_cfg = copy.deepcopy(cfg)
+    with open_dict(member_cfg):
+        member_cfg.modality = {"name": member, "streams": [member]}
+        member_cfg.search = None  # a search trial is the fused model: members report no epochs
+    return member_cfg
+
+
+def check_combiner(combiner: str, acoustic_weight: float | str | None) -> None:
+    """``modality.combiner`` is known, and ``modality.acoustic_weight`` goes with it."""
+    if combiner not in late_fusion.COMBINERS:
+        raise ConfigError(f"modality.combiner={combiner!r}: valid: {', '.join(late_fusion.COMBINERS)}")
+    if acoustic_weight == "fit":
+        raise ConfigError(
+            "modality.acoustic_weight=fit is now modality.combiner=weighted (weights fitted on validation)"
+        )
+    if acoustic_weight is not None and combiner != "mean":
+        raise ConfigError(
+            f"modality.acoustic_weight={acoustic_weight}: fixed weights are for modality.combiner=mean; "
+            f"{combiner} fits its own on validation"
+        )
+
+
+def late_weights(combiner: str, acoustic_weight: float | str | None) -> dict[str, float] | None:
+    """``modality.acoustic_weight`` as the mean combiner's member weights (acoustic, visual);
+    None: equal weights. The key predates ``modality.combiner`` and names the data's two streams."""
+    check_combiner(combiner, acoustic_weight)
+    if acoustic_weight is None:
+        return None
+    try:
+        weight = float(acoustic_weight)
+    except ValueError:
+        raise ConfigError(
+            f"modality.acoustic_weight={acoustic_weight!r}: must be a number in [0, 1]"
+        ) from None
+    if not 0.0 <= weight <= 1.0:
+        raise ConfigError(f"modality.acoustic_weight={weight}: must be in [0, 1]")
+    return {"acoustic": weight, "visual": 1.0 - weight}
+
+
+def late_predictions(
+    members: dict[str, dict[str, outputs.Predictions]],
+    combined: late_fusion.LateFusion,
+    split_names: tuple[str, ...],
+) -> list[outputs.Predictions]:
+    """The members' class probabilities combined per split; all must cover the same clips."""
+    check_same_clips(members, split_names)
+    first = members[combined.members[0]]
+    return [
+        outputs.Predictions(
+            s,
+            first[s].clip_ids,
+            first[s].y_true,
+            combined.combine({m: members[m][s].y_prob for m in combined.members}),
+        )
+        for s in split_names
+    ]
+
+
+def check_same_clips(
+    members: dict[str, dict[str, outputs.Predictions]], split_names: tuple[str, ...]
+) -> None:
+    (first, *others) = members
+    for s in split_names:
+        for m in others:
+            if members[m][s].clip_ids != members[first][s].clip_ids:
+                raise MerError(f"late fusion: the {first} and {m} {s} predictions are for different clips")
+
+
+def fuse_and_report(
+    combiner: str,
+    acoustic_weight: float | str | None,
+    members: dict[str, dict[str, outputs.Predictions]],
+    sources: dict[str, str],
+    class_names: tuple[str, ...],
+    out_dir: Path,
+    seed: int,
+    data_source: str,
+    save_plots: bool = True,
+) -> dict[str, Any]:
+    weights = late_weights(combiner, acoustic_weight)
+    check_same_clips(members, ("val", "test"))  # before anything is fitted on them
+    val = next(iter(members.values()))["val"]
+    # fitted on validation predictions and labels only: the test split never chooses its own fusion
+    combined = late_fusion.fit_late(
+        combiner, {m: p["val"].y_prob for m, p in members.items()}, val.y_true, len(class_names), weights
+    )
+    fitted = combined.state()
+    if combined.weights is not None:
+        log.info("late fusion: %s, weights %s", combiner, fitted["weights"])
+    else:
+        log.info("late fusion: %s, fitted on validation", combiner)
+    predictions = late_predictions(members, combined, ("val", "test"))
+    metrics = {
+        "run": {
+            "modality": "late",
+            "seed": seed,
+            "data": data_source,
+            **{k: v for k, v in fitted.items() if k != "stacker"},  # its coefficients: late.json
+            "members": sources,
+        },
+        **{p.split: score(p.y_true, p.y_prob, class_names) for p in predictions},
+    }
+    write_json(out_dir / "late.json", {"format": upgrade.LATE_FORMAT, **fitted, "members": sources})
+    outputs.write(out_dir, metrics, None, predictions, class_names, save_plots=save_plots)
+    return metrics

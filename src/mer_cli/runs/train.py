@@ -1,0 +1,186 @@
+"""One model trained and evaluated into its run directory (every modality but late fusion):
+fit preprocessing on train -> build from the registry -> the training loop -> scores -> files.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from mer_cli.data import spec
+from mer_cli.data.splits import Splits
+from mer_cli.evaluation.metrics import score
+from mer_cli.models import modalities
+from mer_cli.preprocess import sequences
+from mer_cli.runs import outputs, trained, upgrade
+from mer_cli.training import batching, hardware, loop, pruning, tracking
+
+log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class StreamResult:
+    metrics: dict[str, Any]
+    predictions: dict[str, outputs.Predictions]  # by split
+
+
+def loop_settings(cfg: DictConfig) -> loop.Settings:
+    """The training loop's settings: ``trainer.loop`` and the run-time knobs it needs."""
+    runtime = {k: v for k, v in cfg.runtime.items() if k != "save_plots"}
+    return loop.Settings(**cfg.trainer.loop, **runtime)
+
+
+def log_profile(name: str, prep: sequences.StreamPrep) -> None:
+    """The stream's data profile and fitted preprocessing in the log; a warning when its feature
+    scales differ by orders of magnitude and the scaling does not cope with that."""
+    kind = None if prep.scaler is None else prep.scaler.kind
+    log.info("%s: target length %d frames, scaling %s", name, prep.target.length, kind or "none")
+    if prep.profile is not None:
+        log.info("%s", prep.profile.summary(name))
+        warning = prep.profile.warning(name, kind)
+        if warning:
+            log.warning("%s", warning)
+
+
+def prepare(
+    splits: Splits, modality: str, streams: list[str], preps: dict[str, sequences.StreamPrep]
+) -> tuple[sequences.SequenceSet, ...]:
+    """Train, validation and test as the model reads them, through the fitted ``preps``."""
+    return tuple(
+        sequences.apply(preps, trained.model_inputs(s, modality, streams), s.labels, s.clip_ids)
+        for s in splits.all()
+    )
+
+
+def train_model(cfg: DictConfig, splits: Splits, out_dir: Path, resume: bool = False) -> StreamResult:
+    """Fit preprocessing, build, train, evaluate and report one model (every modality but late)."""
+    settings = loop_settings(cfg)
+    loop.configure_threads(settings)
+    seed_everything(cfg.seed)
+    modality, streams = cfg.modality.name, list(cfg.modality.streams)
+    preps = {
+        name: sequences.fit(
+            frames,
+            percentile=cfg.preprocess.length_percentile,
+            normalize=cfg.preprocess.normalize,
+            scaling=cfg.preprocess.scaling,
+            skip_zero_frames=bool(cfg.preprocess.get("skip_zero_frames", False)),
+        )
+        for name, frames in trained.model_inputs(splits.train, modality, streams).items()
+    }
+    train_set, val_set, test_set = prepare(splits, modality, streams, preps)
+    for name, prep in preps.items():
+        log_profile(name, prep)
+
+    model_cfg = model_config(cfg)
+    model = trained.build_model(model_cfg, train_set.n_features, splits.n_classes)
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info(
+        "model: %s classifier, %s encoder, %s parameters",
+        model_cfg["classifier"],
+        model_cfg["encoder"]["name"],
+        f"{n_params:,}",
+    )
+    optimizer = instantiate(cfg.trainer.optimizer)(model.parameters())
+    scheduler = instantiate(cfg.trainer.scheduler)(optimizer)
+    device = hardware.resolve_device(settings.device)
+    dtype = hardware.resolve_precision(settings.precision, device)
+    meta = {
+        "format": upgrade.CHECKPOINT_FORMAT,
+        "modality": modality,
+        "streams": streams,
+        # every later prediction of this model (late fusion, mer-evaluate) uses the same precision
+        "precision": trained.PRECISION_NAMES[dtype],
+        "eval_batch_size": settings.eval_batch_size,
+        "model_config": model_cfg,
+        "n_features": train_set.n_features,
+        "class_names": list(splits.class_names),
+        "prep": {name: prep.state() for name, prep in preps.items()},
+        # what the model reads (streams, feature counts and names, frame rates, ingestion
+        # settings, label map): mer-predict and exported models check new input against it
+        "feature_spec": spec.build(splits, modality, streams, train_set.n_features),
+    }
+    tracked = tracking.start(cfg, out_dir)  # logger=tensorboard|mlflow; csv: history.csv alone
+    history = loop.fit(
+        model,
+        optimizer,
+        scheduler,
+        train_set,
+        val_set,
+        settings,
+        out_dir,
+        seed=cfg.seed,
+        checkpoint_meta=meta,
+        resume=resume,
+        on_epoch=pruning.reporting(tracked.log_epoch, cfg.get("search")),  # + a search trial's reports
+    )
+    # the epochs' own time (training + validation), summed over every session of a resumed run:
+    # a finished run that is resumed (resume=auto) re-evaluates in seconds and keeps its time
+    train_seconds = sum(float(row["seconds"]) for row in history.rows)
+
+    predictions = {
+        s_name: outputs.Predictions(
+            s_name,
+            s.clip_ids,
+            s.y.numpy(),
+            batching.predict_proba(model, s, settings.eval_batch_size, device, dtype),
+        )
+        for s_name, s in (("val", val_set), ("test", test_set))
+    }
+    metrics = {
+        "run": {
+            "modality": cfg.modality.name,
+            "seed": int(cfg.seed),
+            "data": splits.source,
+            "n_parameters": n_params,
+            "best_epoch": history.best_epoch,
+            "epochs_trained": len(history.rows),
+            "stopped_early": history.stopped_early,
+            "train_seconds": round(train_seconds, 2),
+            "device": str(device),
+            "precision": str(dtype).removeprefix("torch."),
+        },
+        **{s: score(p.y_true, p.y_prob, splits.class_names) for s, p in predictions.items()},
+    }
+    if modality in modalities.jointly_trained():
+        metrics["test"]["stream_contribution"] = trained.stream_contribution(
+            model, test_set, settings.eval_batch_size, device, dtype
+        )
+        log.info(
+            "test accuracy with only one stream's frames kept: %s", metrics["test"]["stream_contribution"]
+        )
+    outputs.write(
+        out_dir,
+        metrics,
+        history.rows,
+        list(predictions.values()),
+        splits.class_names,
+        save_plots=cfg.runtime.save_plots,
+    )
+    tracked.finish()  # the files just written: final metrics, plots, metrics.json
+    return StreamResult(metrics, predictions)
+
+
+def model_config(cfg: DictConfig) -> dict[str, Any]:
+    """The model to build, as the checkpoint stores it: the modality's classifier (registry name),
+    the ``model`` group (its encoder, once per stream for a multi-stream modality, and its head
+    sizes) and the modality options that classifier takes."""
+    modality = modalities.get(cfg.modality.name)
+    model_cfg = cast(dict[str, Any], OmegaConf.to_container(cfg.model, resolve=True))
+    model_cfg = {"classifier": modality.classifier, **model_cfg}
+    model_cfg.update({k: cfg.modality[k] for k in modality.options if k in cfg.modality})
+    return model_cfg
