@@ -204,12 +204,16 @@ def test_a_bf16_run_is_reproduced_exactly_by_mer_evaluate_members_and_late_fusio
             assert again[split] == trained[split], (target.name, split)  # exactly, loss included
 
 
-def _write_pickle(path: Path, n_classes: int = 6, bad_clip: str | None = None) -> None:
+def _write_pickle(
+    path: Path, n_classes: int = 6, bad_clip: str | None = None, shared_speakers: bool = False
+) -> None:
+    """Four speakers per split, none in two splits (``shared_speakers``: all splits the same four)."""
     rng = np.random.default_rng(0)
     data = {}
-    for split, n in (("train", 24), ("val", 12), ("test", 12)):
+    for k, (split, n) in enumerate((("train", 24), ("val", 12), ("test", 12))):
+        first = 1001 if shared_speakers else 1001 + 10 * k
         data[split] = {
-            f"{1001 + i % 4}_DFA_{split}_{i}": (
+            f"{first + i % 4}_DFA_{split}_{i}": (
                 rng.standard_normal((int(rng.integers(20, 40)), 7)),
                 rng.random((int(rng.integers(6, 12)), 4)),
                 i % n_classes,
@@ -236,14 +240,44 @@ def test_a_users_pickle_trains_with_feature_sizes_and_classes_from_the_data(tmp_
 
 
 @pytest.mark.slow
+def test_a_test_split_sharing_speakers_with_training_is_refused_unless_allowed_and_then_recorded(tmp_path):
+    pkl = tmp_path / "feats.pkl"
+    _write_pickle(pkl, n_classes=4, shared_speakers=True)  # speakers 1001-1004 in every split
+    run = tmp_path / "run"
+    proc = _train(run, "data=pickle", f"data.path={pkl}", "modality=acoustic")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"mer-train: error: {pkl}: 4 speaker(s) (1001, 1002, 1003, ...) are in both the train and "
+        "test splits, 36 clips: a speaker-dependent split (data.speaker_pattern='^(\\d{4})_'); split by "
+        "speaker, or set data.allow_speaker_overlap=true to run it anyway (recorded with every result)"
+    )
+    assert not run.exists()  # refused before anything was trained or written
+    proc = _train(
+        run, "data=pickle", f"data.path={pkl}", "modality=acoustic", "data.allow_speaker_overlap=true"
+    )
+    assert proc.returncode == 0, proc.stderr
+    speakers = json.loads((run / "metrics.json").read_text())["run"]["speakers"]
+    assert speakers["speaker_dependent"] is True and speakers["allow_speaker_overlap"] is True
+    assert speakers["shared"] == {
+        "train/test": {"speakers": 4, "clips": 36},
+        "val/test": {"speakers": 4, "clips": 24},
+    }
+    assert "a speaker-dependent split" in proc.stdout + proc.stderr
+    # and the comparison report prints it next to the model's numbers
+    proc = run_cli("compare", str(run), "--out", str(tmp_path / "report"), "--bootstrap-samples", "100")
+    assert proc.returncode == 0, proc.stderr
+    assert "| acoustic (speaker-dependent split) |" in (tmp_path / "report" / "report.md").read_text()
+
+
+@pytest.mark.slow
 def test_bad_input_is_one_error_line_nonzero_exit_and_no_run_directory(tmp_path):
     pkl = tmp_path / "feats.pkl"
-    _write_pickle(pkl, bad_clip="1002_DFA_val_1")
+    _write_pickle(pkl, bad_clip="1012_DFA_val_1")
     run = tmp_path / "run"
     proc = _train(run, "data=pickle", f"data.path={pkl}")
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
-    assert lines[-1] == f"mer-train: error: {pkl}: val/1002_DFA_val_1: mfcc has 0 frames"
+    assert lines[-1] == f"mer-train: error: {pkl}: val/1012_DFA_val_1: mfcc has 0 frames"
     assert "Traceback" not in proc.stderr
     assert not run.exists()
 

@@ -191,6 +191,8 @@ class Splits:
     # per stream, how its features were computed from raw files (mer-ingest's settings, see
     # `ingest.settings_record`); None: not recorded (the notebook's pickle, the embedded data)
     ingest_settings: Mapping[str, Any] | None = None
+    # data.leakage's check of the splits' speakers (metrics.json's run.speakers); None: not run
+    speaker_check: Mapping[str, Any] | None = None
 
     @property
     def n_classes(self) -> int:

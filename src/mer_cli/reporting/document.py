@@ -47,6 +47,20 @@ def _cell(entry: dict[str, Any], percent: bool = True) -> str:
     return text
 
 
+SPEAKER_DEPENDENT = "speaker-dependent split"
+
+
+def speaker_dependent_labels(runs: Sequence[Run], labels: dict[Path, str]) -> set[str]:
+    """The models with a run whose metrics.json says its test split shares speakers with training
+    (``run.speakers.speaker_dependent``: allowed with data.allow_speaker_overlap=true)."""
+    out = set()
+    for r in runs:
+        speakers = r.metrics.get("run", {}).get("speakers") or {}
+        if speakers.get("speaker_dependent") and r.path in labels:
+            out.add(labels[r.path])
+    return out
+
+
 def document(
     result: Comparison, runs: Sequence[Run], figures: dict[str, list[str]], root: Path
 ) -> list[Block]:
@@ -63,9 +77,23 @@ def document(
             "in the summary; the others are t-intervals across runs (none for a single run).",
         )
     )
+    dependent = speaker_dependent_labels(runs, labels)
+    if dependent:
+        blocks.append(
+            Block(
+                "p",
+                f"{SPEAKER_DEPENDENT}: {', '.join(sorted(dependent))} trained with "
+                "data.allow_speaker_overlap=true, on a test split that shares speakers with training "
+                "or validation; their numbers overstate what the model does for new speakers.",
+            )
+        )
     header = ("model", "runs", *(METRIC_TITLES[k] for k in TABLE_METRICS))
     rows = [
-        (m["label"], str(m["n_runs"]), *(_cell(m["test"][k], percent=k != "loss") for k in TABLE_METRICS))
+        (
+            m["label"] + (f" ({SPEAKER_DEPENDENT})" if m["label"] in dependent else ""),
+            str(m["n_runs"]),
+            *(_cell(m["test"][k], percent=k != "loss") for k in TABLE_METRICS),
+        )
         for m in result["models"]
     ]
     blocks.append(Block("table", rows=(header, *rows)))

@@ -19,6 +19,7 @@ of the run directory is written by a function called from here:
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -26,6 +27,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from mer_cli.core.artifacts import write_json, write_text
+from mer_cli.data import leakage
 from mer_cli.data.load import load_data
 from mer_cli.data.splits import Splits
 from mer_cli.evaluation.metrics import HEADLINE
@@ -81,6 +83,21 @@ def run(
 def load_logged(cfg: DictConfig) -> Splits:
     """`load_data`, and a log line on what was loaded."""
     splits = load_data(cfg.data, cfg.cv)
+    # before anything is fitted: a test speaker seen in training makes every number optimistic
+    speakers = leakage.check(
+        splits,
+        str(cfg.data.get("speaker_pattern", leakage.CREMA_D_SPEAKER_PATTERN)),
+        bool(cfg.data.get("allow_speaker_overlap", False)),
+    )
+    if not speakers.checked:
+        log.warning(
+            "speakers not checked: some clip ids carry no speaker matching data.speaker_pattern=%r; "
+            "nothing shows whether the test split shares speakers with training",
+            speakers.pattern,
+        )
+    elif speakers.speaker_dependent:
+        log.warning("a speaker-dependent split (data.allow_speaker_overlap=true): %s", speakers.shared)
+    splits = replace(splits, speaker_check=speakers.as_dict())
     log.info(
         "data: %s: %d train / %d val / %d test clips, %d classes",
         splits.source,

@@ -15,7 +15,10 @@ from mer_cli.runs import upgrade
 # how a run executed, where it was tracked, what happens after it, whether it was resumed, which
 # search trial it was: never part of a model (data.cache*: where generated clips are kept, never
 # which clips)
-_NOT_IDENTITY = re.compile(r"^(runtime|logger|compare|hydra|search)\.|^(resume|search)$|^data\.cache(_dir)?$")
+_NOT_IDENTITY = re.compile(
+    r"^(runtime|logger|compare|hydra|search)\.|^(resume|search)$"
+    r"|^data\.(cache(_dir)?|speaker_pattern|allow_speaker_overlap)$"  # checks, not what is learned
+)
 
 
 # which run of a model: runs that differ only here are the same model (a comparison's samples)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +77,7 @@ def run_late(
         out_dir,
         seed=int(cfg.seed),
         data_source=splits.source,
+        speaker_check=splits.speaker_check,
         save_plots=cfg.runtime.save_plots,
     )
     tracked.finish()
@@ -161,6 +163,7 @@ def fuse_and_report(
     out_dir: Path,
     seed: int,
     data_source: str,
+    speaker_check: Mapping[str, Any] | None = None,
     save_plots: bool = True,
 ) -> dict[str, Any]:
     weights = late_weights(combiner, acoustic_weight)
@@ -181,6 +184,7 @@ def fuse_and_report(
             "modality": "late",
             "seed": seed,
             "data": data_source,
+            "speakers": speaker_check,
             **{k: v for k, v in fitted.items() if k != "stacker"},  # its coefficients: late.json
             "members": sources,
         },

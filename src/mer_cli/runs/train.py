@@ -146,6 +146,7 @@ def train_model(cfg: DictConfig, splits: Splits, out_dir: Path, resume: bool = F
             "modality": cfg.modality.name,
             "seed": int(cfg.seed),
             "data": splits.source,
+            "speakers": splits.speaker_check,
             "n_parameters": n_params,
             "best_epoch": history.best_epoch,
             "epochs_trained": len(history.rows),
