@@ -84,6 +84,40 @@ def loss(y_true: np.ndarray, y_prob: np.ndarray) -> float:
     return float(log_loss(y_true, np.clip(y_prob, 1e-12, 1.0), labels=_labels(y_prob)))
 
 
+ECE_BINS = 15  # confidence bins of the expected calibration error (the common choice since Guo et al. 2017)
+
+
+def _confidence(y_true: np.ndarray, y_prob: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each clip's confidence (its top probability) and whether that top class is the true one."""
+    return y_prob.max(axis=1), (y_prob.argmax(axis=1) == y_true).astype(np.float64)
+
+
+def _binned_gap(confidence: np.ndarray, correct: np.ndarray, bins: list[np.ndarray]) -> float:
+    n = len(confidence)
+    return float(sum(len(b) / n * abs(correct[b].mean() - confidence[b].mean()) for b in bins if len(b)))
+
+
+def ece(y_true: np.ndarray, y_prob: np.ndarray, n_bins: int = ECE_BINS) -> float:
+    """Expected calibration error with equal-width confidence bins ((0, 1/n], ..., ((n-1)/n, 1]):
+    the clip-weighted mean |accuracy - mean confidence| over the bins."""
+    confidence, correct = _confidence(y_true, y_prob)
+    which = np.clip(np.ceil(confidence * n_bins).astype(int) - 1, 0, n_bins - 1)
+    return _binned_gap(confidence, correct, [np.flatnonzero(which == b) for b in range(n_bins)])
+
+
+def ece_adaptive(y_true: np.ndarray, y_prob: np.ndarray, n_bins: int = ECE_BINS) -> float:
+    """Expected calibration error with equal-count bins: clips sorted by confidence, cut into
+    ``n_bins`` groups of (nearly) equal size, so sparse confidence ranges do not dominate."""
+    confidence, correct = _confidence(y_true, y_prob)
+    order = np.argsort(confidence, kind="stable")
+    return _binned_gap(confidence, correct, list(np.array_split(order, min(n_bins, len(order)))))
+
+
+def brier(y_true: np.ndarray, y_prob: np.ndarray) -> float:
+    """Multi-class Brier score: the mean over clips of sum_c (p_c - [c is the true class])^2."""
+    return float(((y_prob - _onehot(y_true, y_prob)) ** 2).sum(axis=1).mean())
+
+
 # the one definition of each metric: metrics.json, the training history, the report's tables
 METRICS: Registry[Metric] = Registry("metric")
 for _m in (
@@ -105,6 +139,10 @@ for _m in (
     Metric("roc_auc_micro", "ROC-AUC (micro)", True, roc_auc_micro),
     Metric("roc_auc_macro", "ROC-AUC (macro)", True, roc_auc_macro),
     Metric("loss", "loss", False, loss, percent=False),
+    Metric("ece", "ECE", False, ece),
+    Metric("ece_adaptive", "ECE (adaptive bins)", False, ece_adaptive),
+    Metric("brier", "Brier score", False, brier, percent=False),
+    Metric("nll", "NLL", False, loss, percent=False),  # the same as loss: calibration's usual name
 ):
     METRICS.add(_m.name, _m)
 
@@ -114,7 +152,18 @@ HEADLINE = ("f1_macro", "accuracy", "balanced_accuracy", "roc_auc_micro")
 TABLE = ("f1_macro", "accuracy", "balanced_accuracy", "roc_auc_micro", "roc_auc_macro", "loss")
 BARS = tuple(m for m in TABLE if METRICS.get(m).from_labels)
 # metrics.json's order of the scalar metrics of a split
-SCORE_ORDER = ("loss", "f1_macro", "accuracy", "balanced_accuracy", "roc_auc_micro", "roc_auc_macro")
+SCORE_ORDER = (
+    "loss",
+    "f1_macro",
+    "accuracy",
+    "balanced_accuracy",
+    "roc_auc_micro",
+    "roc_auc_macro",
+    "ece",
+    "ece_adaptive",
+    "brier",
+    "nll",
+)
 
 
 def score(y_true: np.ndarray, y_prob: np.ndarray, class_names: Sequence[str]) -> dict[str, Any]:

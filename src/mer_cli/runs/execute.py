@@ -30,6 +30,7 @@ from mer_cli.core.artifacts import write_json, write_text
 from mer_cli.data import leakage
 from mer_cli.data.load import load_data
 from mer_cli.data.splits import Splits
+from mer_cli.evaluation import calibration
 from mer_cli.evaluation.metrics import HEADLINE
 from mer_cli.models import modalities
 from mer_cli.preprocess.scaling import check_kind as check_scaling
@@ -53,6 +54,7 @@ def run(
     """
     modality = cfg.modality.name
     modalities.get(modality)  # an unknown name: one line listing the valid ones
+    calibration.check(str(cfg.get("eval", {}).get("calibration", "none")))
     check_scaling(cfg.preprocess.scaling)
     out_dir.mkdir(parents=True, exist_ok=True)
     resume_here = check_resumable(cfg, out_dir, resume)

@@ -15,8 +15,10 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from mer_cli.core.artifacts import write_json
 from mer_cli.data import spec
 from mer_cli.data.splits import Splits
+from mer_cli.evaluation import calibration
 from mer_cli.evaluation.metrics import score
 from mer_cli.models import modalities
 from mer_cli.preprocess import sequences
@@ -132,12 +134,15 @@ def train_model(cfg: DictConfig, splits: Splits, out_dir: Path, resume: bool = F
     # a finished run that is resumed (resume=auto) re-evaluates in seconds and keeps its time
     train_seconds = sum(float(row["seconds"]) for row in history.rows)
 
+    temperature = calibrate(cfg, model, val_set, settings.eval_batch_size, device, dtype, out_dir)
     predictions = {
         s_name: outputs.Predictions(
             s_name,
             s.clip_ids,
             s.y.numpy(),
-            batching.predict_proba(model, s, settings.eval_batch_size, device, dtype),
+            batching.predict_proba(
+                model, s, settings.eval_batch_size, device, dtype, temperature=temperature or 1.0
+            ),
         )
         for s_name, s in (("val", val_set), ("test", test_set))
     }
@@ -154,6 +159,7 @@ def train_model(cfg: DictConfig, splits: Splits, out_dir: Path, resume: bool = F
             "train_seconds": round(train_seconds, 2),
             "device": str(device),
             "precision": str(dtype).removeprefix("torch."),
+            "temperature": temperature,
         },
         **{s: score(p.y_true, p.y_prob, splits.class_names) for s, p in predictions.items()},
     }
@@ -174,6 +180,36 @@ def train_model(cfg: DictConfig, splits: Splits, out_dir: Path, resume: bool = F
     )
     tracked.finish()  # the files just written: final metrics, plots, metrics.json
     return StreamResult(metrics, predictions)
+
+
+def calibrate(
+    cfg: DictConfig,
+    model: torch.nn.Module,
+    val_set: sequences.SequenceSet,
+    batch_size: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    out_dir: Path,
+) -> float | None:
+    """``eval.calibration=temperature``: the temperature fitted on the validation split's
+    probabilities, written to calibration.json (mer-evaluate, mer-predict and exports read it
+    there); None without calibration."""
+    method = calibration.check(str(cfg.get("eval", {}).get("calibration", "none")))
+    if method == "none":
+        return None
+    prob = batching.predict_proba(model, val_set, batch_size, device, dtype)
+    y_val = val_set.y.numpy()
+    temperature = calibration.fit_temperature(y_val, prob)  # validation only: never the test split
+    log.info(
+        "temperature %.4f fitted on validation: val NLL %.4f -> %.4f",
+        temperature,
+        calibration.nll(y_val, prob),
+        calibration.nll(y_val, calibration.rescale(prob, temperature)),
+    )
+    write_json(
+        out_dir / trained.CALIBRATION_FILE, {"format": 1, "method": method, "temperature": temperature}
+    )
+    return temperature
 
 
 def model_config(cfg: DictConfig) -> dict[str, Any]:

@@ -9,6 +9,7 @@ imports or calls anything it names: the model is a registry name plus plain para
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
@@ -97,7 +98,26 @@ def load_trained(run_dir: Path) -> tuple[torch.nn.Module, dict[str, sequences.St
         raise MerError(f"{path}: {e}") from None
     except (KeyError, TypeError, ValueError, RuntimeError) as e:  # a file that is not ours
         raise MerError(f"{path}: not a mer-cli checkpoint ({type(e).__name__}: {e})") from None
-    return model, preps, meta
+    return model, preps, {**meta, "temperature": read_temperature(run_dir)}
+
+
+# eval.calibration=temperature: the temperature fitted on validation, beside the checkpoint
+CALIBRATION_FILE = "calibration.json"
+
+
+def read_temperature(run_dir: Path) -> float:
+    """The run's fitted temperature (calibration.json), 1.0 for a run without calibration."""
+    path = run_dir / CALIBRATION_FILE
+    if not path.exists():
+        return 1.0
+    try:
+        state = json.loads(path.read_text())
+        temperature = float(state["temperature"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise MerError(f"{path}: not a mer-cli calibration file ({type(e).__name__}: {e})") from None
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise MerError(f"{path}: temperature {temperature} is not a positive number")
+    return temperature
 
 
 def predict_run(
@@ -134,7 +154,7 @@ def predict_run(
                     f"{run_dir}: the model reads {meta['n_features'][name]} {name} features per "
                     f"frame, the data has {n}"
                 )
-        prob = batching.predict_proba(model, seqs, batch_size, device, dtype)
+        prob = batching.predict_proba(model, seqs, batch_size, device, dtype, temperature=meta["temperature"])
         out[s] = outputs.Predictions(s, seqs.clip_ids, seqs.y.numpy(), prob)
     return out
 

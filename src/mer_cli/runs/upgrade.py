@@ -143,6 +143,8 @@ def config_keys(flat: Mapping[str, Any]) -> dict[str, Any]:
         flat["preprocess.scaling"] = scaling  # unscaled: the scaling option changes nothing
     if "preprocess.length_percentile" in flat:  # a run from before zero frames could be skipped
         flat.setdefault("preprocess.skip_zero_frames", False)
+    if "modality.name" in flat:  # a run from before eval.calibration reported its raw softmax
+        flat.setdefault("eval.calibration", "none")
     encoder_target = flat.pop("model.encoder._target_", None)
     if encoder_target is not None:  # models named by import path (before the registries)
         flat.pop("model._target_", None)

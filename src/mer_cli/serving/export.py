@@ -69,13 +69,19 @@ class RunGraph(nn.Module):
     ``streams``)."""
 
     def __init__(
-        self, model: nn.Module, preps: dict[str, sequences.StreamPrep], modality: str, streams: list[str]
+        self,
+        model: nn.Module,
+        preps: dict[str, sequences.StreamPrep],
+        modality: str,
+        streams: list[str],
+        temperature: float = 1.0,
     ) -> None:
         super().__init__()
         self.inputs = list(streams)
         self.early = EarlyFuse() if modalities.get(modality).inputs == "early" else None
         self.preps = nn.ModuleDict({name: StreamPreprocess(p) for name, p in preps.items()})
         self.model = model
+        self.temperature = temperature  # eval.calibration=temperature: fitted on validation
 
     def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
         pairs = [(tensors[2 * i], tensors[2 * i + 1]) for i in range(len(self.inputs))]
@@ -84,7 +90,7 @@ class RunGraph(nn.Module):
         else:
             streams = dict(zip(self.inputs, pairs, strict=True))
         model_inputs = {name: prep(*streams[name]) for name, prep in self.preps.items()}
-        return torch.softmax(self.model(model_inputs).float(), dim=1)
+        return torch.softmax(self.model(model_inputs).float() / self.temperature, dim=1)
 
 
 class LateGraph(nn.Module):
@@ -145,7 +151,7 @@ def run_graph(run_dir: Path) -> tuple[RunGraph, dict[str, Any], dict[str, int]]:
     model.eval()
     exact_masking_everywhere(model)
     streams = list(meta["streams"])
-    graph = RunGraph(model, preps, meta["modality"], streams).eval()
+    graph = RunGraph(model, preps, meta["modality"], streams, float(meta.get("temperature", 1.0))).eval()
     return graph, meta, input_features(run_dir, meta)
 
 
@@ -221,6 +227,7 @@ def member_fields(run_dir: Path, meta: dict[str, Any]) -> dict[str, Any]:
         "modality": meta["modality"],
         "streams": list(meta["streams"]),
         "trained_precision": trained.trained_precision(run_dir, meta),
+        "temperature": float(meta.get("temperature", 1.0)),
         "preprocessing": {
             name: {
                 "target_length": prep.target.length,

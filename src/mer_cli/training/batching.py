@@ -174,8 +174,10 @@ def predict_proba(
     dtype: torch.dtype,
     workers: int = 0,
     pin_memory: bool | None = None,
+    temperature: float = 1.0,
 ) -> np.ndarray:
-    """Class probabilities (N, C) in ``data``'s order; batches sorted by length pad least."""
+    """Class probabilities (N, C) in ``data``'s order, softmax(logits / ``temperature``); batches
+    sorted by length pad least."""
     model.eval()
     batches = inference_batches(data.lengths, batch_size)
     out: list[torch.Tensor] = []
@@ -183,7 +185,7 @@ def predict_proba(
     with torch.inference_mode(), autocast(device, dtype):
         for batch in loader:
             inputs, _ = to_device(batch, device)
-            out.append(torch.softmax(model(inputs).float(), dim=1).cpu())
+            out.append(torch.softmax(model(inputs).float() / temperature, dim=1).cpu())
     probs = torch.empty(len(data), out[0].shape[1])
     probs[torch.cat(batches)] = torch.cat(out)
     return probs.numpy()
