@@ -9,11 +9,11 @@ the run records that its split is speaker-dependent.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from mer_cli.core.errors import ConfigError, DataError
+from mer_cli.data import folds
 from mer_cli.data.folds import CREMA_D_ACTOR_PATTERN as CREMA_D_SPEAKER_PATTERN  # noqa: F401 (re-exported)
 from mer_cli.data.splits import Splits
 
@@ -44,27 +44,15 @@ class SpeakerCheck:
         }
 
 
-def speaker_ids(clip_ids: Sequence[str], regex: re.Pattern[str]) -> list[str] | None:
-    """Each clip's speaker (the regex's first group, or its whole match); None when any clip id
-    carries none."""
-    out = []
-    for clip_id in clip_ids:
-        m = regex.search(clip_id)
-        if m is None:
-            return None
-        out.append(m.group(1) if regex.groups else m.group(0))
-    return out
-
-
 def check(splits: Splits, pattern: str, allow_overlap: bool) -> SpeakerCheck:
     """The speakers each split holds and what the test split shares; DataError (one line naming
     the dataset, how many speakers and clips, and a few of them) on a shared speaker unless
     ``allow_overlap``."""
-    try:
-        regex = re.compile(pattern)
+    try:  # checked here, so a bad pattern names data.speaker_pattern (folds names cv.actor_pattern)
+        re.compile(pattern)
     except re.error as e:
         raise ConfigError(f"data.speaker_pattern={pattern!r}: not a regular expression ({e})") from None
-    ids = {s.name: speaker_ids(s.clip_ids, regex) for s in splits.all()}
+    ids = {s.name: folds.maybe_actor_ids(s.clip_ids, pattern) for s in splits.all()}
     if any(v is None for v in ids.values()):
         return SpeakerCheck(pattern, checked=False, allowed=allow_overlap)
     speakers = {name: set(v or ()) for name, v in ids.items()}

@@ -34,6 +34,8 @@ def rescale(y_prob: np.ndarray, temperature: float) -> np.ndarray:
 
 
 def nll(y_true: np.ndarray, y_prob: np.ndarray) -> float:
+    """Mean negative log-probability of the true class (floored at 1e-12): the training history's
+    val/loss and what temperature scaling minimizes."""
     return float(-np.log(np.clip(y_prob[np.arange(len(y_true)), y_true], 1e-12, None)).mean())
 
 

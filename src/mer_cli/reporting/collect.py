@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -90,7 +89,7 @@ def _job_dirs(root: Path) -> Iterable[Path]:
 
 
 def load_run(path: Path, actor_pattern: str | None = None) -> Run:
-    metrics = _read_json(path / "metrics.json")
+    metrics = files.read_json(path / "metrics.json")
     cfg: dict[str, Any] = {}
     if (path / "config.yaml").is_file():
         cfg = flatten(OmegaConf.to_container(OmegaConf.load(path / "config.yaml"), resolve=False))
@@ -144,21 +143,11 @@ def _hydra_choices(path: Path) -> dict[str, str]:
 
 
 def _load_failure(path: Path) -> Failure:
-    info = _read_json(path / "failed.json")
+    info = files.read_json(path / "failed.json")
     seed = info.get("seed")
     return Failure(
         path, info.get("modality"), int(seed) if seed is not None else None, str(info.get("error"))
     )
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        obj = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise MerError(f"{path}: unreadable ({e})") from e
-    if not isinstance(obj, dict):
-        raise MerError(f"{path}: expected a JSON object")
-    return obj
 
 
 def label_runs(runs: Sequence[Run]) -> dict[Path, str]:

@@ -8,6 +8,7 @@ what mer-train writes is one error line naming it.
 
 from __future__ import annotations
 
+import json
 import pickle
 from pathlib import Path
 from typing import Any
@@ -31,10 +32,7 @@ def _interpolations(value: Any, where: str) -> list[str]:
 
 def read_config(path: Path) -> DictConfig:
     """A run's resolved config.yaml as a config whose values are exactly the file's."""
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise MerError(f"{path}: unreadable ({one_line(e)})") from None
+    raw = read_yaml(path)
     if not isinstance(raw, dict):
         raise MerError(f"{path}: not a mer-train config (expected a mapping)")
     found = _interpolations(raw, "")
@@ -54,6 +52,17 @@ def read_yaml(path: Path) -> Any:
         return yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as e:
         raise MerError(f"{path}: unreadable ({one_line(e)})") from None
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object file of a run (metrics.json, late.json, failed.json, calibration.json)."""
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise MerError(f"{path}: unreadable ({e})") from e
+    if not isinstance(obj, dict):
+        raise MerError(f"{path}: expected a JSON object")
+    return obj
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:

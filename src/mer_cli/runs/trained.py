@@ -110,10 +110,10 @@ def read_temperature(run_dir: Path) -> float:
     path = run_dir / CALIBRATION_FILE
     if not path.exists():
         return 1.0
+    state = files.read_json(path)
     try:
-        state = json.loads(path.read_text())
         temperature = float(state["temperature"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError) as e:
         raise MerError(f"{path}: not a mer-cli calibration file ({type(e).__name__}: {e})") from None
     if not (math.isfinite(temperature) and temperature > 0):
         raise MerError(f"{path}: temperature {temperature} is not a positive number")
@@ -194,11 +194,8 @@ def read_late(run_dir: Path) -> tuple[dict[str, Any], late_fusion.LateFusion, di
     path = run_dir / "late.json"
     if not path.exists():
         return None
-    try:
-        late = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise MerError(f"{path}: unreadable ({e})") from None
-    sources = late.get("members") if isinstance(late, dict) else None
+    late = files.read_json(path)
+    sources = late.get("members")
     if not isinstance(sources, dict) or not all(isinstance(v, str) for v in sources.values()):
         raise MerError(f"{path}: 'members' must map each member to its run directory")
     members = {m: member_dir(run_dir, src) for m, src in sources.items()}

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
@@ -24,7 +23,7 @@ from tqdm import tqdm
 from mer_cli.core import allocator
 from mer_cli.core.artifacts import deferred_interrupts, load_checkpoint, save_checkpoint
 from mer_cli.core.errors import ConfigError
-from mer_cli.evaluation import metrics
+from mer_cli.evaluation import calibration, metrics
 from mer_cli.models.layers import Frames
 from mer_cli.preprocess.sequences import SequenceSet
 from mer_cli.training.batching import batch_indices, batch_loader, n_batches, predict_proba, to_device
@@ -278,10 +277,11 @@ def fit(
         settings.loader_workers,
         settings.pin_memory,
     )
-    waited = [False]  # the first batch's wait is logged once
     for epoch in range(progress.next_epoch, settings.max_epochs + 1):
         started = time.perf_counter()
-        train_row = train_epoch(trainee, loader, device, dtype, epoch, settings, fit_started, waited)
+        # the first batch of this session's first epoch logs how long training took to start
+        first = fit_started if epoch == progress.next_epoch else None
+        train_row = train_epoch(trainee, loader, device, dtype, epoch, settings, first)
         val_row = validate(model, val_set, device, dtype, settings)
         row = {
             "epoch": epoch,
@@ -339,10 +339,10 @@ def train_epoch(
     dtype: torch.dtype,
     epoch: int,
     settings: Settings,
-    fit_started: float,
-    waited: list[bool],
+    fit_started: float | None,
 ) -> dict[str, float]:
-    """One pass over the training batches; the epoch's train/* history columns."""
+    """One pass over the training batches; the epoch's train/* history columns. ``fit_started``
+    (the first epoch of a training only): its first batch logs the wait since then."""
     trainee.model.train()
     loss_fn = nn.CrossEntropyLoss()
     total_loss, y_true, y_prob = 0.0, [], []
@@ -354,9 +354,9 @@ def train_epoch(
         unit="batch",
     )
     for batch in bar:
-        if not waited[0]:
+        if fit_started is not None:
             _log_first_batch(fit_started)
-            waited[0] = True
+            fit_started = None
         inputs, y = to_device(batch, device)
         loss, logits = train_step(trainee.model, trainee.optimizer, trainee.scaler, loss_fn, inputs, y, dtype)
         total_loss += loss.item() * len(y)
@@ -380,7 +380,7 @@ def validate(
     )
     val_y = val_set.y.numpy()
     return {
-        "val/loss": _nll(val_prob, val_y),
+        "val/loss": calibration.nll(val_y, val_prob),
         "val/accuracy": float((val_prob.argmax(1) == val_y).mean()),
         "val/roc_auc": metrics.roc_auc_micro(val_y, val_prob),
         # metrics.json's f1_macro (every class counted): what a hyperparameter search maximizes
@@ -464,8 +464,3 @@ def should_stop(
         log.info("early stop: no better val/loss for %d epochs", progress.bad_epochs)
         return True
     return False
-
-
-def _nll(prob: np.ndarray, y_true: np.ndarray) -> float:
-    """Mean categorical cross-entropy of predicted probabilities."""
-    return float(-np.log(np.clip(prob[np.arange(len(y_true)), y_true], 1e-12, None)).mean())
