@@ -7,6 +7,7 @@ folder on sys.path, so the tests in every subfolder share these helpers.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import signal
@@ -170,6 +171,18 @@ def smoke_config(*overrides: str) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------
 # Hand-built data and models
+
+
+class SignalWhenPickled:
+    """Sends ``signum`` to this process while torch.save is pickling it: the signal then
+    arrives inside the zip writer, the moment a real Ctrl-C hits by bad luck."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        os.kill(os.getpid(), self.signum)
+        return (collections.OrderedDict, ())
 
 
 def make_split(

@@ -2,27 +2,15 @@
 
 from __future__ import annotations
 
-import collections
 import os
 import signal
 
 import pytest
 import torch
 
+from conftest import SignalWhenPickled
 from mer_cli.core import console
 from mer_cli.core.artifacts import atomic_open, load_checkpoint, save_checkpoint
-
-
-class SignalWhenPickled:
-    """Sends ``signum`` to this process while torch.save is pickling it: the signal then
-    arrives inside the zip writer, the moment a real Ctrl-C hits by bad luck."""
-
-    def __init__(self, signum: int) -> None:
-        self.signum = signum
-
-    def __reduce__(self):  # type: ignore[no-untyped-def]
-        os.kill(os.getpid(), self.signum)
-        return (collections.OrderedDict, ())
 
 
 @pytest.fixture

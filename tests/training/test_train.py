@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import bilstm, inputs, padded_set
+from conftest import SignalWhenPickled, bilstm, inputs, padded_set
 from mer_cli.core import allocator
 from mer_cli.core.errors import ConfigError
 from mer_cli.runs.late import fuse_and_report
@@ -98,8 +98,6 @@ def test_fit_learns_restores_the_best_epoch_and_checkpoints_it(tmp_path):
 def test_ctrl_c_while_the_best_checkpoint_is_written_still_leaves_that_epochs_last_pt(tmp_path):
     """checkpoint.pt and last.pt are one unit: a Ctrl-C that lands while epoch 1's best weights
     are being written takes effect once its last.pt is in place too, so the run can resume."""
-    from test_artifacts import SignalWhenPickled
-
     with pytest.raises(KeyboardInterrupt):
         _fit(tmp_path, epochs=3, meta={"trigger": SignalWhenPickled(signal.SIGINT)})
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["epoch"] == 1
