@@ -31,6 +31,7 @@ RUN_FILES = [
     "plots/test_roc.png",
     "plots/test_roc_per_class.png",
     "plots/test_pr_per_class.png",
+    "plots/test_reliability.png",
 ]
 HEADLINE = ["f1_macro", "accuracy", "balanced_accuracy", "roc_auc_micro", "confusion_matrix"]
 

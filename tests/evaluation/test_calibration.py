@@ -107,3 +107,23 @@ def test_eval_calibration_temperature_is_fitted_on_validation_and_applied_to_tes
     assert proc.returncode == 0, proc.stderr
     (again,) = (cal / "evaluations").iterdir()
     assert json.loads((again / "metrics.json").read_text())["test"] == metrics["test"]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_reliability_bins_match_scikit_learns_calibration_curve(seed):
+    from sklearn.calibration import calibration_curve
+
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=(500, 6)) * 2
+    y_true = rng.integers(0, 6, 500)
+    y_prob = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    r = metrics.reliability(y_true, y_prob, n_bins=10)
+    correct = (y_prob.argmax(1) == y_true).astype(int)
+    accuracy, confidence = calibration_curve(correct, y_prob.max(1), n_bins=10, strategy="uniform")
+    filled = r.counts > 0
+    np.testing.assert_allclose(r.accuracy[filled], accuracy, atol=1e-12)
+    np.testing.assert_allclose(r.confidence[filled], confidence, atol=1e-12)
+    assert r.counts.sum() == 500
+    # ECE is the count-weighted gap of these same bins
+    gap = np.nansum(r.counts * np.abs(r.accuracy - r.confidence)) / 500
+    assert metrics.ece(y_true, y_prob, n_bins=10) == pytest.approx(gap)

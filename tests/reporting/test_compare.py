@@ -155,7 +155,7 @@ def test_sweep_ends_with_a_report_whose_numbers_are_the_runs_own(sweep_a):
     # self-contained HTML: every figure embedded as a PNG, nothing fetched from elsewhere
     page = (sweep_a / "report.html").read_text()
     images = re.findall(r'<img alt="[^"]*" src="data:image/png;base64,([^"]+)">', page)
-    assert len(images) == 7  # 3 bar charts + 4 grids
+    assert len(images) == 3 + len(options.GRIDS)  # 3 bar charts + one grid per kind
     assert all(base64.b64decode(b)[:8] == b"\x89PNG\r\n\x1a\n" for b in images)
     assert 'src="http' not in page and "figures/" not in page
     assert unclosed_tags(page) == []
@@ -507,10 +507,12 @@ def test_a_30_model_comparison_tests_each_model_against_the_best_plus_the_named_
         parts = [(models, part) for k, models, part in drawn if k == kind]
         assert parts == [(labels[i : i + 10], f"{n} of 3") for n, i in enumerate((0, 10, 20), 1)]
     figures = sorted(p.name for p in (tmp_path / "report" / "figures").iterdir())
-    assert len(figures) == 3 + 4 * 3
+    assert len(figures) == 3 + len(options.GRIDS) * 3
     assert "grid_roc_micro_3.png" in figures and "grid_roc_micro.png" not in figures
     page = (tmp_path / "report" / "report.html").read_text()
-    assert len(re.findall(r'<img alt="[^"]*" src="data:image/png;base64,', page)) == 15
+    assert (
+        len(re.findall(r'<img alt="[^"]*" src="data:image/png;base64,', page)) == 3 + len(options.GRIDS) * 3
+    )
     md = (tmp_path / "report" / "report.md").read_text()
     assert "![test: confusion matrix (2 of 3)](figures/grid_confusion_matrices_2.png)" in md
 
@@ -573,7 +575,7 @@ def test_a_30_model_smoke_sweep_writes_its_report(tmp_path):
     assert [{p["a"], p["b"]} for p in pairs if p["named"]] == [named]
     assert len(pairs) == 29 + (best not in named)
     figures = sorted(p.name for p in (root / "figures").iterdir())
-    assert len(figures) == 3 + 4 * 3 and "grid_pr_per_class_3.png" in figures
+    assert len(figures) == 3 + len(options.GRIDS) * 3 and "grid_pr_per_class_3.png" in figures
     assert (root / "report.md").read_text().count("](figures/grid_") == 12
 
 

@@ -97,12 +97,39 @@ def _binned_gap(confidence: np.ndarray, correct: np.ndarray, bins: list[np.ndarr
     return float(sum(len(b) / n * abs(correct[b].mean() - confidence[b].mean()) for b in bins if len(b)))
 
 
+def _equal_width_bins(confidence: np.ndarray, n_bins: int) -> list[np.ndarray]:
+    """Clip indices per confidence bin (0, 1/n], ..., ((n-1)/n, 1]."""
+    which = np.clip(np.ceil(confidence * n_bins).astype(int) - 1, 0, n_bins - 1)
+    return [np.flatnonzero(which == b) for b in range(n_bins)]
+
+
 def ece(y_true: np.ndarray, y_prob: np.ndarray, n_bins: int = ECE_BINS) -> float:
     """Expected calibration error with equal-width confidence bins ((0, 1/n], ..., ((n-1)/n, 1]):
     the clip-weighted mean |accuracy - mean confidence| over the bins."""
     confidence, correct = _confidence(y_true, y_prob)
-    which = np.clip(np.ceil(confidence * n_bins).astype(int) - 1, 0, n_bins - 1)
-    return _binned_gap(confidence, correct, [np.flatnonzero(which == b) for b in range(n_bins)])
+    return _binned_gap(confidence, correct, _equal_width_bins(confidence, n_bins))
+
+
+@dataclass(frozen=True)
+class Reliability:
+    """A reliability diagram's numbers: per equal-width confidence bin (the bins of `ece`), its
+    clip count, mean confidence and accuracy (NaN for an empty bin)."""
+
+    edges: np.ndarray  # (n_bins + 1,)
+    counts: np.ndarray  # (n_bins,)
+    confidence: np.ndarray  # (n_bins,)
+    accuracy: np.ndarray  # (n_bins,)
+
+
+def reliability(y_true: np.ndarray, y_prob: np.ndarray, n_bins: int = ECE_BINS) -> Reliability:
+    confidence, correct = _confidence(y_true, y_prob)
+    bins = _equal_width_bins(confidence, n_bins)
+    return Reliability(
+        edges=np.linspace(0.0, 1.0, n_bins + 1),
+        counts=np.array([len(b) for b in bins]),
+        confidence=np.array([confidence[b].mean() if len(b) else np.nan for b in bins]),
+        accuracy=np.array([correct[b].mean() if len(b) else np.nan for b in bins]),
+    )
 
 
 def ece_adaptive(y_true: np.ndarray, y_prob: np.ndarray, n_bins: int = ECE_BINS) -> float:
@@ -149,7 +176,8 @@ for _m in (
 # headline metrics, in the order tables and summaries show them
 HEADLINE = ("f1_macro", "accuracy", "balanced_accuracy", "roc_auc_micro")
 # the comparison's tables (label-based ones also get a bootstrap interval) and bar charts
-TABLE = ("f1_macro", "accuracy", "balanced_accuracy", "roc_auc_micro", "roc_auc_macro", "loss")
+# (ECE beside macro F1: how far the model's confidence can be taken at its word)
+TABLE = ("f1_macro", "ece", "accuracy", "balanced_accuracy", "roc_auc_micro", "roc_auc_macro", "loss")
 BARS = tuple(m for m in TABLE if METRICS.get(m).from_labels)
 # metrics.json's order of the scalar metrics of a split
 SCORE_ORDER = (

@@ -199,7 +199,7 @@ class Spread:
     n: int
 
 
-def spread(values: Sequence[float], confidence: float) -> Spread:
+def spread(values: Sequence[float | None], confidence: float) -> Spread:
     v = np.asarray([x for x in values if x is not None and math.isfinite(x)], dtype=float)
     if len(v) == 0:
         return Spread(math.nan, None, None, 0)

@@ -17,11 +17,14 @@ import numpy as np
 
 from mer_cli.core.errors import MerError
 from mer_cli.evaluation import stats
+from mer_cli.evaluation.metrics import METRICS
 from mer_cli.reporting.collect import Failure, Run, label_runs
 from mer_cli.reporting.options import (
     ALL_PAIRS_UP_TO,
+    BALANCED_FIRST,
     BAR_METRICS,
     HUMAN_RATES,
+    IMBALANCE_RATIO,
     MODALITY_ORDER,
     TABLE_METRICS,
     Comparison,
@@ -65,6 +68,7 @@ def build(runs: Sequence[Run], failures: Sequence[Failure], settings: Settings) 
     majority = [stats.majority_scores(y, n_classes) for y in test_sets.values()]
     chance = {k: float(np.mean([m[k] for m in majority])) for k in stats.BOOTSTRAP_METRICS}
     human = _human_reference(runs, settings)
+    balance = test_balance(list(test_sets.values()), class_names)
     result: Comparison = {
         "settings": {
             "bootstrap_samples": settings.bootstrap_samples,
@@ -75,6 +79,11 @@ def build(runs: Sequence[Run], failures: Sequence[Failure], settings: Settings) 
             "pairs": [list(p) for p in settings.pairs],
         },
         "class_names": list(class_names),
+        "test_balance": balance,
+        # the table's metrics in the order it shows them
+        "table_metrics": list(
+            dict.fromkeys([*BALANCED_FIRST, *TABLE_METRICS]) if balance["imbalanced"] else TABLE_METRICS
+        ),
         "chance": chance,
         "human_rates": HUMAN_RATES if human else None,
         "models": [
@@ -99,6 +108,22 @@ def build(runs: Sequence[Run], failures: Sequence[Failure], settings: Settings) 
     }
     result["summary"] = summary_sentences(result)
     return result
+
+
+def test_balance(test_sets: Sequence[np.ndarray], class_names: Sequence[str]) -> dict[str, Any]:
+    """How unequal the test split's classes are: the largest class's clips over the smallest's, in
+    the most unequal test set compared (folds have one each); imbalanced above IMBALANCE_RATIO."""
+    worst: dict[str, Any] = {"ratio": 1.0}
+    for y in test_sets:
+        counts = np.bincount(y, minlength=len(class_names))
+        ratio = math.inf if counts.min() == 0 else float(counts.max() / counts.min())
+        if ratio >= worst["ratio"]:
+            worst = {
+                "ratio": ratio,
+                "largest": [class_names[int(counts.argmax())], int(counts.max())],
+                "smallest": [class_names[int(counts.argmin())], int(counts.min())],
+            }
+    return {**worst, "imbalanced": worst["ratio"] > IMBALANCE_RATIO, "threshold": IMBALANCE_RATIO}
 
 
 def nothing_to_compare(failures: Sequence[Failure]) -> Comparison:
@@ -148,9 +173,9 @@ def summarize(model: Model, n_classes: int, settings: Settings) -> None:
         samples, n_classes, stats.BOOTSTRAP_METRICS, settings.bootstrap_samples, seed=settings.seed
     )
     for k in TABLE_METRICS:
-        values = [r.metrics["test"].get(k) for r in model.runs]
+        values = [r.test_metric(k) for r in model.runs]
         s = stats.spread(values, settings.confidence)
-        if s.ci and k != "loss":  # a rate: with few runs the t-interval can overshoot [0, 1]
+        if s.ci and METRICS.get(k).percent:  # a rate: with few runs the t-interval can overshoot [0, 1]
             s = replace(s, ci=(max(0.0, s.ci[0]), min(1.0, s.ci[1])))
         entry: dict[str, Any] = {
             "mean": s.mean,

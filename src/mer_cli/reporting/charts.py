@@ -126,6 +126,8 @@ def grid(models: Sequence[Model], kind: str, class_names: Sequence[str], part: s
             outputs.plot_roc_micro(ax, y_true, y_prob, title)
         elif kind == "roc_per_class":
             outputs.plot_roc_per_class(ax, y_true, y_prob, class_names, title)
+        elif kind == "reliability":
+            outputs.plot_reliability(ax, y_true, y_prob, title)
         else:
             outputs.plot_pr_per_class(ax, y_true, y_prob, class_names, title)
     for ax in list(axes.flat)[n:]:

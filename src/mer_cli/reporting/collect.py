@@ -23,6 +23,7 @@ from omegaconf import OmegaConf
 from mer_cli.core.config import flatten
 from mer_cli.core.errors import MerError
 from mer_cli.data.folds import CREMA_D_ACTOR_PATTERN, maybe_actor_ids
+from mer_cli.evaluation.metrics import METRICS
 from mer_cli.runs import files, outputs
 from mer_cli.runs.identity import model_identity
 
@@ -39,6 +40,14 @@ class Run:
     class_names: tuple[str, ...]
     test: outputs.Predictions  # sorted by clip id, so runs on the same clips line up
     groups: np.ndarray | None  # actor per test clip; None when the clip ids carry none
+
+    def test_metric(self, name: str) -> float | None:
+        """A scalar test metric from metrics.json; one that an older run's metrics.json lacks
+        (ECE before it existed) is computed from its predictions, with the same definition."""
+        value = self.metrics.get("test", {}).get(name)
+        if value is None and name in METRICS.names():
+            return METRICS.get(name).compute(self.test.y_true, self.test.y_prob)
+        return value
 
     @property
     def test_key(self) -> str:

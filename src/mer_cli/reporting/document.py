@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from mer_cli.evaluation import stats
+from mer_cli.evaluation.metrics import METRICS
 from mer_cli.reporting.collect import Run, relative_path
 from mer_cli.reporting.options import (
     ALL_PAIRS_UP_TO,
@@ -61,6 +62,24 @@ def speaker_dependent_labels(runs: Sequence[Run], labels: dict[Path, str]) -> se
     return out
 
 
+def balance_blocks(result: Comparison) -> list[Block]:
+    """A paragraph when the test classes are imbalanced: accuracy then mostly counts the large
+    classes, so the table leads with balanced accuracy and macro F1."""
+    balance = result.get("test_balance") or {}
+    if not balance.get("imbalanced"):
+        return []
+    (big, n_big), (small, n_small) = balance["largest"], balance["smallest"]
+    ratio = "∞" if not math.isfinite(balance["ratio"]) else f"{balance['ratio']:.1f}"
+    return [
+        Block(
+            "p",
+            f"Imbalanced test classes: {big} has {n_big} clips, {small} {n_small} ({ratio}:1, above "
+            f"{balance['threshold']}:1). Accuracy mostly counts the large classes here, so the table "
+            "shows balanced accuracy (mean recall per class) and macro F1 first; compare models by those.",
+        )
+    ]
+
+
 def document(
     result: Comparison, runs: Sequence[Run], figures: dict[str, list[str]], root: Path
 ) -> list[Block]:
@@ -87,12 +106,14 @@ def document(
                 "or validation; their numbers overstate what the model does for new speakers.",
             )
         )
-    header = ("model", "runs", *(METRIC_TITLES[k] for k in TABLE_METRICS))
+    blocks += balance_blocks(result)
+    shown = result.get("table_metrics", TABLE_METRICS)
+    header = ("model", "runs", *(METRIC_TITLES[k] for k in shown))
     rows = [
         (
             m["label"] + (f" ({SPEAKER_DEPENDENT})" if m["label"] in dependent else ""),
             str(m["n_runs"]),
-            *(_cell(m["test"][k], percent=k != "loss") for k in TABLE_METRICS),
+            *(_cell(m["test"][k], percent=METRICS.get(k).percent) for k in shown),
         )
         for m in result["models"]
     ]

@@ -24,7 +24,12 @@ GRIDS = {
     "roc_micro": "ROC (micro-average)",
     "roc_per_class": "ROC per class",
     "pr_per_class": "precision-recall per class",
+    "reliability": "reliability diagram",
 }
+# the test split's largest class over its smallest above this: "imbalanced", and the report's
+# table leads with the metrics that weigh every class alike (balanced accuracy, macro F1)
+IMBALANCE_RATIO = 1.5
+BALANCED_FIRST = ("balanced_accuracy", "f1_macro")
 # people rating CREMA-D clips (accuracy per rating, the dataset paper): drawn on the bar charts
 HUMAN_RATES = {"voice": 0.409, "face": 0.582, "both": 0.636}
 HUMAN_RATE_OF_MODALITY = {

@@ -126,7 +126,7 @@ def runs_csv(runs: Sequence[Run], labels: dict[Path, str], root: Path) -> str:
                 r.modality,
                 r.seed,
                 r.fold,
-                *(_num(r.metrics["test"].get(k)) for k in TABLE_METRICS),
+                *(_num(r.test_metric(k)) for k in TABLE_METRICS),
                 relative_path(r.path, root),
             ]
         )

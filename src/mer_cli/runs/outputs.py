@@ -24,7 +24,7 @@ from matplotlib.figure import Figure
 from sklearn.metrics import ConfusionMatrixDisplay
 
 from mer_cli.core.artifacts import atomic_open, write_json, write_text
-from mer_cli.evaluation.metrics import HEADLINE, pr_curves, roc_curves
+from mer_cli.evaluation.metrics import HEADLINE, ece, pr_curves, reliability, roc_curves
 
 
 @dataclass(frozen=True)
@@ -128,6 +128,9 @@ def write_split_figures(plots: Path, p: Predictions, class_names: Sequence[str])
     fig, ax = plt.subplots(figsize=(5.5, 5))
     plot_pr_per_class(ax, p.y_true, p.y_prob, class_names, f"{p.split}: precision-recall per class")
     paths.append(save_figure(fig, plots / f"{prefix}pr_per_class.png"))
+    fig, ax = plt.subplots(figsize=(5, 5))
+    plot_reliability(ax, p.y_true, p.y_prob, f"{p.split}: reliability diagram")
+    paths.append(save_figure(fig, plots / f"{prefix}reliability.png"))
     return paths
 
 
@@ -201,6 +204,50 @@ def plot_pr_per_class(
     ax.set_ylim(0, 1.02)
     ax.set_title(title)
     ax.legend(loc="upper right", fontsize=8)
+    ax.grid(alpha=0.3)
+
+
+def plot_reliability(ax: Axes, y_true: np.ndarray, y_prob: np.ndarray, title: str) -> None:
+    """Accuracy against confidence (the top class's probability) per equal-width bin, the bins of
+    ECE: a bar below the diagonal is an overconfident bin. A grey outline along the bottom shows
+    how the clips spread over the bins (its tallest bin scaled to 0.25), inside the panel."""
+    r = reliability(y_true, y_prob)
+    width = float(r.edges[1] - r.edges[0])
+    filled = r.counts > 0
+    left = r.edges[:-1]
+    ax.bar(
+        left[filled],
+        r.accuracy[filled],
+        width=width,
+        align="edge",
+        alpha=0.7,
+        edgecolor="black",
+        lw=0.5,
+        label="accuracy per bin",
+    )
+    ax.plot(
+        r.confidence[filled],
+        r.accuracy[filled],
+        "o",
+        color="tab:red",
+        ms=3,
+        label="(mean confidence, accuracy)",
+    )
+    share = r.counts / max(1, len(y_true))
+    ax.stairs(
+        0.25 * share / max(1e-12, float(share.max())),
+        r.edges,
+        color="dimgray",
+        lw=1.2,
+        label=f"clips per bin (tallest: {100 * share.max():.0f} %)",
+    )
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8, label="perfectly calibrated")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence (top-class probability)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"{title}\nECE {100 * ece(y_true, y_prob):.1f} % ({len(r.counts)} bins)")
+    ax.legend(loc="upper left", fontsize=8)
     ax.grid(alpha=0.3)
 
 
