@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import pickle
 import re
 import subprocess
@@ -16,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, compose_train, make_split
+from conftest import REPO, compose_train, make_split, run_main
 from mer_cli.core.errors import ConfigError, DataError
 from mer_cli.data import folds, leakage, protocol
 from mer_cli.data.load import load_data
@@ -296,3 +297,30 @@ def test_the_five_fold_file_tests_every_embedded_clip_once_with_its_speaker_neve
         assert not leakage.check(got, PATTERN, False).speaker_dependent
         tested += got.test.clip_ids
     assert len(tested) == len(set(tested)) == 240
+
+
+# ---------------------------------------------------------------------------------------------
+# As a user sees it
+
+
+@pytest.mark.slow
+def test_mer_train_with_a_split_file_records_it_and_a_bad_one_is_one_line(tmp_path):
+    bad = write_csv(tmp_path / "bad.csv", "speaker,split", ["1001,train", "1002,holdout"])
+    run_dir = tmp_path / "run"
+    args = ("train", "experiment=smoke", SMALL, "modality=visual", "runtime.save_plots=false")
+    proc = run_main(*args, f"data.split_file={bad}", f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"mer-train: error: {bad}:3: speaker '1002': split 'holdout' is not one of train, val, test"
+    ]
+    assert not run_dir.exists()
+    good = CREMA_D / "speaker_split.csv"
+    proc = run_main(*args, f"data.split_file={good}", "runtime.num_threads=1", f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 0, proc.stderr
+    run = json.loads((run_dir / "metrics.json").read_text())["run"]
+    assert run["speakers"]["split_file"]["sha256"] == sha256(good)
+    assert run["speakers"]["split_file"]["clips"] == {"train": 168, "val": 36, "test": 36}  # 28/6/6 actors
+    assert run["data"].endswith(f"split by {good} (sha256 {sha256(good)[:12]})")
+    # then experiment=smoke keeps 48 clips per split (stratified): 8 of the 28 training actors
+    assert run["speakers"]["speakers"] == {"train": 8, "val": 6, "test": 6}
+    assert not run["speakers"]["speaker_dependent"]
