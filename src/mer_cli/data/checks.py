@@ -1,6 +1,7 @@
 """Raw per-split clips -> checked `Splits`: every format's reader ends here, so a pickle, an .npz and
 a directory are validated alike; any problem is a `DataError` naming the file, the split, the
-clip and what is wrong.
+clip and what is wrong. (A clip id in two splits is not a reader's error: mer-train's leakage
+check refuses it, or records it under data.allow_speaker_overlap=true; see `leakage`.)
 """
 
 from __future__ import annotations
@@ -39,7 +40,6 @@ def from_mapping(
         )
         for name, (ids, mfcc, aus, labels) in read.items()
     }
-    check_no_shared_clips(splits, source)
     names = resolve_class_names(splits, source, class_names)
     return Splits(splits["train"], splits["val"], splits["test"], class_names=names, source=source)
 
@@ -139,18 +139,6 @@ def apply_nan_policy(split: Split, source: str, policy: str) -> Split:
     log.warning("%s: %s: zeroed NaN/inf values in %d clip(s): %s", source, split.name, len(bad), shown)
     # zeroed as each clip is read: finite clips read as they are, the stored frames stay untouched
     return replace(split, mfcc=split.mfcc.with_zeroed_nonfinite(), aus=split.aus.with_zeroed_nonfinite())
-
-
-def check_no_shared_clips(splits: dict[str, Split], source: str) -> None:
-    seen: dict[str, str] = {}
-    for s in splits.values():
-        for clip_id in s.clip_ids:
-            if clip_id in seen:
-                raise DataError(
-                    f"{source}: {s.name}/{clip_id}: clip is also in split '{seen[clip_id]}' "
-                    "(the same clip in two splits leaks test data into training)"
-                )
-            seen[clip_id] = s.name
 
 
 def resolve_class_names(

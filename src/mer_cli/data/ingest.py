@@ -2,7 +2,8 @@
 
 Input: a folder of OpenFace ``FeatureExtraction`` CSVs and a folder of WAV files, one of each per
 clip, named like CREMA-D (``1001_DFA_ANG_XX``: actor, sentence, emotion, intensity). Output:
-`Splits` split by actor (seeded), ready for `npz.save_npz`, carrying the settings that made
+`Splits` split by actor (seeded), each clip's actor as its speaker, ready for `npz.save_npz`
+(which stores the speakers as the dataset's speaker field), carrying the settings that made
 its features (`settings_record`, reused by mer-predict on new files), and an `IngestReport` of
 what could not be used and why.
 """
@@ -22,7 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from mer_cli.core.errors import ConfigError, DataError
-from mer_cli.data import checks
+from mer_cli.data import checks, speakers
 from mer_cli.data.splits import SPLIT_NAMES, Splits
 
 log = logging.getLogger(__name__)
@@ -399,7 +400,11 @@ def build(
     raw: dict[str, dict[str, Any]] = {s: {} for s in SPLIT_NAMES}
     for stem, actor, mfcc, aus, label in clips:
         raw[split_of[actor]][stem] = (mfcc, aus, label)
-    splits = checks.from_mapping(raw, f"ingest({audio_dir}, {video_dir})", class_names=names.class_names)
+    source = f"ingest({audio_dir}, {video_dir})"
+    splits = checks.from_mapping(raw, source, class_names=names.class_names)
+    # the actor the file name gave each clip, kept as its speaker: the check needs no id pattern
+    actor_of = {stem: actor for stem, actor, *_ in clips}
+    splits = speakers.attach(splits, {s: actor_of for s in SPLIT_NAMES}, source)
     video_fps = round(float(np.median(fps)), 3) if fps else None
     record = settings_record(audio, au_columns, failed_frames, video_fps)
     return replace(splits, ingest_settings=record), report

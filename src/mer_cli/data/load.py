@@ -1,5 +1,7 @@
 """The dataset a config names (``data``): the embedded generator's clips (in memory or the disk
-cache) or a user's file in any format, sliced, optionally re-split into actor folds.
+cache) or a user's file in any format, with each clip's speaker from ``data.speaker_file`` if
+given, re-split by a protocol file (``data.split_file``) if given, sliced, optionally re-split into
+actor folds (the protocol file's own folds when it has them).
 """
 
 from __future__ import annotations
@@ -10,7 +12,8 @@ from typing import cast
 from omegaconf import DictConfig, OmegaConf
 
 from mer_cli.core.errors import ConfigError
-from mer_cli.data import folds, formats, synthetic
+from mer_cli.data import folds, formats, protocol, speakers, synthetic
+from mer_cli.data.leakage import CREMA_D_SPEAKER_PATTERN
 from mer_cli.data.splits import Splits
 
 log = logging.getLogger(__name__)
@@ -28,8 +31,29 @@ CACHE_FROM_CLIPS = 10_000
 def load_data(data_cfg: DictConfig, cv_cfg: DictConfig | None = None) -> Splits:
     """The configured dataset (``data.name``), sliced to ``data.limit_per_split`` if set.
 
-    ``cv_cfg`` with ``folds`` set: the pooled clips re-split by actor into fold ``cv_cfg.fold``.
+    ``cv_cfg`` with ``folds`` set: the pooled clips re-split by actor into fold ``cv_cfg.fold``
+    (or by ``data.split_file``'s fold column, when it has one).
     """
+    splits = read_data(data_cfg)
+    if data_cfg.get("speaker_file") is not None:
+        splits = speakers.with_speaker_file(splits, data_cfg.speaker_file)
+    pattern = str(data_cfg.get("speaker_pattern", CREMA_D_SPEAKER_PATTERN))
+    split_file = data_cfg.get("split_file")
+    plan = protocol.read(split_file) if split_file is not None else None
+    cross_validate = cv_cfg is not None and cv_cfg.folds is not None
+    # with cv.folds and a fold column the file's folds decide; else its split column does
+    if plan is not None and not (cross_validate and plan.fold_of is not None):
+        splits = protocol.apply_splits(splits, plan, pattern)
+    splits = splits.limit(data_cfg.limit_per_split)
+    if cv_cfg is not None and cross_validate:  # speaker-independent CV (configs/cv/)
+        if plan is not None and plan.fold_of is not None:
+            return protocol.apply_folds(splits, plan, int(cv_cfg.folds), int(cv_cfg.fold), pattern)
+        splits = folds.split(splits, int(cv_cfg.folds), int(cv_cfg.fold), cv_cfg.actor_pattern)
+    return splits
+
+
+def read_data(data_cfg: DictConfig) -> Splits:
+    """The clips of ``data.name`` as the data splits them."""
     name = data_cfg.name
     if name == "synthetic":
         spec = synthetic.spec_from_config(cast(dict, OmegaConf.to_container(data_cfg.generator)))
@@ -47,7 +71,4 @@ def load_data(data_cfg: DictConfig, cv_cfg: DictConfig | None = None) -> Splits:
         splits = fmt.read(data_cfg.path, class_names=data_cfg.class_names, nan_policy=data_cfg.nan_policy)
     else:
         raise ConfigError(f"data={name!r}: valid: synthetic, {', '.join(formats.FORMATS)}")
-    splits = splits.limit(data_cfg.limit_per_split)
-    if cv_cfg is not None and cv_cfg.folds is not None:  # speaker-independent CV (configs/cv/)
-        splits = folds.split(splits, int(cv_cfg.folds), int(cv_cfg.fold), cv_cfg.actor_pattern)
     return splits

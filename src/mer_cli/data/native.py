@@ -4,6 +4,8 @@
                                  "ingest_settings": {...} (optional), "splits": {split: clip count}}
   DIR/<split>/clip_ids.npy      (N,) str                     for split in train, val, test
   DIR/<split>/labels.npy        (N,) int64
+  DIR/<split>/speakers.npy      (N,) str, optional: each clip's speaker (written when the data knows
+                                them, e.g. mer-ingest's actors; without it speakers come from the ids)
   DIR/<split>/mfcc.npy          (sum T_a, D_a) float32, every clip's frames one after another
   DIR/<split>/mfcc_offsets.npy  (N + 1,) int64, clip i is mfcc[offsets[i]:offsets[i + 1]]
   DIR/<split>/aus.npy, aus_offsets.npy  the same for the action units
@@ -30,8 +32,8 @@ from typing import Any
 import numpy as np
 
 from mer_cli.core.errors import DataError, one_line
-from mer_cli.data.checks import apply_nan_policy, check_no_shared_clips, resolve_class_names
-from mer_cli.data.npz import STREAM_KEYS, check_offsets
+from mer_cli.data.checks import apply_nan_policy, resolve_class_names
+from mer_cli.data.npz import STREAM_KEYS, check_offsets, check_speakers
 from mer_cli.data.splits import NAN_POLICIES, SPLIT_NAMES, Clips, Split, Splits
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,9 @@ DIR_FORMAT_VERSION = 1
 
 
 DIR_INDEX = "dataset.json"
+
+
+SPEAKERS_FILE = "speakers.npy"
 
 
 _NPY_HEADER_BYTES = 128  # room for any (rows, features) float32 header, so frames stream in first
@@ -141,12 +146,22 @@ class DatasetWriter:
         self.ingest_settings = ingest_settings
         self.ids: dict[str, list[str]] = {s: [] for s in SPLIT_NAMES}
         self.labels: dict[str, list[int]] = {s: [] for s in SPLIT_NAMES}
+        self.speakers: dict[str, list[str | None]] = {s: [] for s in SPLIT_NAMES}
         self.lengths: dict[tuple[str, str], list[int]] = {}
         self.files: dict[tuple[str, str], _NpyAppender] = {}
 
-    def add(self, split: str, clip_id: str, mfcc: np.ndarray, aus: np.ndarray, label: int) -> None:
+    def add(
+        self,
+        split: str,
+        clip_id: str,
+        mfcc: np.ndarray,
+        aus: np.ndarray,
+        label: int,
+        speaker: str | None = None,
+    ) -> None:
         self.ids[split].append(clip_id)
         self.labels[split].append(int(label))
+        self.speakers[split].append(speaker)
         for stream, frames in (("mfcc", mfcc), ("aus", aus)):
             key = (split, stream)
             if key not in self.files:
@@ -158,7 +173,8 @@ class DatasetWriter:
 
     def add_split(self, split: Split) -> None:
         for i, clip_id in enumerate(split.clip_ids):
-            self.add(split.name, clip_id, split.mfcc[i], split.aus[i], int(split.labels[i]))
+            speaker = None if split.speakers is None else split.speakers[i]
+            self.add(split.name, clip_id, split.mfcc[i], split.aus[i], int(split.labels[i]), speaker)
 
     def finish(self) -> bool:
         """Move the dataset into place; False (and nothing written) when ``path`` appeared meanwhile
@@ -173,6 +189,7 @@ class DatasetWriter:
                 (self.tmp / split).mkdir(exist_ok=True)
                 np.save(self.tmp / split / "clip_ids.npy", np.array(self.ids[split], dtype=str))
                 np.save(self.tmp / split / "labels.npy", np.array(self.labels[split], dtype=np.int64))
+                self._save_speakers(split)
             index: dict[str, Any] = {
                 "format": DIR_FORMAT,
                 "format_version": DIR_FORMAT_VERSION,
@@ -193,6 +210,14 @@ class DatasetWriter:
         except BaseException:
             self.abort()
             raise
+
+    def _save_speakers(self, split: str) -> None:
+        """speakers.npy when every clip of ``split`` came with a speaker (none: no file)."""
+        given = self.speakers[split]
+        if given and all(s is not None for s in given):
+            np.save(self.tmp / split / SPEAKERS_FILE, np.array(given, dtype=str))
+        elif any(s is not None for s in given):
+            raise DataError(f"{self.path}: {split}: a speaker for some clips only; give one for every clip")
 
     def abort(self) -> None:
         for f in self.files.values():
@@ -273,7 +298,6 @@ def load_dir(
                 )
     if check_values:
         splits = {name: apply_nan_policy(s, source, nan_policy) for name, s in splits.items()}
-    check_no_shared_clips(splits, source)
     names = resolve_class_names(splits, source, stored_names if class_names is None else class_names)
     return Splits(
         splits["train"], splits["val"], splits["test"], names, source=source, ingest_settings=settings
@@ -320,4 +344,7 @@ def _open_split(folder: Path, name: str, source: str) -> Split:
         if frames.shape[1] == 0:
             raise DataError(f"{source}: {name}/{clip_ids[0]}: {label} has 0 features per frame")
         streams[stream] = Clips([(frames, offsets.astype(np.int64))])
-    return Split(name, clip_ids, streams["mfcc"], streams["aus"], labels.astype(np.int64))
+    speakers = None  # optional: a dataset written before the field, or without known speakers
+    if (folder / SPEAKERS_FILE).is_file():
+        speakers = check_speakers(small(SPEAKERS_FILE), len(ids), f"{source}: {name}: {SPEAKERS_FILE}")
+    return Split(name, clip_ids, streams["mfcc"], streams["aus"], labels.astype(np.int64), speakers)

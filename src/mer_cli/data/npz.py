@@ -5,6 +5,8 @@ One zip of plain arrays (numpy's .npz, read with allow_pickle=False, so it canno
   class_names             (K,)      str, label i is class_names[i]
   <split>.clip_ids        (N,)      str                         for split in train, val, test
   <split>.labels          (N,)      int64
+  <split>.speakers        (N,)      str, optional: each clip's speaker (mer-ingest's actor); without
+                                    it speakers come from the clip ids (data.speaker_pattern)
   <split>.mfcc            (sum T_a, D_a) float32, every clip's frames one after another
   <split>.mfcc_offsets    (N + 1,)  int64, clip i is mfcc[offsets[i]:offsets[i + 1]]
   <split>.aus, <split>.aus_offsets  the same for the action units
@@ -25,6 +27,7 @@ import numpy as np
 
 from mer_cli.core.artifacts import atomic_open
 from mer_cli.core.errors import DataError, one_line
+from mer_cli.data import speakers
 from mer_cli.data.checks import check_readable, from_mapping
 from mer_cli.data.splits import SPLIT_NAMES, Splits
 
@@ -52,6 +55,8 @@ def save_npz(splits: Splits, path: str | Path) -> Path:
     for s in splits.all():
         arrays[f"{s.name}.clip_ids"] = np.array(s.clip_ids, dtype=str)
         arrays[f"{s.name}.labels"] = s.labels.astype(np.int64)
+        if s.speakers is not None:
+            arrays[f"{s.name}.speakers"] = np.array(s.speakers, dtype=str)
         for stream, _ in STREAM_KEYS:
             clips = getattr(s, stream)
             arrays[f"{s.name}.{stream}"] = np.concatenate(list(clips)).astype(np.float32)
@@ -81,7 +86,32 @@ def load_npz(
         class_names=stored_names if class_names is None else class_names,
         nan_policy=nan_policy,
     )
-    return replace(splits, ingest_settings=read_ingest_settings(arrays, path))
+    splits = replace(splits, ingest_settings=read_ingest_settings(arrays, path))
+    if all(f"{s}.speakers" in arrays for s in SPLIT_NAMES):
+        speaker_of = {s: _speakers_by_clip(arrays, s, path) for s in SPLIT_NAMES}
+        splits = speakers.attach(splits, speaker_of, str(path))
+    elif any(f"{s}.speakers" in arrays for s in SPLIT_NAMES):
+        raise DataError(f"{path}: speakers for some splits only; a speaker field needs every split")
+    return splits
+
+
+def _speakers_by_clip(arrays: Mapping[str, np.ndarray], split: str, path: Path) -> dict[str, str]:
+    ids = arrays[f"{split}.clip_ids"]
+    given = check_speakers(arrays[f"{split}.speakers"], len(ids), f"{path}: {split}.speakers")
+    return dict(zip(ids.tolist(), given, strict=True))
+
+
+def check_speakers(values: np.ndarray, n_clips: int, what: str) -> tuple[str, ...]:
+    """A speaker field (``what`` names file and split): one non-empty string per clip."""
+    if values.shape != (n_clips,) or values.dtype.kind != "U":
+        raise DataError(
+            f"{what}: expected {n_clips} speaker names (strings), found {values.dtype} {values.shape}"
+        )
+    out = tuple(values.tolist())
+    empty = [i for i, s in enumerate(out) if not s.strip()]
+    if empty:
+        raise DataError(f"{what}: clip {empty[0]} has an empty speaker")
+    return out
 
 
 def read_npz_arrays(path: Path) -> dict[str, np.ndarray]:

@@ -154,12 +154,17 @@ class Split:
     mfcc: Clips
     aus: Clips
     labels: np.ndarray  # (N,) int64
+    # each clip's speaker where the data says (a native dataset's speaker field, data.speaker_file);
+    # None: unknown, and whoever needs one parses it from the clip id (data.speaker_pattern)
+    speakers: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         for stream in ("mfcc", "aus"):
             value = getattr(self, stream)
             if not isinstance(value, Clips):
                 object.__setattr__(self, stream, Clips.pack([np.asarray(x, np.float32) for x in value]))
+        if self.speakers is not None and len(self.speakers) != len(self.clip_ids):
+            raise ValueError(f"{self.name}: {len(self.speakers)} speakers for {len(self.clip_ids)} clips")
 
     def __len__(self) -> int:
         return len(self.clip_ids)
@@ -178,6 +183,7 @@ class Split:
             mfcc=self.mfcc.take(idx),
             aus=self.aus.take(idx),
             labels=self.labels[idx],
+            speakers=None if self.speakers is None else tuple(self.speakers[i] for i in idx.tolist()),
         )
 
 
@@ -193,6 +199,9 @@ class Splits:
     ingest_settings: Mapping[str, Any] | None = None
     # data.leakage's check of the splits' speakers (metrics.json's run.speakers); None: not run
     speaker_check: Mapping[str, Any] | None = None
+    # the protocol file that re-split the clips (data.split_file: path, sha256, counts; see
+    # `protocol.Protocol.record`); None: the data's own splits
+    protocol: Mapping[str, Any] | None = None
 
     @property
     def n_classes(self) -> int:

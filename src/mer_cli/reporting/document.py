@@ -53,11 +53,13 @@ SPEAKER_DEPENDENT = "speaker-dependent split"
 
 def speaker_dependent_labels(runs: Sequence[Run], labels: dict[Path, str]) -> set[str]:
     """The models with a run whose metrics.json says its test split shares speakers with training
-    (``run.speakers.speaker_dependent``: allowed with data.allow_speaker_overlap=true)."""
+    (``run.speakers.speaker_dependent``), or its splits repeat clips (``duplicated_clips``): both
+    allowed only with data.allow_speaker_overlap=true."""
     out = set()
     for r in runs:
         speakers = r.metrics.get("run", {}).get("speakers") or {}
-        if speakers.get("speaker_dependent") and r.path in labels:
+        leaky = speakers.get("speaker_dependent") or speakers.get("duplicated_clips")
+        if leaky and r.path in labels:
             out.add(labels[r.path])
     return out
 
@@ -103,7 +105,8 @@ def document(
                 "p",
                 f"{SPEAKER_DEPENDENT}: {', '.join(sorted(dependent))} trained with "
                 "data.allow_speaker_overlap=true, on a test split that shares speakers with training "
-                "or validation; their numbers overstate what the model does for new speakers.",
+                "or validation, or on splits that repeat clips (metrics.json run.speakers); their "
+                "numbers overstate what the model does for new speakers.",
             )
         )
     blocks += balance_blocks(result)

@@ -83,9 +83,10 @@ def run(
 
 
 def load_logged(cfg: DictConfig) -> Splits:
-    """`load_data`, and a log line on what was loaded."""
+    """`load_data`, checked for leakage between its splits, and a log line on what was loaded."""
     splits = load_data(cfg.data, cfg.cv)
-    # before anything is fitted: a test speaker seen in training makes every number optimistic
+    # before anything is fitted: a test speaker seen in training, or a clip in two splits, makes
+    # every number optimistic
     speakers = leakage.check(
         splits,
         str(cfg.data.get("speaker_pattern", leakage.CREMA_D_SPEAKER_PATTERN)),
@@ -99,7 +100,12 @@ def load_logged(cfg: DictConfig) -> Splits:
         )
     elif speakers.speaker_dependent:
         log.warning("a speaker-dependent split (data.allow_speaker_overlap=true): %s", speakers.shared)
-    splits = replace(splits, speaker_check=speakers.as_dict())
+    if speakers.duplicated_clips:
+        log.warning("splits repeat clips (data.allow_speaker_overlap=true): %s", speakers.duplicates)
+    record = speakers.as_dict()
+    if splits.protocol is not None:  # data.split_file: the result names its protocol (path, sha256)
+        record["split_file"] = dict(splits.protocol)
+    splits = replace(splits, speaker_check=record)
     log.info(
         "data: %s: %d train / %d val / %d test clips, %d classes",
         splits.source,
