@@ -44,6 +44,9 @@ def evaluate_run(
                 "name": formats.recognise(data_path).name,
                 "path": str(data_path),
                 "limit_per_split": None,
+                # the run's protocol and speaker map name the clips of its own data, not another's
+                "split_file": None,
+                "speaker_file": None,
             },
         )
     # a cross-validation fold is re-evaluated on its own fold; another file has no folds
