@@ -1,5 +1,5 @@
 """Robustness evaluation end to end: a smoke sweep of every modality with eval.robustness=true
-(the hook in runs.execute) and mer-evaluate RUN --perturb on its runs."""
+(the hook in runs.execute), mer-evaluate RUN --perturb on its runs, and the sweep's report."""
 
 from __future__ import annotations
 
@@ -145,6 +145,24 @@ def test_mer_evaluate_perturb_gives_the_hooks_numbers_and_another_seed_other_one
     assert after["missing/masked/visual@1"] == before["missing/masked/visual@1"]  # nothing drawn
     noise = [k for k in after if k.startswith("noise/")]
     assert any(after[k]["ece"] != before[k]["ece"] for k in noise)  # other noise, other scores
+
+
+@pytest.mark.slow
+def test_the_sweeps_report_has_a_robustness_section(sweep):
+    report = (sweep / "report.md").read_text()
+    section = report.split("## Robustness", 1)[1].split("\n## ", 1)[0]
+    assert "figures/robustness.png" in section and (sweep / "figures" / "robustness.png").is_file()
+    early = json.loads((run_of(sweep, "early") / "robustness.json").read_text())
+    summary = json.loads((sweep / "comparison.json").read_text())["robustness"]
+    assert {m["label"] for m in summary["models"]} == set(MODALITIES)
+    (model,) = [m for m in summary["models"] if m["label"] == "early"]
+    # one run: the mean over runs is that run's own number
+    assert model["clean"] == early["clean"]["f1_macro"]
+    assert "| clean |" in section and f"{100 * early['clean']['f1_macro']:.1f} %" in section
+    assert "| missing masked acoustic @ 1 stream |" in section and "skipped" in section
+    # late fusion reused the sweep's members: the hook trained nothing twice
+    trainings = sum(p.read_text().count("] - training on ") for p in sweep.glob("*/train.log"))
+    assert trainings == 5
 
 
 def test_an_unknown_corruption_stops_mer_evaluate_with_one_line(tmp_path, capsys):
