@@ -34,6 +34,7 @@ from typing import Any
 
 import matplotlib.pyplot as plt
 import numpy as np
+import torch
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
@@ -88,7 +89,9 @@ def read_target(run_dir: Path) -> Target:
         for name, stream_spec in spec.from_meta(meta)["streams"].items():
             rates.setdefault(name, stream_spec.get("frame_rate_hz"))
         for name, prep in preps.items():  # keyed by the model's input: a data stream, or "early"
-            ref = perturb.reference_from_scaler(prep.scaler, f"{d / 'checkpoint.pt'} (fitted scaler)")
+            where = d / "checkpoint.pt"  # named inside the run where it lies there (a member trained here)
+            shown = where.relative_to(run_dir) if where.is_relative_to(run_dir) else where
+            ref = perturb.reference_from_scaler(prep.scaler, f"{shown} (fitted scaler)")
             if name in STREAM_FIELDS and ref is not None:
                 references.setdefault(name, ref)
     modality = "late" if late is not None else str(meta["modality"])
@@ -180,6 +183,9 @@ def evaluate_robustness(
     if not config_path.is_file():
         raise MerError(f"{run_dir}: no config.yaml: not a mer-train run directory")
     cfg = files.read_config(config_path)
+    threads = cfg.get("runtime", {}).get("num_threads")
+    if threads:  # as the run was evaluated (a tiny model on a busy CPU: one thread is far faster)
+        torch.set_num_threads(int(threads))
     splits = load_data(cfg.data, cfg.cv if "cv" in cfg else None)
     target = read_target(run_dir)
     # the streams the model does not read: their rates from the data (a one-stream model's spec
@@ -291,6 +297,8 @@ def write(run_dir: Path, result: dict[str, Any], save_plots: bool = True) -> lis
     written = []
     if save_plots:
         written.append(outputs.save_figure(figure(result), run_dir / PLOT_FILE))
+    else:  # an earlier evaluation's figure would not show these numbers
+        (run_dir / PLOT_FILE).unlink(missing_ok=True)
     write_text(run_dir / CSV_FILE, to_csv(result))
     write_json(run_dir / JSON_FILE, result)
     return [*written, run_dir / CSV_FILE, run_dir / JSON_FILE]
