@@ -22,9 +22,10 @@ from mer_cli.core.console import debug, fail, stop_on_sigterm
 from mer_cli.core.errors import MerError
 from mer_cli.data import formats, native, npz
 from mer_cli.data.splits import NAN_POLICIES
+from mer_cli.evaluation import perturb
 from mer_cli.reporting import options as compare_options
 from mer_cli.reporting import report as compare_report
-from mer_cli.runs import evaluate, execute, outputs, rundir
+from mer_cli.runs import evaluate, execute, outputs, robustness, rundir
 from mer_cli.sweeps import callback, launchers
 from mer_cli.training import hardware, tracking
 
@@ -100,7 +101,7 @@ def train_main(cfg: DictConfig) -> float:
 
 
 def evaluate_main(argv: list[str] | None = None) -> None:
-    """mer-evaluate RUN_DIR [--data FILE] [--split val|test|all]"""
+    """mer-evaluate RUN_DIR [--data FILE] [--split val|test|all] | RUN_DIR --perturb [NAMES]"""
     allocator.configure()
     parser = argparse.ArgumentParser(
         prog="mer-evaluate",
@@ -114,10 +115,27 @@ def evaluate_main(argv: list[str] | None = None) -> None:
         default=None,
         help="another feature file with the same features (default: the run's own data)",
     )
-    parser.add_argument("--split", choices=("val", "test", "all"), default="test")
+    parser.add_argument("--split", choices=("val", "test", "all"), default=None, help="default: test")
     parser.add_argument("--no-plots", action="store_true", help="skip the figures")
+    parser.add_argument(
+        "--perturb",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="NAMES",
+        help="re-score the test split under corruptions instead: all of them, or the comma-separated "
+        f"NAMES ({', '.join(perturb.CORRUPTIONS.names())}); writes robustness.json, robustness.csv "
+        "and plots/robustness.png into the run",
+    )
+    parser.add_argument(
+        "--perturb-seed", type=int, default=0, help="draws the corruptions (same seed, same numbers)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    if args.perturb is not None:
+        perturb_main(args)
+        return
+    args.split = args.split or "test"
     try:
         out_dir, metrics = evaluate.evaluate_run(
             args.run_dir,
@@ -128,6 +146,21 @@ def evaluate_main(argv: list[str] | None = None) -> None:
     except MerError as e:
         fail("mer-evaluate", str(e))
     print(outputs.summary_line(metrics, out_dir))
+
+
+def perturb_main(args: argparse.Namespace) -> None:
+    """mer-evaluate RUN --perturb [NAMES]: the run's own test split, under corruptions."""
+    try:
+        if args.data is not None or args.split not in (None, "test"):
+            raise MerError("--perturb re-scores the run's own test split: without --data and --split")
+        names = [n.strip() for n in args.perturb.split(",") if n.strip()]
+        result, written = robustness.evaluate_robustness(
+            args.run_dir, names or None, seed=args.perturb_seed, save_plots=not args.no_plots
+        )
+    except MerError as e:
+        fail("mer-evaluate", str(e))
+    print("\n".join(robustness.summary_lines(result)))
+    print(f"wrote {', '.join(str(p) for p in written)}")
 
 
 def convert_main(argv: list[str] | None = None) -> None:

@@ -3,7 +3,8 @@
 `write` makes one report from collected runs; `into_new_dir` (mer-compare) collects the runs of any
 directories into a new report directory, `into_sweep` (the sweep callback) into the sweep's root.
 Output, in one directory: report.md, report.html (figures embedded), comparison.json,
-comparison.csv, runs.csv, pairwise.csv and figures/*.png.
+comparison.csv, runs.csv, pairwise.csv and figures/*.png (figures/robustness.png and a robustness
+section when runs carry a robustness.json: `robustness`).
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from pathlib import Path
 
 from mer_cli.core.artifacts import write_json, write_text
 from mer_cli.core.errors import MerError
-from mer_cli.reporting import analysis, charts, document, render
+from mer_cli.reporting import analysis, charts, document, render, robustness
 from mer_cli.reporting.collect import Failure, Run, collect, label_runs
 from mer_cli.reporting.options import Comparison, Settings
+from mer_cli.runs import outputs
 
 TITLE = "mer-cli model comparison"
 
@@ -33,12 +35,17 @@ def write(out_dir: Path, runs: Sequence[Run], failures: Sequence[Failure], setti
         return result
     result = analysis.build(runs, failures, settings)
     models = analysis.group_models(runs)
+    robust = robustness.summarize(models)  # None: no run has a robustness.json
+    if robust is not None:
+        result["robustness"] = robust
+        outputs.save_figure(robustness.figure(robust), out_dir / robustness.FIGURE)
     figure_files = charts.draw(result, models, runs[0].class_names, settings.grid_panels, out_dir)
     write_json(out_dir / "comparison.json", result)
     write_text(out_dir / "comparison.csv", render.models_csv(result))
     write_text(out_dir / "runs.csv", render.runs_csv(runs, label_runs(runs), out_dir))
     write_text(out_dir / "pairwise.csv", render.pairwise_csv(result))
     blocks = document.document(result, [r for m in models for r in m.runs], figure_files, out_dir)
+    blocks = robustness.insert(blocks, robustness.blocks(robust, robustness.FIGURE))
     write_text(out_dir / "report.md", render.to_markdown(TITLE, blocks))
     write_text(out_dir / "report.html", render.to_html(TITLE, blocks, out_dir))
     return result

@@ -11,6 +11,8 @@ of the run directory is written by a function called from here:
   acoustic/, visual/       late fusion only: the two member runs (same layout), unless reused
   late.json                late fusion only: members, combiner and what it fitted, for mer-evaluate
   fold<i>/, cv.json        cv.folds=K only: one run per fold (same layout), mean over folds
+  robustness.json, .csv    eval.robustness=true only: the test split re-scored under corruptions
+                           (runs/robustness.py), with plots/robustness.png
   failed.json              a failed job of a sweep (written by the CLI): its error, for the report
   tensorboard/             logger=tensorboard only: event files (training/tracking.py; logger=mlflow
                            writes outside the run directory, by default into outputs/mlflow.db)
@@ -34,7 +36,7 @@ from mer_cli.evaluation import calibration
 from mer_cli.evaluation.metrics import HEADLINE
 from mer_cli.models import modalities
 from mer_cli.preprocess.scaling import check_kind as check_scaling
-from mer_cli.runs import reuse
+from mer_cli.runs import reuse, robustness
 from mer_cli.runs.late import run_late
 from mer_cli.runs.resume import check_resumable
 from mer_cli.runs.train import train_model
@@ -51,7 +53,21 @@ def run(
     ``resume``: true, false or "auto" (continue the run in ``out_dir`` if there is one).
     ``sweep_dir``: the multirun's root when this is one job of a sweep; models already trained
     there with the same settings are reused instead of trained again (see `sweep`).
+    ``eval.robustness=true``: the finished run (each fold of a cross-validation) is then
+    re-scored under every corruption, as ``mer-evaluate RUN --perturb`` does.
     """
+    metrics = train_or_reuse(cfg, out_dir, resume, sweep_dir)
+    one_run = cfg.cv.folds is None or cfg.cv.fold is not None  # not the folds' parent (cv.json)
+    if cfg.get("eval", {}).get("robustness", False) and one_run:
+        seed = int(cfg.eval.get("robustness_seed", 0))
+        robustness.evaluate_robustness(out_dir, seed=seed, save_plots=cfg.runtime.save_plots)
+    return metrics
+
+
+def train_or_reuse(
+    cfg: DictConfig, out_dir: Path, resume: bool | str = False, sweep_dir: Path | None = None
+) -> dict[str, Any]:
+    """`run` up to its robustness evaluation: the model trained, or copied from this sweep."""
     modality = cfg.modality.name
     modalities.get(modality)  # an unknown name: one line listing the valid ones
     calibration.check(str(cfg.get("eval", {}).get("calibration", "none")))

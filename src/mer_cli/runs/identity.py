@@ -18,6 +18,7 @@ from mer_cli.runs import upgrade
 _NOT_IDENTITY = re.compile(
     r"^(runtime|logger|compare|hydra|search)\.|^(resume|search)$"
     r"|^data\.(cache(_dir)?|speaker_pattern|allow_speaker_overlap)$"  # checks, not what is learned
+    r"|^eval\.robustness(_seed)?$"  # what is measured after training, not what is learned
 )
 
 
