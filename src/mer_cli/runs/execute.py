@@ -40,6 +40,7 @@ from mer_cli.runs import reuse, robustness
 from mer_cli.runs.late import run_late
 from mer_cli.runs.resume import check_resumable
 from mer_cli.runs.train import train_model
+from mer_cli.training import options as trainer_options
 from mer_cli.training import tracking
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,7 @@ def train_or_reuse(
     modalities.get(modality)  # an unknown name: one line listing the valid ones
     calibration.check(str(cfg.get("eval", {}).get("calibration", "none")))
     check_scaling(cfg.preprocess.scaling)
+    trainer_options.check(cfg.trainer, modality)  # before any data is read or member trained
     out_dir.mkdir(parents=True, exist_ok=True)
     resume_here = check_resumable(cfg, out_dir, resume)
     write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))

@@ -33,13 +33,30 @@ _MEMBER_SOURCES = re.compile(r"^modality\.\w+_run$")
 _SINGLE_MODALITY_KEYS = ("modality.name", "modality.streams")
 
 
+# the training options (training/options.py) and the value that trains as before they existed: a
+# run from before them trained with these, so it is the same model as today's default run
+TRAINER_OPTION_DEFAULTS = {
+    "trainer.modality_dropout": 0.0,
+    "trainer.class_weights": None,
+    "trainer.sampler": "shuffle",
+}
+
+
+def _with_trainer_options(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """``flat`` with the training options' defaults where a run's trainer config lacks them."""
+    if not any(k.startswith("trainer.") for k in flat):  # no trainer recorded: nothing to assume
+        return dict(flat)
+    return {**TRAINER_OPTION_DEFAULTS, **flat}
+
+
 def model_identity(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """The one answer to "which model is this": the resolved config (nested or flattened) without
     run-time knobs (``runtime.*``), the tracker (``logger.*``), report settings, ``resume``, where
     late fusion's members came from, and the keys that tell one run of the model from another
     (seed, CV fold). The comparison report groups runs by it; `run_identity` adds seed and fold
     for the sweep's reuse of trained runs and the resume check."""
-    flat = upgrade.config_keys(flatten(cfg))  # a run of an older version: today's keys
+    # a run of an older version: today's keys
+    flat = _with_trainer_options(upgrade.config_keys(flatten(cfg)))
     # only late fusion reads modality options beyond these: a stray one elsewhere (a sweep-wide
     # ++modality.acoustic_weight=...) changes nothing a single model learns
     single = flat.get("modality.name") != "late"

@@ -24,6 +24,7 @@ from mer_cli.models import modalities
 from mer_cli.preprocess import sequences
 from mer_cli.runs import outputs, trained, upgrade
 from mer_cli.training import batching, hardware, loop, pruning, tracking
+from mer_cli.training import options as trainer_options
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +117,11 @@ def train_model(cfg: DictConfig, splits: Splits, out_dir: Path, resume: bool = F
         # settings, label map): mer-predict and exported models check new input against it
         "feature_spec": spec.build(splits, modality, streams, train_set.n_features),
     }
+    # trainer.class_weights / sampler / modality_dropout: weights from the train labels only
+    options = trainer_options.resolve(
+        cfg.trainer, modality, splits.train.labels, splits.class_names, meta["feature_spec"]
+    )
+    log_options(options)
     tracked = tracking.start(cfg, out_dir)  # logger=tensorboard|mlflow; csv: history.csv alone
     history = loop.fit(
         model,
@@ -129,6 +135,7 @@ def train_model(cfg: DictConfig, splits: Splits, out_dir: Path, resume: bool = F
         checkpoint_meta=meta,
         resume=resume,
         on_epoch=pruning.reporting(tracked.log_epoch, cfg.get("search")),  # + a search trial's reports
+        options=options,
     )
     # the epochs' own time (training + validation), summed over every session of a resumed run:
     # a finished run that is resumed (resume=auto) re-evaluates in seconds and keeps its time
@@ -160,6 +167,7 @@ def train_model(cfg: DictConfig, splits: Splits, out_dir: Path, resume: bool = F
             "device": str(device),
             "precision": str(dtype).removeprefix("torch."),
             "temperature": temperature,
+            **options.record(),
         },
         **{s: score(p.y_true, p.y_prob, splits.class_names) for s, p in predictions.items()},
     }
@@ -180,6 +188,21 @@ def train_model(cfg: DictConfig, splits: Splits, out_dir: Path, resume: bool = F
     )
     tracked.finish()  # the files just written: final metrics, plots, metrics.json
     return StreamResult(metrics, predictions)
+
+
+def log_options(options: trainer_options.Options) -> None:
+    """The training options that change the plain recipe, one log line each."""
+    if options.class_weights is not None:
+        log.info(
+            "class weights (cross-entropy and val/loss): %s", [round(w, 4) for w in options.class_weights]
+        )
+    if options.sampler == "balanced":
+        log.info("sampler: balanced (each epoch's clips drawn with replacement, 1 / count of their class)")
+    if options.dropout is not None:
+        streams = ", ".join(slot.stream for slot in options.dropout.slots)
+        log.info(
+            "modality dropout: p=%s, one of %s zeroed per dropped clip", options.modality_dropout, streams
+        )
 
 
 def calibrate(

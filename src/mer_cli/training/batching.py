@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterable, Iterator
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -82,6 +82,61 @@ def n_batches(n: int, batch_size: int, bucket: bool, pool_batches: int) -> int:
     count = sum(-(-p // batch_size) for p in sizes)
     last = sizes[-1] % batch_size if sizes else 0
     return count - 1 if count > 1 and last == 1 else count
+
+
+class BatchSettings(Protocol):
+    """What `BucketBatchSampler` reads of the training loop's settings (`loop.Settings`)."""
+
+    @property
+    def batch_size(self) -> int: ...
+    @property
+    def bucket_by_length(self) -> bool: ...
+    @property
+    def bucket_batches(self) -> int: ...
+    @property
+    def bucket_length_jitter(self) -> float: ...
+
+
+class BucketBatchSampler(torch.utils.data.Sampler[list[int]]):
+    """Each epoch's batches from `batch_indices` (length buckets), drawn from ``generator`` when
+    an epoch starts: the same seed gives the same batches, and a resumed run (the generator's
+    state restored) the batches the interrupted one would have drawn. ``draw_weights``
+    (``trainer.sampler=balanced``): the epoch's clips are first drawn with replacement, as many
+    as there are, each with probability proportional to its weight, then bucketed the same way."""
+
+    def __init__(
+        self,
+        lengths: torch.Tensor,
+        settings: BatchSettings,
+        generator: torch.Generator,
+        draw_weights: torch.Tensor | None = None,
+    ) -> None:
+        self.lengths, self.settings, self.generator = lengths, settings, generator
+        self.draw_weights = draw_weights
+
+    def __iter__(self) -> Iterator[list[int]]:
+        # a generator: the batches are drawn at the first batch, not when iter() is called (a
+        # DataLoader with workers calls it twice for its first epoch and uses the second)
+        s = self.settings
+        lengths, drawn = self.lengths, None
+        if self.draw_weights is not None:
+            n = len(self.lengths)
+            drawn = torch.multinomial(self.draw_weights, n, replacement=True, generator=self.generator)
+            lengths = self.lengths[drawn]
+        batches = batch_indices(
+            lengths,
+            s.batch_size,
+            self.generator,
+            s.bucket_by_length,
+            s.bucket_batches,
+            s.bucket_length_jitter,
+        )
+        for b in batches:
+            yield (b if drawn is None else drawn[b]).tolist()
+
+    def __len__(self) -> int:
+        s = self.settings
+        return n_batches(len(self.lengths), s.batch_size, s.bucket_by_length, s.bucket_batches)
 
 
 class ClipDataset(torch.utils.data.Dataset[tuple[dict[str, np.ndarray], int]]):

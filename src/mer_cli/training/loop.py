@@ -1,8 +1,9 @@
 """The training loop: length-bucketed batches, early stopping, LR on plateau, best checkpoint.
 
-Input: a model, an optimizer and scheduler, train and validation `SequenceSet`s. Output: the
-model with its best weights (lowest val/loss) restored, and the per-epoch history. Every epoch it
-also writes ``last.pt`` so an interrupted run can resume where it stopped.
+Input: a model, an optimizer and scheduler, train and validation `SequenceSet`s, and the
+`options.Options` (class weights, balanced sampler, modality dropout; by default none). Output:
+the model with its best weights (lowest val/loss) restored, and the per-epoch history. Every
+epoch it also writes ``last.pt`` so an interrupted run can resume where it stopped.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from mer_cli.core.errors import ConfigError
 from mer_cli.evaluation import calibration, metrics
 from mer_cli.models.layers import Frames
 from mer_cli.preprocess.sequences import SequenceSet
-from mer_cli.training.batching import batch_indices, batch_loader, n_batches, predict_proba, to_device
+from mer_cli.training.batching import BucketBatchSampler, batch_loader, predict_proba, to_device
 from mer_cli.training.hardware import (
     DEVICES,
     PRECISIONS,
@@ -35,6 +36,7 @@ from mer_cli.training.hardware import (
     resolve_device,
     resolve_precision,
 )
+from mer_cli.training.options import Options, weighted_nll
 
 log = logging.getLogger(__name__)
 
@@ -151,34 +153,6 @@ def configure_threads(settings: Settings) -> int:
     return n
 
 
-class BucketBatchSampler(torch.utils.data.Sampler[list[int]]):
-    """Each epoch's batches from `batch_indices` (length buckets), drawn from ``generator`` when
-    an epoch starts: the same seed gives the same batches, and a resumed run (the generator's
-    state restored) the batches the interrupted one would have drawn."""
-
-    def __init__(self, lengths: torch.Tensor, settings: Settings, generator: torch.Generator) -> None:
-        self.lengths, self.settings, self.generator = lengths, settings, generator
-
-    def __iter__(self) -> Iterator[list[int]]:
-        # a generator: the batches are drawn at the first batch, not when iter() is called (a
-        # DataLoader with workers calls it twice for its first epoch and uses the second)
-        s = self.settings
-        batches = batch_indices(
-            self.lengths,
-            s.batch_size,
-            self.generator,
-            s.bucket_by_length,
-            s.bucket_batches,
-            s.bucket_length_jitter,
-        )
-        for b in batches:
-            yield b.tolist()
-
-    def __len__(self) -> int:
-        s = self.settings
-        return n_batches(len(self.lengths), s.batch_size, s.bucket_by_length, s.bucket_batches)
-
-
 def train_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -221,14 +195,15 @@ class Progress:
 
 @dataclass
 class Trainee:
-    """What one training updates: the model, its optimizer, LR schedule and gradient scaler, and
-    the generator the batches are drawn from."""
+    """What one training updates: the model, its optimizer, LR schedule and gradient scaler, the
+    generator the batches (and the modality dropout's draws) come from, and the options."""
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau
     scaler: torch.amp.GradScaler
     generator: torch.Generator
+    options: Options = field(default_factory=Options)
 
 
 def fit(
@@ -243,6 +218,7 @@ def fit(
     checkpoint_meta: dict[str, Any],
     resume: bool = False,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
+    options: Options | None = None,
 ) -> History:
     """Train until ``max_epochs`` or early stop; return the history with best weights restored.
 
@@ -255,7 +231,8 @@ def fit(
     model.to(device)
     # gradient scaling keeps small fp16 gradients from flushing to zero; bf16 needs none
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    trainee = Trainee(model, optimizer, scheduler, scaler, torch.Generator().manual_seed(seed))
+    options = options or Options()
+    trainee = Trainee(model, optimizer, scheduler, scaler, torch.Generator().manual_seed(seed), options)
     fit_started, trims_before = time.perf_counter(), allocator.trims
     last_path = out_dir / "last.pt"
     progress = Progress()
@@ -272,7 +249,7 @@ def fit(
     )
     loader = batch_loader(
         train_set,
-        BucketBatchSampler(train_set.lengths, settings, trainee.generator),
+        BucketBatchSampler(train_set.lengths, settings, trainee.generator, options.draw_weights(train_set.y)),
         device,
         settings.loader_workers,
         settings.pin_memory,
@@ -282,7 +259,7 @@ def fit(
         # the first batch of this session's first epoch logs how long training took to start
         first = fit_started if epoch == progress.next_epoch else None
         train_row = train_epoch(trainee, loader, device, dtype, epoch, settings, first)
-        val_row = validate(model, val_set, device, dtype, settings)
+        val_row = validate(model, val_set, device, dtype, settings, options.class_weights)
         row = {
             "epoch": epoch,
             **train_row,
@@ -344,7 +321,7 @@ def train_epoch(
     """One pass over the training batches; the epoch's train/* history columns. ``fit_started``
     (the first epoch of a training only): its first batch logs the wait since then."""
     trainee.model.train()
-    loss_fn = nn.CrossEntropyLoss()
+    loss_fn, dropout = trainee.options.loss(device), trainee.options.dropout
     total_loss, y_true, y_prob = 0.0, [], []
     bar = tqdm(
         loader,
@@ -358,6 +335,8 @@ def train_epoch(
             _log_first_batch(fit_started)
             fit_started = None
         inputs, y = to_device(batch, device)
+        if dropout is not None:  # training batches only: validation and test keep every stream
+            inputs = dropout(inputs, trainee.generator)
         loss, logits = train_step(trainee.model, trainee.optimizer, trainee.scaler, loss_fn, inputs, y, dtype)
         total_loss += loss.item() * len(y)
         y_true.append(y.cpu())
@@ -372,15 +351,30 @@ def train_epoch(
 
 
 def validate(
-    model: nn.Module, val_set: SequenceSet, device: torch.device, dtype: torch.dtype, settings: Settings
+    model: nn.Module,
+    val_set: SequenceSet,
+    device: torch.device,
+    dtype: torch.dtype,
+    settings: Settings,
+    class_weights: tuple[float, ...] | None = None,
 ) -> dict[str, float]:
-    """The epoch's val/* history columns, from the model's class probabilities on validation."""
+    """The epoch's val/* history columns, from the model's class probabilities on validation.
+
+    With ``class_weights``, val/loss is the validation cross-entropy with the same weights as
+    the training loss: it picks the best epoch, cuts the LR and stops early, and those should
+    judge the objective the user asked for (errors on a rare class cost more), not the plain NLL,
+    which favours the frequent classes the weights are there to counter. metrics.json's ``loss``
+    stays the plain NLL, comparable between runs."""
     val_prob = predict_proba(
         model, val_set, settings.eval_batch_size, device, dtype, settings.loader_workers, settings.pin_memory
     )
     val_y = val_set.y.numpy()
     return {
-        "val/loss": calibration.nll(val_y, val_prob),
+        "val/loss": (
+            calibration.nll(val_y, val_prob)
+            if class_weights is None
+            else weighted_nll(val_y, val_prob, class_weights)
+        ),
         "val/accuracy": float((val_prob.argmax(1) == val_y).mean()),
         "val/roc_auc": metrics.roc_auc_micro(val_y, val_prob),
         # metrics.json's f1_macro (every class counted): what a hyperparameter search maximizes
