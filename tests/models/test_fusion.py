@@ -10,6 +10,7 @@ import pytest
 from sklearn.linear_model import LogisticRegression
 
 from mer_cli.core.errors import ConfigError
+from mer_cli.evaluation import calibration
 from mer_cli.models.fusion import late as late_fusion
 from mer_cli.runs import upgrade
 from mer_cli.runs.late import fuse_and_report, late_predictions, late_weights
@@ -203,3 +204,42 @@ def test_late_fusion_settings_that_make_no_sense_are_one_error_line(combiner, ac
 def test_a_fixed_acoustic_weight_is_the_means_first_member_weight():
     assert late_weights("mean", 0.3) == {"acoustic": 0.3, "visual": 0.7}
     assert late_weights("mean", None) is None
+
+
+def test_eval_calibration_temperature_gives_the_fused_model_its_own_temperature_from_validation(tmp_path):
+    members = _members(seed=3)
+    args = ("mean", None, members, {m: m for m in members}, ("a", "b", "c", "d"))
+    fuse_and_report(*args, tmp_path / "raw", 0, "hand-made", None, False)
+    fuse_and_report(*args, tmp_path / "cal", 0, "hand-made", None, False, calibration_method="temperature")
+    raw_late = json.loads((tmp_path / "raw" / "late.json").read_text())
+    late = json.loads((tmp_path / "cal" / "late.json").read_text())
+    assert "temperature" not in raw_late  # an uncalibrated run's late.json is as before
+    t = late["temperature"]
+    metrics = json.loads((tmp_path / "cal" / "metrics.json").read_text())
+    assert metrics["run"]["temperature"] == t
+    # the temperature is the one that minimises the fused validation NLL, computed here by hand
+    fused_val = (members["acoustic"]["val"].y_prob + members["visual"]["val"].y_prob) / 2
+    y_val = members["acoustic"]["val"].y_true
+    assert t == pytest.approx(calibration.fit_temperature(y_val, fused_val))
+    assert calibration.nll(y_val, calibration.rescale(fused_val, t)) < calibration.nll(y_val, fused_val)
+    # and it is applied to test, read back from late.json by everything that re-scores the run
+    fused_test = (members["acoustic"]["test"].y_prob + members["visual"]["test"].y_prob) / 2
+    (test,) = late_predictions(members, upgrade.late_json(late, tmp_path / "late.json"), ("test",))
+    np.testing.assert_allclose(test.y_prob, calibration.rescale(fused_test, t), atol=1e-12)
+    assert (test.y_prob.argmax(1) == fused_test.argmax(1)).all()  # calibration never changes a label
+    # test labels play no part in it
+    relabelled = _relabel(members, "test", np.zeros_like(members["acoustic"]["test"].y_true))
+    fuse_and_report(
+        "mean",
+        None,
+        relabelled,
+        {m: m for m in members},
+        ("a", "b", "c", "d"),
+        tmp_path / "cal2",
+        0,
+        "hand-made",
+        None,
+        False,
+        calibration_method="temperature",
+    )
+    assert json.loads((tmp_path / "cal2" / "late.json").read_text())["temperature"] == t

@@ -25,10 +25,11 @@ from mer_cli.serving import export
 # packed masking (exported as the reverse path), GRU cells, attention, convolutions, stacking
 RUNS = {
     "acoustic": ["model.encoder.masking=packed"],
-    "early": [],
+    "early": ["eval.calibration=temperature"],  # the exported graph applies the temperature
     "joint": ["model=gru"],
     "xattn": ["model=transformer"],
-    "late": ["modality.combiner=stacking", "model=tcn"],
+    # members and the fused model calibrated: three temperatures in one graph
+    "late": ["modality.combiner=stacking", "model=tcn", "eval.calibration=temperature"],
 }
 FORMATS = ["onnx", "torchscript"]
 
@@ -115,6 +116,9 @@ def test_exported_file_gives_mer_clis_test_predictions_from_raw_clips(runs, moda
         x, lengths = padded(clips[s], fill=np.nan)
         feeds[s], feeds[f"{s}_lengths"] = x, lengths
     got = run_exported(out, fmt, feeds)
+    if "eval.calibration=temperature" in RUNS[modality]:  # the expected numbers are calibrated
+        t = json.loads((run_dir / "metrics.json").read_text())["run"]["temperature"]
+        assert t is not None and abs(t - 1.0) > 1e-3
     assert got.shape == expected.shape == (len(clips[inputs[0]]), 6)
     assert np.abs(got - expected).max() < 1e-5
     # exact masking: each clip run alone (no padding at all) gives its row of the batch

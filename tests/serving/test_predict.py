@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import pickle
 import shutil
 from pathlib import Path
@@ -53,9 +54,14 @@ def make_new_clips(root: Path, actors: tuple[int, ...] = (2001, 2002, 2003)) -> 
     return audio, video
 
 
-def train(run_dir: Path, modality: str, npz: Path) -> Path:
+def train(run_dir: Path, modality: str, npz: Path, *extra: str) -> Path:
     cfg = compose_train(
-        "experiment=smoke", f"modality={modality}", "data=npz", f"data.path={npz}", "runtime.save_plots=false"
+        "experiment=smoke",
+        f"modality={modality}",
+        "data=npz",
+        f"data.path={npz}",
+        "runtime.save_plots=false",
+        *extra,
     )
     execute.run(cfg, run_dir)
     return run_dir
@@ -82,7 +88,11 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def runs(files: dict[str, Path]) -> dict[str, Path]:
-    return {m: train(files["root"] / m, m, files["train"]) for m in ("early", "late", "xattn")}
+    # late fusion calibrated (its members and the fused model): predict applies every temperature
+    extra = {"late": ("eval.calibration=temperature",)}
+    return {
+        m: train(files["root"] / m, m, files["train"], *extra.get(m, ())) for m in ("early", "late", "xattn")
+    }
 
 
 def run_predict(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, list[str]]:
@@ -181,6 +191,8 @@ def test_predictions_from_wav_and_csv_files_equal_mer_evaluate_on_the_same_clips
         capsys, runs[modality], "--audio", files["audio"], "--video", files["video"], "--out", out
     )
     assert (code, stderr) == (0, [])
+    if modality == "late":
+        assert json.loads((runs[modality] / "late.json").read_text())["temperature"] != 1.0
     rows = read_rows(out)
     assert len(rows) == 18 and f"wrote {out}: 18 clips" in stdout
     names = NOTEBOOK_CLASS_NAMES

@@ -11,6 +11,7 @@ from typing import Any
 from mer_cli.core.config import flatten
 from mer_cli.models import modalities
 from mer_cli.runs import upgrade
+from mer_cli.training import options as trainer_options
 
 # how a run executed, where it was tracked, what happens after it, whether it was resumed, which
 # search trial it was: never part of a model (data.cache*: where generated clips are kept, never
@@ -35,11 +36,7 @@ _SINGLE_MODALITY_KEYS = ("modality.name", "modality.streams")
 
 # the training options (training/options.py) and the value that trains as before they existed: a
 # run from before them trained with these, so it is the same model as today's default run
-TRAINER_OPTION_DEFAULTS = {
-    "trainer.modality_dropout": 0.0,
-    "trainer.class_weights": None,
-    "trainer.sampler": "shuffle",
-}
+TRAINER_OPTION_DEFAULTS = {f"trainer.{k}": v for k, v in trainer_options.DEFAULTS.items()}
 
 
 def _with_trainer_options(flat: Mapping[str, Any]) -> dict[str, Any]:

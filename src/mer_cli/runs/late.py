@@ -8,14 +8,17 @@ import contextlib
 import copy
 import logging
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from mer_cli.core.artifacts import write_json, write_text
 from mer_cli.core.errors import ConfigError, MerError
 from mer_cli.data.splits import Splits
+from mer_cli.evaluation import calibration
 from mer_cli.evaluation.metrics import score
 from mer_cli.models import modalities
 from mer_cli.models.fusion import late as late_fusion
@@ -79,6 +82,7 @@ def run_late(
         data_source=splits.source,
         speaker_check=splits.speaker_check,
         save_plots=cfg.runtime.save_plots,
+        calibration_method=str(cfg.get("eval", {}).get("calibration", "none")),
     )
     tracked.finish()
     return metrics
@@ -130,7 +134,8 @@ def late_predictions(
     combined: late_fusion.LateFusion,
     split_names: tuple[str, ...],
 ) -> list[outputs.Predictions]:
-    """The members' class probabilities combined per split; all must cover the same clips."""
+    """The members' class probabilities combined per split (at the fusion's temperature, when
+    it has one); all must cover the same clips."""
     check_same_clips(members, split_names)
     first = members[combined.members[0]]
     return [
@@ -138,10 +143,34 @@ def late_predictions(
             s,
             first[s].clip_ids,
             first[s].y_true,
-            combined.combine({m: members[m][s].y_prob for m in combined.members}),
+            fused_proba(combined, {m: members[m][s].y_prob for m in combined.members}),
         )
         for s in split_names
     ]
+
+
+def fused_proba(combined: late_fusion.LateFusion, probs: Mapping[str, np.ndarray]) -> np.ndarray:
+    prob = combined.combine(probs)
+    return prob if combined.temperature == 1.0 else calibration.rescale(prob, combined.temperature)
+
+
+def calibrate_fusion(
+    combined: late_fusion.LateFusion, members: Mapping[str, Mapping[str, outputs.Predictions]], method: str
+) -> late_fusion.LateFusion:
+    """eval.calibration=temperature: the fused model's own temperature, fitted on the fused
+    validation probabilities (never the test split's); the combiner unchanged otherwise."""
+    if calibration.check(method) == "none":
+        return combined
+    val = next(iter(members.values()))["val"]
+    prob = combined.combine({m: members[m]["val"].y_prob for m in combined.members})
+    temperature = calibration.fit_temperature(val.y_true, prob)
+    log.info(
+        "late fusion: temperature %.4f fitted on the fused validation probabilities: val NLL %.4f -> %.4f",
+        temperature,
+        calibration.nll(val.y_true, prob),
+        calibration.nll(val.y_true, calibration.rescale(prob, temperature)),
+    )
+    return replace(combined, temperature=temperature)
 
 
 def check_same_clips(
@@ -165,6 +194,7 @@ def fuse_and_report(
     data_source: str,
     speaker_check: Mapping[str, Any] | None = None,
     save_plots: bool = True,
+    calibration_method: str = "none",
 ) -> dict[str, Any]:
     weights = late_weights(combiner, acoustic_weight)
     check_same_clips(members, ("val", "test"))  # before anything is fitted on them
@@ -173,6 +203,7 @@ def fuse_and_report(
     combined = late_fusion.fit_late(
         combiner, {m: p["val"].y_prob for m, p in members.items()}, val.y_true, len(class_names), weights
     )
+    combined = calibrate_fusion(combined, members, calibration_method)
     fitted = combined.state()
     if combined.weights is not None:
         log.info("late fusion: %s, weights %s", combiner, fitted["weights"])

@@ -110,6 +110,7 @@ class LateGraph(nn.Module):
         self.members = nn.ModuleDict({m: members[m] for m in self.member_names})
         self.inputs = [s for m in self.member_names for s in members[m].inputs]
         self.weights = list(combined.weights) if combined.weights is not None else None
+        self.temperature = combined.temperature  # the fused model's (eval.calibration=temperature)
         self.stacker_inputs: list[str] = []
         if combined.stacker is not None:
             s = combined.stacker
@@ -121,6 +122,13 @@ class LateGraph(nn.Module):
             self.register_buffer("placement", torch.from_numpy(placement))  # fitted classes -> all
 
     def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+        out = self._combined(*tensors)
+        if self.temperature == 1.0:
+            return out
+        # as calibration.rescale: softmax(log p / T), the model's own softmax at temperature T
+        return torch.softmax(torch.log(out.clamp_min(1e-30)) / self.temperature, dim=1)
+
+    def _combined(self, *tensors: torch.Tensor) -> torch.Tensor:
         probs, i = {}, 0
         for m in self.member_names:
             n = 2 * len(cast(RunGraph, self.members[m]).inputs)

@@ -10,6 +10,7 @@ train labels only: validation and test never set a weight.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -23,6 +24,8 @@ from torch import nn
 from mer_cli.core.errors import ConfigError
 from mer_cli.models import modalities
 from mer_cli.training.stream_dropout import StreamDropout, slots
+
+log = logging.getLogger(__name__)
 
 SAMPLERS = ("shuffle", "balanced")
 DEFAULTS: dict[str, Any] = {"modality_dropout": 0.0, "class_weights": None, "sampler": "shuffle"}
@@ -159,6 +162,12 @@ def resolve(
     stream lies in the model's inputs from ``feature_spec`` (`stream_dropout.slots`)."""
     check(trainer, modality)
     given = settings(trainer)
+    if given["class_weights"] is not None and given["sampler"] == "balanced":
+        log.warning(
+            "trainer.class_weights=%s with trainer.sampler=balanced: class imbalance is corrected "
+            "twice (balanced batches, then weighted losses); the small classes now weigh more",
+            given["class_weights"],
+        )
     p = float(given["modality_dropout"])
     dropout = None
     if p > 0:

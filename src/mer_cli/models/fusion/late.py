@@ -4,6 +4,7 @@ plain or weighted average or a stacking classifier (fitted on validation only).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -135,12 +136,16 @@ def fit_stacker(probs: Mapping[str, np.ndarray], y_true: np.ndarray, n_classes: 
 @dataclass(frozen=True)
 class LateFusion:
     """How late fusion turns its members' class probabilities into one (fitted, if at all, on
-    validation): ``mean`` and ``weighted`` average with ``weights``, ``stacking`` uses ``stacker``."""
+    validation): ``mean`` and ``weighted`` average with ``weights``, ``stacking`` uses ``stacker``.
+    ``temperature``: eval.calibration=temperature's, fitted on the fused validation probabilities
+    (averaging members makes a fused model underconfident even when each member is calibrated);
+    `combine` leaves it to the caller (runs.late.late_predictions, the exported graph)."""
 
     combiner: str
     members: tuple[str, ...]
     weights: tuple[float, ...] | None = None
     stacker: Stacker | None = None
+    temperature: float = 1.0
 
     def combine(self, probs: Mapping[str, np.ndarray]) -> np.ndarray:
         if self.stacker is not None:
@@ -155,17 +160,23 @@ class LateFusion:
             out["weights"] = dict(zip(self.members, self.weights, strict=True))
         if self.stacker is not None:
             out["stacker"] = self.stacker.state()
+        if self.temperature != 1.0:  # calibrated: an uncalibrated run's late.json stays as it was
+            out["temperature"] = self.temperature
         return out
 
     @classmethod
     def from_state(cls, state: Mapping[str, Any], members: Sequence[str]) -> LateFusion:
         weights = state.get("weights")
         stacker = state.get("stacker")
+        temperature = float(state.get("temperature", 1.0))
+        if not (math.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"temperature {temperature} is not a positive number")
         return cls(
             str(state["combiner"]),
             tuple(members),
             tuple(float(weights[m]) for m in members) if weights is not None else None,
             Stacker.from_state(stacker) if stacker is not None else None,
+            temperature,
         )
 
 
