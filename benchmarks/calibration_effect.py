@@ -32,13 +32,16 @@ SCORES = {"ece": metrics.ece, "nll": metrics.loss, "brier": metrics.brier}
 
 
 def uncalibrated_copy(sweep: Path, into: Path) -> Path:
-    """The sweep without its temperatures: late.json's member paths pointed at the copies."""
+    """The sweep without its temperatures (calibration.json files, late.json's ``temperature``),
+    late.json's member paths pointed at the copies."""
     copy = into / sweep.name
     shutil.copytree(sweep, copy, ignore=shutil.ignore_patterns("evaluations", "*.png", "last.pt"))
     for path in copy.rglob("calibration.json"):
         path.unlink()
-    for path in copy.rglob("late.json"):
-        path.write_text(path.read_text().replace(str(sweep.resolve()), str(copy.resolve())))
+    for path in copy.rglob("late.json"):  # the fused model's own temperature is kept in late.json
+        late = json.loads(path.read_text().replace(str(sweep.resolve()), str(copy.resolve())))
+        late.pop("temperature", None)
+        path.write_text(json.dumps(late))
     return copy
 
 
