@@ -46,10 +46,12 @@ def uncalibrated_copy(sweep: Path, into: Path) -> Path:
 
 
 def test_predictions(run_dir: Path, evaluate: bool) -> outputs.Predictions:
+    """The run's test predictions (``evaluate``: re-evaluated), rows renormalised: predictions.csv
+    keeps 6 significant digits, so its rows sum to 1 only within ~1e-6."""
     if evaluate:
-        out_dir, _ = evaluate_run(run_dir, None, ("test",), save_plots=False)
-        return outputs.read_predictions(out_dir / "predictions.csv", "test")
-    return outputs.read_predictions(run_dir / "predictions.csv", "test")
+        run_dir, _ = evaluate_run(run_dir, None, ("test",), save_plots=False)
+    p = outputs.read_predictions(run_dir / "predictions.csv", "test")
+    return outputs.Predictions(p.split, p.clip_ids, p.y_true, p.y_prob / p.y_prob.sum(axis=1, keepdims=True))
 
 
 def bootstrap(
@@ -106,7 +108,7 @@ def main() -> None:
         for m, p in by_modality.items()
     }
     print(json.dumps(result, indent=1))
-    print("\nmodality | T per seed | ECE none -> temperature (difference) | NLL none -> temperature")
+    print("\nmodality | T per seed | ECE none -> temperature (difference) | NLL none -> temperature | Brier")
     for m, r in result.items():
 
         def pct(v: list[float]) -> str:
@@ -115,11 +117,11 @@ def main() -> None:
         def num(v: list[float]) -> str:
             return f"{v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]"
 
-        e, n = r["ece"], r["nll"]
+        e, n, b = r["ece"], r["nll"], r["brier"]
         print(
             f"{m} | {r['temperatures']} | {pct(e['none'])} -> {pct(e['temperature'])} "
             f"({pct(e['difference'])}) "
-            f"| {num(n['none'])} -> {num(n['temperature'])}"
+            f"| {num(n['none'])} -> {num(n['temperature'])} | {num(b['none'])} -> {num(b['temperature'])}"
         )
 
 
