@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -317,3 +318,22 @@ def fake_run(root: Path, modality: str, seed: int, y_true: np.ndarray, y_pred: n
 def markdown(result: dict, runs: list[Run]) -> str:
     figures = {k: ["x.png"] for k in (*options.BAR_METRICS, *options.GRIDS)}
     return to_markdown("t", document(result, runs, figures, Path("/")))
+
+
+def write_pickle(path: Path, splits: Splits) -> Path:
+    """``splits`` as the notebook's feature pickle: {split: {clip id: (mfcc, aus, label)}}."""
+    raw = {
+        s.name: {c: (m, a, int(y)) for c, m, a, y in zip(s.clip_ids, s.mfcc, s.aus, s.labels, strict=True)}
+        for s in splits.all()
+    }
+    path.write_bytes(pickle.dumps(raw))
+    return path
+
+
+@pytest.fixture
+def one_thread():
+    """Toy models train fastest on one thread (and a loaded CI machine is not oversubscribed)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import pickle
 import re
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, compose_train, make_split, run_main
+from conftest import REPO, compose_train, make_split, run_main, write_pickle
 from mer_cli.core.errors import ConfigError, DataError
 from mer_cli.data import folds, leakage, protocol
 from mer_cli.data.load import load_data
@@ -44,15 +43,6 @@ def crema_like(speakers_per_split: dict[str, list[int]]) -> Splits:
 
 def write_csv(path: Path, header: str, rows: list[str]) -> Path:
     path.write_text("\n".join([header, *rows]) + "\n")
-    return path
-
-
-def write_pickle(path: Path, splits: Splits) -> Path:
-    raw = {
-        s.name: {c: (m, a, int(y)) for c, m, a, y in zip(s.clip_ids, s.mfcc, s.aus, s.labels, strict=True)}
-        for s in splits.all()
-    }
-    path.write_bytes(pickle.dumps(raw))
     return path
 
 

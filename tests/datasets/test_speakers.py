@@ -4,14 +4,12 @@ and cross-validation by actor use them instead of parsing clip ids."""
 
 from __future__ import annotations
 
-import pickle
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import compose_train, make_folder, make_split
+from conftest import compose_train, make_folder, make_split, write_pickle
 from mer_cli.core.errors import DataError
 from mer_cli.data import folds, ingest, leakage, native, speakers
 from mer_cli.data.npz import load_npz, save_npz
@@ -113,15 +111,6 @@ def test_cross_validation_by_actor_uses_the_stored_speakers():
 
 # ---------------------------------------------------------------------------------------------
 # data.speaker_file
-
-
-def write_pickle(path: Path, splits: Splits) -> Path:
-    raw = {
-        s.name: {c: (m, a, int(y)) for c, m, a, y in zip(s.clip_ids, s.mfcc, s.aus, s.labels, strict=True)}
-        for s in splits.all()
-    }
-    path.write_bytes(pickle.dumps(raw))
-    return path
 
 
 def test_a_speaker_file_gives_every_clip_its_speaker_and_the_check_uses_them(tmp_path):

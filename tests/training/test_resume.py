@@ -63,13 +63,7 @@ def _fit(out_dir: Path, init_seed: int, resume: bool = False, stop_after: int | 
     return history
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Toy models train fastest on one thread (and a loaded CI machine is not oversubscribed)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_resume_after_an_interruption_matches_an_uninterrupted_run_bit_for_bit(tmp_path):

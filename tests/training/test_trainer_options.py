@@ -28,12 +28,7 @@ from mer_cli.training.stream_dropout import Slot, StreamDropout, slots
 CLASSES = ("a", "b", "c")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------------------

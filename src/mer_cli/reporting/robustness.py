@@ -25,7 +25,7 @@ from mer_cli.reporting.analysis import Model
 from mer_cli.reporting.document import Block
 from mer_cli.reporting.prose import pct
 from mer_cli.runs import files
-from mer_cli.runs.robustness import label_strength_axis
+from mer_cli.runs.robustness import finish_figure, finish_panel
 
 FILE = "robustness.json"
 FIGURE = "figures/robustness.png"
@@ -133,17 +133,10 @@ def figure(summary: dict[str, Any]) -> Figure:
                 x, y = zip(*[(0.0, m["clean"]), *points], strict=True)
                 label = m["label"] + (f" ({v})" if len(variants) > 1 else "")
                 ax.plot(x, y, marker="o", ls=style, color=f"C{i % 10}", label=label)
-        ax.set_title(title)
-        label_strength_axis(ax, conds[0]["unit"])
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(by_panel) :]:
-        ax.set_visible(False)
-    for ax in axes[:, 0]:
-        ax.set_ylabel("test macro F1")
-    fig.suptitle("robustness: test macro F1 under corruption (mean over runs)")
-    fig.tight_layout()
-    return fig
+        finish_panel(ax, title, conds[0]["unit"])
+    return finish_figure(
+        fig, axes, len(by_panel), "robustness: test macro F1 under corruption (mean over runs)"
+    )
 
 
 def blocks(summary: dict[str, Any] | None, figure_path: str) -> list[Block]:

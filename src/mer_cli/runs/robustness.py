@@ -349,15 +349,26 @@ def figure(result: dict[str, Any]) -> Figure:
             hi = np.array([clean, *(r["f1_macro_ci"][1] for r in rows)])
             ax.errorbar(x, y, yerr=[y - lo, hi - y], marker="o", capsize=3, label=label)
         ax.axhline(clean, color="gray", ls="--", lw=1, label="clean")
-        ax.set_title(name)
-        label_strength_axis(ax, next(iter(by_line.values()))[0]["unit"])
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(lines) :]:
+        finish_panel(ax, name, next(iter(by_line.values()))[0]["unit"])
+    return finish_figure(
+        fig, axes, len(lines), f"robustness: test macro F1 under corruption (seed {result['seed']})"
+    )
+
+
+def finish_panel(ax: Axes, title: str, unit: str) -> None:
+    ax.set_title(title)
+    label_strength_axis(ax, unit)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+
+
+def finish_figure(fig: Figure, axes: np.ndarray, n_panels: int, title: str) -> Figure:
+    """The panels past ``n_panels`` hidden, macro F1 on the left column, the title, laid out."""
+    for ax in list(axes.flat)[n_panels:]:
         ax.set_visible(False)
     for ax in axes[:, 0]:
         ax.set_ylabel("test macro F1")
-    fig.suptitle(f"robustness: test macro F1 under corruption (seed {result['seed']})")
+    fig.suptitle(title)
     fig.tight_layout()
     return fig
 
