@@ -31,6 +31,8 @@ def sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "experiment=smoke",
         f"modality={','.join(MODALITIES)}",
         "eval.robustness=true",
+        "trainer.loop.max_epochs=1",  # what is tested is the re-scoring, not what was learned
+        "data.limit_per_split=24",
         "compare.bootstrap_samples=200",
         f"hydra.sweep.dir={root}",
         cwd=root.parent,
