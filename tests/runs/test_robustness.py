@@ -97,7 +97,7 @@ def test_missing_visual_masked_on_late_fusion_is_the_acoustic_members_own_predic
     cfg = files.read_config(late / "config.yaml")
     splits = load_data(cfg.data, cfg.cv)
     clean = robustness.member_probabilities(target, splits, splits.test)
-    fused = robustness.combine(target, splits.test, clean)
+    fused = robustness.combine(target, clean)
     without_visual = robustness.masked(target, "visual", clean, fused)
     own = trained.predict_run(member, splits, ("test",))["test"].y_prob
     assert without_visual is not None and np.array_equal(without_visual, own)
@@ -114,7 +114,7 @@ def test_strength_zero_scores_exactly_the_clean_test_split(sweep):
     cfg = files.read_config(run / "config.yaml")
     splits = load_data(cfg.data, cfg.cv)
     clean = robustness.member_probabilities(target, splits, splits.test)
-    fused = robustness.combine(target, splits.test, clean)
+    fused = robustness.combine(target, clean)
     groups = np.array([c[:4] for c in splits.test.clip_ids])
     for stream in ("acoustic", "visual"):
         zero = perturb.Condition("noise", "gaussian", stream, 0.0, "x train std", 0.0)

@@ -17,6 +17,7 @@ from mer_cli.core.artifacts import load_checkpoint
 from mer_cli.core.errors import ConfigError
 from mer_cli.data import spec
 from mer_cli.data.splits import NOTEBOOK_CLASS_NAMES, Splits
+from mer_cli.evaluation import calibration
 from mer_cli.models.encoders.rnn import BiLSTMEncoder
 from mer_cli.models.fusion.joint import JointClassifier
 from mer_cli.preprocess import align
@@ -61,7 +62,7 @@ def test_the_weighted_val_loss_is_the_same_weighted_cross_entropy_as_training():
     logits = [[2.0, 0.0, -1.0], [0.5, 1.5, 0.0], [0.0, 0.0, 3.0]]
     y, w = [0, 1, 1], [1.0, 3.0, 0.5]
     prob = torch.softmax(torch.tensor(logits, dtype=torch.float64), dim=1).numpy()
-    assert options.weighted_nll(np.array(y), prob, w) == pytest.approx(_ce_by_hand(logits, y, w), rel=1e-9)
+    assert calibration.nll(np.array(y), prob, w) == pytest.approx(_ce_by_hand(logits, y, w), rel=1e-9)
 
 
 def test_balanced_weights_equal_scikit_learns_and_come_from_the_train_labels_only():

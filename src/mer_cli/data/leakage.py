@@ -76,10 +76,9 @@ def check(splits: Splits, pattern: str, allow_overlap: bool) -> SpeakerCheck:
         clips = sum(1 for name in (a, b) for spk in ids[name] or () if spk in common)
         shared[f"{a}/{b}"] = {"speakers": len(common), "clips": clips}
         if common and not allow_overlap:
-            example = ", ".join(sorted(common)[:3])
             by = "the data's speaker per clip" if known else f"data.speaker_pattern='{pattern}'"
             raise DataError(
-                f"{splits.source}: {len(common)} speaker(s) ({example}{', ...' if len(common) > 3 else ''}) "
+                f"{splits.source}: {len(common)} speaker(s) ({_few(sorted(common))}) "
                 f"are in both the {a} and {b} splits, {clips} clips: a speaker-dependent split "
                 f"({by}); split by speaker, or set "
                 "data.allow_speaker_overlap=true to run it anyway (recorded with every result)"

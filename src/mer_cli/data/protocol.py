@@ -47,6 +47,11 @@ class Protocol:
     fold_of: dict[str, int] | None  # id -> fold; None: the file has no fold column
 
     @property
+    def assigned(self) -> dict[str, Any]:
+        """id -> what the file assigns it (its split, else its fold)."""
+        return (self.split_of if self.split_of is not None else self.fold_of) or {}
+
+    @property
     def n_folds(self) -> int | None:
         return None if self.fold_of is None else len(set(self.fold_of.values()))
 
@@ -56,7 +61,7 @@ class Protocol:
             "path": str(self.path),
             "sha256": self.sha256,
             "by": self.by,
-            "ids": len(self.split_of if self.split_of is not None else self.fold_of or {}),
+            "ids": len(self.assigned),
             "folds": self.n_folds,
         }
 
@@ -171,7 +176,7 @@ def _pooled_keys(splits: Splits, protocol: Protocol, speaker_pattern: str) -> tu
                 f"(data.speaker_pattern={speaker_pattern!r}; or give data.speaker_file=CSV)"
             )
         keys = list(speakers)
-    assigned = (protocol.split_of if protocol.split_of is not None else protocol.fold_of) or {}
+    assigned = protocol.assigned
     if not set(keys) & set(assigned):
         raise DataError(
             f"{protocol.path}: none of its {len(assigned)} {protocol.by} ids is in {splits.source} "
@@ -192,7 +197,7 @@ def _check_train_classes(train: Split, splits: Splits, protocol: Protocol) -> No
 def _counted(protocol: Protocol, splits: Splits, keys: list[str], new: dict[str, Split]) -> dict[str, Any]:
     """The protocol's record with what it did to this dataset: clips per split, clips it left
     out, ids it names that the data lacks (both also logged)."""
-    assigned = (protocol.split_of if protocol.split_of is not None else protocol.fold_of) or {}
+    assigned = protocol.assigned
     n_in = {name: len(s) for name, s in new.items()}
     left_out = sum(1 for k in keys if k not in assigned)
     absent = len(set(assigned) - set(keys))

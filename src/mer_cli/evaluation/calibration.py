@@ -9,6 +9,7 @@ model's softmax(logits / T). Output: T (> 1 softens an overconfident model).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 from scipy.optimize import minimize_scalar
@@ -33,10 +34,15 @@ def rescale(y_prob: np.ndarray, temperature: float) -> np.ndarray:
     return p / p.sum(axis=1, keepdims=True)
 
 
-def nll(y_true: np.ndarray, y_prob: np.ndarray) -> float:
+def nll(y_true: np.ndarray, y_prob: np.ndarray, class_weights: Sequence[float] | None = None) -> float:
     """Mean negative log-probability of the true class (floored at 1e-12): the training history's
-    val/loss and what temperature scaling minimizes."""
-    return float(-np.log(np.clip(y_prob[np.arange(len(y_true)), y_true], 1e-12, None)).mean())
+    val/loss and what temperature scaling minimizes. ``class_weights`` (one per class): the
+    weighted mean as torch's weighted cross-entropy takes it, sum_i w[y_i] nll_i / sum_i w[y_i]."""
+    per_clip = -np.log(np.clip(y_prob[np.arange(len(y_true)), y_true], 1e-12, None))
+    if class_weights is None:
+        return float(per_clip.mean())
+    w = np.asarray(class_weights, dtype=np.float64)[y_true]
+    return float((w * per_clip).sum() / w.sum())
 
 
 def fit_temperature(y_val: np.ndarray, prob_val: np.ndarray) -> float:

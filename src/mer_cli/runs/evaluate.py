@@ -12,7 +12,6 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from mer_cli.core.errors import MerError
 from mer_cli.data import formats
 from mer_cli.data.load import load_data
 from mer_cli.evaluation.metrics import score
@@ -31,11 +30,7 @@ def evaluate_run(
     ``data_path``: another feature pickle with the same features; None: the run's own data.
     The training results in ``run_dir`` are never touched.
     """
-    run_dir = run_dir.expanduser().resolve()
-    config_path = run_dir / "config.yaml"
-    if not config_path.is_file():
-        raise MerError(f"{run_dir}: no config.yaml: not a mer-train run directory")
-    cfg = files.read_config(config_path)
+    run_dir, cfg = files.read_run_config(run_dir)
     data_cfg = cfg.data
     if data_path is not None:
         data_cfg = OmegaConf.merge(

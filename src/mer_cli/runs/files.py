@@ -30,6 +30,16 @@ def _interpolations(value: Any, where: str) -> list[str]:
     return []
 
 
+def read_run_config(run_dir: Path) -> tuple[Path, DictConfig]:
+    """A run directory (resolved) and its config.yaml (`read_config`); a directory without one is
+    one `MerError` line."""
+    run_dir = run_dir.expanduser().resolve()
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        raise MerError(f"{run_dir}: no config.yaml: not a mer-train run directory")
+    return run_dir, read_config(config_path)
+
+
 def read_config(path: Path) -> DictConfig:
     """A run's resolved config.yaml as a config whose values are exactly the file's."""
     raw = read_yaml(path)

@@ -39,7 +39,6 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from mer_cli.core.artifacts import write_json, write_text
-from mer_cli.core.errors import MerError
 from mer_cli.data import spec
 from mer_cli.data.folds import CREMA_D_ACTOR_PATTERN, maybe_actor_ids
 from mer_cli.data.load import load_data
@@ -47,7 +46,7 @@ from mer_cli.data.splits import STREAM_FIELDS, Clips, Split, Splits
 from mer_cli.evaluation import metrics, perturb, stats
 from mer_cli.models.fusion import late as late_fusion
 from mer_cli.runs import files, outputs, trained
-from mer_cli.runs.late import late_predictions
+from mer_cli.runs.late import fused_proba
 
 log = logging.getLogger(__name__)
 
@@ -122,14 +121,11 @@ def member_probabilities(target: Target, splits: Splits, test: Split) -> dict[st
     return {m: trained.predict_run(d, data, ("test",))["test"].y_prob for m, d in dirs.items()}
 
 
-def combine(target: Target, test: Split, probs: dict[str, np.ndarray]) -> np.ndarray:
+def combine(target: Target, probs: dict[str, np.ndarray]) -> np.ndarray:
     """The run's own probabilities from its models': late fusion's combination, or the one model's."""
     if target.combined is None:
         return probs[""]
-    members = {
-        m: {"test": outputs.Predictions("test", test.clip_ids, test.labels, p)} for m, p in probs.items()
-    }
-    return late_predictions(members, target.combined, ("test",))[0].y_prob
+    return fused_proba(target.combined, probs)
 
 
 def masked(
@@ -178,11 +174,7 @@ def evaluate_robustness(
     """Re-score ``run_dir``'s test split under ``requested`` corruptions (None: all) drawn from
     ``seed``; write robustness.json, robustness.csv and plots/robustness.png into it."""
     chosen = perturb.names(requested)  # an unknown name stops before anything is loaded
-    run_dir = run_dir.expanduser().resolve()
-    config_path = run_dir / "config.yaml"
-    if not config_path.is_file():
-        raise MerError(f"{run_dir}: no config.yaml: not a mer-train run directory")
-    cfg = files.read_config(config_path)
+    run_dir, cfg = files.read_run_config(run_dir)
     threads = cfg.get("runtime", {}).get("num_threads")
     if threads:  # as the run was evaluated (a tiny model on a busy CPU: one thread is far faster)
         torch.set_num_threads(int(threads))
@@ -200,7 +192,7 @@ def evaluate_robustness(
     actors = maybe_actor_ids(test.clip_ids, pattern)
     groups = np.array(actors) if actors is not None else None
     clean_probs = member_probabilities(target, splits, test)
-    clean_prob = combine(target, test, clean_probs)
+    clean_prob = combine(target, clean_probs)
     result: dict[str, Any] = {
         "format": FORMAT,
         "split": "test",
@@ -255,7 +247,7 @@ def row(
         ref = reference(target, splits, condition.stream)
         references.setdefault(condition.stream, ref.source)
         corrupted = corrupted_test(test, condition, ref, seed)
-        prob = combine(target, corrupted, member_probabilities(target, splits, corrupted))
+        prob = combine(target, member_probabilities(target, splits, corrupted))
     if prob is None:
         return {**out, **dict.fromkeys(("f1_macro", "f1_macro_ci", *METRIC_KEYS[1:])), "skipped": reason}
     return {**out, **scores(test.labels, prob, groups), "skipped": None}

@@ -36,7 +36,7 @@ from mer_cli.training.hardware import (
     resolve_device,
     resolve_precision,
 )
-from mer_cli.training.options import Options, weighted_nll
+from mer_cli.training.options import Options
 
 log = logging.getLogger(__name__)
 
@@ -370,11 +370,7 @@ def validate(
     )
     val_y = val_set.y.numpy()
     return {
-        "val/loss": (
-            calibration.nll(val_y, val_prob)
-            if class_weights is None
-            else weighted_nll(val_y, val_prob, class_weights)
-        ),
+        "val/loss": calibration.nll(val_y, val_prob, class_weights),
         "val/accuracy": float((val_prob.argmax(1) == val_y).mean()),
         "val/roc_auc": metrics.roc_auc_micro(val_y, val_prob),
         # metrics.json's f1_macro (every class counted): what a hyperparameter search maximizes

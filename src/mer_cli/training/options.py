@@ -117,14 +117,6 @@ def clip_draw_weights(labels: torch.Tensor) -> torch.Tensor:
     return 1.0 / counts[labels].double()
 
 
-def weighted_nll(y_true: np.ndarray, y_prob: np.ndarray, class_weights: Sequence[float]) -> float:
-    """Cross-entropy with class weights, as torch's weighted mean: sum_i w[y_i] * -log p_i(y_i)
-    over sum_i w[y_i] (probabilities floored at 1e-12, as the unweighted val/loss)."""
-    w = np.asarray(class_weights, dtype=np.float64)[y_true]
-    nll = -np.log(np.clip(y_prob[np.arange(len(y_true)), y_true], 1e-12, None))
-    return float((w * nll).sum() / w.sum())
-
-
 @dataclass(frozen=True)
 class Options:
     """What the training loop does beyond the plain recipe; the defaults are the plain recipe
