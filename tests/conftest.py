@@ -25,7 +25,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
-from mer_cli.data import ingest
+from mer_cli.data import formats, ingest
+from mer_cli.data.features import mfcc, openface
 from mer_cli.data.splits import NOTEBOOK_CLASS_NAMES, Split, Splits
 from mer_cli.evaluation.metrics import score
 from mer_cli.models.encoders.rnn import BiLSTMEncoder
@@ -58,6 +59,20 @@ def _ctrl_c_raises_keyboard_interrupt():  # type: ignore[no-untyped-def]
     signal.signal(signal.SIGINT, previous)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _feature_cache_in_a_temporary_folder(tmp_path_factory):  # type: ignore[no-untyped-def]
+    """mer-ingest's default feature cache (``$XDG_CACHE_HOME/mer-cli/features``) under the test
+    run's temporary folder, for this process and every command it starts: tests never write to
+    the user's cache, nor hit features an earlier run left there."""
+    previous = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = previous
+
+
 # ---------------------------------------------------------------------------------------------
 # The console scripts in a subprocess
 
@@ -79,12 +94,16 @@ def cli_command(*args: str) -> list[str]:
 
 def main_command(command: str, *args: str, guarded: bool = False) -> list[str]:
     """``mer-<command> <args>`` run by its function in this interpreter: the command alone,
-    ``mer_cli.cli.commands.<command>_main``, or with ``guarded`` the console script's own
+    ``mer_cli.cli.commands.<command>_main`` (``mer_cli.cli.<command>.main`` where the command has
+    its own module), or with ``guarded`` the console script's own
     ``mer_cli.cli.entry.<command>`` (Ctrl-C guarded from its first line); sys.argv[0] is the
     console script's name either way."""
-    module, function = (
-        ("mer_cli.cli.entry", command) if guarded else ("mer_cli.cli.commands", f"{command}_main")
-    )
+    if guarded:
+        module, function = "mer_cli.cli.entry", command
+    elif (REPO / "src" / "mer_cli" / "cli" / f"{command}.py").is_file():  # a command with its own module
+        module, function = f"mer_cli.cli.{command}", "main"
+    else:
+        module, function = "mer_cli.cli.commands", f"{command}_main"
     code = f"import sys; sys.argv[0] = 'mer-{command}'; from {module} import {function}; {function}()"
     return [sys.executable, "-c", code, *args]
 
@@ -272,14 +291,31 @@ def write_wav(path: Path, seconds: float, sample_rate: int, freq: float, seed: i
 def write_openface_csv(path: Path, n_frames: int, level: float, failed: tuple[int, ...] = ()) -> None:
     """An OpenFace FeatureExtraction-like CSV: ', '-separated header, AU intensities and presences."""
     extra = ["AU01_c", "AU12_c"]
-    header = ["frame", "face_id", "timestamp", "confidence", "success", *ingest.AU_COLUMNS, *extra]
+    header = ["frame", "face_id", "timestamp", "confidence", "success", *openface.AU_COLUMNS, *extra]
     lines = [", ".join(header)]
     for i in range(n_frames):
         ok = i not in failed
-        aus = [level + 0.1 * j + 0.01 * i if ok else 0.0 for j in range(len(ingest.AU_COLUMNS))]
+        aus = [level + 0.1 * j + 0.01 * i if ok else 0.0 for j in range(len(openface.AU_COLUMNS))]
         row = [i + 1, 0, round(i / 30, 3), 0.98 if ok else 0.0, int(ok), *aus, 1, 0]
         lines.append(", ".join(str(v) for v in row))
     path.write_text("\n".join(lines) + "\n")
+
+
+def ingest_folder(
+    audio: Path,
+    video: Path,
+    out: Path,
+    audio_settings: mfcc.Settings | None = None,
+    **kwargs: Any,
+) -> tuple[Splits, ingest.IngestReport]:
+    """mer-ingest's MFCC + OpenFace back-ends over two folders into ``out`` (a directory or an
+    .npz), read back, and what was left out."""
+    extractors = {
+        "acoustic": mfcc.Extractor(audio_settings or mfcc.Settings()),
+        "visual": openface.Extractor(openface.Settings()),
+    }
+    done = ingest.write(out, audio, video, extractors, ingest.Names(), progress=False, **kwargs)
+    return formats.read(out), done.report
 
 
 def make_folder(root: Path, n_actors: int = 6) -> tuple[Path, Path]:

@@ -8,9 +8,10 @@ import json
 import numpy as np
 import pytest
 
-from conftest import make_folder, run_main, write_openface_csv, write_wav
+from conftest import ingest_folder, make_folder, run_main, write_openface_csv, write_wav
 from mer_cli.core.errors import ConfigError, DataError
 from mer_cli.data import ingest
+from mer_cli.data.features import mfcc, openface
 from mer_cli.data.splits import NOTEBOOK_CLASS_NAMES
 
 # ---------------------------------------------------------------------------------------------
@@ -20,7 +21,7 @@ from mer_cli.data.splits import NOTEBOOK_CLASS_NAMES
 def test_au_frames_reads_spaced_headers_and_the_17_default_columns(tmp_path):
     path = tmp_path / "c.csv"
     write_openface_csv(path, 10, level=2.0)
-    x = ingest.au_frames(path, ingest.AU_COLUMNS, "drop")
+    x = openface.read(path, openface.AU_COLUMNS, "drop")[0]
     assert x.shape == (10, 17)
     assert x[0, 0] == pytest.approx(2.0)
     assert x[5, 16] == pytest.approx(2.0 + 1.6 + 0.05)  # AU45_r, frame 5
@@ -33,7 +34,7 @@ def test_au_frames_reads_spaced_headers_and_the_17_default_columns(tmp_path):
 def test_failed_frames_follow_the_policy(tmp_path, policy, frames, frame_3_au01):
     path = tmp_path / "c.csv"
     write_openface_csv(path, 10, level=2.0, failed=(3, 4))  # AU01_r is 2 + 0.01 * frame when tracked
-    x = ingest.au_frames(path, ingest.AU_COLUMNS, policy)
+    x = openface.read(path, openface.AU_COLUMNS, policy)[0]
     assert x.shape == (frames, 17)
     assert x[3, 0] == pytest.approx(frame_3_au01)  # interpolate: as np.interp between frames 2 and 5
 
@@ -41,16 +42,16 @@ def test_failed_frames_follow_the_policy(tmp_path, policy, frames, frame_3_au01)
 def test_configurable_au_columns_and_a_missing_one_is_named(tmp_path):
     path = tmp_path / "c.csv"
     write_openface_csv(path, 5, level=1.0)
-    assert ingest.au_frames(path, ["AU12_r", "AU01_c"], "drop").shape == (5, 2)
+    assert openface.read(path, ["AU12_r", "AU01_c"], "drop")[0].shape == (5, 2)
     with pytest.raises(ValueError, match="no column AU99_r"):
-        ingest.au_frames(path, ["AU01_r", "AU99_r"], "drop")
+        openface.read(path, ["AU01_r", "AU99_r"], "drop")[0]
 
 
 def test_a_face_never_tracked_is_refused(tmp_path):
     path = tmp_path / "c.csv"
     write_openface_csv(path, 4, level=1.0, failed=(0, 1, 2, 3))
     with pytest.raises(ValueError, match="tracked in no frame"):
-        ingest.au_frames(path, ingest.AU_COLUMNS, "interpolate")
+        openface.read(path, openface.AU_COLUMNS, "interpolate")[0]
 
 
 def test_names_give_actor_and_label_in_the_notebook_order():
@@ -90,10 +91,10 @@ def test_mfcc_frames_default_to_52_features_at_100_frames_per_second(tmp_path):
     write_wav(tmp_path / "a.wav", 1.0, 16000, 220.0)
     write_wav(tmp_path / "b.wav", 1.0, 8000, 220.0)  # resampled to 16 kHz
     for name in ("a.wav", "b.wav"):
-        x = ingest.mfcc_frames(tmp_path / name, ingest.AudioSettings())
+        x = mfcc.frames(tmp_path / name, mfcc.Settings())
         assert x.shape == (101, 52)  # 1 s every 10 ms, centred windows: 100 + 1 frames
         assert x.dtype == np.float32 and np.isfinite(x).all()
-    x = ingest.mfcc_frames(tmp_path / "a.wav", ingest.AudioSettings(n_mfcc=13, delta_orders=2, hop_ms=20))
+    x = mfcc.frames(tmp_path / "a.wav", mfcc.Settings(n_mfcc=13, delta_orders=2, hop_ms=20))
     assert x.shape == (51, 39)
 
 
@@ -108,7 +109,7 @@ def test_build_pairs_splits_by_actor_and_reports_what_it_left_out(tmp_path):
     write_wav(audio / "notes.wav", 1.0, 16000, 200.0)
     write_openface_csv(video / "notes.csv", 30, level=1.0)
 
-    splits, report = ingest.build(audio, video, ingest.AudioSettings(), ingest.Names(), progress=False)
+    splits, report = ingest_folder(audio, video, tmp_path / "d")
 
     assert [len(s) for s in splits.all()] == [24, 6, 6]  # 6 actors: 4 train, 1 val, 1 test
     actors = [{c.split("_")[0] for c in s.clip_ids} for s in splits.all()]
@@ -119,8 +120,8 @@ def test_build_pairs_splits_by_actor_and_reports_what_it_left_out(tmp_path):
     i = splits.train.clip_ids.index(next(c for c in splits.train.clip_ids if "_SAD_" in c))
     assert splits.train.labels[i] == 5
     assert report.unpaired == [
-        "1001_DFA_ANG_HI.wav: no 1001_DFA_ANG_HI.csv",
-        "1002_DFA_ANG_HI.csv: no 1002_DFA_ANG_HI.wav",
+        "1001_DFA_ANG_HI.wav: no 1001_DFA_ANG_HI.* among the video files",
+        "1002_DFA_ANG_HI.csv: no 1002_DFA_ANG_HI.* among the audio files",
     ]
     assert report.unlabelled == ["notes: name does not match the pattern"]
     assert len(report.unreadable) == 1 and report.unreadable[0].startswith("1003_DFA_HAP_HI.wav: ")
@@ -136,7 +137,10 @@ def test_mer_ingest_then_mer_train_runs_end_to_end(tmp_path):
     result = run_main("ingest", str(out), "--audio", str(audio), "--video", str(video), "--seed", "3")
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[-2].split() == ["total", "18", "6", "6"]
-    assert f"wrote {out}: 52 acoustic and 17 visual features per frame" in result.stdout
+    assert (
+        f"wrote {out}: 18 train, 6 val, 6 test clips; 52 acoustic (mfcc) and 17 visual (openface) "
+        "features per frame" in result.stdout
+    )
 
     run_dir = tmp_path / "run"
     trained = run_main(
@@ -174,5 +178,5 @@ def test_mer_ingest_with_nothing_usable_is_one_error_line(tmp_path):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("mer-ingest: error: ")
-    assert "no clip with both a .wav and a .csv" in lines[0]
+    assert "no clip with both an audio and a video file" in lines[0]
     assert not (tmp_path / "o.npz").exists()

@@ -9,9 +9,9 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from conftest import compose_train, make_folder, make_split, write_pickle
+from conftest import compose_train, ingest_folder, make_folder, make_split, write_pickle
 from mer_cli.core.errors import DataError
-from mer_cli.data import folds, ingest, leakage, native, speakers
+from mer_cli.data import folds, leakage, native, speakers
 from mer_cli.data.npz import load_npz, save_npz
 from mer_cli.data.splits import NOTEBOOK_CLASS_NAMES, Splits
 from mer_cli.runs.execute import load_logged
@@ -165,8 +165,7 @@ def test_a_malformed_speaker_file_is_one_line(tmp_path, text, pattern):
 def test_mer_ingest_stores_each_clips_actor_as_its_speaker(tmp_path):
     pytest.importorskip("librosa")
     audio, video = make_folder(tmp_path, n_actors=4)
-    built, _ = ingest.build(audio, video, ingest.AudioSettings(), ingest.Names(), progress=False)
-    back = load_npz(save_npz(built, tmp_path / "d.npz"))
+    back, _ = ingest_folder(audio, video, tmp_path / "d.npz")
     for s in back.all():
         assert s.speakers == tuple(c.split("_")[0] for c in s.clip_ids)
     assert leakage.check(back, PATTERN, False).speakers_from == "data"

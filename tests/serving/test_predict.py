@@ -21,6 +21,7 @@ from conftest import (
     EMOTIONS,
     FORMAT_1_RUN,
     compose_train,
+    ingest_folder,
     make_folder,
     run_cli,
     write_openface_csv,
@@ -29,7 +30,8 @@ from conftest import (
 from mer_cli.cli import commands
 from mer_cli.cli import predict as predict_cli
 from mer_cli.core.artifacts import load_checkpoint
-from mer_cli.data import ingest, spec, synthetic
+from mer_cli.data import spec, synthetic
+from mer_cli.data.features import mfcc, openface
 from mer_cli.data.load import load_data
 from mer_cli.data.npz import load_npz, save_npz
 from mer_cli.data.splits import NOTEBOOK_CLASS_NAMES, Clips, Split, Splits
@@ -72,11 +74,9 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Training clips ingested into train.npz; new clips as files and ingested into new.npz."""
     root = tmp_path_factory.mktemp("predict")
     train_audio, train_video = make_folder(root / "train", n_actors=5)
-    splits, _ = ingest.build(train_audio, train_video, ingest.AudioSettings(), ingest.Names(), progress=False)
-    save_npz(splits, root / "train.npz")
+    ingest_folder(train_audio, train_video, root / "train.npz")
     audio, video = make_new_clips(root / "new")
-    new, _ = ingest.build(audio, video, ingest.AudioSettings(), ingest.Names(), progress=False)
-    save_npz(new, root / "new.npz")
+    ingest_folder(audio, video, root / "new.npz")
     return {
         "root": root,
         "train": root / "train.npz",
@@ -150,7 +150,7 @@ def test_ingest_records_its_settings_and_training_keeps_them_in_the_feature_spec
         "n_mfcc": 26,
     }
     assert recorded["acoustic"]["delta_orders"] == 1
-    assert recorded["visual"]["au_columns"] == list(ingest.AU_COLUMNS)
+    assert recorded["visual"]["au_columns"] == list(openface.AU_COLUMNS)
     assert recorded["visual"]["failed_frames"] == "interpolate"
     assert recorded["visual"]["frame_rate_hz"] == pytest.approx(30.0, rel=1e-3)  # timestamps i / 30
 
@@ -159,7 +159,7 @@ def test_ingest_records_its_settings_and_training_keeps_them_in_the_feature_spec
     assert acoustic["n_features"] == 52 and acoustic["frame_rate_hz"] == 100.0
     assert acoustic["feature_names"][:2] == ["mfcc_0", "mfcc_1"]
     assert acoustic["feature_names"][26] == "delta_0"
-    assert visual["n_features"] == 17 and visual["feature_names"] == list(ingest.AU_COLUMNS)
+    assert visual["n_features"] == 17 and visual["feature_names"] == list(openface.AU_COLUMNS)
     assert acoustic["ingest"] == recorded["acoustic"]
     assert feature_spec["inputs"] == {"early": 69}
     assert feature_spec["class_names"] == list(NOTEBOOK_CLASS_NAMES)
@@ -346,10 +346,9 @@ def test_mer_evaluate_names_a_feature_mismatch_in_one_line_too(files, runs, caps
 
 @pytest.mark.slow
 def test_a_feature_file_ingested_with_other_settings_is_refused_naming_them(files, runs, capsys, tmp_path):
-    coarse = ingest.AudioSettings(hop_ms=20.0)  # still 52 features per frame, but 50 frames/s
-    splits, _ = ingest.build(files["audio"], files["video"], coarse, ingest.Names(), progress=False)
+    coarse = mfcc.Settings(hop_ms=20.0)  # still 52 features per frame, but 50 frames/s
     path = tmp_path / "hop20.npz"
-    save_npz(splits, path)
+    ingest_folder(files["audio"], files["video"], path, coarse)
     code, _, stderr = run_predict(capsys, runs["early"], "--data", path, "--out", tmp_path / "p.csv")
     assert code == 2
     assert stderr == [
@@ -380,7 +379,7 @@ def test_bad_clips_are_one_line_each_and_the_others_are_still_predicted(files, r
     assert f"{audio / '2009_IEO_ANG_HI.wav'}: " in by_clip["ANG"]
     assert f"{video / '2009_IEO_HAP_HI.csv'}: no column AU01_r" in by_clip["HAP"]
     assert "too short: 10.0 ms of audio, less than one 25 ms window" in by_clip["SAD"]
-    assert by_clip["FEA"].endswith("2009_IEO_FEA_HI.wav: no 2009_IEO_FEA_HI.csv")
+    assert by_clip["FEA"].endswith("2009_IEO_FEA_HI.wav: no 2009_IEO_FEA_HI.* among the video files")
     assert len(read_rows(out)) == 18  # every good clip
     assert "18 clips; 4 failed" in stdout
 

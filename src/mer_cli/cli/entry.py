@@ -61,7 +61,7 @@ def convert() -> None:
 
 
 def ingest() -> None:
-    guarded("mer-ingest", _cli("ingest_main"))
+    guarded("mer-ingest", _module_main("ingest"))
 
 
 def benchmarks_dir() -> Path:

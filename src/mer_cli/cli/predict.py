@@ -18,12 +18,18 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Predict the emotion of new clips with a trained run (any modality): from one "
-        "WAV and one OpenFace CSV per clip (features computed with the run's recorded ingestion "
-        "settings) or from a feature file. Writes predictions.csv and prints a short table.",
+        "audio file and one face table or video per clip (features computed with the run's recorded "
+        "back-ends and settings) or from a feature file. Writes predictions.csv and prints a short table.",
     )
     parser.add_argument("run_dir", type=Path, help="a mer-train run directory")
     parser.add_argument("--audio", type=Path, help="a .wav file, or a folder of them")
     parser.add_argument("--video", type=Path, help="an OpenFace .csv file, or a folder of them")
+    parser.add_argument(
+        "--audio-model", type=Path, help="where the run's audio encoder lies here (default: as recorded)"
+    )
+    parser.add_argument(
+        "--video-model", type=Path, help="where the run's vision encoder lies here (default: as recorded)"
+    )
     parser.add_argument(
         "--data",
         type=Path,
@@ -47,7 +53,9 @@ def main(argv: list[str] | None = None) -> None:
         clips = (
             predict.read_data(run, args.data)
             if args.data
-            else predict.read_files(run, args.audio, args.video, where)
+            else predict.read_files(
+                run, args.audio, args.video, where, {"acoustic": args.audio_model, "visual": args.video_model}
+            )
         )
         for line in clips.warnings:
             print(f"{PROG}: warning: {line}", file=sys.stderr)

@@ -176,10 +176,29 @@ class DatasetWriter:
             speaker = None if split.speakers is None else split.speakers[i]
             self.add(split.name, clip_id, split.mfcc[i], split.aus[i], int(split.labels[i]), speaker)
 
+    def n_features(self) -> dict[str, int]:
+        """Features per frame of each stream written so far (``acoustic``, ``visual``)."""
+        names = {"mfcc": "acoustic", "aus": "visual"}
+        return {names[stream]: f.n_features for (_, stream), f in self.files.items()}
+
+    def _add_empty_splits(self) -> None:
+        """A split without clips (a split-less ingest puts every clip in test) gets empty frame
+        files with the other splits' feature counts, so every reader sees the same layout."""
+        for stream in ("mfcc", "aus"):
+            sizes = [f.n_features for (_, s), f in self.files.items() if s == stream]
+            if not sizes:
+                raise DataError(f"{self.path}: no clips to write")
+            for split in SPLIT_NAMES:
+                if (split, stream) not in self.files:
+                    (self.tmp / split).mkdir(exist_ok=True)
+                    self.files[split, stream] = _NpyAppender(self.tmp / split / f"{stream}.npy", sizes[0])
+                    self.lengths[split, stream] = []
+
     def finish(self) -> bool:
         """Move the dataset into place; False (and nothing written) when ``path`` appeared meanwhile
         (another process wrote the same dataset first)."""
         try:
+            self._add_empty_splits()
             for f in self.files.values():
                 f.close()
             for (split, stream), lengths in self.lengths.items():
@@ -287,14 +306,18 @@ def load_dir(
         raise DataError(f"{index_path}: ingest_settings must be one JSON object")
     source = str(path)
     splits = {name: _open_split(path / name, name, source) for name in SPLIT_NAMES}
+
+    def first(s: Split) -> str:
+        return f"{s.name}/{s.clip_ids[0]}" if s.clip_ids else s.name
+
     for stream, label in STREAM_KEYS:
         expected = getattr(splits["train"], stream).n_features
         for s in splits.values():
             n = getattr(s, stream).n_features
             if n != expected:
                 raise DataError(
-                    f"{source}: {s.name}/{s.clip_ids[0]}: {label} has {n} features per frame, "
-                    f"but train/{splits['train'].clip_ids[0]} has {expected}"
+                    f"{source}: {first(s)}: {label} has {n} features per frame, "
+                    f"but {first(splits['train'])} has {expected}"
                 )
     if check_values:
         splits = {name: apply_nan_policy(s, source, nan_policy) for name, s in splits.items()}
@@ -319,8 +342,8 @@ def _open_split(folder: Path, name: str, source: str) -> Split:
         raise DataError(
             f"{source}: {name}: {ids.shape} clip ids but {labels.shape} labels; expected one per clip"
         )
-    if len(ids) == 0:
-        raise DataError(f"{source}: split '{name}' is empty")
+    # an empty split is allowed: a split-less ingest of new clips (all in test) is evaluated and
+    # predicted on, never trained on (mer-train refuses an empty split)
     if not np.issubdtype(labels.dtype, np.integer):
         raise DataError(f"{source}: {name}: labels must be integers, found {labels.dtype}")
     clip_ids = tuple(ids.tolist())
@@ -339,10 +362,11 @@ def _open_split(folder: Path, name: str, source: str) -> Split:
             offsets, len(ids), len(frames), f"{source}: {name}: {stream}_offsets", f"{name}/{stream}.npy"
         )
         empty = np.flatnonzero(np.diff(offsets) == 0)
-        if empty.size:
+        if empty.size and len(ids):
             raise DataError(f"{source}: {name}/{clip_ids[int(empty[0])]}: {label} has 0 frames")
         if frames.shape[1] == 0:
-            raise DataError(f"{source}: {name}/{clip_ids[0]}: {label} has 0 features per frame")
+            where = f"{name}/{clip_ids[0]}" if clip_ids else name
+            raise DataError(f"{source}: {where}: {label} has 0 features per frame")
         streams[stream] = Clips([(frames, offsets.astype(np.int64))])
     speakers = None  # optional: a dataset written before the field, or without known speakers
     if (folder / SPEAKERS_FILE).is_file():

@@ -28,6 +28,7 @@ from typing import Any
 
 from mer_cli.core.errors import DataError
 from mer_cli.data import synthetic
+from mer_cli.data.features.base import recipe_mismatch
 from mer_cli.data.splits import STREAM_FIELDS, Splits
 
 SPEC_VERSION = 1
@@ -133,19 +134,14 @@ def mismatch(spec: Mapping[str, Any], frames: Mapping[str, int]) -> str | None:
 
 def settings_mismatch(spec: Mapping[str, Any], recorded: Mapping[str, Any]) -> str | None:
     """What differs between how a feature file's streams were computed (its ``ingest_settings``)
-    and how the model's training data's were, or None. Measured values (frame rates) and names
-    derived from the settings are not compared."""
+    and how the model's training data's were, or None. Measured values (frame rates) and where a
+    model happened to lie are not compared (`features.base.recipe`)."""
     for name, stream_spec in spec["streams"].items():
         trained, new = stream_spec.get("ingest"), recorded.get(name)
-        if not trained or not new:
-            continue
-        keys = [k for k in trained if k not in ("frame_rate_hz", "feature_names") and k in new]
-        differ = [k for k in keys if new[k] != trained[k]]
-        if differ:
-            return (
-                f"{name} computed with {', '.join(f'{k}={new[k]}' for k in differ)}; the model's "
-                f"training data with {', '.join(f'{k}={trained[k]}' for k in differ)}"
-            )
+        if trained and new:
+            problem = recipe_mismatch(trained, new)
+            if problem is not None:
+                return f"{name} {problem}"
     return None
 
 

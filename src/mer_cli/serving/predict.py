@@ -16,16 +16,19 @@ from __future__ import annotations
 import csv
 import io
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from mer_cli.core.artifacts import write_text
 from mer_cli.core.errors import DataError, MerError
-from mer_cli.data import formats, npz, spec
+from mer_cli.data import formats, ingest, npz, spec
+from mer_cli.data.features import catalog
+from mer_cli.data.features.base import Extractor, recipe_mismatch
+from mer_cli.data.features.extraction import Extraction
 from mer_cli.data.splits import STREAM_FIELDS, Split, Splits
 from mer_cli.data.splits import Clips as RaggedClips
 from mer_cli.models.fusion import late as late_fusion
@@ -138,11 +141,16 @@ def ingest_settings(run: Run, stream: str, where: str) -> dict[str, Any]:
     return found[0]
 
 
-def read_files(run: Run, audio: Path | None, video: Path | None, where: str) -> Clips:
+def read_files(
+    run: Run,
+    audio: Path | None,
+    video: Path | None,
+    where: str,
+    models: Mapping[str, Path | None] | None = None,
+) -> Clips:
     """The features of the clips at ``audio`` / ``video`` (two files: one clip; two folders:
-    clips paired by name) for the streams ``run`` reads, computed with its recorded settings."""
-    from mer_cli.data import ingest
-
+    clips paired by name) for the streams ``run`` reads, computed with its recorded back-end and
+    settings; ``models``: stream -> where its pretrained model lies here (None: as recorded)."""
     given = {"acoustic": audio, "visual": video}
     paths: dict[str, Path] = {}
     for stream in run.streams:
@@ -162,49 +170,54 @@ def read_files(run: Run, audio: Path | None, video: Path | None, where: str) -> 
         if not p.exists():
             raise DataError(f"{p}: not found")
 
+    extractors = {s: open_extractor(s, settings[s], (models or {}).get(s), where) for s in paths}
     files: dict[str, dict[str, Path]]  # clip -> stream -> file
+    patterns = {s: catalog.backend_of(s, settings[s]).file_patterns for s in paths}
     if all(p.is_dir() for p in paths.values()):
         if len(paths) == 2:  # paired by name, as mer-ingest pairs them
-            pairs, clips.failed = ingest.pair_files(paths["acoustic"], paths["visual"])
-            files = {c: {"acoustic": wav, "visual": csv_path} for c, (wav, csv_path) in pairs.items()}
+            files, clips.failed = ingest.pair_files(
+                paths["acoustic"], paths["visual"], patterns["acoustic"], patterns["visual"]
+            )
         else:
             ((stream, folder),) = paths.items()
-            files = {c: {stream: f} for c, f in ingest.files_by_stem(folder, stream).items()}
+            files = {c: {stream: f} for c, f in ingest.files_by_stem(folder, patterns[stream]).items()}
         if not files and not clips.failed:
-            raise DataError(f"{clips.source}: no .wav or .csv files")
+            shown = ", ".join(p for s in paths for p in patterns[s])
+            raise DataError(f"{clips.source}: no {shown} files")
     elif all(p.is_file() for p in paths.values()):
         files = {next(iter(paths.values())).stem: paths}  # one clip, named after its (first) file
     else:
         raise MerError("--audio and --video: give two files (one clip) or two folders (clips paired by name)")
 
-    audio_settings = (
-        ingest.AudioSettings.from_record(settings["acoustic"]) if "acoustic" in settings else None
-    )
-    for clip_id, clip_files in tqdm(files.items(), desc="features", unit="clip", disable=None):
-        frames: dict[str, np.ndarray] = {}
-        for stream, path in clip_files.items():
-            got: np.ndarray | str
-            if audio_settings is not None and stream == "acoustic":
-                got = ingest.read_wav(path, audio_settings)
-            else:
-                video_settings = settings[stream]
-                read = ingest.read_csv(path, video_settings["au_columns"], video_settings["failed_frames"])
-                if isinstance(read, str):
-                    got = read
-                else:
-                    got, fps = read
-                    clips.warnings += frame_rate_warning(path, fps, video_settings.get("frame_rate_hz"))
-            if isinstance(got, str):
-                clips.failed.append(f"{path}: {got}")
-                break
-            frames[stream] = got
+    for clip in Extraction(files, extractors):  # the path mer-ingest took: the same frames
+        if clip.frames is None:
+            clips.failed.append(f"{clip.file}: {clip.problem}")
+            continue
+        for stream, f in clip.frames.items():
+            clips.warnings += frame_rate_warning(
+                files[clip.clip_id][stream], f.frame_rate_hz, settings[stream].get("frame_rate_hz")
+            )
+        frames = {s: f.values for s, f in clip.frames.items()}
+        problem = clip_problem(run, frames)
+        if problem is None:
+            clips.add(clip.clip_id, frames)
         else:
-            problem = clip_problem(run, frames)
-            if problem is None:
-                clips.add(clip_id, frames)
-            else:
-                clips.failed.append(f"{', '.join(map(str, clip_files.values()))}: {problem}")
+            clips.failed.append(f"{', '.join(map(str, files[clip.clip_id].values()))}: {problem}")
     return clips
+
+
+def open_extractor(stream: str, record: Mapping[str, Any], model: Path | None, where: str) -> Extractor:
+    """The back-end that made the run's ``stream`` features, opened as its record says; ``model``:
+    where its pretrained model lies on this machine (else where the record says it lay). A model
+    that is not the one the features came from (another revision) is refused."""
+    overrides = {"model": str(model)} if model is not None else {}
+    extractor = catalog.from_record(stream, record, **overrides)
+    problem = recipe_mismatch(record, extractor.record())
+    if problem is not None:
+        raise DataError(
+            f"{where}: {stream} features {problem}: predictions would not mean what training meant"
+        )
+    return extractor
 
 
 def frame_rate_warning(path: Path, fps: float | None, trained_fps: float | None) -> list[str]:

@@ -24,9 +24,21 @@ import numpy as np
 from mer_cli.core.errors import ConfigError
 
 STREAMS = ("acoustic", "visual")
-# record keys that describe a result of extraction (measured on the files) or where a model
-# happened to lie, not how features are computed: never compared between two records
-MEASURED_KEYS = ("frame_rate_hz", "feature_names", "model_path", "layer_size", "n_features")
+# record keys that do not decide the features, never compared between two records: results of
+# extraction (measured on the files, or derived from the settings), where a model happened to lie
+# and what it was called there (its ``revision``, a commit or a hash of its weights, says which
+# weights they are), and how the work was run (device, batch size)
+MEASURED_KEYS = (
+    "frame_rate_hz",
+    "feature_names",
+    "layer_size",
+    "n_features",
+    "model",
+    "model_path",
+    "model_id",
+    "device",
+    "batch_size",
+)
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,8 @@ from mer_cli.data.features.cache import FeatureCache, content_hash
 class Extracted:
     clip_id: str
     frames: dict[str, Frames] | None  # None: the clip cannot be used (``problem`` says why)
-    problem: str | None = None
+    problem: str | None = None  # one line: what is wrong with ``file``
+    file: Path | None = None
 
 
 def check_frames(frames: Frames) -> str | None:
@@ -111,7 +112,7 @@ class Extraction:
     def _clip(self, clip_id: str, got: Mapping[str, Frames | str]) -> Extracted:
         for s, g in got.items():
             if isinstance(g, str):
-                return Extracted(clip_id, None, f"{self.files[clip_id][s].name}: {g}")
+                return Extracted(clip_id, None, g, self.files[clip_id][s])
         return Extracted(clip_id, dict(got))  # type: ignore[arg-type]
 
     def cache_line(self) -> str | None:
