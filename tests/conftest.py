@@ -318,6 +318,33 @@ def ingest_folder(
     return formats.read(out), done.report
 
 
+def save_tiny_speech_encoder(folder: Path) -> Path:
+    """A randomly initialised WavLM (2 layers of 32, the standard 7-layer CNN at 50 frames/s,
+    thin) and its feature extractor, saved as a local model directory: what a user's
+    downloaded encoder looks like to mer-ingest, with no download."""
+    import transformers
+
+    conv = {
+        "conv_dim": (16,) * 7,
+        "conv_stride": (5, 2, 2, 2, 2, 2, 2),
+        "conv_kernel": (10, 3, 3, 3, 3, 2, 2),
+    }
+    config = transformers.WavLMConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=2,
+        feat_extract_norm="layer",
+        **conv,
+    )
+    torch.manual_seed(0)
+    transformers.WavLMModel(config).save_pretrained(folder)
+    transformers.Wav2Vec2FeatureExtractor(return_attention_mask=True).save_pretrained(folder)
+    return folder
+
+
 def make_folder(root: Path, n_actors: int = 6) -> tuple[Path, Path]:
     """One ~1 s clip per actor and emotion: a WAV whose pitch and a face whose AUs follow the emotion."""
     audio, video = root / "wav", root / "openface"

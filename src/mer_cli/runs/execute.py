@@ -29,6 +29,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from mer_cli.core.artifacts import write_json, write_text
+from mer_cli.core.errors import DataError
 from mer_cli.data import leakage
 from mer_cli.data.load import load_data
 from mer_cli.data.splits import Splits
@@ -103,6 +104,12 @@ def train_or_reuse(
 def load_logged(cfg: DictConfig) -> Splits:
     """`load_data`, checked for leakage between its splits, and a log line on what was loaded."""
     splits = load_data(cfg.data, cfg.cv)
+    empty = [s.name for s in splits.all() if not len(s)]
+    if empty:  # a split-less ingest of new clips (mer-ingest --val-fraction 0 --test-fraction 1)
+        raise DataError(
+            f"{splits.source}: no clips in the {' and '.join(empty)} split: a dataset to evaluate or predict "
+            "on (mer-evaluate RUN --data, mer-predict RUN --data), not to train on"
+        )
     # before anything is fitted: a test speaker seen in training, or a clip in two splits, makes
     # every number optimistic
     speakers = leakage.check(
