@@ -13,14 +13,14 @@ from typing import Any
 
 from mer_cli.core.errors import ConfigError, DataError
 from mer_cli.core.registry import Registry
-from mer_cli.data.features import mfcc, openface, opensmile
+from mer_cli.data.features import emotion2vec, mfcc, openface, opensmile
 from mer_cli.data.features.base import Backend, Extractor
 
 BACKENDS: dict[str, Registry[Backend]] = {
     "acoustic": Registry("audio back-end"),
     "visual": Registry("video back-end"),
 }
-for _b in (mfcc.BACKEND, openface.BACKEND, opensmile.BACKEND):
+for _b in (mfcc.BACKEND, openface.BACKEND, opensmile.BACKEND, emotion2vec.BACKEND):
     BACKENDS[_b.stream].add(_b.name, _b)
 
 # what a record from before back-ends were named (mer-ingest's MFCC and OpenFace only) was made by
