@@ -163,7 +163,8 @@ def resolve_class_names(
                 f"{len(names)} classes (0..{len(names) - 1}: {', '.join(names)}; see data.class_names)"
             )
     missing = sorted(set(range(len(names))) - set(splits["train"].labels.tolist()))
-    if missing:
+    # a split-less dataset (no train clips: new clips to evaluate or predict on) is not trained on
+    if missing and len(splits["train"]):
         raise DataError(
             f"{source}: train: no clip of class {missing[0]} ({names[missing[0]]}); every class "
             "needs training clips"

@@ -51,8 +51,10 @@ def build(
             rate = _SYNTHETIC_FRAME_RATES[name]
         out[name] = {
             "field": field,
-            "n_features": int(getattr(splits.train, field)[0].shape[1]),
-            "feature_names": list(ingest["feature_names"]) if ingest else None,
+            "n_features": getattr(splits.train, field).n_features,
+            "feature_names": list(ingest["feature_names"])
+            if ingest and ingest.get("feature_names")
+            else None,
             "frame_rate_hz": rate,
             "ingest": dict(ingest) if ingest else None,
         }
