@@ -207,13 +207,20 @@ def test_learned_layer_weights_are_another_model_and_runs_from_before_them_are_t
     assert identity.run_identity(before) == identity.run_identity(default)
 
 
-def test_data_storing_one_layer_is_refused_in_one_line_before_training(tmp_path):
-    cfg = compose_train("experiment=smoke", "modality=acoustic", "model.layer_weights=learned")
+@pytest.mark.parametrize(
+    ("modality", "why"),
+    [
+        ("acoustic", "the acoustic features of {} store one layer (mfcc)"),
+        ("late", "the acoustic and visual features of {} store one layer each (mfcc; aus)"),
+    ],
+)
+def test_data_storing_one_layer_is_refused_in_one_line_before_training(modality, why, tmp_path):
+    cfg = compose_train("experiment=smoke", f"modality={modality}", "model.layer_weights=learned")
     with pytest.raises(ConfigError) as e:
         execute.run(cfg, tmp_path / "run")
+    hint = "--audio-layers A-B" + (" or --video-layers A-B" if modality == "late" else "")
     source = load_data(cfg.data, cfg.cv).source
     assert str(e.value) == (
-        f"model.layer_weights=learned: the acoustic features of {source} store one layer (mfcc): "
-        "nothing to weigh; ingest with --audio-layers A-B"
+        f"model.layer_weights=learned: {why.format(source)}: nothing to weigh; ingest with {hint}"
     )
-    assert not list((tmp_path / "run").glob("*.pt"))
+    assert not list((tmp_path / "run").rglob("*.pt"))
