@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import cast
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, cast
 
 import torch
 from torch import nn
 
+from mer_cli.models import layer_mix
 from mer_cli.models.layers import INITS, Encoder, Frames, keras_init_
 
 
@@ -20,7 +21,9 @@ class Classifier(nn.Module):
     the config). ``dense_size`` 512 and ``dropout`` 0.8 are the notebook's sizes. ``init="keras"``
     draws the initial weights as Keras does (`keras_init_`); ``"torch"`` keeps PyTorch's defaults.
     ``batchnorm_momentum`` and ``batchnorm_eps`` are ``nn.BatchNorm1d``'s (PyTorch's momentum is
-    the weight of the new batch: Keras' momentum 0.99 is 0.01 here).
+    the weight of the new batch: Keras' momentum 0.99 is 0.01 here). ``layer_weights``: where the
+    stream stores several encoder layers per frame (`layer_mix.layouts`), mixed by learned weights
+    before the encoder (`layer_mix.LayerMix`); None reads the frames as they are.
     """
 
     def __init__(
@@ -33,13 +36,17 @@ class Classifier(nn.Module):
         init: str = "torch",
         batchnorm_momentum: float = 0.1,
         batchnorm_eps: float = 1e-5,
+        layer_weights: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
     ) -> None:
         super().__init__()
         if len(n_features) != 1:
             raise ValueError(f"a single-stream classifier reads one stream, not {sorted(n_features)}")
         if init not in INITS:
             raise ValueError(f"init {init!r}: valid: {', '.join(INITS)}")
-        ((self.stream, features),) = n_features.items()
+        mixers = layer_mix.mixes(n_features, layer_weights)
+        # only a model with layer weights has the submodule: every other state dict is unchanged
+        self.layer_mix = mixers.get(next(iter(n_features)))
+        ((self.stream, features),) = layer_mix.mixed_features(n_features, mixers).items()
         self.encoder = encoder(features)
         self.dropout = nn.Dropout(dropout)
         self.head = shared_head(
@@ -55,6 +62,8 @@ class Classifier(nn.Module):
 
     def forward(self, inputs: Mapping[str, Frames]) -> torch.Tensor:
         x, lengths = inputs[self.stream]
+        if self.layer_mix is not None:
+            x = self.layer_mix(x)
         _, pooled = self.encoder(x, lengths)
         return self.head(self.dropout(pooled))
 

@@ -228,7 +228,12 @@ def document(
     header = ("model", "seed", "fold", *(METRIC_TITLES[k] for k in BAR_METRICS), "run directory")
     rows = [_run_row(r, labels, root, *(pct(r.metrics["test"].get(k)) for k in BAR_METRICS)) for r in runs]
     blocks.append(Block("table", rows=(header, *rows)))
-    return blocks + late_fusion_blocks(runs, labels, root) + failure_blocks(result["failures"], root)
+    return (
+        blocks
+        + late_fusion_blocks(runs, labels, root)
+        + layer_weight_blocks(runs, labels, root)
+        + failure_blocks(result["failures"], root)
+    )
 
 
 def nothing_to_compare_document(result: Comparison, root: Path) -> list[Block]:
@@ -290,6 +295,25 @@ def late_fusion_blocks(runs: Sequence[Run], labels: dict[Path, str], root: Path)
         ),
         Block("table", rows=(header, *rows)),
     ]
+
+
+def layer_weight_blocks(runs: Sequence[Run], labels: dict[Path, str], root: Path) -> list[Block]:
+    """Each run's learned layer weights (model.layer_weights=learned: metrics.json's
+    ``run.layer_weights``), a row per run and stream; empty when no run learned any."""
+    rows = []
+    for r in runs:
+        for stream, weights in (r.metrics.get("run", {}).get("layer_weights") or {}).items():
+            top = max(weights, key=lambda layer: float(weights[layer]))
+            shown = ", ".join(f"{layer}: {float(w):.2f}" for layer, w in weights.items())
+            rows.append(_run_row(r, labels, root, stream, top, shown))
+    if not rows:
+        return []
+    header = ("model", "seed", "fold", "stream", "largest", "weight per layer", "run directory")
+    text = (
+        "The softmax weight each model learned for every encoder layer its features store "
+        "(model.layer_weights=learned; equal weights are 1 / layers): the layers the model drew on."
+    )
+    return [Block("h2", "Layer weights"), Block("p", text), Block("table", rows=(header, *rows))]
 
 
 def contribution_blocks(result: Comparison) -> list[Block]:

@@ -7,7 +7,8 @@ of the run directory is written by a function called from here:
   history.csv              one row per epoch (train/*, val/*, lr)
   metrics.json             {"run": {...}, "val": {...}, "test": {...}}
   predictions.csv          per clip: split, clip id, true label, predicted label, probabilities
-  plots/*.png              training curves; test split: confusion matrix, ROC, per-class ROC, PR
+  plots/*.png              training curves; test split: confusion matrix, ROC, per-class ROC, PR;
+                           layer_weights.png with model.layer_weights=learned
   acoustic/, visual/       late fusion only: the two member runs (same layout), unless reused
   late.json                late fusion only: members, combiner and what it fitted, for mer-evaluate
   fold<i>/, cv.json        cv.folds=K only: one run per fold (same layout), mean over folds
@@ -35,7 +36,7 @@ from mer_cli.data.load import load_data
 from mer_cli.data.splits import Splits
 from mer_cli.evaluation import calibration
 from mer_cli.evaluation.metrics import HEADLINE
-from mer_cli.models import modalities
+from mer_cli.models import layer_mix, modalities
 from mer_cli.preprocess.scaling import check_kind as check_scaling
 from mer_cli.runs import reuse, robustness
 from mer_cli.runs.late import run_late
@@ -75,6 +76,7 @@ def train_or_reuse(
     calibration.check(str(cfg.get("eval", {}).get("calibration", "none")))
     check_scaling(cfg.preprocess.scaling)
     trainer_options.check(cfg.trainer, modality)  # before any data is read or member trained
+    layer_mix.check_value(cfg.model.get("layer_weights"))
     out_dir.mkdir(parents=True, exist_ok=True)
     resume_here = check_resumable(cfg, out_dir, resume)
     write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))

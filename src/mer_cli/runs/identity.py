@@ -37,13 +37,19 @@ _SINGLE_MODALITY_KEYS = ("modality.name", "modality.streams")
 # the training options (training/options.py) and the value that trains as before they existed: a
 # run from before them trained with these, so it is the same model as today's default run
 TRAINER_OPTION_DEFAULTS = {f"trainer.{k}": v for k, v in trainer_options.DEFAULTS.items()}
+# the model options added since, and the value that builds the model as before them (learned
+# layer weights, models/layer_mix.py: off)
+MODEL_OPTION_DEFAULTS = {"model.layer_weights": None}
 
 
-def _with_trainer_options(flat: Mapping[str, Any]) -> dict[str, Any]:
-    """``flat`` with the training options' defaults where a run's trainer config lacks them."""
-    if not any(k.startswith("trainer.") for k in flat):  # no trainer recorded: nothing to assume
-        return dict(flat)
-    return {**TRAINER_OPTION_DEFAULTS, **flat}
+def _with_option_defaults(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """``flat`` with the training and model options' defaults where a run's trainer or model
+    config lacks them (a group not recorded at all: nothing to assume)."""
+    defaults: dict[str, Any] = {}
+    for group, values in (("trainer.", TRAINER_OPTION_DEFAULTS), ("model.", MODEL_OPTION_DEFAULTS)):
+        if any(k.startswith(group) for k in flat):
+            defaults.update(values)
+    return {**defaults, **flat}
 
 
 def model_identity(cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -53,7 +59,7 @@ def model_identity(cfg: Mapping[str, Any]) -> dict[str, Any]:
     (seed, CV fold). The comparison report groups runs by it; `run_identity` adds seed and fold
     for the sweep's reuse of trained runs and the resume check."""
     # a run of an older version: today's keys
-    flat = _with_trainer_options(upgrade.config_keys(flatten(cfg)))
+    flat = _with_option_defaults(upgrade.config_keys(flatten(cfg)))
     # only late fusion reads modality options beyond these: a stray one elsewhere (a sweep-wide
     # ++modality.acoustic_weight=...) changes nothing a single model learns
     single = flat.get("modality.name") != "late"

@@ -17,12 +17,12 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from mer_cli.core.artifacts import write_json, write_text
 from mer_cli.core.errors import ConfigError, MerError
-from mer_cli.data.splits import Splits
+from mer_cli.data.splits import STREAM_FIELDS, Splits
 from mer_cli.evaluation import calibration
 from mer_cli.evaluation.metrics import score
-from mer_cli.models import modalities
+from mer_cli.models import layer_mix, modalities
 from mer_cli.models.fusion import late as late_fusion
-from mer_cli.runs import outputs, reuse, trained, upgrade
+from mer_cli.runs import files, outputs, reuse, trained, upgrade
 from mer_cli.runs.train import train_model
 from mer_cli.training import tracking
 
@@ -47,9 +47,11 @@ def run_late(
     tracked = tracking.start(cfg, out_dir)  # the members trained here are its children
     members: dict[str, dict[str, outputs.Predictions]] = {}
     sources: dict[str, str] = {}
+    layer_weights: dict[str, dict[str, float]] = {}  # the members' learned ones, by stream
+    check_layered_member(cfg, splits)
     for member in modalities.get("late").members:
         member_run = cfg.modality.get(f"{member}_run")
-        member_cfg = member_config(cfg, member)
+        member_cfg = member_config(cfg, member, splits)
         # a parallel job of the sweep training this member: wait for it and reuse its run
         in_sweep = (
             reuse.training_once(sweep_dir, member_cfg)
@@ -64,6 +66,9 @@ def run_late(
                 log.info("late fusion: reusing the %s model in %s", member, run_dir)
                 members[member] = trained.predict_run(run_dir, splits)
                 sources[member] = str(run_dir)
+                if (run_dir / "metrics.json").is_file():
+                    reused = files.read_json(run_dir / "metrics.json").get("run", {})
+                    layer_weights.update(reused.get("layer_weights") or {})
             else:
                 log.info("late fusion: training the %s model", member)
                 member_dir = out_dir / member
@@ -71,6 +76,7 @@ def run_late(
                 result = train_model(member_cfg, splits, member_dir, resume)
                 members[member] = result.predictions
                 sources[member] = member
+                layer_weights.update(result.metrics["run"].get("layer_weights") or {})
     metrics = fuse_and_report(
         combiner,
         acoustic_weight,
@@ -83,18 +89,35 @@ def run_late(
         speaker_check=splits.speaker_check,
         save_plots=cfg.runtime.save_plots,
         calibration_method=str(cfg.get("eval", {}).get("calibration", "none")),
+        layer_weights=layer_weights or None,
     )
     tracked.finish()
     return metrics
 
 
-def member_config(cfg: DictConfig, member: str) -> DictConfig:
-    """A late fusion member's config: this run's, with the single-stream modality ``member``."""
+def member_config(cfg: DictConfig, member: str, splits: Splits) -> DictConfig:
+    """A late fusion member's config: this run's, with the single-stream modality ``member``.
+    ``model.layer_weights=learned`` stays with the members whose stream stores several layers;
+    another member is the plain model of its stream (and is reused as such)."""
     member_cfg = copy.deepcopy(cfg)
     with open_dict(member_cfg):
         member_cfg.modality = {"name": member, "streams": [member]}
         member_cfg.search = None  # a search trial is the fused model: members report no epochs
+        if not layer_mix.is_layered((splits.ingest_settings or {}).get(member)):
+            member_cfg.model.layer_weights = None
     return member_cfg
+
+
+def check_layered_member(cfg: DictConfig, splits: Splits) -> None:
+    """``model.layer_weights=learned`` needs a member whose stream stores several layers (one
+    ConfigError line, before any member is trained)."""
+    if cfg.model.get("layer_weights") is None:
+        return
+    recorded = splits.ingest_settings or {}
+    names = modalities.get("late").members
+    if not any(layer_mix.is_layered(recorded.get(m)) for m in names):
+        streams = {m: {"field": STREAM_FIELDS[m], "ingest": recorded.get(m)} for m in names}
+        raise layer_mix.nothing_to_weigh(streams, splits.source)
 
 
 def check_combiner(combiner: str, acoustic_weight: float | str | None) -> None:
@@ -195,7 +218,11 @@ def fuse_and_report(
     speaker_check: Mapping[str, Any] | None = None,
     save_plots: bool = True,
     calibration_method: str = "none",
+    layer_weights: Mapping[str, Mapping[str, float]] | None = None,
 ) -> dict[str, Any]:
+    """Fit the combiner on the members' validation predictions, score both splits, write
+    late.json, metrics.json (``layer_weights``: the members' learned ones, when they have them)
+    and the figures."""
     weights = late_weights(combiner, acoustic_weight)
     check_same_clips(members, ("val", "test"))  # before anything is fitted on them
     val = next(iter(members.values()))["val"]
@@ -218,6 +245,7 @@ def fuse_and_report(
             "speakers": speaker_check,
             **{k: v for k, v in fitted.items() if k != "stacker"},  # its coefficients: late.json
             "members": sources,
+            **({"layer_weights": {k: dict(v) for k, v in layer_weights.items()}} if layer_weights else {}),
         },
         **{p.split: score(p.y_true, p.y_prob, class_names) for p in predictions},
     }

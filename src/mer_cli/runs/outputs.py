@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,6 +62,9 @@ def write(
         for p in predictions:
             if p.split in plot_splits:
                 written += write_split_figures(plots, p, class_names)
+        layer_weights = metrics.get("run", {}).get("layer_weights")
+        if layer_weights:  # model.layer_weights=learned
+            written.append(save_figure(layer_weights_figure(layer_weights), plots / "layer_weights.png"))
     return written
 
 
@@ -150,6 +153,26 @@ def training_curves(rows: Sequence[dict[str, float]]) -> Figure:
     axes[3].set_title("learning rate")
     axes[3].set_xlabel("epoch")
     axes[3].grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    return fig
+
+
+def layer_weights_figure(weights: Mapping[str, Mapping[str, float]]) -> Figure:
+    """One panel per stream: a bar per stored encoder layer, its learned softmax weight (the
+    equal weight 1 / L dashed, the largest bar darker)."""
+    width = 2.0 + 0.45 * max(len(w) for w in weights.values())  # inches per panel
+    fig, axes = plt.subplots(1, len(weights), figsize=(width * len(weights), 3.2), squeeze=False)
+    for ax, (stream, per_layer) in zip(axes[0], weights.items(), strict=True):
+        layers, values = list(per_layer), [float(v) for v in per_layer.values()]
+        top = int(np.argmax(values))
+        colors = ["tab:blue" if i == top else "lightsteelblue" for i in range(len(values))]
+        ax.bar(layers, values, color=colors, edgecolor="black", lw=0.5)
+        ax.axhline(1.0 / len(values), color="k", ls="--", lw=0.8, label=f"equal (1/{len(values)})")
+        ax.set_xlabel("encoder layer")
+        ax.set_ylabel("weight")
+        ax.set_title(f"{stream}: learned layer weights (largest: layer {layers[top]})", fontsize=9)
+        ax.legend(loc="best", fontsize=8)
+        ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     return fig
 

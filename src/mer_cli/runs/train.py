@@ -20,7 +20,7 @@ from mer_cli.data import spec
 from mer_cli.data.splits import Splits
 from mer_cli.evaluation import calibration
 from mer_cli.evaluation.metrics import score
-from mer_cli.models import modalities
+from mer_cli.models import layer_mix, modalities
 from mer_cli.preprocess import sequences
 from mer_cli.runs import outputs, trained, upgrade
 from mer_cli.training import batching, hardware, loop, pruning, tracking
@@ -89,7 +89,10 @@ def train_model(cfg: DictConfig, splits: Splits, out_dir: Path, resume: bool = F
     for name, prep in preps.items():
         log_profile(name, prep)
 
-    model_cfg = model_config(cfg)
+    # what the model reads (streams, feature counts and names, frame rates, ingestion settings,
+    # label map): mer-predict and exported models check new input against it
+    feature_spec = spec.build(splits, modality, streams, train_set.n_features)
+    model_cfg = with_layer_layouts(model_config(cfg), feature_spec, modality)
     model = trained.build_model(model_cfg, train_set.n_features, splits.n_classes)
     n_params = sum(p.numel() for p in model.parameters())
     log.info(
@@ -113,9 +116,7 @@ def train_model(cfg: DictConfig, splits: Splits, out_dir: Path, resume: bool = F
         "n_features": train_set.n_features,
         "class_names": list(splits.class_names),
         "prep": {name: prep.state() for name, prep in preps.items()},
-        # what the model reads (streams, feature counts and names, frame rates, ingestion
-        # settings, label map): mer-predict and exported models check new input against it
-        "feature_spec": spec.build(splits, modality, streams, train_set.n_features),
+        "feature_spec": feature_spec,
     }
     # trainer.class_weights / sampler / modality_dropout: weights from the train labels only
     options = trainer_options.resolve(
@@ -171,6 +172,11 @@ def train_model(cfg: DictConfig, splits: Splits, out_dir: Path, resume: bool = F
         },
         **{s: score(p.y_true, p.y_prob, splits.class_names) for s, p in predictions.items()},
     }
+    learned = layer_mix.learned_weights(model)  # the best epoch's (loop.fit restored its weights)
+    if learned:  # only then: a run without layer weights writes the metrics.json it always did
+        metrics["run"]["layer_weights"] = learned
+        for stream, weights in learned.items():
+            log.info("%s layer weights: %s", stream, ", ".join(f"{k}: {v:.3f}" for k, v in weights.items()))
     if modality in modalities.jointly_trained():
         metrics["test"]["stream_contribution"] = trained.stream_contribution(
             model, test_set, settings.eval_batch_size, device, dtype
@@ -233,6 +239,31 @@ def calibrate(
         out_dir / trained.CALIBRATION_FILE, {"format": 1, "method": method, "temperature": temperature}
     )
     return temperature
+
+
+def with_layer_layouts(
+    model_cfg: dict[str, Any], feature_spec: dict[str, Any], modality: str
+) -> dict[str, Any]:
+    """``model.layer_weights=learned`` as the model's description holds it: where each layered
+    stream's layers lie in the model's inputs (`layer_mix.layouts`, from the data's ingest records),
+    so a checkpoint rebuilds the very model; null stays null. One ConfigError line when no stream
+    the model reads stores several layers."""
+    value = model_cfg.get("layer_weights")
+    layer_mix.check_value(value)
+    if value is None:
+        return model_cfg
+    layouts = layer_mix.layouts(feature_spec, modalities.get(modality).inputs)
+    for name, blocks in layouts.items():
+        for b in blocks:
+            log.info(
+                "layer weights: %s layers %s (%d x %d) of input %s, learned",
+                b["stream"],
+                ", ".join(map(str, b["layers"])),
+                len(b["layers"]),
+                b["layer_size"],
+                name,
+            )
+    return {**model_cfg, "layer_weights": layouts}
 
 
 def model_config(cfg: DictConfig) -> dict[str, Any]:

@@ -4,12 +4,13 @@ pooled vectors joined by a fusion and the shared head; OGM gradient modulation.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import cast
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, cast
 
 import torch
 from torch import nn
 
+from mer_cli.models import layer_mix
 from mer_cli.models.heads import shared_head
 from mer_cli.models.layers import INITS, Encoded, Encoder, Frames, keras_init_
 
@@ -44,6 +45,8 @@ class MultiStreamClassifier(nn.Module):
     ``ogm_alpha``: None (default) trains as usual; a float turns on OGM gradient modulation
     (`modulate_gradients`, called by the training loop between backward and the optimizer step).
     ``ogm_noise``: also add OGM-GE's Gaussian noise to the encoders' gradients.
+    ``layer_weights``: the streams that store several encoder layers per frame
+    (`layer_mix.layouts`), each mixed by its learned weights before its encoder.
     """
 
     def __init__(
@@ -58,6 +61,7 @@ class MultiStreamClassifier(nn.Module):
         batchnorm_eps: float = 1e-5,
         ogm_alpha: float | None = None,
         ogm_noise: bool = False,
+        layer_weights: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
     ) -> None:
         super().__init__()
         if len(n_features) < 2:
@@ -67,7 +71,12 @@ class MultiStreamClassifier(nn.Module):
         if ogm_alpha is not None and ogm_alpha < 0:
             raise ValueError(f"ogm_alpha={ogm_alpha}: must be >= 0 (or None: no modulation)")
         self.streams = list(n_features)
-        self.encoders = nn.ModuleDict({s: encoder(f) for s, f in n_features.items()})
+        mixers = layer_mix.mixes(n_features, layer_weights)
+        # only a model with layer weights has the submodule: every other state dict is unchanged
+        self.layer_mix = nn.ModuleDict(mixers) if mixers else None
+        self.encoders = nn.ModuleDict(
+            {s: encoder(f) for s, f in layer_mix.mixed_features(n_features, mixers).items()}
+        )
         self.pooled_sizes = self.build_fusion()
         self.dropout = nn.Dropout(dropout)
         self.head = shared_head(
@@ -92,6 +101,8 @@ class MultiStreamClassifier(nn.Module):
         encoded = {}
         for s in self.streams:
             x, lengths = inputs[s]
+            if self.layer_mix is not None and s in self.layer_mix:
+                x = self.layer_mix[s](x)
             frames, pooled = self.encoders[s](x, lengths)
             encoded[s] = (frames, pooled, lengths)
         return self.pool(encoded)
@@ -125,7 +136,8 @@ class MultiStreamClassifier(nn.Module):
         with ``ogm_noise``, every encoder gradient also gets Gaussian noise of its own standard
         deviation (GE). Nothing when ``ogm_alpha`` is None. Unlike the authors' code (which
         modulates only convolution kernels, within an epoch range), every parameter of an
-        encoder is modulated, in every epoch; the head and the cross-attention layers never."""
+        encoder is modulated, in every epoch; the head, the cross-attention layers and learned layer
+        weights never."""
         if self.ogm_alpha is None or not self._pooled:
             return
         self.last_coefficients = ogm_coefficients(self.stream_scores(y), self.ogm_alpha)
