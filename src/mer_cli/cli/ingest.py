@@ -25,9 +25,10 @@ log = logging.getLogger("mer_cli")
 # the config group of presets: configs/features/<folder>/<name>.yaml, a back-end and its options
 PRESET_FOLDERS = {"acoustic": "audio", "visual": "video"}
 # options a named flag sets, per stream: the first of the names that the back-end has
+# (--audio-model / --video-model set the back-end's own `model_setting`)
 FLAG_OPTIONS: dict[str, dict[str, tuple[str, ...]]] = {
-    "acoustic": {"model": ("model",), "layers": ("layers",)},
-    "visual": {"model": ("model",), "columns": ("columns", "au_columns")},
+    "acoustic": {"layers": ("layers",)},
+    "visual": {"columns": ("columns", "au_columns")},
 }
 # the MFCC and OpenFace flags of the first mer-ingest, kept: each sets its back-end's option
 MFCC_FLAGS = {
@@ -89,7 +90,8 @@ def open_extractor(
     for flag, value in flags.items():
         if value is None:
             continue
-        targets = [f for f in FLAG_OPTIONS[stream].get(flag, (flag,)) if f in fields]
+        names = (backend.model_setting or "",) if flag == "model" else FLAG_OPTIONS[stream].get(flag, (flag,))
+        targets = [f for f in names if f in fields]
         if not targets:
             raise ConfigError(
                 f"--{PRESET_FOLDERS[stream]}-{flag.replace('_', '-')}: the {name} back-end has no such option"

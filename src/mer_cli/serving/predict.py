@@ -210,7 +210,14 @@ def open_extractor(stream: str, record: Mapping[str, Any], model: Path | None, w
     """The back-end that made the run's ``stream`` features, opened as its record says; ``model``:
     where its pretrained model lies on this machine (else where the record says it lay). A model
     that is not the one the features came from (another revision) is refused."""
-    overrides = {"model": str(model)} if model is not None else {}
+    overrides = {}
+    if model is not None:
+        setting = catalog.backend_of(stream, record).model_setting
+        if setting is None:
+            raise MerError(
+                f"{where}: the run's {stream} features use no pretrained model: drop the model flag"
+            )
+        overrides[setting] = str(model)
     extractor = catalog.from_record(stream, record, **overrides)
     problem = recipe_mismatch(record, extractor.record())
     if problem is not None:

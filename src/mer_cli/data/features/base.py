@@ -81,6 +81,9 @@ class Backend:
     settings: type
     open: Callable[[Any], Extractor]
     extra: str | None = None  # the pip extra that installs what it needs (None: the core install)
+    # the setting that says where its pretrained model lies (what --audio-model / --video-model
+    # set, in mer-ingest and in mer-predict on another machine); None: no model
+    model_setting: str | None = None
 
     def make_settings(self, options: Mapping[str, Any], where: str) -> Any:
         """The settings from ``options`` (a config file's and the command line's values; unknown

@@ -247,4 +247,5 @@ BACKEND = Backend(
     settings=Settings,
     open=Extractor,
     extra="emotion2vec",
+    model_setting="model_path",
 )

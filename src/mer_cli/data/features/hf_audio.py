@@ -381,4 +381,5 @@ BACKEND = Backend(
     settings=Settings,
     open=Extractor,
     extra="hf",
+    model_setting="model",
 )
