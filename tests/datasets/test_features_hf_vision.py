@@ -320,6 +320,7 @@ def test_extraction_gives_the_video_file_and_its_problem(models, video, tmp_path
         ({"pooling": "max"}, "pooling 'max': valid: cls, mean, projection"),
         ({"fps": 0}, "fps 0: must be above 0"),
         ({"dtype": "int8"}, "dtype 'int8'"),
+        ({"dtype": "bfloat16"}, "dtype bfloat16 needs an accelerator"),
         ({"invalid_frames": "skip"}, "invalid_frames 'skip'"),
     ],
 )
@@ -331,6 +332,16 @@ def test_fatal_problems_are_one_config_error_line(models, options, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")) as e:
         hf_vision.BACKEND.open(hf_vision.BACKEND.make_settings(options, "hf"))
     assert "\n" not in str(e.value)
+
+
+def test_the_preset_spells_out_the_defaults():
+    import yaml
+
+    from conftest import REPO
+
+    options = yaml.safe_load((REPO / "configs" / "features" / "video" / "hf.yaml").read_text())
+    assert options.pop("backend") == "hf"
+    assert hf_vision.BACKEND.make_settings(options, "hf.yaml") == hf_vision.Settings()
 
 
 def test_a_model_not_in_the_local_cache_is_refused_without_downloading(monkeypatch, tmp_path):

@@ -3,18 +3,19 @@ vision tower, DINOv2 or ViT, loaded from a local directory or the local Hugging 
 
 Input: a video file (mp4, avi, mov, mkv, webm), decoded with PyAV. Output: (T, D) float32, one
 embedding per output frame at exactly ``fps`` frames per second whatever the container's rate:
-output frame k is the decoded frame whose time (from the first frame) is nearest k / fps, so T =
-round(duration * fps). Each frame, RGB, optionally cropped to its face box, goes through the
-model's image processor (the PIL one, the same with or without torchvision) and the model,
-``batch_size`` frames per forward; the embedding is the final CLS token (CLIP's pooler output),
-the mean of the patch tokens, or CLIP's projected image embedding.
+output frame k is the decoded frame whose time (from the first frame) is nearest k / fps, for every
+k / fps before the end of the video: T = ceil(duration * fps). Each frame, RGB, optionally
+cropped to its face box, goes through the model's image processor (the PIL one, the same with or
+without torchvision) and the model, ``batch_size`` frames per forward; the embedding is the
+final CLS token (CLIP's pooler output), the mean of the patch tokens, or CLIP's projected image
+embedding.
 
 Face boxes (``boxes_dir``): ``<boxes_dir>/<video stem>.csv``, one row per decoded frame that has a
 face, columns ``frame`` (0-based index of the decoded frame) or ``timestamp`` (seconds from the
 first frame), and ``x``, ``y``, ``w``, ``h``: the box's top-left corner and size in pixels of the
 decoded frame. A frame whose row is missing or has empty cells has no face: invalid
 (`Frames.valid`), and interpolated, dropped, zeroed, or kept as the whole frame's embedding, per
-``invalid_frames``.
+``invalid_frames``. Preset: configs/features/video/hf.yaml.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ class Settings:
     pooling: str = "cls"  # cls | mean | projection
     batch_size: int = 32  # frames per forward
     device: str = "cpu"
-    dtype: str = "float32"  # float32 | float16 | bfloat16 (the embeddings are float32 either way)
+    dtype: str = "float32"  # float32; float16 | bfloat16 on an accelerator (embeddings are float32 anyway)
     boxes_dir: str | None = None
     box_margin: float = 0.1  # added to each side of a box, as a fraction of its width / height
     invalid_frames: str = "interpolate"  # interpolate | drop | zero | keep (keep: the whole frame)
@@ -73,6 +74,11 @@ class Settings:
         ):
             if value not in valid:
                 raise ConfigError(f"{name} {value!r}: valid: {', '.join(valid)}")
+        if self.dtype != "float32" and str(self.device).startswith("cpu"):
+            # half precision on the CPU is slow and changes the features: an accelerator's option
+            raise ConfigError(
+                f"dtype {self.dtype} needs an accelerator (device: cuda); on the cpu use float32"
+            )
         if not self.fps > 0:
             raise ConfigError(f"fps {self.fps}: must be above 0")
         if self.batch_size < 1:
