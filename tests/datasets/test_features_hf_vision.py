@@ -15,7 +15,7 @@ transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
 
 from mer_cli.core.errors import ConfigError  # noqa: E402
-from mer_cli.data.features import catalog, hf_vision  # noqa: E402
+from mer_cli.data.features import catalog, hf_audio, hf_vision  # noqa: E402
 from mer_cli.data.features.base import Frames  # noqa: E402
 from mer_cli.data.features.extraction import Extraction  # noqa: E402
 
@@ -151,7 +151,7 @@ def one(settings: hf_vision.Settings, path: Path) -> Frames:
 @pytest.mark.parametrize("fps", [5.0, 7.0, 2.5])
 def test_frames_come_at_the_set_rate_whatever_the_containers(models, tmp_path, rate, codec, suffix, fps):
     path = write_video(tmp_path / f"v.{suffix}", 2.0, rate, codec)
-    got = one(hf_vision.Settings(model_path=str(models["clip"]), fps=fps), path)
+    got = one(hf_vision.Settings(model=str(models["clip"]), fps=fps), path)
     assert abs(len(got.values) - round(2.0 * fps)) <= 1
     times, rgb = decoded(path)
     picks = nearest(times, len(got.values), fps)
@@ -161,7 +161,7 @@ def test_frames_come_at_the_set_rate_whatever_the_containers(models, tmp_path, r
 @pytest.mark.parametrize("kind", ["clip", "dinov2", "vit"])
 @pytest.mark.parametrize("pooling", ["cls", "mean"])
 def test_each_family_gives_the_transformers_apis_embedding(models, video, kind, pooling):
-    got = one(hf_vision.Settings(model_path=str(models[kind]), pooling=pooling), video)
+    got = one(hf_vision.Settings(model=str(models[kind]), pooling=pooling), video)
     times, rgb = decoded(video)
     want = reference(models[kind], [rgb[i] for i in nearest(times, 10, 5.0)], pooling)
     assert got.values.shape == (10, 32) and got.valid is None
@@ -171,17 +171,17 @@ def test_each_family_gives_the_transformers_apis_embedding(models, video, kind, 
 def test_clip_projection_and_a_whole_clip_checkpoint(models, video):
     times, rgb = decoded(video)
     frames = [rgb[i] for i in nearest(times, 10, 5.0)]
-    got = one(hf_vision.Settings(model_path=str(models["clip"]), pooling="projection"), video)
+    got = one(hf_vision.Settings(model=str(models["clip"]), pooling="projection"), video)
     assert got.values.shape == (10, 16)
     np.testing.assert_allclose(got.values, reference(models["clip"], frames, "projection"), atol=1e-5)
-    full = one(hf_vision.Settings(model_path=str(models["clip_full"])), video)
+    full = one(hf_vision.Settings(model=str(models["clip_full"])), video)
     np.testing.assert_allclose(full.values, reference(models["clip_full"], frames), atol=1e-5)
 
 
 def test_batches_of_frames_across_clips_change_nothing(models, tmp_path, video):
     other = write_video(tmp_path / "o.mkv", 1.2, 30, "mpeg4")
-    big = embeddings(hf_vision.Settings(model_path=str(models["dinov2"]), batch_size=64), video, other)
-    small = embeddings(hf_vision.Settings(model_path=str(models["dinov2"]), batch_size=3), video, other)
+    big = embeddings(hf_vision.Settings(model=str(models["dinov2"]), batch_size=64), video, other)
+    small = embeddings(hf_vision.Settings(model=str(models["dinov2"]), batch_size=3), video, other)
     assert [len(f.values) for f in big] == [10, 6]  # type: ignore[union-attr]
     for a, b in zip(big, small, strict=True):
         np.testing.assert_allclose(a.values, b.values, atol=1e-5)  # type: ignore[union-attr]
@@ -201,12 +201,12 @@ def test_a_box_crops_the_frame_before_the_model(models, video, tmp_path):
     times, rgb = decoded(video)
     picks = nearest(times, 10, 5.0)
     boxes = write_boxes(tmp_path / "boxes", "clip", [f"{i},8,4,40,30" for i in range(len(rgb))])
-    settings = hf_vision.Settings(model_path=str(models["clip"]), boxes_dir=str(boxes), box_margin=0.0)
+    settings = hf_vision.Settings(model=str(models["clip"]), boxes_dir=str(boxes), box_margin=0.0)
     got = one(settings, video)
     np.testing.assert_allclose(
         got.values, reference(models["clip"], [rgb[i][4:34, 8:48] for i in picks]), atol=1e-5
     )
-    whole = one(hf_vision.Settings(model_path=str(models["clip"])), video)
+    whole = one(hf_vision.Settings(model=str(models["clip"])), video)
     assert not np.allclose(got.values, whole.values, atol=1e-3)
     assert got.valid is not None and got.valid.all()
 
@@ -216,7 +216,7 @@ def test_the_margin_widens_the_box_within_the_frame(models, video, tmp_path):
     picks = nearest(times, 10, 5.0)
     # 20 x 10 box at (40, 2): 25 % margin is 5 px left/right, 2.5 -> 3 px up/down, clipped at the top
     boxes = write_boxes(tmp_path / "boxes", "clip", [f"{i},40,2,20,10" for i in range(len(rgb))])
-    settings = hf_vision.Settings(model_path=str(models["vit"]), boxes_dir=str(boxes), box_margin=0.25)
+    settings = hf_vision.Settings(model=str(models["vit"]), boxes_dir=str(boxes), box_margin=0.25)
     want = reference(models["vit"], [rgb[i][0:15, 35:64] for i in picks])
     np.testing.assert_allclose(one(settings, video).values, want, atol=1e-5)
 
@@ -229,7 +229,7 @@ def test_frames_without_a_box_are_invalid_and_follow_the_policy(models, video, t
     rows = [f"{i},8,4,40,30" if i not in missing else f"{i},,,," for i in range(len(rgb)) if i != picks[4]]
     boxes = write_boxes(tmp_path / "boxes", "clip", rows)
     settings = hf_vision.Settings(
-        model_path=str(models["clip"]), boxes_dir=str(boxes), box_margin=0.0, invalid_frames=policy
+        model=str(models["clip"]), boxes_dir=str(boxes), box_margin=0.0, invalid_frames=policy
     )
     got = one(settings, video)
     faces = reference(models["clip"], [rgb[i][4:34, 8:48] for i in picks])
@@ -256,7 +256,7 @@ def test_boxes_by_timestamp_match_the_nearest_frame(models, video, tmp_path):
     rows = [f"{t + 0.01:.3f},8,4,40,30" for t in times[: picks[6] + 1]]  # none after output frame 6
     boxes = write_boxes(tmp_path / "boxes", "clip", rows, header="timestamp,x,y,w,h")
     settings = hf_vision.Settings(
-        model_path=str(models["clip"]), boxes_dir=str(boxes), box_margin=0.0, invalid_frames="zero"
+        model=str(models["clip"]), boxes_dir=str(boxes), box_margin=0.0, invalid_frames="zero"
     )
     got = one(settings, video)
     assert got.valid.tolist() == [k <= 6 for k in range(10)]  # type: ignore[union-attr]
@@ -281,7 +281,7 @@ def test_a_files_problem_is_its_own_line_and_the_others_go_on(models, video, tmp
         for packet in [*stream.encode(frame), *stream.encode()]:
             container.mux(packet)
     paths = [corrupt, video, audio, tmp_path / "gone.mp4", truncated, video]
-    got = embeddings(hf_vision.Settings(model_path=str(models["clip"]), batch_size=4), *paths)
+    got = embeddings(hf_vision.Settings(model=str(models["clip"]), batch_size=4), *paths)
     assert got[0] == got[4] == "cannot read the video: Invalid data found when processing input"
     assert got[2] == "no video stream"
     assert got[3] == "cannot read the video: No such file or directory"
@@ -290,7 +290,7 @@ def test_a_files_problem_is_its_own_line_and_the_others_go_on(models, video, tmp
 
 
 def test_box_file_problems_name_the_box_file(models, video, tmp_path):
-    settings = hf_vision.Settings(model_path=str(models["clip"]), boxes_dir=str(tmp_path / "boxes"))
+    settings = hf_vision.Settings(model=str(models["clip"]), boxes_dir=str(tmp_path / "boxes"))
     assert embeddings(settings, video)[0] == f"no face boxes {tmp_path / 'boxes' / 'clip.csv'}"
     write_boxes(tmp_path / "boxes", "clip", ["0,1,2,3"], header="frame,x,y,w")
     assert embeddings(settings, video)[0] == "face boxes clip.csv: no box column h"
@@ -303,7 +303,7 @@ def test_box_file_problems_name_the_box_file(models, video, tmp_path):
 def test_extraction_gives_the_video_file_and_its_problem(models, video, tmp_path):
     bad = tmp_path / "bad.webm"
     bad.write_text("not a video")
-    ex = hf_vision.Extractor(hf_vision.Settings(model_path=str(models["clip"])))
+    ex = hf_vision.Extractor(hf_vision.Settings(model=str(models["clip"])))
     out = list(Extraction({"a": {"visual": video}, "b": {"visual": bad}}, {"visual": ex}, progress=False))
     assert out[0].frames is not None and out[0].frames["visual"].values.shape == (10, 32)
     assert out[1].file == bad
@@ -313,10 +313,10 @@ def test_extraction_gives_the_video_file_and_its_problem(models, video, tmp_path
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"model_path": "/nowhere/model"}, "model_path /nowhere/model: no such model directory"),
-        ({"model_path": "{dinov2}", "pooling": "projection"}, "pooling projection: dinov2 has no projection"),
-        ({"model_path": "{clip}", "revision": "blake2b:00"}, "the settings ask for blake2b:00"),
-        ({"model_path": "{clip}", "device": "nodevice"}, "device nodevice"),
+        ({"model": "/nowhere/model"}, "model /nowhere/model is not a directory and not in the local"),
+        ({"model": "{dinov2}", "pooling": "projection"}, "pooling projection: dinov2 has no projection"),
+        ({"model": "{clip}", "revision": "00ff"}, "not 00ff"),
+        ({"model": "{clip}", "device": "nodevice"}, "device nodevice"),
         ({"pooling": "max"}, "pooling 'max': valid: cls, mean, projection"),
         ({"fps": 0}, "fps 0: must be above 0"),
         ({"dtype": "int8"}, "dtype 'int8'"),
@@ -348,8 +348,8 @@ def test_a_model_not_in_the_local_cache_is_refused_without_downloading(monkeypat
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    with pytest.raises(ConfigError, match="org/none is not in the local Hugging Face cache"):
-        hf_vision.Extractor(hf_vision.Settings(model_id="org/none"))
+    with pytest.raises(ConfigError, match="model org/none is not a directory and not in the local Hugging"):
+        hf_vision.Extractor(hf_vision.Settings(model="org/none"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -357,12 +357,14 @@ def test_a_model_not_in_the_local_cache_is_refused_without_downloading(monkeypat
 
 
 def test_the_record_rebuilds_an_extractor_giving_the_same_frames(models, video):
-    ex = hf_vision.Extractor(hf_vision.Settings(model_path=str(models["dinov2"]), fps=4.0, pooling="mean"))
+    ex = hf_vision.Extractor(hf_vision.Settings(model=str(models["dinov2"]), fps=4.0, pooling="mean"))
     (first,) = ex.extract([video])
     record = ex.record()
     assert record["backend"] == "hf" and record["frame_rate_hz"] == 4.0 and record["feature_names"] is None
-    assert record["revision"].startswith("blake2b:") and record["pyav_version"] == av.__version__
-    assert record["model_path"] == str(models["dinov2"])
+    assert record["revision"] == hf_audio.weights_hash(models["dinov2"])
+    assert record["pyav_version"] == av.__version__
+    assert record["model"] == str(models["dinov2"])
+    assert record["model_path"] == str(models["dinov2"].resolve())
     (again,) = catalog.from_record("visual", record, batch_size=2).extract([video])
     assert isinstance(first, Frames) and isinstance(again, Frames)
     np.testing.assert_allclose(first.values, again.values, atol=1e-6)
@@ -380,19 +382,19 @@ def test_a_cached_model_is_found_by_id_and_its_commit_is_the_revision(models, vi
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    ex = hf_vision.Extractor(hf_vision.Settings(model_id="org/tiny-clip"))
+    ex = hf_vision.Extractor(hf_vision.Settings(model="org/tiny-clip"))
     record = ex.record()
-    assert record["revision"] == commit and record["model_path"] is None
+    assert (record["revision"], record["model_id"]) == (commit, "org/tiny-clip")
+    assert record["model_path"] == str(snapshot)
     (got,) = ex.extract([video])
-    (want,) = embeddings(hf_vision.Settings(model_path=str(models["clip"])), video)
+    (want,) = embeddings(hf_vision.Settings(model=str(models["clip"])), video)
     np.testing.assert_allclose(got.values, want.values, atol=1e-6)  # type: ignore[union-attr]
     assert catalog.from_record("visual", record).record()["revision"] == commit
-    assert (
-        hf_vision.Extractor(hf_vision.Settings(model_id="org/tiny-clip", revision="main")).revision == commit
-    )
+    by_branch = hf_vision.Extractor(hf_vision.Settings(model="org/tiny-clip", revision="main"))
+    assert by_branch.revision == commit
 
 
 def test_without_transformers_the_error_names_the_pip_extra(models, monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers raises ImportError
     with pytest.raises(ConfigError, match=r"pip install 'mer-cli\[video\]'"):
-        hf_vision.Extractor(hf_vision.Settings(model_path=str(models["clip"])))
+        hf_vision.Extractor(hf_vision.Settings(model=str(models["clip"])))

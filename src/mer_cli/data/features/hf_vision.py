@@ -20,9 +20,7 @@ decoded frame. A frame whose row is missing or has empty cells has no face: inva
 
 from __future__ import annotations
 
-import hashlib
 import math
-import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +30,7 @@ import numpy as np
 
 from mer_cli.core.errors import ConfigError, one_line
 from mer_cli.data.features.base import Backend, Frames, settings_record
-from mer_cli.data.features.cache import content_hash
+from mer_cli.data.features.hf_audio import locate
 from mer_cli.data.features.openface import fill_failed
 from mer_cli.data.features.table import INVALID_FRAME_POLICIES, Table
 
@@ -42,20 +40,17 @@ MODEL_TYPES = ("clip", "clip_vision_model", "dinov2", "vit")  # config.model_typ
 FILES_PER_CALL = 8  # clips per extract call: short clips share forward batches
 PATTERNS = ("*.mp4", "*.avi", "*.mov", "*.mkv", "*.webm")
 NEEDS = "the hf video back-end needs PyAV and transformers: pip install 'mer-cli[video]'"
-# files whose bytes decide the embeddings of a model directory (its revision when not from the cache)
-MODEL_FILES = ("*.safetensors", "*.bin", "config.json", "preprocessor_config.json")
-_COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
 
 @dataclass(frozen=True)
 class Settings:
-    """Defaults: CLIP ViT-B/32 from the local cache, 5 frames/s, CPU float32. 5 frames/s: a
+    """Defaults: CLIP ViT-B/32 from the local Hugging Face cache, 5 frames/s, CPU float32. 5 frames/s: a
     facial expression's onset and apex last a few hundred ms (200 ms apart catches them), while
     frames 33-40 ms apart are near-duplicates to an image encoder; 10 forwards per 2 s clip."""
 
-    model_id: str = "openai/clip-vit-base-patch32"
-    model_path: str | None = None  # a local directory (save_pretrained); None: model_id from the cache
-    # model_id's commit (or branch, tag) in the cache; for model_path, the content hash it must have
+    model: str = "openai/clip-vit-base-patch32"  # a local directory, or a hub id in the local HF cache
+    # a hub branch, tag or commit; for a directory, its weights' hash (hf_audio.weights_hash), which
+    # must match: a record pins the weights its features were made with
     revision: str | None = None
     fps: float = 5.0
     pooling: str = "cls"  # cls | mean | projection
@@ -164,48 +159,15 @@ def crop(rgb: np.ndarray, box: tuple[float, float, float, float], margin: float)
     return rgb[y0:y1, x0:x1] if x1 > x0 and y1 > y0 else None
 
 
-def model_folder(settings: Settings) -> tuple[Path, str]:
-    """The directory holding the model and its revision: the cache's commit hash, or for a
-    ``model_path`` ``blake2b:`` + a hash of `MODEL_FILES`' names and bytes (its folder name when
-    it is a cache snapshot). Raises `ConfigError` (one line) when it is not here."""
-    if settings.model_path is not None:
-        folder = Path(settings.model_path).expanduser()
-        if not (folder / "config.json").is_file():
-            raise ConfigError(f"model_path {folder}: no such model directory (config.json)")
-        if folder.parent.name == "snapshots" and _COMMIT.match(folder.name):
-            revision = folder.name
-        else:
-            h = hashlib.blake2b(digest_size=16)
-            for f in sorted({f for p in MODEL_FILES for f in folder.glob(p)}):
-                h.update(f"{f.name}\0{content_hash(f)}\0".encode())
-            revision = f"blake2b:{h.hexdigest()}"
-        if settings.revision is not None and settings.revision != revision:
-            raise ConfigError(
-                f"model_path {folder}: revision {revision}, the settings ask for {settings.revision}"
-            )
-        return folder, revision
-    from huggingface_hub import snapshot_download
-
-    try:
-        got = snapshot_download(settings.model_id, revision=settings.revision, local_files_only=True)
-    except Exception as e:  # huggingface_hub raises a different error per version for "not cached"
-        raise ConfigError(
-            f"model {settings.model_id}{'@' + settings.revision if settings.revision else ''} is not in "
-            f"the local Hugging Face cache (nothing is downloaded): fetch it once with `hf download "
-            f"{settings.model_id}`, or set model_path to its directory ({one_line(e, 80)})"
-        ) from e
-    return Path(got), Path(got).name
-
-
-def load(settings: Settings) -> tuple[Any, Any, Path, str]:
-    """(model in eval mode on the device, image processor, its directory, revision)."""
+def load(settings: Settings) -> tuple[Any, Any, Path, str, str]:
+    """(model in eval mode on the device, image processor, its directory, its id, revision)."""
     try:
         import av  # noqa: F401  (checked here: decoding needs it)
         import torch
         import transformers
     except ImportError as e:
         raise ConfigError(NEEDS) from e
-    folder, revision = model_folder(settings)
+    folder, model_id, revision = locate(settings.model, settings.revision)
     from transformers import (
         AutoConfig,
         AutoImageProcessor,
@@ -248,7 +210,7 @@ def load(settings: Settings) -> tuple[Any, Any, Path, str]:
         model = model.to(device=settings.device, dtype=getattr(torch, settings.dtype)).eval()
     except (RuntimeError, AssertionError, ValueError) as e:
         raise ConfigError(f"device {settings.device}: {one_line(e)}") from e
-    return model, processor, folder, revision
+    return model, processor, folder, model_id, revision
 
 
 @dataclass
@@ -263,7 +225,7 @@ class Extractor:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.model, self.processor, self.folder, self.revision = load(settings)
+        self.model, self.processor, self.folder, self.model_id, self.revision = load(settings)
         self.dim: int | None = None
 
     def embed(self, images: Sequence[np.ndarray]) -> np.ndarray:
@@ -363,7 +325,9 @@ class Extractor:
 
         return {
             **settings_record("hf", self.settings),
-            "revision": self.revision,
+            "revision": self.revision,  # resolved: the snapshot's commit, or the weights' hash
+            "model_id": self.model_id,
+            "model_path": str(self.folder),
             "frame_rate_hz": self.settings.fps,
             "feature_names": None,
             "pyav_version": av.__version__,
