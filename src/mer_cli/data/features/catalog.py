@@ -13,7 +13,7 @@ from typing import Any
 
 from mer_cli.core.errors import ConfigError, DataError
 from mer_cli.core.registry import Registry
-from mer_cli.data.features import emotion2vec, hf_audio, mfcc, openface, opensmile
+from mer_cli.data.features import emotion2vec, hf_audio, hf_vision, mfcc, openface, opensmile, table
 from mer_cli.data.features.base import Backend, Extractor
 
 BACKENDS: dict[str, Registry[Backend]] = {
@@ -27,6 +27,8 @@ for _b in (
     opensmile.BACKEND,
     hf_audio.BACKEND,
     emotion2vec.BACKEND,
+    table.BACKEND,
+    hf_vision.BACKEND,
 ):
     BACKENDS[_b.stream].add(_b.name, _b)
 
