@@ -173,7 +173,7 @@ def test_data_storing_one_layer_is_one_line_naming_the_data_and_why():
         layer_mix.layouts(plain, "single")
     assert str(e.value) == (
         "model.layer_weights=learned: the acoustic features of DATA store one layer (mfcc): "
-        "nothing to weigh; ingest with --audio-layers A-B"
+        "nothing to weigh; ingest with --audio-features hf --audio-layers A-B"
     )
     one_hf_layer = spec(
         {"acoustic": (SIZE, {**HF, "layers": [12]}), "visual": (17, {"backend": "openface"})},
@@ -183,7 +183,8 @@ def test_data_storing_one_layer_is_one_line_naming_the_data_and_why():
         layer_mix.layouts(one_hf_layer, "early")
     assert str(e.value) == (
         "model.layer_weights=learned: the acoustic and visual features of DATA store one layer each "
-        "(hf, layer 12; openface): nothing to weigh; ingest with --audio-layers A-B or --video-layers A-B"
+        "(hf, layer 12; openface): nothing to weigh; ingest with --audio-features hf --audio-layers A-B "
+        "or a video back-end that stores several layers"
     )
     wrong_size = spec({"acoustic": (4 * SIZE + 1, HF)}, {"acoustic": 4 * SIZE + 1})
     with pytest.raises(

@@ -218,7 +218,9 @@ def test_data_storing_one_layer_is_refused_in_one_line_before_training(modality,
     cfg = compose_train("experiment=smoke", f"modality={modality}", "model.layer_weights=learned")
     with pytest.raises(ConfigError) as e:
         execute.run(cfg, tmp_path / "run")
-    hint = "--audio-layers A-B" + (" or --video-layers A-B" if modality == "late" else "")
+    hint = "--audio-features hf --audio-layers A-B" + (
+        " or a video back-end that stores several layers" if modality == "late" else ""
+    )
     source = load_data(cfg.data, cfg.cv).source
     assert str(e.value) == (
         f"model.layer_weights=learned: {why.format(source)}: nothing to weigh; ingest with {hint}"

@@ -29,7 +29,10 @@ from mer_cli.core.errors import ConfigError
 LEARNED = "learned"
 VALUES = (None, LEARNED)  # model.layer_weights; None: the stored features as they are
 # how mer-ingest stores several layers of a stream (the hint of the error line)
-INGEST_HINTS = {"acoustic": "--audio-layers A-B", "visual": "--video-layers A-B"}
+INGEST_HINTS = {
+    "acoustic": "--audio-features hf --audio-layers A-B",
+    "visual": "a video back-end that stores several layers",
+}
 
 
 def check_value(value: Any) -> None:

@@ -348,4 +348,5 @@ BACKEND = Backend(
     settings=Settings,
     open=Extractor,
     extra="video",
+    model_setting="model",
 )
