@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import yaml
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
@@ -343,6 +344,143 @@ def save_tiny_speech_encoder(folder: Path) -> Path:
     transformers.WavLMModel(config).save_pretrained(folder)
     transformers.Wav2Vec2FeatureExtractor(return_attention_mask=True).save_pretrained(folder)
     return folder
+
+
+# tiny randomly initialised pretrained models, saved as local model directories (no download)
+VISION_TINY = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "image_size": 32,
+    "patch_size": 8,
+}
+VIDEO_SIZE = 64  # video frames are SIZE x SIZE pixels
+
+
+def save_vision_model(folder: Path, kind: str) -> Path:
+    from transformers import (
+        BitImageProcessor,
+        CLIPConfig,
+        CLIPImageProcessor,
+        CLIPModel,
+        CLIPVisionConfig,
+        CLIPVisionModelWithProjection,
+        Dinov2Config,
+        Dinov2Model,
+        ViTConfig,
+        ViTImageProcessor,
+        ViTModel,
+    )
+
+    torch.manual_seed(0)
+    square = {"height": 32, "width": 32}
+    if kind == "clip":
+        model = CLIPVisionModelWithProjection(CLIPVisionConfig(**VISION_TINY, projection_dim=16))
+        processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size=square)
+    elif kind == "clip_full":  # a whole CLIP checkpoint (text tower too), as the hub has them
+        text = {k: v for k, v in VISION_TINY.items() if "image" not in k and "patch" not in k}
+        text["vocab_size"] = 99
+        model = CLIPModel(CLIPConfig(vision_config=VISION_TINY, text_config=text, projection_dim=16))
+        processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size=square)
+    elif kind == "dinov2":
+        model = Dinov2Model(Dinov2Config(**VISION_TINY))
+        processor = BitImageProcessor(size={"shortest_edge": 36}, crop_size=square)
+    else:
+        model = ViTModel(ViTConfig(**VISION_TINY), add_pooling_layer=False)
+        processor = ViTImageProcessor(size=square)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+EMOTION2VEC_WIDTH = 32
+# emotion2vec's front end at 1/16 of its width (7 convolutions, 320 samples per frame, 400 seen
+# by one), one pre-net block and one transformer block of 4 heads
+EMOTION2VEC_TINY = {
+    "depth": 1,
+    "embed_dim": EMOTION2VEC_WIDTH,
+    "num_heads": 4,
+    "mlp_ratio": 2.0,
+    "norm_eps": 1e-5,
+    "norm_affine": True,
+    "layer_norm_first": False,
+    "end_of_block_targets": False,
+    "normalize": True,
+    "layerdrop": 0.0,
+    "dropout_input": 0.0,
+    "encoder_dropout": 0.0,
+    "post_mlp_drop": 0.0,
+    "attention_dropout": 0.0,
+    "activation_dropout": 0.0,
+    "start_drop_path_rate": 0.0,
+    "end_drop_path_rate": 0.0,
+    "modalities": {
+        "audio": {
+            "type": "AUDIO",
+            "feature_encoder_spec": "[(32, 10, 5)] + [(32, 3, 2)] * 4 + [(32, 2, 2)] * 2",
+            "extractor_mode": "layer_norm",
+            "conv_pos_width": 8,
+            "conv_pos_groups": 4,
+            "conv_pos_depth": 2,
+            "conv_pos_pre_ln": False,
+            "prenet_depth": 1,
+            "prenet_layerdrop": 0.0,
+            "prenet_dropout": 0.0,
+            "start_drop_path_rate": 0.0,
+            "end_drop_path_rate": 0.0,
+            "num_extra_tokens": 2,
+            "init_extra_token_zero": False,
+            "use_alibi_encoder": True,
+            "alibi_scale": 1.0,
+            "learned_alibi": False,
+            "alibi_max_pos": None,
+            "learned_alibi_scale": True,
+            "learned_alibi_scale_per_head": True,
+            "learned_alibi_scale_per_layer": False,
+            "num_alibi_heads": 4,
+            "model_depth": 1,
+            "mask_noise_std": 0.01,
+            "local_grad_mult": 1.0,
+            "ema_local_encoder": False,
+            "decoder": None,
+        }
+    },
+}
+
+
+def save_tiny_emotion2vec(folder: Path, seed: int = 0, conf: dict | None = None) -> Path:
+    """A random emotion2vec in funasr's model-directory layout: config.yaml + model.pt."""
+    from funasr.register import tables
+
+    conf = conf or EMOTION2VEC_TINY
+    torch.manual_seed(seed)
+    model = tables.model_classes.get("Emotion2vec")(model_conf=conf)
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(yaml.safe_dump({"model": "Emotion2vec", "model_conf": conf}))
+    torch.save(model.state_dict(), folder / "model.pt")
+    return folder
+
+
+def write_video(path: Path, seconds: float = 2.0, rate: int = 25, codec: str = "libx264") -> Path:
+    """Two coloured squares crossing a grey frame, ``rate`` frames per second."""
+    import av
+
+    n = round(seconds * rate)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=rate)
+        stream.width = stream.height = VIDEO_SIZE
+        stream.pix_fmt = "yuv420p"
+        for i in range(n):
+            img = np.full((VIDEO_SIZE, VIDEO_SIZE, 3), 90, dtype=np.uint8)
+            x = round(i * (VIDEO_SIZE - 16) / max(1, n - 1))
+            img[8:24, x : x + 16] = (230, 40, 40)
+            img[40:56, VIDEO_SIZE - 16 - x : VIDEO_SIZE - x] = (40, 200, 60)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
 
 
 def make_folder(root: Path, n_actors: int = 6) -> tuple[Path, Path]:

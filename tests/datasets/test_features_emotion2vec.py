@@ -16,7 +16,10 @@ import pytest
 import torch
 import yaml
 
+from conftest import EMOTION2VEC_TINY as TINY_CONF
+from conftest import EMOTION2VEC_WIDTH as WIDTH
 from conftest import REPO, SRC, write_wav
+from conftest import save_tiny_emotion2vec as save_tiny
 from mer_cli.core.errors import ConfigError, DataError
 from mer_cli.data.features import catalog
 from mer_cli.data.features import emotion2vec as e2v
@@ -25,73 +28,6 @@ from mer_cli.data.features.base import Frames, recipe_mismatch
 # not importorskip: importing funasr at collection would change the whole session's warnings and
 # logging (the back-end's import keeps that contained)
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("funasr") is None, reason="funasr not installed")
-
-WIDTH = 32
-# emotion2vec's front end at 1/16 of its width (7 convolutions, 320 samples per frame, 400 seen
-# by one), one pre-net block and one transformer block of 4 heads
-TINY_CONF = {
-    "depth": 1,
-    "embed_dim": WIDTH,
-    "num_heads": 4,
-    "mlp_ratio": 2.0,
-    "norm_eps": 1e-5,
-    "norm_affine": True,
-    "layer_norm_first": False,
-    "end_of_block_targets": False,
-    "normalize": True,
-    "layerdrop": 0.0,
-    "dropout_input": 0.0,
-    "encoder_dropout": 0.0,
-    "post_mlp_drop": 0.0,
-    "attention_dropout": 0.0,
-    "activation_dropout": 0.0,
-    "start_drop_path_rate": 0.0,
-    "end_drop_path_rate": 0.0,
-    "modalities": {
-        "audio": {
-            "type": "AUDIO",
-            "feature_encoder_spec": "[(32, 10, 5)] + [(32, 3, 2)] * 4 + [(32, 2, 2)] * 2",
-            "extractor_mode": "layer_norm",
-            "conv_pos_width": 8,
-            "conv_pos_groups": 4,
-            "conv_pos_depth": 2,
-            "conv_pos_pre_ln": False,
-            "prenet_depth": 1,
-            "prenet_layerdrop": 0.0,
-            "prenet_dropout": 0.0,
-            "start_drop_path_rate": 0.0,
-            "end_drop_path_rate": 0.0,
-            "num_extra_tokens": 2,
-            "init_extra_token_zero": False,
-            "use_alibi_encoder": True,
-            "alibi_scale": 1.0,
-            "learned_alibi": False,
-            "alibi_max_pos": None,
-            "learned_alibi_scale": True,
-            "learned_alibi_scale_per_head": True,
-            "learned_alibi_scale_per_layer": False,
-            "num_alibi_heads": 4,
-            "model_depth": 1,
-            "mask_noise_std": 0.01,
-            "local_grad_mult": 1.0,
-            "ema_local_encoder": False,
-            "decoder": None,
-        }
-    },
-}
-
-
-def save_tiny(folder: Path, seed: int = 0, conf: dict | None = None) -> Path:
-    """A random emotion2vec in funasr's model-directory layout: config.yaml + model.pt."""
-    from funasr.register import tables
-
-    conf = conf or TINY_CONF
-    torch.manual_seed(seed)
-    model = tables.model_classes.get("Emotion2vec")(model_conf=conf)
-    folder.mkdir(parents=True)
-    (folder / "config.yaml").write_text(yaml.safe_dump({"model": "Emotion2vec", "model_conf": conf}))
-    torch.save(model.state_dict(), folder / "model.pt")
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -14,44 +14,17 @@ av = pytest.importorskip("av")
 transformers = pytest.importorskip("transformers")
 torch = pytest.importorskip("torch")
 
+from conftest import save_vision_model as save_model  # noqa: E402
+from conftest import write_video  # noqa: E402
 from mer_cli.core.errors import ConfigError  # noqa: E402
 from mer_cli.data.features import catalog, hf_audio, hf_vision  # noqa: E402
 from mer_cli.data.features.base import Frames  # noqa: E402
 from mer_cli.data.features.extraction import Extraction  # noqa: E402
 
-TINY = {
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "image_size": 32,
-    "patch_size": 8,
-}
-SIZE = 64  # video frames are SIZE x SIZE pixels
-
 
 @pytest.fixture(autouse=True)
 def _offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-
-def write_video(path: Path, seconds: float = 2.0, rate: int = 25, codec: str = "libx264") -> Path:
-    """Two coloured squares crossing a grey frame, ``rate`` frames per second."""
-    n = round(seconds * rate)
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream(codec, rate=rate)
-        stream.width = stream.height = SIZE
-        stream.pix_fmt = "yuv420p"
-        for i in range(n):
-            img = np.full((SIZE, SIZE, 3), 90, dtype=np.uint8)
-            x = round(i * (SIZE - 16) / max(1, n - 1))
-            img[8:24, x : x + 16] = (230, 40, 40)
-            img[40:56, SIZE - 16 - x : SIZE - x] = (40, 200, 60)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return path
 
 
 def decoded(path: Path) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -64,41 +37,6 @@ def decoded(path: Path) -> tuple[np.ndarray, list[np.ndarray]]:
 
 def nearest(times: np.ndarray, n: int, fps: float) -> list[int]:
     return [int(np.argmin(np.abs(times - k / fps))) for k in range(n)]
-
-
-def save_model(folder: Path, kind: str) -> Path:
-    from transformers import (
-        BitImageProcessor,
-        CLIPConfig,
-        CLIPImageProcessor,
-        CLIPModel,
-        CLIPVisionConfig,
-        CLIPVisionModelWithProjection,
-        Dinov2Config,
-        Dinov2Model,
-        ViTConfig,
-        ViTImageProcessor,
-        ViTModel,
-    )
-
-    torch.manual_seed(0)
-    square = {"height": 32, "width": 32}
-    if kind == "clip":
-        model = CLIPVisionModelWithProjection(CLIPVisionConfig(**TINY, projection_dim=16))
-        processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size=square)
-    elif kind == "clip_full":  # a whole CLIP checkpoint (text tower too), as the hub has them
-        text = {**{k: TINY[k] for k in TINY if "image" not in k and "patch" not in k}, "vocab_size": 99}
-        model = CLIPModel(CLIPConfig(vision_config=TINY, text_config=text, projection_dim=16))
-        processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size=square)
-    elif kind == "dinov2":
-        model = Dinov2Model(Dinov2Config(**TINY))
-        processor = BitImageProcessor(size={"shortest_edge": 36}, crop_size=square)
-    else:
-        model = ViTModel(ViTConfig(**TINY), add_pooling_layer=False)
-        processor = ViTImageProcessor(size=square)
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -4,12 +4,22 @@ copy; the feature cache (re-ingest, new clips, an interrupted extraction); the s
 
 from __future__ import annotations
 
+import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import compose_train, ingest_folder, make_folder, save_tiny_speech_encoder
+from conftest import (
+    compose_train,
+    ingest_folder,
+    make_folder,
+    save_tiny_emotion2vec,
+    save_tiny_speech_encoder,
+    save_vision_model,
+    write_video,
+)
 from mer_cli.cli import ingest as ingest_cli
 from mer_cli.core.errors import DataError
 from mer_cli.data import ingest, native
@@ -197,3 +207,70 @@ def test_an_unknown_preset_or_option_is_one_line(clips, capsys, tmp_path):
     )
     assert code == 2 and "mfcc has no option n_mfc: valid: " in err
     assert not (tmp_path / "x").exists()
+
+
+@pytest.fixture(scope="module")
+def media(clips, tmp_path_factory):  # type: ignore[no-untyped-def]
+    """The training clips' faces as 1 s videos, a tiny CLIP and a tiny emotion2vec."""
+    pytest.importorskip("av")
+    root = tmp_path_factory.mktemp("media")
+    videos = root / "videos"
+    videos.mkdir()
+    for csv_path in sorted(clips["video"].glob("*.csv")):
+        write_video(videos / f"{csv_path.stem}.mp4", seconds=1.0, rate=25)
+    out = {"videos": videos, "clip": save_vision_model(root / "clip", "clip")}
+    if importlib.util.find_spec("funasr") is not None:
+        out["emotion2vec"] = save_tiny_emotion2vec(root / "e2v")
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("audio_args", "video_args", "names"),
+    [
+        (
+            ("--audio-features", "egemaps"),
+            ("--video-features", "table", "--video-columns", "AU*_r"),
+            ("opensmile", "table"),
+        ),
+        (
+            ("--audio-features", "compare"),
+            ("--video-features", "hf", "--video-model", "{clip}"),
+            ("opensmile", "hf"),
+        ),
+        (
+            ("--audio-features", "emotion2vec", "--audio-model", "{emotion2vec}"),
+            (),
+            ("emotion2vec", "openface"),
+        ),
+    ],
+)
+def test_each_back_end_writes_a_dataset_that_trains(
+    clips, media, capsys, tmp_path, audio_args, video_args, names
+):
+    if "{emotion2vec}" in audio_args and "emotion2vec" not in media:
+        pytest.skip("funasr not installed")
+    fill = {k: str(v) for k, v in media.items()}
+    args = [a.format(**fill) for a in (*audio_args, *video_args)]
+    video = media["videos"] if "hf" in video_args else clips["video"]
+    data = tmp_path / "data"
+    code, _, err = mer_ingest(capsys, data, "--audio", clips["audio"], "--video", video, *args, "--no-cache")
+    assert code == 0, err
+    splits = native.load_dir(data)
+    assert (
+        splits.ingest_settings["acoustic"]["backend"],
+        splits.ingest_settings["visual"]["backend"],
+    ) == names
+    run_dir = tmp_path / "run"
+    execute.run(
+        compose_train(
+            "experiment=smoke",
+            "modality=early",
+            "data=native",
+            f"data.path={data}",
+            "runtime.save_plots=false",
+        ),
+        run_dir,
+    )
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["test"]["n_clips"] == len(splits.test) > 0
