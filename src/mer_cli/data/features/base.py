@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from mer_cli.core.errors import ConfigError
+from mer_cli.core.errors import ConfigError, MerError, one_line
 
 STREAMS = ("acoustic", "visual")
 # record keys that do not decide the features, never compared between two records: results of
@@ -104,6 +104,21 @@ class Backend:
         their defaults (a record from before the setting existed)."""
         kwargs = {f.name: record[f.name] for f in dataclasses.fields(self.settings) if f.name in record}
         return self.settings(**{k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()})
+
+
+def each_file(paths: Sequence[Path], frames: Callable[[Path], np.ndarray]) -> list[Frames | str]:
+    """``frames(path)`` for every path, a file's failure as its one line: audio and table
+    libraries raise many types for a broken file. A `MerError` (a missing model, a missing extra)
+    stops every file, so it is raised."""
+    out: list[Frames | str] = []
+    for p in paths:
+        try:
+            out.append(Frames(frames(p)))
+        except MerError:
+            raise
+        except Exception as e:
+            out.append(one_line(e))
+    return out
 
 
 def settings_record(backend: str, settings: Any) -> dict[str, Any]:

@@ -35,7 +35,7 @@ import numpy as np
 
 from mer_cli.core.errors import ConfigError, DataError, one_line
 from mer_cli.data.features import audio
-from mer_cli.data.features.base import Backend, Frames, settings_record
+from mer_cli.data.features.base import Backend, Frames, each_file, settings_record
 from mer_cli.data.features.cache import content_hash
 
 SAMPLE_RATE = 16000  # Hz: what emotion2vec was trained on
@@ -216,15 +216,7 @@ class Extractor:
         return np.ascontiguousarray(results[0]["feats"], dtype=np.float32)
 
     def extract(self, paths: Sequence[Path]) -> list[Frames | str]:
-        out: list[Frames | str] = []
-        for p in paths:
-            try:
-                out.append(Frames(self.frames(p)))
-            except (ConfigError, DataError):
-                raise
-            except Exception as e:  # soundfile, librosa and torch raise many types for a bad file
-                out.append(one_line(e))
-        return out
+        return each_file(paths, self.frames)
 
     def record(self) -> dict[str, Any]:
         return {

@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from mer_cli.core.errors import ConfigError, one_line
+from mer_cli.core.errors import ConfigError
 from mer_cli.data.features import audio
-from mer_cli.data.features.base import Backend, Frames, settings_record
+from mer_cli.data.features.base import Backend, Frames, each_file, settings_record
 
 
 @dataclass(frozen=True)
@@ -92,15 +92,7 @@ class Extractor:
         self.settings = settings
 
     def extract(self, paths: Sequence[Path]) -> list[Frames | str]:
-        out: list[Frames | str] = []
-        for p in paths:
-            try:
-                out.append(Frames(frames(p, self.settings)))
-            except ConfigError:
-                raise
-            except Exception as e:  # soundfile and librosa raise many types for a bad file
-                out.append(one_line(e))
-        return out
+        return each_file(paths, lambda p: frames(p, self.settings))
 
     def record(self) -> dict[str, Any]:
         return {

@@ -27,9 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from mer_cli.core.errors import ConfigError, one_line
+from mer_cli.core.errors import ConfigError
 from mer_cli.data.features import audio
-from mer_cli.data.features.base import Backend, Frames, settings_record
+from mer_cli.data.features.base import Backend, Frames, each_file, settings_record
 
 FEATURE_SETS = ("eGeMAPSv02", "ComParE_2016")
 FRAME_RATE_HZ = 100.0  # openSMILE's LLD hop in both configs: 10 ms
@@ -124,15 +124,7 @@ class Extractor:
         return np.concatenate([values, deltas[: values.shape[0]]], axis=1)
 
     def extract(self, paths: Sequence[Path]) -> list[Frames | str]:
-        out: list[Frames | str] = []
-        for p in paths:
-            try:
-                out.append(Frames(self.frames(p)))
-            except ConfigError:
-                raise
-            except Exception as e:  # soundfile, librosa and openSMILE raise many types for a bad file
-                out.append(one_line(e))
-        return out
+        return each_file(paths, self.frames)
 
     def record(self) -> dict[str, Any]:
         return {
