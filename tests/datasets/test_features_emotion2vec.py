@@ -82,17 +82,17 @@ def test_the_record_names_the_weights_and_rebuilds_the_extractor(model_dir: Path
     record = extractor.record()
     assert record["backend"] == "emotion2vec" and record["model_id"] == "tiny/emotion2vec"
     assert record["model_path"] == str(model_dir) and record["n_features"] == WIDTH
-    assert record["feature_names"] is None and len(record["revision"]) == 32
+    assert record["feature_names"] is None and len(record["weights"]) == 32
     rebuilt = catalog.from_record("acoustic", record)
     assert rebuilt.record() == record
     np.testing.assert_array_equal(one(rebuilt, tmp_path / "a.wav"), one(extractor, tmp_path / "a.wav"))
-    # the same weights moved elsewhere: the same recipe; other weights: another revision
+    # the same weights moved elsewhere: the same recipe; other weights: other weights
     moved = shutil.copytree(model_dir, tmp_path / "moved")
     elsewhere = catalog.from_record("acoustic", record, model_path=str(moved))
     assert recipe_mismatch(record, elsewhere.record()) is None
     other = save_tiny(tmp_path / "other", seed=1)
     retrained = catalog.from_record("acoustic", record, model_path=str(other))
-    assert "revision=" in (recipe_mismatch(record, retrained.record()) or "")
+    assert "weights=" in (recipe_mismatch(record, retrained.record()) or "")
 
 
 def test_a_model_in_the_local_modelscope_cache_is_found_by_id(model_dir: Path, tmp_path: Path) -> None:

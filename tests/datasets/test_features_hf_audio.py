@@ -14,7 +14,7 @@ import torch
 from conftest import write_wav
 from mer_cli.core.errors import ConfigError
 from mer_cli.data.features import catalog, hf_audio
-from mer_cli.data.features.base import Frames
+from mer_cli.data.features.base import Frames, recipe_mismatch
 
 transformers = pytest.importorskip("transformers")
 soundfile = pytest.importorskip("soundfile")
@@ -248,23 +248,24 @@ def test_record_names_the_model_and_rebuilds_the_same_features(opened, models, w
     assert json.loads(json.dumps(record)) == record  # plain JSON values
     assert record["backend"] == "hf" and record["layers"] == [1, 2] and record["layer_size"] == 32
     assert record["model_type"] == "wavlm" and record["model_id"] == "wavlm"
-    assert record["revision"] == weights and record["model_path"] == str(models["wavlm"].resolve())
+    assert record["weights"] == weights and record["revision"] is None  # a directory: no hub commit
+    assert record["model_path"] == str(models["wavlm"].resolve())
     assert record["sample_rate"] == SR and record["frame_rate_hz"] == 50.0 and record["feature_names"] is None
     (x,) = values(extractor, [wavs["1.3s"]])
     again = catalog.from_record("acoustic", record)
     assert again.record() == record
     np.testing.assert_array_equal(values(again, [wavs["1.3s"]])[0], x)
-    # the same weights elsewhere (another machine): the record's revision still matches
+    # the same weights elsewhere (another machine): the same recipe, the same frames
     moved = shutil.copytree(models["wavlm"], tmp_path / "elsewhere")
     np.testing.assert_array_equal(
         values(catalog.from_record("acoustic", record, model=str(moved)), [wavs["1.3s"]])[0], x
     )
 
 
-def test_a_directory_with_other_weights_than_the_record_is_one_config_error(models, tmp_path):
-    other = shutil.copytree(models["hubert"], tmp_path / "wavlm")
-    with pytest.raises(ConfigError, match=f"{other}: its weights hash .* not 0123456789abcdef"):
-        hf_audio.Extractor(hf_audio.Settings(model=str(other), revision="0123456789abcdef"))
+def test_other_weights_than_the_records_are_another_recipe(opened, models):
+    record = opened("wavlm", layers="1-2").record()
+    other = catalog.from_record("acoustic", record, model=str(models["hubert"]))
+    assert "weights=" in (recipe_mismatch(record, other.record()) or "")
 
 
 def test_a_hub_id_loads_from_the_local_cache_with_its_snapshot_commit(models, wavs, tmp_path, monkeypatch):
@@ -281,6 +282,9 @@ def test_a_hub_id_loads_from_the_local_cache_with_its_snapshot_commit(models, wa
     assert record["model_id"] == "tiny/wavlm" and record["revision"] == commit
     assert record["model_path"] == str(repo / "snapshots" / commit)
     assert catalog.from_record("acoustic", record).record() == record
+    # trained from the cache, predicted with the same weights in a plain folder: the same recipe
+    in_folder = catalog.from_record("acoustic", record, model=str(models["wavlm"]))
+    assert recipe_mismatch(record, in_folder.record()) is None
     with pytest.raises(
         ConfigError, match=r"tiny/absent is not a directory and not in the local .*hf download tiny/absent"
     ):

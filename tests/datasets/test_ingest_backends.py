@@ -71,7 +71,7 @@ def test_encoder_layers_ingested_trained_and_predicted_on_raw_clips_as_evaluated
     splits = native.load_dir(data)
     record = splits.ingest_settings["acoustic"]
     assert (record["backend"], record["layers"], record["layer_size"]) == ("hf", [1, 2], 32)
-    assert record["frame_rate_hz"] == pytest.approx(50.0) and record["revision"]
+    assert record["frame_rate_hz"] == pytest.approx(50.0) and record["weights"]
     assert splits.train.mfcc[0].shape == (49, 64)  # 1 s at 50 frames/s, 2 layers of 32 side by side
     assert "64 acoustic (hf) and 17 visual (openface) features per frame" in out
 

@@ -25,9 +25,9 @@ from mer_cli.core.errors import ConfigError, MerError, one_line
 
 STREAMS = ("acoustic", "visual")
 # record keys that do not decide the features, never compared between two records: results of
-# extraction (measured on the files, or derived from the settings), where a model happened to lie
-# and what it was called there (its ``revision``, a commit or a hash of its weights, says which
-# weights they are), and how the work was run (device, batch size)
+# extraction (measured on the files, or derived from the settings), where a model happened to lie,
+# what it was called there and which hub commit it came from (a back-end's ``weights``, a hash of
+# the weight files, says which weights they are), and how the work was run (device, batch size)
 MEASURED_KEYS = (
     "frame_rate_hz",
     "feature_names",
@@ -36,6 +36,7 @@ MEASURED_KEYS = (
     "model",
     "model_path",
     "model_id",
+    "revision",
     "device",
     "batch_size",
 )

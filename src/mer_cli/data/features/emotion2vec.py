@@ -14,7 +14,7 @@ local_files_only (no hub call). funasr's own loader (AutoModel) is not used: it 
 weights where model.pt lacks a tensor or has another shape, and it seeds every RNG, sets
 torch's thread count and the root logger; here funasr's Emotion2vec class is built from
 config.yaml and every weight it uses must come from model.pt. config.yaml is trusted: funasr
-evaluates its ``feature_encoder_spec``. The record's ``revision`` is a hash of model.pt and
+evaluates its ``feature_encoder_spec``. The record's ``weights`` is a hash of model.pt and
 config.yaml, ``funasr_version`` the code that ran them.
 """
 
@@ -222,7 +222,7 @@ class Extractor:
         return {
             **settings_record("emotion2vec", self.settings),
             "model_path": str(self.model_dir),
-            "revision": self.revision,
+            "weights": self.revision,  # which weights, wherever they lie
             "funasr_version": self.funasr_version,
             "sample_rate": SAMPLE_RATE,
             "frame_rate_hz": SAMPLE_RATE / self.hop,

@@ -46,8 +46,8 @@ class Settings:
 
     ``layers``: one index N, a range "A-B" (inclusive), a list, or "all" (0..N; 0 = the CNN /
     embedding output, 1..N the transformer layers). ``revision``: a hub revision (branch, tag or
-    commit) for a hub id; for a directory, the 16-hex content hash of its weights, which must
-    match (a record pins the weights its features were made with). bfloat16 and float16 run only
+    commit) for a hub id (a directory is one revision: not looked at); the record pins the weights
+    by their hash (``weights``). bfloat16 and float16 run only
     on an accelerator (``device`` cuda...): on the CPU they are slow and change the features."""
 
     model: str = "microsoft/wavlm-base-plus"  # a local directory, or a hub id in the local HF cache
@@ -114,7 +114,7 @@ def select_layers(spec: int | str | Sequence[int], n_layers: int | None) -> tupl
 
 def weights_hash(folder: Path) -> str:
     """The first 16 hex of sha256 over the bytes of the folder's *.safetensors and *.bin files
-    in sorted name order: a directory's revision."""
+    in sorted name order: which weights a model directory or snapshot holds."""
     h = hashlib.sha256()
     files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin") and p.is_file())
     if not files:
@@ -126,19 +126,15 @@ def weights_hash(folder: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def locate(model: str, revision: str | None) -> tuple[Path, str, str]:
-    """Where ``model`` lies on this machine, its id and its revision: a directory (its id from
-    its config or its name; the revision its weights' hash, checked against ``revision``), or a
-    hub id's snapshot in the local Hugging Face cache (the snapshot's commit hash)."""
+def locate(model: str, revision: str | None) -> tuple[Path, str, str | None, str]:
+    """Where ``model`` lies on this machine, its id, its hub revision and its weights' hash: a
+    directory (its id from its config or its name; no hub revision: ``revision`` is not looked at),
+    or a hub id's snapshot in the local Hugging Face cache at ``revision`` (the snapshot's commit).
+    The weights' hash (`weights_hash`) says which weights they are wherever they lie: it is what
+    two records compare."""
     folder = Path(model).expanduser()
     if folder.is_dir():
-        got = weights_hash(folder)
-        if revision is not None and revision != got:
-            raise ConfigError(
-                f"hf: model {folder}: its weights hash {got}, not {revision} (the revision asked "
-                "for, or the features were made with): point model at those weights"
-            )
-        return folder.resolve(), directory_model_id(folder), got
+        return folder.resolve(), directory_model_id(folder), None, weights_hash(folder)
     try:
         from huggingface_hub import constants, snapshot_download
     except ImportError as e:
@@ -152,7 +148,7 @@ def locate(model: str, revision: str | None) -> tuple[Path, str, str]:
             f"({constants.HF_HUB_CACHE}): download it once (hf download {model}, or huggingface-cli "
             f"download {model}) and set model to its directory or its id ({one_line(e, 80)})"
         ) from e
-    return snapshot, model, snapshot.name
+    return snapshot, model, snapshot.name, weights_hash(snapshot)
 
 
 def directory_model_id(folder: Path) -> str:
@@ -207,7 +203,7 @@ class Extractor:
         self.settings = s = settings
         torch, transformers = import_transformers()
         self.torch = torch
-        self.folder, self.model_id, self.revision = locate(s.model, s.revision)
+        self.folder, self.model_id, self.revision, self.weights = locate(s.model, s.revision)
         try:
             config = transformers.AutoConfig.from_pretrained(self.folder, local_files_only=True)
         except Exception as e:
@@ -361,7 +357,8 @@ class Extractor:
     def record(self) -> dict[str, Any]:
         return {
             **settings_record("hf", self.settings),
-            "revision": self.revision,  # resolved: the snapshot's commit, or the weights' hash
+            "revision": self.revision,  # the snapshot's commit (None: a directory)
+            "weights": self.weights,  # which weights, wherever they lie
             "layers": list(self.layers),
             "sample_rate": self.sample_rate,
             "model_type": self.model_type,

@@ -49,8 +49,8 @@ class Settings:
     frames 33-40 ms apart are near-duplicates to an image encoder; 10 forwards per 2 s clip."""
 
     model: str = "openai/clip-vit-base-patch32"  # a local directory, or a hub id in the local HF cache
-    # a hub branch, tag or commit; for a directory, its weights' hash (hf_audio.weights_hash), which
-    # must match: a record pins the weights its features were made with
+    # a hub branch, tag or commit for a hub id (a directory is one revision); the record pins the
+    # weights by their hash (hf_audio.weights_hash)
     revision: str | None = None
     fps: float = 5.0
     pooling: str = "cls"  # cls | mean | projection
@@ -159,15 +159,16 @@ def crop(rgb: np.ndarray, box: tuple[float, float, float, float], margin: float)
     return rgb[y0:y1, x0:x1] if x1 > x0 and y1 > y0 else None
 
 
-def load(settings: Settings) -> tuple[Any, Any, Path, str, str]:
-    """(model in eval mode on the device, image processor, its directory, its id, revision)."""
+def load(settings: Settings) -> tuple[Any, Any, Path, str, str | None, str]:
+    """(model in eval mode on the device, image processor, its directory, its id, hub revision,
+    weights' hash)."""
     try:
         import av  # noqa: F401  (checked here: decoding needs it)
         import torch
         import transformers
     except ImportError as e:
         raise ConfigError(NEEDS) from e
-    folder, model_id, revision = locate(settings.model, settings.revision)
+    folder, model_id, revision, weights = locate(settings.model, settings.revision)
     from transformers import (
         AutoConfig,
         AutoImageProcessor,
@@ -210,7 +211,7 @@ def load(settings: Settings) -> tuple[Any, Any, Path, str, str]:
         model = model.to(device=settings.device, dtype=getattr(torch, settings.dtype)).eval()
     except (RuntimeError, AssertionError, ValueError) as e:
         raise ConfigError(f"device {settings.device}: {one_line(e)}") from e
-    return model, processor, folder, model_id, revision
+    return model, processor, folder, model_id, revision, weights
 
 
 @dataclass
@@ -225,7 +226,7 @@ class Extractor:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.model, self.processor, self.folder, self.model_id, self.revision = load(settings)
+        self.model, self.processor, self.folder, self.model_id, self.revision, self.weights = load(settings)
         self.dim: int | None = None
 
     def embed(self, images: Sequence[np.ndarray]) -> np.ndarray:
@@ -325,7 +326,8 @@ class Extractor:
 
         return {
             **settings_record("hf", self.settings),
-            "revision": self.revision,  # resolved: the snapshot's commit, or the weights' hash
+            "revision": self.revision,  # the snapshot's commit (None: a directory)
+            "weights": self.weights,  # which weights, wherever they lie
             "model_id": self.model_id,
             "model_path": str(self.folder),
             "frame_rate_hz": self.settings.fps,
