@@ -117,8 +117,10 @@ def pool(splits: Splits) -> Split:
 
 
 def concat(parts: Sequence[Split]) -> Split:
-    """The clips of ``parts`` one after another (speakers kept only when every part knows them)."""
+    """The clips of ``parts`` one after another (speakers kept only when every part knows them;
+    a stream's validity masks where any part has them, all True for a part without)."""
     known = all(s.speakers is not None for s in parts)
+    masked = sorted({stream for s in parts for stream in s.valid or {}})
     return Split(
         name="all",
         clip_ids=tuple(c for s in parts for c in s.clip_ids),
@@ -126,4 +128,5 @@ def concat(parts: Sequence[Split]) -> Split:
         aus=Clips.concat([s.aus for s in parts]),
         labels=np.concatenate([s.labels for s in parts]),
         speakers=tuple(spk for s in parts for spk in s.speakers or ()) if known else None,
+        valid={stream: Clips.concat([s.mask(stream) for s in parts]) for stream in masked} or None,
     )

@@ -7,7 +7,8 @@ sentence, emotion, intensity), and one opened extractor per stream. Output: a na
 directory (or an .npz), split by actor (seeded), each clip's actor as its speaker, written clip
 by clip into a hidden sibling renamed into place (never half-written; memory holds one batch),
 recording in ``ingest_settings`` per stream the back-end's record (what mer-predict re-extracts
-new clips with), and an `IngestReport` of what could not be used and why.
+new clips with; ``validity_mask: true`` where the dataset stores the back-end's per-frame validity
+mask), and an `IngestReport` of what could not be used and why.
 """
 
 from __future__ import annotations
@@ -238,6 +239,7 @@ def write(
                 clip.frames["visual"].values,
                 label_of[clip.clip_id],
                 speaker=actor,  # the actor the file name gave: the leakage check needs no pattern
+                valid={s: f.valid for s, f in clip.frames.items()},  # the face toolkit's, where it gave one
             )
             counts[split_of[actor]] += 1
         wanted = sorted(set(split_of.values()))
@@ -248,6 +250,8 @@ def write(
                 f"({'; '.join(report.lines(3)) or 'no clips'}); nothing was written"
             )
         record = {s: measured_record(e.record(), rates[s]) for s, e in extractors.items()}
+        for s in writer.masked_streams:  # the dataset stores its per-frame validity (`Split.valid`)
+            record[s]["validity_mask"] = True
         writer.ingest_settings = record
         n_features = writer.n_features()
         if not writer.finish():

@@ -9,6 +9,13 @@
   DIR/<split>/mfcc.npy          (sum T_a, D_a) float32, every clip's frames one after another
   DIR/<split>/mfcc_offsets.npy  (N + 1,) int64, clip i is mfcc[offsets[i]:offsets[i + 1]]
   DIR/<split>/aus.npy, aus_offsets.npy  the same for the action units
+  DIR/<split>/aus_valid.npy     (sum T_v,) uint8, optional: 1 where the face back-end measured the
+                                frame, 0 where it lost the face (confidence below its threshold, no
+                                success, no face box), one entry per row of aus.npy (clip i is
+                                aus_valid[offsets[i]:offsets[i + 1]]); mfcc_valid.npy the same for
+                                mfcc. Written for a stream when any clip came with a mask (then every
+                                clip of every split has one: all 1 where the back-end gave none);
+                                without it every frame is valid (datasets written before masks)
 
 Uncompressed .npy, so any tool can map a file (``np.load(..., mmap_mode="r")``). mer-cli itself
 reads a batch's clips with explicit reads (`NpyRows`) instead of mapping: every page of a mapping
@@ -33,8 +40,8 @@ import numpy as np
 
 from mer_cli.core.errors import DataError, one_line
 from mer_cli.data.checks import apply_nan_policy, resolve_class_names
-from mer_cli.data.npz import STREAM_KEYS, check_offsets, check_speakers
-from mer_cli.data.splits import NAN_POLICIES, SPLIT_NAMES, Clips, Split, Splits
+from mer_cli.data.npz import STREAM_KEYS, check_mask, check_offsets, check_speakers
+from mer_cli.data.splits import NAN_POLICIES, SPLIT_NAMES, STREAM_FIELDS, Clips, Split, Splits
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +56,12 @@ DIR_INDEX = "dataset.json"
 
 
 SPEAKERS_FILE = "speakers.npy"
+
+
+VALID_SUFFIX = "_valid.npy"  # <stream field>_valid.npy: a stream's per-frame validity mask
+
+
+_STREAM_OF_FIELD = {field: stream for stream, field in STREAM_FIELDS.items()}
 
 
 _NPY_HEADER_BYTES = 128  # room for any (rows, features) float32 header, so frames stream in first
@@ -110,19 +123,21 @@ class NpyRows:
 
 
 class _NpyAppender:
-    """A 2-D float32 ``.npy`` written row block by row block; its header is written last."""
+    """A 2-D float32 ``.npy`` (or, without ``n_features``, a 1-D one of ``dtype``) written row
+    block by row block; its header is written last."""
 
-    def __init__(self, path: Path, n_features: int) -> None:
+    def __init__(self, path: Path, n_features: int | None, dtype: str = "<f4") -> None:
         self.f = path.open("wb")
         self.f.write(b"\0" * _NPY_HEADER_BYTES)
-        self.rows, self.n_features = 0, n_features
+        self.rows, self.n_features, self.dtype = 0, n_features, dtype
 
     def append(self, frames: np.ndarray) -> None:
-        self.f.write(np.ascontiguousarray(frames, dtype="<f4").tobytes())
+        self.f.write(np.ascontiguousarray(frames, dtype=self.dtype).tobytes())
         self.rows += len(frames)
 
     def close(self) -> None:
-        header = repr({"descr": "<f4", "fortran_order": False, "shape": (self.rows, self.n_features)})
+        shape = (self.rows,) if self.n_features is None else (self.rows, self.n_features)
+        header = repr({"descr": self.dtype, "fortran_order": False, "shape": shape})
         body = header.encode("latin1")
         pad = _NPY_HEADER_BYTES - 10 - len(body) - 1  # magic 6 + version 2 + length 2, "\n" last
         self.f.seek(0)
@@ -149,6 +164,15 @@ class DatasetWriter:
         self.speakers: dict[str, list[str | None]] = {s: [] for s in SPLIT_NAMES}
         self.lengths: dict[tuple[str, str], list[int]] = {}
         self.files: dict[tuple[str, str], _NpyAppender] = {}
+        # the validity masks (`VALID_SUFFIX`) of the stream fields in ``masked``, from the first
+        # clip that came with a mask (every clip before it written as all valid)
+        self.masks: dict[tuple[str, str], _NpyAppender] = {}
+        self.masked: set[str] = set()
+
+    @property
+    def masked_streams(self) -> list[str]:
+        """The streams (acoustic, visual) written with a validity mask so far."""
+        return [s for s, field in STREAM_FIELDS.items() if field in self.masked]
 
     def add(
         self,
@@ -158,28 +182,60 @@ class DatasetWriter:
         aus: np.ndarray,
         label: int,
         speaker: str | None = None,
+        valid: Mapping[str, np.ndarray | None] | None = None,
     ) -> None:
+        """One clip; ``valid``: stream name (acoustic, visual) -> its (T,) bool validity mask, for
+        the streams whose back-end gave one (a stream without: every frame valid)."""
+        frames_of = {"mfcc": mfcc, "aus": aus}
+        masks = {
+            STREAM_FIELDS[s]: self._checked_mask(m, f"{split}/{clip_id}", s, len(frames_of[STREAM_FIELDS[s]]))
+            for s, m in (valid or {}).items()
+            if m is not None
+        }
         self.ids[split].append(clip_id)
         self.labels[split].append(int(label))
         self.speakers[split].append(speaker)
-        for stream, frames in (("mfcc", mfcc), ("aus", aus)):
+        for stream, frames in frames_of.items():
             key = (split, stream)
             if key not in self.files:
                 (self.tmp / split).mkdir(exist_ok=True)
                 self.files[key] = _NpyAppender(self.tmp / split / f"{stream}.npy", frames.shape[1])
                 self.lengths[key] = []
+            if stream in masks and stream not in self.masked:
+                self.masked.add(stream)
+                for k, lengths in self.lengths.items():  # the clips so far: all valid
+                    if k[1] == stream:
+                        self._mask_file(k).append(np.ones(sum(lengths), np.uint8))
+            if stream in self.masked:
+                self._mask_file(key).append(masks.get(stream, np.ones(len(frames), np.uint8)))
             self.files[key].append(frames)
             self.lengths[key].append(len(frames))
+
+    def _checked_mask(self, mask: np.ndarray, where: str, stream: str, n_frames: int) -> np.ndarray:
+        m = np.asarray(mask)
+        if m.shape != (n_frames,) or not (m.dtype == bool or np.isin(m, (0, 1)).all()):
+            raise DataError(
+                f"{self.path}: {where}: {stream} validity mask of {m.dtype} {m.shape}; expected "
+                f"{n_frames} booleans, one per frame"
+            )
+        return m.astype(np.uint8)
+
+    def _mask_file(self, key: tuple[str, str]) -> _NpyAppender:
+        if key not in self.masks:
+            split, field = key
+            self.masks[key] = _NpyAppender(self.tmp / split / f"{field}{VALID_SUFFIX}", None, "|u1")
+        return self.masks[key]
 
     def add_split(self, split: Split) -> None:
         for i, clip_id in enumerate(split.clip_ids):
             speaker = None if split.speakers is None else split.speakers[i]
-            self.add(split.name, clip_id, split.mfcc[i], split.aus[i], int(split.labels[i]), speaker)
+            valid = {s: m[i] for s, m in (split.valid or {}).items()}
+            self.add(split.name, clip_id, split.mfcc[i], split.aus[i], int(split.labels[i]), speaker, valid)
 
     def n_features(self) -> dict[str, int]:
         """Features per frame of each stream written so far (``acoustic``, ``visual``)."""
         names = {"mfcc": "acoustic", "aus": "visual"}
-        return {names[stream]: f.n_features for (_, stream), f in self.files.items()}
+        return {names[stream]: int(f.n_features or 0) for (_, stream), f in self.files.items()}
 
     def _add_empty_splits(self) -> None:
         """A split without clips (a split-less ingest puts every clip in test) gets empty frame
@@ -193,13 +249,15 @@ class DatasetWriter:
                     (self.tmp / split).mkdir(exist_ok=True)
                     self.files[split, stream] = _NpyAppender(self.tmp / split / f"{stream}.npy", sizes[0])
                     self.lengths[split, stream] = []
+                    if stream in self.masked:
+                        self._mask_file((split, stream))
 
     def finish(self) -> bool:
         """Move the dataset into place; False (and nothing written) when ``path`` appeared meanwhile
         (another process wrote the same dataset first)."""
         try:
             self._add_empty_splits()
-            for f in self.files.values():
+            for f in (*self.files.values(), *self.masks.values()):
                 f.close()
             for (split, stream), lengths in self.lengths.items():
                 offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
@@ -239,7 +297,7 @@ class DatasetWriter:
             raise DataError(f"{self.path}: {split}: a speaker for some clips only; give one for every clip")
 
     def abort(self) -> None:
-        for f in self.files.values():
+        for f in (*self.files.values(), *self.masks.values()):
             f.f.close()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
@@ -351,7 +409,7 @@ def _open_split(folder: Path, name: str, source: str) -> Split:
         seen: set[str] = set()
         dup = next(c for c in clip_ids if c in seen or seen.add(c))  # type: ignore[func-returns-value]
         raise DataError(f"{source}: {name}/{dup}: clip id appears twice in split '{name}'")
-    streams = {}
+    streams, valid = {}, {}
     for stream, label in STREAM_KEYS:
         p = folder / f"{stream}.npy"
         if not p.is_file():
@@ -368,7 +426,13 @@ def _open_split(folder: Path, name: str, source: str) -> Split:
             where = f"{name}/{clip_ids[0]}" if clip_ids else name
             raise DataError(f"{source}: {where}: {label} has 0 features per frame")
         streams[stream] = Clips([(frames, offsets.astype(np.int64))])
+        if (folder / f"{stream}{VALID_SUFFIX}").is_file():  # optional: datasets before masks have none
+            mask = check_mask(
+                small(f"{stream}{VALID_SUFFIX}"), len(frames), f"{source}: {name}/{stream}{VALID_SUFFIX}"
+            )
+            valid[_STREAM_OF_FIELD[stream]] = Clips([(mask, offsets.astype(np.int64))])
     speakers = None  # optional: a dataset written before the field, or without known speakers
     if (folder / SPEAKERS_FILE).is_file():
         speakers = check_speakers(small(SPEAKERS_FILE), len(ids), f"{source}: {name}: {SPEAKERS_FILE}")
-    return Split(name, clip_ids, streams["mfcc"], streams["aus"], labels.astype(np.int64), speakers)
+    labels = labels.astype(np.int64)
+    return Split(name, clip_ids, streams["mfcc"], streams["aus"], labels, speakers, valid or None)

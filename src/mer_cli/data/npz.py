@@ -10,6 +10,9 @@ One zip of plain arrays (numpy's .npz, read with allow_pickle=False, so it canno
   <split>.mfcc            (sum T_a, D_a) float32, every clip's frames one after another
   <split>.mfcc_offsets    (N + 1,)  int64, clip i is mfcc[offsets[i]:offsets[i + 1]]
   <split>.aus, <split>.aus_offsets  the same for the action units
+  <split>.aus_valid       (sum T_v,) bool, optional: each frame's validity (False: the face back-end
+                                    lost the face), aligned with <split>.aus_offsets; <split>.mfcc_valid
+                                    the same for mfcc (see native.py; without it every frame is valid)
   ingest_settings         ()        str, optional: JSON, per stream how mer-ingest computed it
 """
 
@@ -29,7 +32,7 @@ from mer_cli.core.artifacts import atomic_open
 from mer_cli.core.errors import DataError, one_line
 from mer_cli.data import speakers
 from mer_cli.data.checks import check_readable, from_mapping
-from mer_cli.data.splits import SPLIT_NAMES, Splits
+from mer_cli.data.splits import SPLIT_NAMES, STREAM_FIELDS, Clips, Split, Splits
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +66,8 @@ def save_npz(splits: Splits, path: str | Path) -> Path:
             arrays[f"{s.name}.{stream}_offsets"] = np.concatenate([[0], np.cumsum(clips.lengths)]).astype(
                 np.int64
             )
+        for name, masks in (s.valid or {}).items():
+            arrays[f"{s.name}.{STREAM_FIELDS[name]}_valid"] = np.concatenate([np.zeros(0, bool), *masks])
     with atomic_open(path, "wb") as f:
         np.savez_compressed(f, **arrays)
     return path
@@ -87,6 +92,8 @@ def load_npz(
         nan_policy=nan_policy,
     )
     splits = replace(splits, ingest_settings=read_ingest_settings(arrays, path))
+    train, val, test = (_with_masks(s, arrays, path) for s in splits.all())
+    splits = replace(splits, train=train, val=val, test=test)
     if all(f"{s}.speakers" in arrays for s in SPLIT_NAMES):
         speaker_of = {s: _speakers_by_clip(arrays, s, path) for s in SPLIT_NAMES}
         splits = speakers.attach(splits, speaker_of, str(path))
@@ -99,6 +106,47 @@ def _speakers_by_clip(arrays: Mapping[str, np.ndarray], split: str, path: Path) 
     ids = arrays[f"{split}.clip_ids"]
     given = check_speakers(arrays[f"{split}.speakers"], len(ids), f"{path}: {split}.speakers")
     return dict(zip(ids.tolist(), given, strict=True))
+
+
+def _with_masks(split: Split, arrays: Mapping[str, np.ndarray], path: Path) -> Split:
+    """``split`` with the validity masks the file stores for its streams, matched by clip id (a
+    reader may have left clips out: data.nan_policy=drop)."""
+    valid = {}
+    ids = arrays[f"{split.name}.clip_ids"].tolist()
+    for name, field in STREAM_FIELDS.items():
+        masks = stream_masks(arrays, f"{split.name}.", field, len(ids), path)
+        if masks is not None:
+            by_id = dict(zip(ids, masks, strict=True))
+            valid[name] = Clips.pack_masks([by_id[c] for c in split.clip_ids])
+    return replace(split, valid=valid or None)
+
+
+def stream_masks(
+    arrays: Mapping[str, np.ndarray], prefix: str, stream: str, n_clips: int, path: Path
+) -> list[np.ndarray] | None:
+    """Each clip's (T,) bool validity mask of ``stream`` (``mfcc`` | ``aus``) from the array
+    ``<prefix><stream>_valid``, aligned with ``<prefix><stream>_offsets``; None: the file has none."""
+    key = f"{prefix}{stream}_valid"
+    if key not in arrays:
+        return None
+    offsets = arrays[f"{prefix}{stream}_offsets"]
+    mask = check_mask(arrays[key], int(offsets[-1]) if len(offsets) else 0, f"{path}: {key}")
+    return [mask[offsets[i] : offsets[i + 1]] for i in range(n_clips)]
+
+
+def check_mask(values: np.ndarray, n_frames: int, what: str) -> np.ndarray:
+    """A stored validity mask (``what`` names file and array): one 0/1 (or bool) entry per frame
+    of its stream, as a (n_frames,) bool array."""
+    ok = values.shape == (n_frames,) and (
+        values.dtype == bool
+        or (np.issubdtype(values.dtype, np.integer) and bool(np.isin(values, (0, 1)).all()))
+    )
+    if not ok:
+        raise DataError(
+            f"{what}: expected {n_frames} entries of 0 or 1 (one per frame of its stream), "
+            f"found {values.dtype} {values.shape}"
+        )
+    return values.astype(bool)
 
 
 def check_speakers(values: np.ndarray, n_clips: int, what: str) -> tuple[str, ...]:

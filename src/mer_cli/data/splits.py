@@ -60,6 +60,14 @@ class Clips(Sequence[np.ndarray]):
             return Clips([(np.zeros((0, 0), np.float32), offsets)])
         return Clips([(np.concatenate(clips).astype(np.float32, copy=False), offsets)])
 
+    @staticmethod
+    def pack_masks(masks: Sequence[np.ndarray]) -> Clips:
+        """Per-clip validity masks (each (T_i,) bool) end to end into one in-memory store:
+        ``clips[i]`` is then clip i's (T_i,) bool mask."""
+        offsets = np.concatenate([[0], np.cumsum([len(m) for m in masks])]).astype(np.int64)
+        frames = np.concatenate(masks).astype(bool) if len(masks) else np.zeros(0, bool)
+        return Clips([(frames, offsets)])
+
     def __len__(self) -> int:
         return len(self.order)
 
@@ -100,6 +108,15 @@ class Clips(Sequence[np.ndarray]):
     def take(self, idx: Sequence[int] | np.ndarray) -> Clips:
         """The clips ``idx``, in that order (no frame is copied)."""
         return Clips(self.stores, self.order[np.asarray(idx, dtype=np.int64)], self.zero_nonfinite)
+
+    def counts(self) -> np.ndarray:
+        """(N,) int64: each clip's count of True entries, for masks (`pack_masks`) held in memory:
+        computed on the stores at once, never clip by clip."""
+        stored = []
+        for values, offsets in self.stores:
+            running = np.concatenate([[0], np.cumsum(np.asarray(values, dtype=bool), dtype=np.int64)])
+            stored.append(np.diff(running[offsets]))
+        return np.concatenate(stored).astype(np.int64)[self.order]
 
     def with_zeroed_nonfinite(self) -> Clips:
         return Clips(self.stores, self.order, zero_nonfinite=True)
@@ -147,7 +164,8 @@ class Clips(Sequence[np.ndarray]):
 @dataclass(frozen=True)
 class Split:
     """One split: parallel per-clip sequences. ``mfcc[i]`` is (T_a, D_a), ``aus[i]`` is (T_v, D_v),
-    both float32. Per-clip arrays given here are packed into one ragged `Clips` store per stream."""
+    both float32; optionally ``valid[stream][i]`` (T,) bool per stream. Per-clip arrays given here
+    are packed into one ragged `Clips` store per stream (and per mask)."""
 
     name: str
     clip_ids: tuple[str, ...]
@@ -157,6 +175,10 @@ class Split:
     # each clip's speaker where the data says (a native dataset's speaker field, data.speaker_file);
     # None: unknown, and whoever needs one parses it from the clip id (data.speaker_pattern)
     speakers: tuple[str, ...] | None = None
+    # per stream name (acoustic | visual), which frames the feature back-end measured: ``valid[s][i]``
+    # is clip i's (T_i,) bool mask (False: the face toolkit lost the face), parallel to the
+    # stream's clips; a stream without an entry (or None: no stream) has every frame valid
+    valid: Mapping[str, Clips] | None = None
 
     def __post_init__(self) -> None:
         for stream in ("mfcc", "aus"):
@@ -165,6 +187,17 @@ class Split:
                 object.__setattr__(self, stream, Clips.pack([np.asarray(x, np.float32) for x in value]))
         if self.speakers is not None and len(self.speakers) != len(self.clip_ids):
             raise ValueError(f"{self.name}: {len(self.speakers)} speakers for {len(self.clip_ids)} clips")
+        if self.valid is not None:
+            masks = {
+                s: m if isinstance(m, Clips) else Clips.pack_masks([np.asarray(x, bool) for x in m])
+                for s, m in self.valid.items()
+            }
+            for s, m in masks.items():
+                if s not in STREAM_FIELDS:
+                    raise ValueError(f"{self.name}: a validity mask for {s!r}, not a stream")
+                if not np.array_equal(m.lengths, getattr(self, STREAM_FIELDS[s]).lengths):
+                    raise ValueError(f"{self.name}: the {s} validity masks do not have one entry per frame")
+            object.__setattr__(self, "valid", masks or None)
 
     def __len__(self) -> int:
         return len(self.clip_ids)
@@ -184,7 +217,14 @@ class Split:
             aus=self.aus.take(idx),
             labels=self.labels[idx],
             speakers=None if self.speakers is None else tuple(self.speakers[i] for i in idx.tolist()),
+            valid=None if self.valid is None else {s: m.take(idx) for s, m in self.valid.items()},
         )
+
+    def mask(self, stream: str) -> Clips:
+        """``stream``'s validity masks (`valid`): all True where none is stored."""
+        if self.valid is not None and stream in self.valid:
+            return self.valid[stream]
+        return Clips.pack_masks([np.ones(n, bool) for n in self.streams[stream].lengths])
 
 
 @dataclass(frozen=True)

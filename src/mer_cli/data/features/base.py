@@ -39,6 +39,7 @@ MEASURED_KEYS = (
     "revision",
     "device",
     "batch_size",
+    "validity_mask",  # mer-ingest's note that the dataset stores the back-end's masks
 )
 
 
