@@ -40,13 +40,20 @@ TRAINER_OPTION_DEFAULTS = {f"trainer.{k}": v for k, v in trainer_options.DEFAULT
 # the model options added since, and the value that builds the model as before them (learned
 # layer weights, models/layer_mix.py: off)
 MODEL_OPTION_DEFAULTS = {"model.layer_weights": None}
+# the data options added since, and the value a run from before them is: no dataset stored a
+# validity mask then, so honouring masks (today's default) is exactly what it did
+DATA_OPTION_DEFAULTS = {"data.frame_validity": "honour"}
 
 
 def _with_option_defaults(flat: Mapping[str, Any]) -> dict[str, Any]:
-    """``flat`` with the training and model options' defaults where a run's trainer or model
-    config lacks them (a group not recorded at all: nothing to assume)."""
+    """``flat`` with the training, model and data options' defaults where a run's trainer, model
+    or data config lacks them (a group not recorded at all: nothing to assume)."""
     defaults: dict[str, Any] = {}
-    for group, values in (("trainer.", TRAINER_OPTION_DEFAULTS), ("model.", MODEL_OPTION_DEFAULTS)):
+    for group, values in (
+        ("trainer.", TRAINER_OPTION_DEFAULTS),
+        ("model.", MODEL_OPTION_DEFAULTS),
+        ("data.", DATA_OPTION_DEFAULTS),
+    ):
         if any(k.startswith(group) for k in flat):
             defaults.update(values)
     return {**defaults, **flat}

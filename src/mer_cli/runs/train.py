@@ -21,7 +21,7 @@ from mer_cli.data.splits import Splits
 from mer_cli.evaluation import calibration
 from mer_cli.evaluation.metrics import score
 from mer_cli.models import layer_mix, modalities
-from mer_cli.preprocess import sequences
+from mer_cli.preprocess import sequences, validity
 from mer_cli.runs import outputs, trained, upgrade
 from mer_cli.training import batching, hardware, loop, pruning, tracking
 from mer_cli.training import options as trainer_options
@@ -60,13 +60,47 @@ def log_profile(name: str, prep: sequences.StreamPrep) -> None:
 
 
 def prepare(
-    splits: Splits, modality: str, streams: list[str], preps: dict[str, sequences.StreamPrep]
+    splits: Splits,
+    modality: str,
+    streams: list[str],
+    preps: dict[str, sequences.StreamPrep],
+    honoured: list[str] | None = None,
 ) -> tuple[sequences.SequenceSet, ...]:
-    """Train, validation and test as the model reads them, through the fitted ``preps``."""
+    """Train, validation and test as the model reads them, through the fitted ``preps``
+    (``honoured``: the streams whose validity masks are honoured, `frame_validity`)."""
     return tuple(
-        sequences.apply(preps, trained.model_inputs(s, modality, streams), s.labels, s.clip_ids)
+        sequences.apply(
+            preps, trained.model_inputs(s, modality, streams, honoured or ()), s.labels, s.clip_ids
+        )
         for s in splits.all()
     )
+
+
+def frame_validity(cfg: DictConfig, splits: Splits, modality: str, streams: list[str]) -> list[str]:
+    """The streams the model reads whose validity masks it honours: with ``data.frame_validity=
+    honour``, those the training data stores masks for. One log line per masked stream: how many
+    training frames are invalid and what becomes of them."""
+    rule = validity.check_rule(cfg.data.get("frame_validity", "honour"))
+    stored = splits.train.valid or {}
+    early = modalities.get(modality).inputs == "early"
+    masked = [s for s in streams if s in stored]
+    for s in masked:
+        total = int(splits.train.streams[s].lengths.sum())
+        invalid = total - int(validity.valid_counts(stored[s]).sum())
+        share = f"{s}: {invalid} of {total} training frames invalid ({100 * invalid / max(total, 1):.1f} %)"
+        if rule == "ignore":
+            log.info(
+                "%s: read as the back-end filled them, the mask unused (data.frame_validity=ignore)", share
+            )
+        elif early:
+            log.info(
+                "%s: interpolated from the nearest valid frames before the streams are joined (early "
+                "fusion cannot leave half a frame out; data.frame_validity=honour)",
+                share,
+            )
+        else:
+            log.info("%s: left out before the encoder, as padding is (data.frame_validity=honour)", share)
+    return [] if rule == "ignore" else masked
 
 
 def train_model(cfg: DictConfig, splits: Splits, out_dir: Path, resume: bool = False) -> StreamResult:
@@ -75,6 +109,9 @@ def train_model(cfg: DictConfig, splits: Splits, out_dir: Path, resume: bool = F
     loop.configure_threads(settings)
     seed_everything(cfg.seed)
     modality, streams = cfg.modality.name, list(cfg.modality.streams)
+    honoured = frame_validity(cfg, splits, modality, streams)
+    # fitted on train only, and on the frames the model reads: a stream's valid frames where its
+    # mask is honoured (the target length counts them, the scaler never sees an invalid one)
     preps = {
         name: sequences.fit(
             frames,
@@ -83,9 +120,9 @@ def train_model(cfg: DictConfig, splits: Splits, out_dir: Path, resume: bool = F
             scaling=cfg.preprocess.scaling,
             skip_zero_frames=bool(cfg.preprocess.get("skip_zero_frames", False)),
         )
-        for name, frames in trained.model_inputs(splits.train, modality, streams).items()
+        for name, frames in trained.model_inputs(splits.train, modality, streams, honoured).items()
     }
-    train_set, val_set, test_set = prepare(splits, modality, streams, preps)
+    train_set, val_set, test_set = prepare(splits, modality, streams, preps, honoured)
     for name, prep in preps.items():
         log_profile(name, prep)
 
@@ -117,6 +154,8 @@ def train_model(cfg: DictConfig, splits: Splits, out_dir: Path, resume: bool = F
         "class_names": list(splits.class_names),
         "prep": {name: prep.state() for name, prep in preps.items()},
         "feature_spec": feature_spec,
+        # only where a mask is honoured: a run without writes the checkpoint it always did
+        **({"frame_validity": honoured} if honoured else {}),
     }
     # trainer.class_weights / sampler / modality_dropout: weights from the train labels only
     options = trainer_options.resolve(

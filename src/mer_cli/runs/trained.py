@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -18,26 +18,35 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from mer_cli.core.errors import ConfigError, MerError
+from mer_cli.core.errors import ConfigError, DataError, MerError
 from mer_cli.data import spec
 from mer_cli.data.splits import Split, Splits
 from mer_cli.models import modalities, registry
 from mer_cli.models.fusion import late as late_fusion
-from mer_cli.preprocess import align, sequences
+from mer_cli.preprocess import align, sequences, validity
 from mer_cli.runs import files, outputs, upgrade
 from mer_cli.training import batching, hardware
 
 PRECISION_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
-def model_inputs(split: Split, modality: str, streams: list[str]) -> dict[str, Sequence[np.ndarray]]:
+def model_inputs(
+    split: Split, modality: str, streams: list[str], honoured: Collection[str] = ()
+) -> dict[str, Sequence[np.ndarray]]:
     """The input streams (name -> each clip's frames) a ``modality`` model reads from ``split``:
-    the split's own ragged clips, or early-fused clip by clip when read (no copy either way)."""
-    available = split.streams
+    the split's own ragged clips, or early-fused clip by clip when read (no copy either way).
+    ``honoured``: the data streams whose validity masks (`Split.valid`) the model honours
+    (`honoured_streams`): their invalid frames left out (`validity.Compacted`), or interpolated
+    before early fusion (`validity.Filled`); a stream the split stores no mask for is read whole."""
+    available: dict[str, Sequence[np.ndarray]] = dict(split.streams)
     missing = [s for s in streams if s not in available]
     if missing or not streams:
         raise ConfigError(f"modality.streams={streams}: the data has the streams {', '.join(available)}")
     kind = modalities.get(modality).inputs
+    masked = [s for s in streams if s in honoured and s in (split.valid or {})]
+    if masked:
+        view = validity.Filled if kind == "early" else validity.Compacted
+        available = {**available, **{s: view(available[s], _checked_masks(split, s)) for s in masked}}
     if kind == "single":
         if len(streams) != 1:
             raise ConfigError(f"modality={modality} reads one stream, not modality.streams={streams}")
@@ -50,6 +59,24 @@ def model_inputs(split: Split, modality: str, streams: list[str]) -> dict[str, S
         return {s: available[s] for s in streams}
     # early: every stream stretched to the first one's frame count, joined per frame
     return {modality: align.EarlyFused([available[s] for s in streams])}
+
+
+def _checked_masks(split: Split, stream: str) -> Sequence[np.ndarray]:
+    """``split``'s masks of ``stream``; a clip without a single valid frame is one DataError line."""
+    masks = (split.valid or {})[stream]
+    empty = np.flatnonzero(validity.valid_counts(masks) == 0)
+    if empty.size:
+        raise DataError(
+            f"{split.name}/{split.clip_ids[int(empty[0])]}: no valid {stream} frame ({empty.size} such "
+            "clip(s)): its validity mask is all False; leave the clip out or set data.frame_validity=ignore"
+        )
+    return masks
+
+
+def honoured_streams(meta: Mapping[str, Any]) -> list[str]:
+    """The data streams whose validity masks a trained model honours (its checkpoint's
+    ``frame_validity``; none for a run from before masks, or one trained with them ignored)."""
+    return list(meta.get("frame_validity") or [])
 
 
 def stream_contribution(
@@ -145,9 +172,8 @@ def predict_run(
         # checked before any preprocessing: a scaler fitted on other features fails on a shape
         counts = {name: split.streams[name].n_features for name in meta["streams"]}
         spec.check_features(feature_spec, counts, f"{splits.source}: {s}")
-        seqs = sequences.apply(
-            preps, model_inputs(split, meta["modality"], list(meta["streams"])), split.labels, split.clip_ids
-        )
+        inputs = model_inputs(split, meta["modality"], list(meta["streams"]), honoured_streams(meta))
+        seqs = sequences.apply(preps, inputs, split.labels, split.clip_ids)
         for name, n in seqs.n_features.items():
             if n != meta["n_features"][name]:
                 raise MerError(
@@ -164,9 +190,8 @@ def run_stream_contribution(run_dir: Path, split: Split) -> dict[str, float]:
     model, preps, meta = load_trained(run_dir)
     device = hardware.resolve_device("auto")
     dtype = hardware.resolve_precision(trained_precision(run_dir, meta), device)
-    seqs = sequences.apply(
-        preps, model_inputs(split, meta["modality"], list(meta["streams"])), split.labels, split.clip_ids
-    )
+    inputs = model_inputs(split, meta["modality"], list(meta["streams"]), honoured_streams(meta))
+    seqs = sequences.apply(preps, inputs, split.labels, split.clip_ids)
     model.to(device)
     return stream_contribution(model, seqs, int(meta.get("eval_batch_size", 512)), device, dtype)
 
