@@ -14,6 +14,11 @@ plain values (target lengths, means, stds, the combiner's weights or coefficient
 class names, the inputs' names and shapes, the feature counts per stream and the checkpoint's
 ``feature_spec`` where it has one.
 
+A run that honours a stream's validity masks (``data.frame_validity=honour`` on data that stores
+them) takes no mask input: the caller applies the mask before the graph, as mer-predict does, and
+the sidecar's ``frame_validity`` says how (each clip's invalid frames left out, the valid ones
+shifted together and its length reduced; early fusion: interpolated from the valid neighbours).
+
     mer-export outputs/early/2026-11-25_10-00-00 --format onnx --out model.onnx
     mer-export outputs/late/2026-11-25_10-00-00 --format torchscript --out model.pt
 """
@@ -245,7 +250,36 @@ def member_fields(run_dir: Path, meta: dict[str, Any]) -> dict[str, Any]:
             for name, prep in preps.items()
         },
         "feature_spec": meta.get("feature_spec"),
+        **validity_fields(meta),
     }
+
+
+def validity_fields(meta: dict[str, Any]) -> dict[str, Any]:
+    """The sidecar's ``frame_validity`` for a run that honours validity masks (else nothing: the
+    sidecar it always wrote): the graph takes no mask, the caller applies it first."""
+    honoured = trained.honoured_streams(meta)
+    if not honoured:
+        return {}
+    early = modalities.get(meta["modality"]).inputs == "early"
+    return {
+        "frame_validity": {
+            "streams": honoured,
+            "before_the_graph": EARLY_VALIDITY if early else COMPACT_VALIDITY,
+        }
+    }
+
+
+COMPACT_VALIDITY = (
+    "each clip's invalid frames (validity mask False) left out before the graph: the valid frames "
+    "shifted together in order, the clip's length their count"
+)
+
+
+EARLY_VALIDITY = (
+    "each clip's invalid frames (validity mask False) replaced before the graph by the linear "
+    "interpolation of the nearest valid frames before and after them (the first or last valid "
+    "frame held beyond them); lengths kept"
+)
 
 
 def build(run_dir: Path) -> tuple[nn.Module, list[str], dict[str, Any]]:

@@ -5,10 +5,11 @@ late.json) and either raw files, one WAV and one OpenFace CSV per clip (one clip
 paired by name as mer-ingest pairs them), turned into features with the ingestion settings the
 run's training data recorded, or a feature file (``--data``: a native .npz, labels and splits
 optional, or any dataset mer-train reads). Every input is checked against the run's feature
-spec (`spec`). Output: ``predictions.csv`` (``clip_id``, ``y_pred`` as a class name, ``y_true``
-where labels are known, ``prob_<class>``...), written atomically, and a short table. A clip that
-cannot be predicted is one line on stderr; the others are still predicted, and the exit status
-is 1.
+spec (`spec`); the frames a face back-end lost (its validity mask, from the raw files or the
+feature file) are honoured as the run's checkpoint says, as mer-evaluate does. Output:
+``predictions.csv`` (``clip_id``, ``y_pred`` as a class name, ``y_true`` where labels are known,
+``prob_<class>``...), written atomically, and a short table. A clip that cannot be predicted is
+one line on stderr; the others are still predicted, and the exit status is 1.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ class Run:
     specs: dict[str, dict[str, Any]]  # the same keys -> its feature spec
     combiner: late_fusion.LateFusion | None
     class_names: tuple[str, ...]
+    honoured: frozenset[str] = frozenset()  # data streams whose validity masks a model honours
 
     @property
     def streams(self) -> list[str]:
@@ -68,14 +70,26 @@ class Clips:
     source: str
     clip_ids: list[str] = field(default_factory=list)
     frames: dict[str, list[np.ndarray]] = field(default_factory=dict)  # stream -> per clip
+    # stream -> per clip (T,) bool validity mask (None: every frame valid), for streams with one
+    valid: dict[str, list[np.ndarray | None]] = field(default_factory=dict)
     labels: list[int] | None = None  # None: not known
     splits: list[str] | None = None  # each clip's split, when read from a split dataset
     failed: list[str] = field(default_factory=list)  # one line per clip that cannot be predicted
     warnings: list[str] = field(default_factory=list)
 
     def add(
-        self, clip_id: str, frames: dict[str, np.ndarray], label: int | None = None, split: str | None = None
+        self,
+        clip_id: str,
+        frames: dict[str, np.ndarray],
+        label: int | None = None,
+        split: str | None = None,
+        valid: Mapping[str, np.ndarray | None] | None = None,
     ) -> None:
+        for stream, mask in (valid or {}).items():
+            if mask is not None and stream in frames:  # the clips before it: every frame valid
+                self.valid.setdefault(stream, [None] * len(self.clip_ids))
+        for stream, masks in self.valid.items():
+            masks.append((valid or {}).get(stream))
         self.clip_ids.append(clip_id)
         for stream, x in frames.items():
             self.frames.setdefault(stream, []).append(x)
@@ -100,14 +114,15 @@ def load_run(run_dir: Path) -> Run:
         _, combiner, models = late
     else:
         models = {"model": run_dir}
-    specs, names = {}, set()
+    specs, names, honoured = {}, set(), set()
     for name, model_dir in models.items():
         _, _, meta = trained.load_trained(model_dir)
         specs[name] = spec.from_meta(meta)
         names.add(tuple(meta["class_names"]))
+        honoured.update(trained.honoured_streams(meta))
     if len(names) != 1:
         raise MerError(f"{run_dir}: its late fusion members were trained on different classes")
-    return Run(run_dir, models, specs, combiner, names.pop())
+    return Run(run_dir, models, specs, combiner, names.pop(), frozenset(honoured))
 
 
 def count_mismatch(run: Run, counts: dict[str, int]) -> str | None:
@@ -119,13 +134,19 @@ def count_mismatch(run: Run, counts: dict[str, int]) -> str | None:
     return None
 
 
-def clip_problem(run: Run, frames: dict[str, np.ndarray]) -> str | None:
-    """Why one clip's frames (stream -> (T, F)) cannot be predicted, or None."""
+def clip_problem(
+    run: Run, frames: dict[str, np.ndarray], valid: Mapping[str, np.ndarray | None] | None = None
+) -> str | None:
+    """Why one clip's frames (stream -> (T, F)) cannot be predicted, or None; ``valid``: its
+    validity masks (a stream whose mask the run honours needs one valid frame)."""
     for stream, x in frames.items():
         if x.shape[0] == 0:
             return f"{stream}: 0 frames"
         if not np.isfinite(x).all():
             return f"{stream}: NaN or infinite values"
+        mask = (valid or {}).get(stream)
+        if stream in run.honoured and mask is not None and not np.any(mask):
+            return f"{stream}: no valid frame (its validity mask is all False)"
     return count_mismatch(run, {s: x.shape[1] for s, x in frames.items()})
 
 
@@ -198,9 +219,10 @@ def read_files(
                 files[clip.clip_id][stream], f.frame_rate_hz, settings[stream].get("frame_rate_hz")
             )
         frames = {s: f.values for s, f in clip.frames.items()}
-        problem = clip_problem(run, frames)
+        valid = {s: f.valid for s, f in clip.frames.items()}  # as mer-ingest stores them
+        problem = clip_problem(run, frames, valid)
         if problem is None:
-            clips.add(clip.clip_id, frames)
+            clips.add(clip.clip_id, frames, valid=valid)
         else:
             clips.failed.append(f"{', '.join(map(str, files[clip.clip_id].values()))}: {problem}")
     return clips
@@ -255,11 +277,12 @@ def read_data(run: Run, path: Path) -> Clips:
     for split in splits.all():
         for i, clip_id in enumerate(split.clip_ids):
             frames = {s: split.streams[s][i] for s in run.streams}
-            problem = clip_problem(run, frames)
+            valid = {s: m[i] for s, m in (split.valid or {}).items() if s in run.streams}
+            problem = clip_problem(run, frames, valid)
             if problem is not None:
                 clips.failed.append(f"{path}: {split.name}/{clip_id}: {problem}")
                 continue
-            clips.add(clip_id, frames, int(split.labels[i]), split.name)
+            clips.add(clip_id, frames, int(split.labels[i]), split.name, valid)
     return clips
 
 
@@ -299,6 +322,7 @@ def read_npz(run: Run, path: Path) -> Clips:
         if ids.ndim != 1 or ids.dtype.kind != "U":
             raise DataError(f"{path}: {g}clip_ids must be a 1-D array of strings")
         frames = {s: npz.stream_clips(arrays, g, STREAM_FIELDS[s], len(ids), path) for s in run.streams}
+        masks = {s: npz.stream_masks(arrays, g, STREAM_FIELDS[s], len(ids), path) for s in run.streams}
         problem = count_mismatch(run, {s: arrays[f"{g}{STREAM_FIELDS[s]}"].shape[1] for s in run.streams})
         if problem is not None:  # one feature size per array: every clip in it has the problem
             raise DataError(f"{path}: {g.rstrip('.') + ': ' if g else ''}{problem}")
@@ -318,11 +342,12 @@ def read_npz(run: Run, path: Path) -> Clips:
                 raise DataError(f"{where}: clip id appears twice")
             seen.add(clip_id)
             clip = {s: np.ascontiguousarray(frames[s][i], dtype=np.float32) for s in run.streams}
-            problem = clip_problem(run, clip)
+            valid = {s: m[i] for s, m in masks.items() if m is not None}
+            problem = clip_problem(run, clip, valid)
             if problem is not None:
                 clips.failed.append(f"{where}: {problem}")
                 continue
-            clips.add(clip_id, clip, None if labels is None else int(labels[i]), g.rstrip("."))
+            clips.add(clip_id, clip, None if labels is None else int(labels[i]), g.rstrip("."), valid)
     return clips
 
 
@@ -342,6 +367,16 @@ def predict(run: Run, clips: Clips) -> outputs.Predictions:
         mfcc=RaggedClips.pack(clips.frames.get("acoustic", [NOT_READ] * n)),
         aus=RaggedClips.pack(clips.frames.get("visual", [NOT_READ] * n)),
         labels=y,
+        valid={
+            s: RaggedClips.pack_masks(
+                [
+                    np.ones(len(x), bool) if m is None else m
+                    for x, m in zip(clips.frames[s], masks, strict=True)
+                ]
+            )
+            for s, masks in clips.valid.items()
+        }
+        or None,
     )
     splits = Splits(split, split, split, class_names=run.class_names, source=clips.source)
     members = {m: trained.predict_run(d, splits, ("test",)) for m, d in run.models.items()}
