@@ -270,7 +270,8 @@ def read_data(run: Run, path: Path) -> Clips:
     if fmt.name == "npz":
         return read_npz(run, path)
     splits = fmt.read(path, class_names=run.class_names)
-    problem = count_mismatch(run, {s: splits.train.streams[s][0].shape[1] for s in run.streams})
+    # from the stores' shapes: a split-less dataset's train split has no clip to look at
+    problem = count_mismatch(run, {s: splits.train.streams[s].n_features for s in run.streams})
     if problem is not None:
         raise DataError(f"{path}: {problem}")
     clips = Clips(source=str(path), labels=[], splits=[])
