@@ -66,6 +66,14 @@ INGEST_MIXES = (("mfcc", "openface"), ("hf", "openface"))  # mer-ingest's audio 
 RSS_TARGET = 1.1  # peak RSS at 4N clips / at N clips
 VERSIONS = ("numpy", "torch", "transformers", "librosa", "opensmile", "av", "funasr", "huggingface_hub")
 ABSENT = "absent: not in the local cache"
+# the settings that change these numbers, shown in the header (glibc's malloc: the RSS check)
+ENVIRONMENT = (
+    "OMP_WAIT_POLICY",
+    "OMP_NUM_THREADS",
+    "MALLOC_MMAP_THRESHOLD_",
+    "MALLOC_ARENA_MAX",
+    "GLIBC_TUNABLES",
+)
 
 
 def label(stream: str, name: str) -> str:
@@ -245,7 +253,7 @@ def machine_lines(args: argparse.Namespace, hf_cache_path: str, n_cached: int) -
         f"python {platform.python_version()}, {', '.join(versions)}",
         f"torch threads {' and '.join(map(str, args.threads))} for the model back-ends (also OMP/MKL); "
         "the others with their libraries' defaults; "
-        + ", ".join(f"{k}={os.environ.get(k, '(unset)')}" for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")),
+        + ", ".join(f"{k}={os.environ.get(k, '(unset)')}" for k in ENVIRONMENT),
         f"{args.clips} clips of {args.seconds[0]:g}-{args.seconds[1]:g} s: WAV {inputs.SAMPLE_RATE} Hz; "
         f"OpenFace-like CSV, {len(inputs.OPENFACE_HEADER)} columns, {inputs.FACE_FPS} rows/s; H.264 "
         f"{inputs.VIDEO_SIZE}x{inputs.VIDEO_SIZE} at {inputs.VIDEO_FPS} frames/s. RSS check: "
@@ -336,7 +344,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                         timed = {**case, "folder": str(folder), "media_seconds": float(seconds.sum())}
                         case = {**case, **run_child("backend", timed, root)}
                 rows.append(case)
-                print(*backend_table([case], header=False), file=sys.stderr, flush=True)
+                for line in backend_table([case], header=False):  # none for an absent base model
+                    print(line, file=sys.stderr, flush=True)
         rows += ingest_rows(chosen, root, args, tiny)
     header.append(f"load average at the end: {load_average()}")
     print("\n".join([*header, "", *backend_table([r for r in rows if r["kind"] == "backend"])]))
