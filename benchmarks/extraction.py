@@ -329,6 +329,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     seconds = inputs.clip_seconds(args.clips, *args.seconds)
     rows: list[dict[str, Any]] = []
     tiny: dict[str, Any] = {}  # back-end label -> the options of its tiny model
+    written: dict[str, dict[str, Any]] = {}  # input kind -> how writing its clips went
     with tempfile.TemporaryDirectory(prefix="bench-features-") as tmp:
         root = Path(tmp)
         for stream, name in chosen:
@@ -337,9 +338,13 @@ def main(argv: Sequence[str] | None = None) -> None:
                     if case["model"] == "tiny random":
                         tiny[case["backend"]] = case["options"]
                     folder = root / "clips" / case["input"]
-                    wrote = {} if folder.is_dir() else write_inputs(folder, case["input"], seconds, root)
+                    if case["input"] not in written:  # once per kind; a failure stays one
+                        written[case["input"]] = write_inputs(folder, case["input"], seconds, root)
+                    wrote = written[case["input"]]
                     if "status" in wrote:  # PyAV missing, for the videos
-                        case = {**case, "status": f"cannot write its inputs: {wrote['status']}"}
+                        extra = catalog.get(stream, name).extra
+                        hint = f"; pip install 'mer-cli[{extra}]'" if extra else ""
+                        case = {**case, "status": f"cannot write its inputs: {wrote['status']}{hint}"}
                     else:
                         timed = {**case, "folder": str(folder), "media_seconds": float(seconds.sum())}
                         case = {**case, **run_child("backend", timed, root)}
