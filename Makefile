@@ -15,7 +15,7 @@ STAMP := $(VENV)/.installed
 # glibc's defaults 1.0 GiB, 145-147 s; GLIBC_TUNABLES=glibc.malloc.hugetlb=1 1.0 GiB, 104-120 s
 # (mer-bench: 9 % slower training than the heap). Table and the other settings: docs/memory.md.
 
-.PHONY: help venv run compare zoo test test-fast smoke lint bench bench-peer bench-inference bench-scale clean
+.PHONY: help venv run compare zoo test test-fast smoke lint bench bench-peer bench-inference bench-scale bench-features clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -100,6 +100,12 @@ SCALE_SIZES ?= 1000,7000,70000,150000
 bench-scale: $(STAMP)  ## peak RSS, time to first batch, s/epoch on 1k..150k generated clips (ARGS=--quick: seconds)
 	mkdir -p outputs
 	$(BIN)/python benchmarks/bench_scale.py --sizes $(SCALE_SIZES) --out outputs/bench-scale.jsonl $(ARGS)
+
+# every feature back-end on generated clips (tiny random models; base ones only where the local HF
+# cache has them): clips/s, frames/s, load time, peak RSS per back-end, mer-ingest's RSS at N vs 4N clips
+bench-features: $(STAMP)  ## feature back-ends: clips/s, frames/s, peak RSS, ingest RSS vs clips (ARGS=--quick)
+	mkdir -p outputs
+	$(BIN)/python benchmarks/extraction.py --json outputs/bench-features.jsonl $(ARGS)
 
 clean:  ## remove outputs and caches (keeps .venv)
 	rm -rf outputs multirun .pytest_cache .mypy_cache .ruff_cache build dist
