@@ -87,8 +87,12 @@ def time_backend(case: dict[str, Any]) -> dict[str, Any]:
 
 
 def time_ingest(case: dict[str, Any]) -> dict[str, Any]:
-    """mer-ingest's real path (`ingest.write`) over the case's folders into a new dataset."""
+    """mer-ingest's real path (`ingest.write`) over the case's folders into a new dataset, with
+    the malloc settings mer-ingest applies (`allocator.PROFILES["extract"]`)."""
+    from mer_cli.core import allocator
     from mer_cli.data import ingest
+
+    allocator.configure(profile="extract")
 
     set_threads(case["threads"])
     extractors = {}

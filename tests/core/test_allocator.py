@@ -88,7 +88,7 @@ def probe(entry: str, tmp_path, **env: str) -> dict:
 def test_every_entry_point_keeps_big_blocks_in_the_heap(tmp_path, entry):
     result = probe(entry, tmp_path)
     assert result["mmapped"] is False, result["why"]
-    assert result["why"].startswith("tuned: mmap_max=0")
+    assert result["why"].startswith("tuned (train): mmap_max=0")
 
 
 @pytest.mark.slow
@@ -187,3 +187,40 @@ def test_every_training_step_offers_the_heap_a_chance_to_shrink(monkeypatch):
             torch.float32,
         )
     assert len(calls) == 3
+
+
+EXTRACT_PROBE = """
+import ctypes, json
+from mer_cli.core import allocator
+
+allocator.configure(profile="extract")
+libc = ctypes.CDLL(None)
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+libc.mallinfo2.restype = Info
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+# glibc's default: freeing an mmapped 4 MiB block raises its threshold to 4 MiB, so the next 1 MiB
+# blocks come from the heap and fragment it; the profile's fixed threshold maps them
+libc.free(libc.malloc(4 << 20))
+before = libc.mallinfo2().hblkhd
+block = libc.malloc(1 << 20)
+print(json.dumps({"mmapped": libc.mallinfo2().hblkhd - before >= 1 << 20, "why": allocator.describe()}))
+"""
+
+
+@pytest.mark.parametrize("profile", ["extract", "none"])
+def test_the_extract_profile_of_mer_ingest_maps_blocks_from_64_kib(profile):
+    env = {k: v for k, v in os.environ.items() if k not in CLEAN}
+    if profile == "none":
+        env[allocator.SWITCH] = "system"
+    proc = subprocess.run(
+        [sys.executable, "-c", EXTRACT_PROBE], cwd=REPO, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.splitlines()[-1])
+    if profile == "extract":
+        assert result == {"mmapped": True, "why": "tuned (extract): mmap_threshold=65536"}
+    else:  # glibc's own dynamic threshold: the block stays in the heap
+        assert result["mmapped"] is False

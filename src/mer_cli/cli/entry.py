@@ -23,8 +23,10 @@ def remove_untrained_runs() -> None:
         rundir.remove_if_nothing_trained(d)
 
 
-def guarded(prog: str, command: Callable[[], object], interrupted: str = "interrupted") -> None:
-    console.guarded(prog, command, interrupted, on_interrupt=remove_untrained_runs)
+def guarded(
+    prog: str, command: Callable[[], object], interrupted: str = "interrupted", malloc: str = "train"
+) -> None:
+    console.guarded(prog, command, interrupted, on_interrupt=remove_untrained_runs, malloc=malloc)
 
 
 def _cli(name: str) -> Callable[[], object]:
@@ -61,7 +63,7 @@ def convert() -> None:
 
 
 def ingest() -> None:
-    guarded("mer-ingest", _module_main("ingest"))
+    guarded("mer-ingest", _module_main("ingest"), malloc="extract")  # allocator.PROFILES
 
 
 def benchmarks_dir() -> Path:

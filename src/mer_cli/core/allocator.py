@@ -38,12 +38,22 @@ CHOICES = ("tuned", "system")
 
 # mallopt parameter numbers (glibc's malloc.h)
 M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
 M_MMAP_MAX = -4
 
 # name -> (mallopt parameter, value); the names are glibc.malloc.<name> tunables with the same effect
 TUNED = {
     "mmap_max": (M_MMAP_MAX, 0),  # no mmap: big blocks come from the heap and stay there
     "trim_threshold": (M_TRIM_THRESHOLD, 2**31 - 1),  # keep up to 2 GiB free at the heap's top
+}
+
+# feature extraction (mer-ingest) allocates the other way: a pretrained encoder's activations of
+# every clip length, freed after each batch. In the heap they fragment it (mer-ingest with a speech
+# encoder: peak RSS 1.16x at 4x the clips, growing ~280 KiB a clip); blocks from 64 KiB mmapped and
+# unmapped on free keep it flat (1.04x; docs/benchmarks.md, feature extraction)
+PROFILES = {
+    "train": TUNED,
+    "extract": {"mmap_threshold": (M_MMAP_THRESHOLD, 65536)},
 }
 
 # glibc's environment variables for the same knobs (the user's own setting wins)
@@ -107,9 +117,10 @@ def _glibc() -> ctypes.CDLL | None:
     return libc
 
 
-def configure(environ: Mapping[str, str] | None = None) -> dict[str, int]:
-    """Apply the tuned malloc settings (see the module's docstring); returns what was applied,
-    ``{}`` where nothing was. Only the first call acts: later ones return the first's result."""
+def configure(environ: Mapping[str, str] | None = None, profile: str = "train") -> dict[str, int]:
+    """Apply the tuned malloc settings of ``profile`` (`PROFILES`: train, the module's docstring;
+    extract, for mer-ingest); returns what was applied, ``{}`` where nothing was. Only the first
+    call acts: later ones return the first's result."""
     global _applied, _reason, _libc
     if _applied is not None:
         return dict(_applied)
@@ -126,13 +137,13 @@ def configure(environ: Mapping[str, str] | None = None) -> dict[str, int]:
     elif (libc := _glibc()) is None:
         _reason = "not glibc: the C library's defaults"
     else:
-        for name, (param, value) in TUNED.items():
+        for name, (param, value) in PROFILES[profile].items():
             if libc.mallopt(param, value) == 1:  # mallopt returns 1 on success
                 _applied[name] = value
         if _applied and hasattr(libc, "mallinfo2"):  # glibc >= 2.33
             libc.mallinfo2.restype = _Mallinfo2
             _libc = libc
-        _reason = "tuned: " + ", ".join(f"{k}={v}" for k, v in _applied.items())
+        _reason = f"tuned ({profile}): " + ", ".join(f"{k}={v}" for k, v in _applied.items())
     log.info("malloc: %s", _reason)
     return dict(_applied)
 

@@ -35,13 +35,14 @@ def guarded(
     command: Callable[[], object],
     interrupted: str = "interrupted",
     on_interrupt: Callable[[], None] | None = None,
+    malloc: str = "train",
 ) -> None:
     """Run ``command`` (which imports the heavy modules); an interruption it does not handle
     itself (during imports or Hydra's start-up) calls ``on_interrupt`` (the CLI removes the run
     directories this process started where nothing was trained), prints ``prog: interrupted``
     and exits 130."""
     stop_on_sigterm()
-    allocator.configure()  # before torch loads, so its own start-up allocations follow it too
+    allocator.configure(profile=malloc)  # before torch loads: its own start-up allocations follow it too
     try:
         command()
     except KeyboardInterrupt:
