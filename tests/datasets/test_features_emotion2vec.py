@@ -27,7 +27,11 @@ from mer_cli.data.features.base import Frames, recipe_mismatch
 
 # not importorskip: importing funasr at collection would change the whole session's warnings and
 # logging (the back-end's import keeps that contained)
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("funasr") is None, reason="funasr not installed")
+# funasr takes seconds to import (every model it has): with the end-to-end tests
+pytestmark = [
+    pytest.mark.skipif(importlib.util.find_spec("funasr") is None, reason="funasr not installed"),
+    pytest.mark.slow,
+]
 
 
 @pytest.fixture(scope="module")

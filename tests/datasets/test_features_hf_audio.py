@@ -19,6 +19,9 @@ from mer_cli.data.features.base import Frames, recipe_mismatch
 transformers = pytest.importorskip("transformers")
 soundfile = pytest.importorskip("soundfile")
 
+# pretrained encoders and their libraries (seconds to import and load): with the end-to-end tests
+pytestmark = pytest.mark.slow
+
 SR = 16000
 # the standard 7-layer CNN (strides 5*2^6 = 320 samples: 50 Hz, a 400-sample receptive field), thin
 CONV = {"conv_dim": (16,) * 7, "conv_stride": (5, 2, 2, 2, 2, 2, 2), "conv_kernel": (10, 3, 3, 3, 3, 2, 2)}

@@ -21,6 +21,9 @@ from mer_cli.data.features import catalog, hf_audio, hf_vision  # noqa: E402
 from mer_cli.data.features.base import Frames  # noqa: E402
 from mer_cli.data.features.extraction import Extraction  # noqa: E402
 
+# pretrained encoders and their libraries (seconds to import and load): with the end-to-end tests
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(autouse=True)
 def _offline(monkeypatch):

@@ -17,7 +17,8 @@ from mer_cli.data.features import opensmile as smile_backend
 from mer_cli.data.features.base import Frames, recipe_mismatch
 
 opensmile = pytest.importorskip("opensmile")
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # opensmile's "Segment too short"
+# opensmile's "Segment too short"; openSMILE's library takes seconds to load: with the end-to-end tests
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.slow]
 
 
 def reference(path: Path, feature_set: str, level: str) -> tuple[np.ndarray, list[str], np.ndarray]:
