@@ -32,17 +32,23 @@ def _has_mallinfo2() -> bool:
 
 pytestmark = pytest.mark.skipif(not _has_mallinfo2(), reason="needs glibc >= 2.33 (mallinfo2)")
 
-PROBE = """
+# glibc's malloc, free and heap counters through ctypes: the probes' first lines
+LIBC = """
 import ctypes, json, os, sys
 
+libc = ctypes.CDLL(None)
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+libc.mallinfo2.restype = Info
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+"""
+
+PROBE = (
+    LIBC
+    + """
 def big_block_is_mmapped():
-    libc = ctypes.CDLL(None)
-    class Info(ctypes.Structure):
-        _fields_ = [(n, ctypes.c_size_t) for n in
-                    "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
-    libc.mallinfo2.restype = Info
-    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
-    libc.free.argtypes = [ctypes.c_void_p]
     before = libc.mallinfo2().hblkhd
     block = libc.malloc(64 << 20)
     mmapped = libc.mallinfo2().hblkhd - before >= 64 << 20
@@ -64,6 +70,7 @@ entry = sys.argv[1]
 sys.argv = [f"mer-{entry}", *sys.argv[2:]]
 {"train": commands.train_main, "evaluate": commands.evaluate_main, "bench": bench.main}[entry]()
 """
+)
 
 CLEAN = ("GLIBC_TUNABLES", allocator.SWITCH, *allocator.USER_VARIABLES)
 
@@ -189,18 +196,12 @@ def test_every_training_step_offers_the_heap_a_chance_to_shrink(monkeypatch):
     assert len(calls) == 3
 
 
-EXTRACT_PROBE = """
-import ctypes, json
+EXTRACT_PROBE = (
+    LIBC
+    + """
 from mer_cli.core import allocator
 
 allocator.configure(profile="extract")
-libc = ctypes.CDLL(None)
-class Info(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_size_t) for n in
-                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
-libc.mallinfo2.restype = Info
-libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
-libc.free.argtypes = [ctypes.c_void_p]
 # glibc's default: freeing an mmapped 4 MiB block raises its threshold to 4 MiB, so the next 1 MiB
 # blocks come from the heap and fragment it; the profile's fixed threshold maps them
 libc.free(libc.malloc(4 << 20))
@@ -208,6 +209,7 @@ before = libc.mallinfo2().hblkhd
 block = libc.malloc(1 << 20)
 print(json.dumps({"mmapped": libc.mallinfo2().hblkhd - before >= 1 << 20, "why": allocator.describe()}))
 """
+)
 
 
 @pytest.mark.parametrize("profile", ["extract", "none"])

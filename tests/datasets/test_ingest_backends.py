@@ -52,6 +52,20 @@ def clips(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     }
 
 
+def train_early(data: Path, run_dir: Path) -> None:
+    """A smoke early-fusion run (both streams in one model) on the native dataset ``data``."""
+    execute.run(
+        compose_train(
+            "experiment=smoke",
+            "modality=early",
+            "data=native",
+            f"data.path={data}",
+            "runtime.save_plots=false",
+        ),
+        run_dir,
+    )
+
+
 def mer_ingest(capsys: pytest.CaptureFixture[str], *args: object) -> tuple[int, str, str]:
     with pytest.raises(SystemExit) as exit_info:
         ingest_cli.main([str(a) for a in args])
@@ -76,16 +90,7 @@ def test_encoder_layers_ingested_trained_and_predicted_on_raw_clips_as_evaluated
     assert "64 acoustic (hf) and 17 visual (openface) features per frame" in out
 
     run_dir = tmp_path / "run"
-    execute.run(
-        compose_train(
-            "experiment=smoke",
-            "modality=early",
-            "data=native",
-            f"data.path={data}",
-            "runtime.save_plots=false",
-        ),
-        run_dir,
-    )
+    train_early(data, run_dir)
     # a split-less ingest of the new clips (every clip in test), to evaluate on
     code, _, err = mer_ingest(
         capsys,
@@ -262,15 +267,6 @@ def test_each_back_end_writes_a_dataset_that_trains(
         splits.ingest_settings["visual"]["backend"],
     ) == names
     run_dir = tmp_path / "run"
-    execute.run(
-        compose_train(
-            "experiment=smoke",
-            "modality=early",
-            "data=native",
-            f"data.path={data}",
-            "runtime.save_plots=false",
-        ),
-        run_dir,
-    )
+    train_early(data, run_dir)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["test"]["n_clips"] == len(splits.test) > 0

@@ -165,6 +165,10 @@ def test_ingest_records_its_settings_and_training_keeps_them_in_the_feature_spec
     assert feature_spec["class_names"] == list(NOTEBOOK_CLASS_NAMES)
     assert spec.describe(acoustic) == "52 (26 MFCC + 26 deltas)"
     assert spec.describe(visual) == "17 (action units AU01_r ... AU45_r)"
+    # another back-end's features are named as that back-end's, never as action units
+    smile = {**acoustic, "feature_names": ["Loudness_sma3", "F0_sma3"], "ingest": {"backend": "opensmile"}}
+    assert spec.describe(smile) == "52 (opensmile: Loudness_sma3, F0_sma3)"
+    assert spec.describe({**visual, "feature_names": None, "ingest": {"backend": "hf"}}) == "17 (hf)"
     member = load_checkpoint(runs["late"] / "visual" / "checkpoint.pt")["feature_spec"]
     assert list(member["streams"]) == ["visual"]
 

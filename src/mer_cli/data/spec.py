@@ -106,11 +106,13 @@ def describe(stream_spec: Mapping[str, Any]) -> str:
         k = ingest["n_mfcc"]
         parts = [f"{k} MFCC", f"{k} deltas", f"{k} delta-deltas"][: 1 + int(ingest["delta_orders"])]
         return f"{n} ({' + '.join(parts)})"
+    # what the back-end made them from; a record from before back-ends were named is OpenFace's
+    backend = ingest.get("backend", "openface")
     names = list(stream_spec.get("feature_names") or [])
-    if names:
-        shown = ", ".join(names) if len(names) <= 3 else f"{names[0]} ... {names[-1]}"
-        return f"{n} (action units {shown})"
-    return str(n)
+    shown = (", ".join(names) if len(names) <= 3 else f"{names[0]} ... {names[-1]}") if names else ""
+    if backend == "openface":
+        return f"{n} (action units {shown})" if shown else str(n)
+    return f"{n} ({backend}: {shown})" if shown else f"{n} ({backend})"
 
 
 def mismatch(spec: Mapping[str, Any], frames: Mapping[str, int]) -> str | None:
