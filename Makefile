@@ -15,7 +15,7 @@ STAMP := $(VENV)/.installed
 # glibc's defaults 1.0 GiB, 145-147 s; GLIBC_TUNABLES=glibc.malloc.hugetlb=1 1.0 GiB, 104-120 s
 # (mer-bench: 9 % slower training than the heap). Table and the other settings: docs/memory.md.
 
-.PHONY: help venv run compare zoo test test-fast smoke lint bench bench-peer bench-inference bench-scale bench-features clean
+.PHONY: help venv run compare zoo test test-fast test-integration smoke lint bench bench-peer bench-inference bench-scale bench-features clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -62,6 +62,12 @@ test: $(STAMP)  ## the whole test suite (a few minutes on 2 cores)
 
 test-fast: $(STAMP)  ## unit tests only (under a minute on 2 cores)
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not slow" $(ARGS)
+
+# real services on 127.0.0.1, state under a temporary folder, all stopped at the end: a one-node
+# Slurm cluster, a PostgreSQL server, an MLflow tracking server (tests/integration/)
+test-integration: $(STAMP)  ## Slurm, PostgreSQL and MLflow-server scenarios (installs the system packages when missing)
+	bash tests/integration/system-packages.sh
+	$(BIN)/python -m pytest -p no:xdist --integration -m integration tests/integration $(ARGS)
 
 smoke: $(STAMP)  ## every modality for two tiny epochs
 	$(BIN)/mer-train -m experiment=smoke modality=acoustic,visual,late,early $(ARGS)

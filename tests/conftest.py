@@ -49,6 +49,24 @@ SRC = REPO / "src"
 FORMAT_1_RUN = REPO / "tests" / "data" / "format1_early"
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--integration",
+        action="store_true",
+        help="run the tests marked integration (real Slurm, PostgreSQL, MLflow server): make test-integration",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The integration tests start real services (minutes, system packages): only on request."""
+    if config.getoption("--integration"):
+        return
+    skip = pytest.mark.skip(reason="needs real services: make test-integration")
+    for item in items:
+        if "integration" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def _ctrl_c_raises_keyboard_interrupt():  # type: ignore[no-untyped-def]
     """Every test sees Python's own Ctrl-C handler, as a terminal's mer-train does. A test run
