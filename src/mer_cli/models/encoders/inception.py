@@ -92,12 +92,16 @@ class InceptionModule(nn.Module):
     convolution; the branches (``width / branches`` channels each) concatenated, normalised,
     ReLU. Convolutions have no bias: the normalisation's shift is the bias."""
 
-    def __init__(self, d_in: int, width: int, kernel_sizes: Sequence[int], bottleneck: int, norm: str) -> None:
+    def __init__(
+        self, d_in: int, width: int, kernel_sizes: Sequence[int], bottleneck: int, norm: str
+    ) -> None:
         super().__init__()
         branch = width // (len(kernel_sizes) + 1)
         self.bottleneck = nn.Conv1d(d_in, bottleneck, 1, bias=False) if d_in > 1 else nn.Identity()
         d_conv = bottleneck if d_in > 1 else d_in
-        self.convs = nn.ModuleList(nn.Conv1d(d_conv, branch, k, padding=k // 2, bias=False) for k in kernel_sizes)
+        self.convs = nn.ModuleList(
+            nn.Conv1d(d_conv, branch, k, padding=k // 2, bias=False) for k in kernel_sizes
+        )
         self.pool_conv = nn.Conv1d(d_in, branch, 1, bias=False)
         self.norm = build_norm(norm, width)
 
