@@ -56,9 +56,11 @@ class MaskedBatchNorm1d(nn.BatchNorm1d):
                 self.running_var.lerp_(var * n / (n - 1.0).clamp(min=1.0), self.momentum)
                 if self.num_batches_tracked is not None:
                     self.num_batches_tracked.add_(1)
-        y = (xf - mean[None, :, None]) * torch.rsqrt(var + self.eps)[None, :, None]
-        if self.affine:
-            y = y * self.weight[None, :, None] + self.bias[None, :, None]
+        # padded frames of ``centred`` are zero: they come out as the shift, zeroed by the caller
+        scale = torch.rsqrt(var + self.eps)
+        if not self.affine:
+            return (centred * scale[None, :, None]).to(x.dtype)
+        y = torch.addcmul(self.bias[None, :, None], centred, (self.weight * scale)[None, :, None])
         return y.to(x.dtype)
 
 
