@@ -5,6 +5,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 from conftest import REPO, STREAM, bilstm, inputs, run_cli
+from mer_cli.models.encoders.inception import NORMS
 from mer_cli.models.encoders.rnn import BiLSTMEncoder, BiRNNEncoder
 from mer_cli.models.encoders.transformer import TransformerEncoder
 from mer_cli.models.layers import MASKING_IMPLS, MaskedBiLSTM, reverse_within_length
@@ -108,31 +109,57 @@ def test_frame_dropout_drops_the_requested_fraction_and_keeps_the_expected_value
     assert torch.equal(layer.eval()(x), x)  # identity at inference
 
 
-# every encoder of configs/model/*.yaml (bilstm and gru with each masking impl), at the smoke sizes
+# every encoder of configs/model/*.yaml (bilstm and gru with each masking impl, inception with each
+# norm), at the smoke sizes
 MODEL_DIR = REPO / "configs" / "model"
+VARIANTS = {"masking": MASKING_IMPLS, "norm": NORMS}  # encoder options whose every value is tested
 
 
 def _encoder_cases() -> list[tuple[str, str | None]]:
     cases: list[tuple[str, str | None]] = []
     for path in sorted(MODEL_DIR.glob("*.yaml")):
         encoder = OmegaConf.load(path).encoder
-        impls = MASKING_IMPLS if "masking" in encoder else (None,)
-        cases += [(path.stem, impl) for impl in impls]
+        options = [f"{k}={v}" for k, values in VARIANTS.items() if k in encoder for v in values]
+        cases += [(path.stem, option) for option in options or [None]]
     return cases
 
 
-@pytest.mark.parametrize(("model_name", "masking"), _encoder_cases())
-def test_every_encoder_is_exact_under_padding_and_batching(model_name, masking):
+def _smoke_model(model_name: str, option: str | None, dropout: float | None = None) -> nn.Module:
+    """The model of configs/model/<model_name>.yaml at the smoke sizes, with the encoder option
+    ``option`` ("key=value") and, where given, every dropout rate set to ``dropout``."""
     cfg = OmegaConf.load(MODEL_DIR / f"{model_name}.yaml")
     cfg.encoder.hidden_sizes = [8, 8]  # the smoke size every encoder takes
-    if masking is not None:
-        cfg.encoder.masking = masking
+    if option is not None:
+        key, value = option.split("=")
+        cfg.encoder[key] = value
+    if dropout is not None:
+        cfg.dropout = dropout
+        if "dropout" in cfg.encoder:
+            cfg.encoder.dropout = dropout
     torch.manual_seed(0)
-    model = build_model(cfg, {STREAM: 4}, 6).eval()
+    return build_model(cfg, {STREAM: 4}, 6)
+
+
+def _garbage_padded(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """``x`` with 20 more frames, and 123.0, not zeros, past every clip's end."""
+    padded = torch.cat([x, torch.zeros(x.shape[0], 20, x.shape[2])], dim=1)
+    keep = torch.arange(padded.shape[1])[None, :] < lengths[:, None]
+    return torch.where(keep[:, :, None], padded, 123.0)
+
+
+@pytest.mark.parametrize(("model_name", "option"), _encoder_cases())
+def test_every_encoder_is_exact_under_padding_and_batching(model_name, option):
+    model = _smoke_model(model_name, option).eval()
+    g = torch.Generator().manual_seed(3)
+    for m in model.modules():  # a trained batch norm's statistics, not a fresh one's identity map
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            for t in (m.running_mean, m.weight, m.bias):
+                t.data = torch.randn(t.shape, generator=g)
+            m.running_var.data = torch.rand(m.running_var.shape, generator=g) + 0.5
     x, lengths = _batch(b=5, t=12, f=4, seed=2)
     lengths[1] = 1  # a one-frame clip too
-    padded = torch.cat([x, torch.full((x.shape[0], 20, x.shape[2]), 123.0)], dim=1)
-    padded[1, 1:] = 123.0  # garbage, not zeros, in every clip's padding
+    x = x * (torch.arange(12)[None, :] < lengths[:, None])[:, :, None]
+    padded = _garbage_padded(x, lengths)
     with torch.no_grad():
         frames, pooled = model.encoder(padded, lengths)
         logits = model(inputs(padded, lengths))
@@ -144,6 +171,29 @@ def test_every_encoder_is_exact_under_padding_and_batching(model_name, masking):
             assert torch.all(frames[i, n:] == 0), "per-frame outputs are zero past the clip's end"
             torch.testing.assert_close(pooled[i], alone_pooled[0], atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(logits[i], alone_logits[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("model_name", "option"), _encoder_cases())
+def test_every_encoder_in_training_mode_never_reads_the_padding(model_name, option):
+    # dropout off (its masks are drawn per padded shape); what is left of training mode is batch
+    # statistics: they may couple the clips of a batch, never read its padding
+    model = _smoke_model(model_name, option, dropout=0.0).train()
+    x, lengths = _batch(b=5, t=12, f=4, seed=4)
+    lengths[1] = 1
+    x = x * (torch.arange(12)[None, :] < lengths[:, None])[:, :, None]
+    frames, pooled = model.encoder(_garbage_padded(x, lengths), lengths)
+    tight_frames, tight_pooled = model.encoder(x, lengths)
+    torch.testing.assert_close(frames[:, :12], tight_frames, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(pooled, tight_pooled, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        model(inputs(_garbage_padded(x, lengths), lengths)), model(inputs(x, lengths)), atol=1e-5, rtol=1e-5
+    )
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.encoder.modules()):
+        return  # a batch norm's training statistics are the batch's real frames (test_inception.py)
+    for i, n in enumerate(lengths.tolist()):  # no batch statistics: each clip is on its own
+        alone_frames, alone_pooled = model.encoder(x[i : i + 1, :n], lengths[i : i + 1])
+        torch.testing.assert_close(frames[i, :n], alone_frames[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(pooled[i], alone_pooled[0], atol=1e-5, rtol=1e-5)
 
 
 def test_gru_encoder_uses_gru_cells_and_keeps_the_lstm_state_dict_names():

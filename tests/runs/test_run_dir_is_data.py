@@ -73,7 +73,7 @@ EXPECTED = {
     "format2_target": "model class 'os.makedirs' is not a mer-cli model",
     "nested_target": "names a callable ('os.makedirs')",
     "unknown_classifier": "classifier='subprocess.call': valid: single, joint, xattn",
-    "unknown_encoder": "model.encoder.name='os.system': valid: birnn, transformer, tcn",
+    "unknown_encoder": "model.encoder.name='os.system': valid: birnn, transformer, tcn, inception",
     "pickled_object": "not a mer-cli checkpoint, refused",
 }
 

@@ -20,6 +20,7 @@ from torch import nn
 
 from mer_cli.core.errors import ConfigError
 from mer_cli.core.registry import Registry
+from mer_cli.models.encoders.inception import InceptionEncoder
 from mer_cli.models.encoders.rnn import BiRNNEncoder
 from mer_cli.models.encoders.tcn import TCNEncoder
 from mer_cli.models.encoders.transformer import TransformerEncoder
@@ -32,6 +33,7 @@ ENCODERS: Registry[Callable[..., nn.Module]] = Registry("model.encoder.name")
 ENCODERS.add("birnn", BiRNNEncoder)  # cell: lstm (configs/model/bilstm*.yaml) | gru (gru.yaml)
 ENCODERS.add("transformer", TransformerEncoder)
 ENCODERS.add("tcn", TCNEncoder)
+ENCODERS.add("inception", InceptionEncoder)  # InceptionTime-style 1-D CNN (configs/model/inception.yaml)
 
 # the classifier a modality trains (models.modalities): one stream, or one encoder per stream
 CLASSIFIERS: Registry[Callable[..., nn.Module]] = Registry("classifier")
