@@ -53,7 +53,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--integration",
         action="store_true",
-        help="run the tests marked integration (real Slurm, PostgreSQL, MLflow server): make test-integration",
+        help="run the tests marked integration (real Slurm, PostgreSQL, MLflow): make test-integration",
     )
 
 
