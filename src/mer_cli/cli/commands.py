@@ -130,11 +130,28 @@ def evaluate_main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--perturb-seed", type=int, default=0, help="draws the corruptions (same seed, same numbers)"
     )
+    parser.add_argument(
+        "--audio",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="with --perturb: the test clips' recordings (files named by clip id, as mer-ingest read "
+        "them), for the snr corruption: noise mixed into each, features computed again",
+    )
+    parser.add_argument(
+        "--audio-model",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="with --audio: where the acoustic features' pretrained model lies here (default: as recorded)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     if args.perturb is not None:
         perturb_main(args)
         return
+    if args.audio is not None or args.audio_model is not None:
+        fail("mer-evaluate", "--audio and --audio-model go with --perturb (the recordings it corrupts)")
     args.split = args.split or "test"
     try:
         out_dir, metrics = evaluate.evaluate_run(
@@ -153,9 +170,16 @@ def perturb_main(args: argparse.Namespace) -> None:
     try:
         if args.data is not None or args.split not in (None, "test"):
             raise MerError("--perturb re-scores the run's own test split: without --data and --split")
+        if args.audio_model is not None and args.audio is None:
+            raise MerError("--audio-model: give --audio DIR too (the recordings it computes features of)")
         names = [n.strip() for n in args.perturb.split(",") if n.strip()]
         result, written = robustness.evaluate_robustness(
-            args.run_dir, names or None, seed=args.perturb_seed, save_plots=not args.no_plots
+            args.run_dir,
+            names or None,
+            seed=args.perturb_seed,
+            save_plots=not args.no_plots,
+            audio_dir=args.audio,
+            audio_model=args.audio_model,
         )
     except MerError as e:
         fail("mer-evaluate", str(e))

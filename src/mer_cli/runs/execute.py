@@ -63,7 +63,13 @@ def run(
     one_run = cfg.cv.folds is None or cfg.cv.fold is not None  # not the folds' parent (cv.json)
     if cfg.get("eval", {}).get("robustness", False) and one_run:
         seed = int(cfg.eval.get("robustness_seed", 0))
-        robustness.evaluate_robustness(out_dir, seed=seed, save_plots=cfg.runtime.save_plots)
+        recordings = cfg.eval.get("robustness_audio")
+        robustness.evaluate_robustness(
+            out_dir,
+            seed=seed,
+            save_plots=cfg.runtime.save_plots,
+            audio_dir=None if recordings is None else Path(str(recordings)),
+        )
     return metrics
 
 

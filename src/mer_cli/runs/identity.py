@@ -19,7 +19,7 @@ from mer_cli.training import options as trainer_options
 _NOT_IDENTITY = re.compile(
     r"^(runtime|logger|compare|hydra|search)\.|^(resume|search)$"
     r"|^data\.(cache(_dir)?|speaker_pattern|allow_speaker_overlap)$"  # checks, not what is learned
-    r"|^eval\.robustness(_seed)?$"  # what is measured after training, not what is learned
+    r"|^eval\.robustness(_seed|_audio)?$"  # what is measured after training, not what is learned
 )
 
 
