@@ -244,6 +244,7 @@ def fuse_and_report(
             "data": data_source,
             "speakers": speaker_check,
             **{k: v for k, v in fitted.items() if k != "stacker"},  # its coefficients: late.json
+            "temperature": fitted.get("temperature"),  # null: uncalibrated, as a single model's run says
             "members": sources,
             **({"layer_weights": {k: dict(v) for k, v in layer_weights.items()}} if layer_weights else {}),
         },
