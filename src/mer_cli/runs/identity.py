@@ -41,8 +41,9 @@ TRAINER_OPTION_DEFAULTS = {f"trainer.{k}": v for k, v in trainer_options.DEFAULT
 # layer weights, models/layer_mix.py: off)
 MODEL_OPTION_DEFAULTS = {"model.layer_weights": None}
 # the data options added since, and the value a run from before them is: no dataset stored a
-# validity mask then, so honouring masks (today's default) is exactly what it did
-DATA_OPTION_DEFAULTS = {"data.frame_validity": "honour"}
+# validity mask then, so honouring masks (today's default) is exactly what it did; its target
+# lengths came from preprocess.length_percentile, as data.max_frames=auto's do
+DATA_OPTION_DEFAULTS = {"data.frame_validity": "honour", "data.max_frames": "auto"}
 
 
 def _with_option_defaults(flat: Mapping[str, Any]) -> dict[str, Any]:
