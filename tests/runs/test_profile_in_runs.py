@@ -63,6 +63,7 @@ def test_data_max_frames_is_part_of_a_models_identity_and_older_runs_used_auto()
     assert identity.differences(
         identity.model_identity(default), identity.model_identity(smoke_config("data.max_frames=7"))
     ) == ["data.max_frames: 'auto' -> 7"]
+    assert identity.model_identity(smoke_config("+profile_only=false")) == identity.model_identity(default)
     # auto is a setting of its own: a run recorded with standard stays the model it was
     assert identity.differences(
         identity.model_identity(default), identity.model_identity(smoke_config("preprocess.scaling=standard"))

@@ -14,10 +14,10 @@ from mer_cli.runs import upgrade
 from mer_cli.training import options as trainer_options
 
 # how a run executed, where it was tracked, what happens after it, whether it was resumed, which
-# search trial it was: never part of a model (data.cache*: where generated clips are kept, never
-# which clips)
+# search trial it was, whether it only printed the data profile: never part of a model
+# (data.cache*: where generated clips are kept, never which clips)
 _NOT_IDENTITY = re.compile(
-    r"^(runtime|logger|compare|hydra|search)\.|^(resume|search)$"
+    r"^(runtime|logger|compare|hydra|search)\.|^(resume|search|profile_only)$"
     r"|^data\.(cache(_dir)?|speaker_pattern|allow_speaker_overlap)$"  # checks, not what is learned
     r"|^eval\.robustness(_seed)?$"  # what is measured after training, not what is learned
 )
