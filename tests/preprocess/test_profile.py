@@ -11,7 +11,7 @@ from conftest import compose_train
 from mer_cli.core.errors import ConfigError
 from mer_cli.data.load import load_data
 from mer_cli.data.splits import Split, Splits
-from mer_cli.preprocess import profile, sequences
+from mer_cli.preprocess import moments, profile, sequences
 from mer_cli.runs import train
 
 
@@ -67,7 +67,7 @@ def test_the_profile_statistics_are_numpys_on_the_same_clips(monkeypatch):
         return np.hstack([x, np.full((t, 1), 7.0)])
 
     clips = clips_of(rng, 40, 4, 60, 4, make)
-    monkeypatch.setattr(profile, "CHUNK_VALUES", 100)  # many blocks combined, not one
+    monkeypatch.setattr(moments, "CHUNK_VALUES", 100)  # many blocks combined, not one
     p = fitted(clips, percentile=80)
     cut = [c[: p.target_length].astype(np.float64) for c in clips]
     frames = np.concatenate(cut)
@@ -81,7 +81,7 @@ def test_the_profile_statistics_are_numpys_on_the_same_clips(monkeypatch):
     assert p.frames_cut == pytest.approx(1 - np.minimum(lengths, p.target_length).sum() / lengths.sum())
     assert p.lengths == (lengths.min(), lengths.max(), np.median(lengths), lengths.sum())
     # clip-level: the clips of at least MIN_CLIP_FRAMES frames, each by its own frames
-    long = [c[:, :3] for c in cut if len(c) >= profile.MIN_CLIP_FRAMES]
+    long = [c[:, :3] for c in cut if len(c) >= moments.MIN_CLIP_FRAMES]
     assert p.clips_profiled == len(long)
     clip_std = np.array([c.std(0) for c in long])
     clip_mean = np.array([c.mean(0) for c in long])
@@ -92,6 +92,14 @@ def test_the_profile_statistics_are_numpys_on_the_same_clips(monkeypatch):
     z = np.concatenate([(c - c.mean(0)) / c.std(0) for c in long])
     np.testing.assert_allclose(p.kurtosis_within_clips[:3], stats.kurtosis(z, axis=0), rtol=1e-6)
     assert np.isnan(p.clip_scale_spread[3])  # constant in every clip: no scale to compare
+    # more per-clip values than it keeps: every k-th clip (here 4 features x 40 clips / 40: every 4th)
+    monkeypatch.setattr(moments, "CLIP_SAMPLE_VALUES", 40)
+    sampled = fitted(clips, percentile=80)
+    every_4th = [c[:, :3] for c in cut[::4] if len(c) >= moments.MIN_CLIP_FRAMES]
+    assert sampled.clips_profiled == len(every_4th) < len(long)
+    p5, p95 = np.percentile([c.std(0) for c in every_4th], [5, 95], axis=0)
+    np.testing.assert_allclose(sampled.clip_scale_spread[:3], np.log10(p95 / p5), rtol=1e-5)
+    np.testing.assert_allclose(sampled.kurtosis, p.kurtosis, rtol=1e-12)  # pooled: every frame still
 
 
 def test_scales_that_differ_by_orders_of_magnitude_across_clips_choose_per_clip():

@@ -9,12 +9,11 @@ split, the streams' lengths and recorded frame rates). Output: `StreamProfile` p
 `warnings`). Only training clips are described: nothing here looks at validation or test frames
 (class counts are counted for every split, never fitted on).
 
-Per feature of a stream: mean, std, min, max and excess kurtosis of its pooled frames; across
-clips, the spread of each clip's own scale (log10 of the 95th over the 5th percentile of the
-per-clip std) and offset (the 5th-95th percentile range of the per-clip means, in median per-clip
-stds); the excess kurtosis within clips (of each clip's standardized frames, pooled). Clip-level
-statistics read clips of at least `MIN_CLIP_FRAMES` frames (a shorter clip's std is mostly noise),
-at most `CLIP_SAMPLE_VALUES` per-clip values (every k-th clip beyond that).
+Per feature of a stream (`moments.measure`, one streamed pass): mean, std, min, max and excess
+kurtosis of its pooled frames; across clips, the spread of each clip's own scale (log10 of the
+95th over the 5th percentile of the per-clip std) and offset (the 5th-95th percentile range of
+the per-clip means, in median per-clip stds); the excess kurtosis within clips; constant and
+near-constant features; the share of frames the length cut loses.
 
 The rule of `recommend` (docs/data.md#feature-scaling), over the features that are not constant:
 at least `SHARE` of them with a clip-level scale spread above 10^`SCALE_SPREAD_LOG10`: per_clip,
@@ -26,8 +25,7 @@ with heavy tails (excess kurtosis above `HEAVY_KURTOSIS`): signed_log if most of
 from __future__ import annotations
 
 import math
-import warnings as _warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -35,16 +33,14 @@ import numpy as np
 
 from mer_cli.data import spec
 from mer_cli.data.splits import Splits
-from mer_cli.preprocess.scaling import CHUNK_VALUES, MIN_SPREAD
+from mer_cli.preprocess import moments
+from mer_cli.preprocess.scaling import MIN_SPREAD
 
 FORMAT = 1  # profile.json's format
 SCALE_SPREAD_LOG10 = 1.5  # a feature whose per-clip std spans more (p95 / p5, log10) varies in scale by clip
 HEAVY_KURTOSIS = 10.0  # excess kurtosis above this: heavy tails (normal 0, Laplace 3, t(5) 6)
 SHARE = 1 / 3  # of the varying features: enough of them to change the whole stream's scaler
 LOG_REACH = 10.0  # |x| beyond this: sign(x) log1p(|x|) compresses (by 4x at 10)
-MIN_CLIP_FRAMES = 8  # clip-level statistics from clips of at least this many frames
-MIN_CLIPS = 5  # clips with a varying feature needed for its clip-level spread
-CLIP_SAMPLE_VALUES = 1 << 22  # per-clip statistics kept (clips x features), float32 each
 NEAR_CONSTANT_CLIPS = 0.9  # constant within at least this share of the clips: near-constant
 NEAR_CONSTANT_RELATIVE = 1e-5  # std below this x |mean|: near-constant (float32 rounding noise)
 CUT_WARNING = 0.05  # the length cut losing more of a stream's training frames: a warning
@@ -94,147 +90,37 @@ class DataProfile:
     streams: dict[str, StreamProfile]
 
 
-# ---------------------------------------------------------------------------------------------
-# Describing a stream: one streamed pass
-
-
-def _blocks(clips: Iterable[np.ndarray]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(frames as float64, per-clip frame counts) of consecutive clips, about `CHUNK_VALUES`
-    values at a time (a clip of no frames is skipped)."""
-    parts: list[np.ndarray] = []
-    values = 0
-    for clip in clips:
-        if not len(clip):
-            continue
-        parts.append(clip)
-        values += clip.size
-        if values >= CHUNK_VALUES:
-            yield np.concatenate(parts).astype(np.float64), np.array([len(p) for p in parts])
-            parts, values = [], 0
-    if parts:
-        yield np.concatenate(parts).astype(np.float64), np.array([len(p) for p in parts])
-
-
-class _Pooled:
-    """Count, mean, central moment sums M2..M4, min and max per feature, float64; blocks combined
-    with Pébay's pairwise formulas (no cancellation from a large offset)."""
-
-    def __init__(self) -> None:
-        self.n = 0
-        self.mean = self.m2 = self.m3 = self.m4 = self.min = self.max = np.zeros(0)
-
-    def update(self, x: np.ndarray) -> None:
-        nb = len(x)
-        mb = x.mean(axis=0)
-        d = x - mb
-        d2 = d * d
-        m2b, m3b, m4b = d2.sum(axis=0), (d2 * d).sum(axis=0), (d2 * d2).sum(axis=0)
-        if self.n == 0:
-            self.n, self.mean, self.m2, self.m3, self.m4 = nb, mb, m2b, m3b, m4b
-            self.min, self.max = x.min(axis=0), x.max(axis=0)
-            return
-        na, n = self.n, self.n + nb
-        delta = mb - self.mean
-        m2a, m3a = self.m2, self.m3
-        self.m4 = (
-            self.m4
-            + m4b
-            + delta**4 * na * nb * (na * na - na * nb + nb * nb) / n**3
-            + 6 * delta**2 * (na * na * m2b + nb * nb * m2a) / n**2
-            + 4 * delta * (na * m3b - nb * m3a) / n
-        )
-        self.m3 = m3a + m3b + delta**3 * na * nb * (na - nb) / n**2 + 3 * delta * (na * m2b - nb * m2a) / n
-        self.m2 = m2a + m2b + delta**2 * na * nb / n
-        self.mean = self.mean + delta * nb / n
-        self.min, self.max = np.minimum(self.min, x.min(axis=0)), np.maximum(self.max, x.max(axis=0))
-        self.n = n
-
-
 def describe_stream(
     clips: Iterable[np.ndarray], lengths: np.ndarray, target_length: int, length_rule: str
 ) -> StreamProfile:
-    """The profile of one stream's training ``clips`` (each (T, D), as the model reads them),
-    whose frame counts before the cut to ``target_length`` are ``lengths`` (N,)."""
+    """The profile of one stream's training ``clips`` (each (T, D), as the model reads them: one
+    streamed pass, `moments.measure`), whose frame counts before the cut to ``target_length`` are
+    ``lengths`` (N,)."""
     lengths = np.asarray(lengths, dtype=np.int64)
-    pooled = _Pooled()
-    z4 = frames_z = constant_in = multi = np.zeros(0)
-    stds: list[np.ndarray] = []
-    means: list[np.ndarray] = []
-    stride, seen = 0, 0
-    for x, n in _blocks(clips):
-        pooled.update(x)
-        if not stride:  # every k-th clip for the clip-level statistics, where there are too many
-            stride = max(1, math.ceil(len(lengths) * x.shape[1] / CLIP_SAMPLE_VALUES))
-            z4, frames_z, constant_in = (np.zeros(x.shape[1]) for _ in range(3))
-            multi = np.zeros(())
-        starts = np.concatenate([[0], np.cumsum(n)[:-1]])
-        clip_mean = np.add.reduceat(x, starts, axis=0) / n[:, None]  # (k, D)
-        dev = x - np.repeat(clip_mean, n, axis=0)
-        dev2 = dev * dev
-        clip_std = np.sqrt(np.add.reduceat(dev2, starts, axis=0) / n[:, None])
-        clip_m4 = np.add.reduceat(dev2 * dev2, starts, axis=0) / n[:, None]
-        varies = clip_std >= MIN_SPREAD
-        constant_in += ((~varies) & (n >= 2)[:, None]).sum(axis=0)
-        multi = multi + (n >= 2).sum()
-        long = n >= MIN_CLIP_FRAMES
-        within = long[:, None] & varies
-        # sum over a clip's standardized frames of z^4 = T * m4 / std^4
-        z4 += np.where(within, n[:, None] * clip_m4 / np.where(varies, clip_std, 1.0) ** 4, 0.0).sum(axis=0)
-        frames_z += np.where(within, n[:, None], 0).sum(axis=0)
-        keep = long & ((seen + np.arange(len(n))) % stride == 0)
-        stds.append(clip_std[keep].astype(np.float32))
-        means.append(clip_mean[keep].astype(np.float32))
-        seen += len(n)
-    if pooled.n == 0:
-        raise ValueError("no training frames to profile")
-    std = np.sqrt(pooled.m2 / pooled.n)
-    constant = ~(std >= MIN_SPREAD)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        kurtosis = np.where(constant, np.nan, pooled.n * pooled.m4 / pooled.m2**2 - 3.0)
-        within_kurtosis = np.where(frames_z > 0, z4 / frames_z - 3.0, np.nan)
-    scale_spread, offset_spread = _clip_spreads(np.concatenate(stds), np.concatenate(means))
-    share_constant = constant_in / multi if multi else np.zeros_like(std)
+    m = moments.measure(clips, len(lengths))
+    constant = ~(m.std >= MIN_SPREAD)
     near = ~constant & (
-        (std < NEAR_CONSTANT_RELATIVE * np.abs(pooled.mean)) | (share_constant >= NEAR_CONSTANT_CLIPS)
+        (m.std < NEAR_CONSTANT_RELATIVE * np.abs(m.mean)) | (m.constant_in_clips >= NEAR_CONSTANT_CLIPS)
     )
-    kept = np.minimum(lengths, target_length).sum()
-    total = int(lengths.sum())
+    kept, total = int(np.minimum(lengths, target_length).sum()), int(lengths.sum())
     return StreamProfile(
         n_clips=len(lengths),
         lengths=(int(lengths.min()), int(lengths.max()), float(np.median(lengths)), total),
         target_length=int(target_length),
         length_rule=length_rule,
-        frames_cut=float(1 - kept / total) if total else 0.0,
-        mean=pooled.mean,
-        std=std,
-        min=pooled.min,
-        max=pooled.max,
-        kurtosis=kurtosis,
-        kurtosis_within_clips=within_kurtosis,
-        clip_scale_spread=scale_spread,
-        clip_offset_spread=offset_spread,
+        frames_cut=1 - kept / total if total else 0.0,
+        mean=m.mean,
+        std=m.std,
+        min=m.min,
+        max=m.max,
+        kurtosis=np.where(constant, np.nan, m.kurtosis),
+        kurtosis_within_clips=m.kurtosis_within_clips,
+        clip_scale_spread=m.clip_scale_spread,
+        clip_offset_spread=m.clip_offset_spread,
         constant=constant,
         near_constant=near,
-        clips_profiled=int(sum(len(s) for s in stds)),
+        clips_profiled=m.clips_profiled,
     )
-
-
-def _clip_spreads(stds: np.ndarray, means: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per feature, over the clips where it varies (at least `MIN_CLIPS` of them, else nan):
-    log10(p95 / p5) of the clips' stds, and (p95 - p5) of their means over their median std."""
-    stds = stds.astype(np.float64)
-    varies = stds >= MIN_SPREAD
-    enough = varies.sum(axis=0) >= MIN_CLIPS
-    masked = np.where(varies, stds, np.nan)
-    centres = np.where(varies, means.astype(np.float64), np.nan)
-    with _warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
-        _warnings.simplefilter("ignore", RuntimeWarning)  # all-nan columns: set to nan below anyway
-        p5, p95 = np.nanpercentile(masked, [5, 95], axis=0) if len(stds) else (np.nan, np.nan)
-        m5, m95 = np.nanpercentile(centres, [5, 95], axis=0) if len(stds) else (np.nan, np.nan)
-        median = np.nanmedian(masked, axis=0) if len(stds) else np.nan
-        scale = np.where(enough, np.log10(p95 / p5), np.nan)
-        offset = np.where(enough, (m95 - m5) / median, np.nan)
-    return np.broadcast_to(scale, enough.shape).copy(), np.broadcast_to(offset, enough.shape).copy()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -392,7 +278,7 @@ def _stream_lines(name: str, s: StreamProfile) -> list[str]:
         + (f"up to {kurt[0]:.3g} (feature {kurt[1]})" if kurt else "n/a")
         + f", {n_heavy} above {HEAVY_KURTOSIS:g}; clip offsets spread "
         + (f"up to {offset[0]:.3g} clip stds" if offset else "n/a")
-        + f" ({s.clips_profiled} clips of {MIN_CLIP_FRAMES}+ frames)"
+        + f" ({s.clips_profiled} clips of {moments.MIN_CLIP_FRAMES}+ frames)"
     )
     chosen = s.scaling or "none"
     how = "auto: " if s.scaling_setting == "auto" else ""
