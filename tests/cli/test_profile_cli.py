@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import pickle
+import re
 
 import numpy as np
 import pytest
 
-from conftest import run_main
+from conftest import REPO
+from mer_cli.__main__ import COMMANDS
 from mer_cli.cli import profile as profile_cli
 
 
@@ -30,15 +33,15 @@ def write_pickle(path, n=12):
     return path
 
 
-@pytest.mark.slow
-def test_mer_profile_prints_a_pickles_profile_and_the_scaling_it_implies(tmp_path):
+def test_mer_profile_prints_a_pickles_profile_and_the_scaling_it_implies(tmp_path, capsys, monkeypatch):
     pkl = write_pickle(tmp_path / "feats.pkl", n=30)
-    proc = run_main("profile", str(pkl), "modality=acoustic", guarded=True, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.startswith(f"data profile of the training split ({pkl}):")
-    assert "classes (3): train 10 per class; val 2 per class; test 2 per class" in proc.stdout
-    assert "frame rates: not recorded" in proc.stdout
-    assert "acoustic: scaling per_clip: auto: clip-level scale spread up to 10^" in proc.stdout
+    monkeypatch.chdir(tmp_path)
+    profile_cli.main([str(pkl), "modality=acoustic"])  # returns: exit status 0 (errors exit 2, below)
+    out = capsys.readouterr().out
+    assert out.startswith(f"data profile of the training split ({pkl}):")
+    assert "classes (3): train 10 per class; val 2 per class; test 2 per class" in out
+    assert "frame rates: not recorded" in out
+    assert "acoustic: scaling per_clip: auto: clip-level scale spread up to 10^" in out
     assert list(tmp_path.iterdir()) == [pkl]  # nothing written
 
 
@@ -54,3 +57,9 @@ def test_mer_profile_json_and_a_bad_path(tmp_path, capsys):
         profile_cli.main([str(tmp_path / "missing.pkl")])
     assert stopped.value.code == 2
     assert capsys.readouterr().err == f"mer-profile: error: {tmp_path / 'missing.pkl'}: file not found\n"
+
+
+def test_the_mer_profile_console_script_runs_this_command():
+    scripts = (REPO / "pyproject.toml").read_text().split("[project.scripts]")[1].split("\n[")[0]
+    module, function = re.search(r'^mer-profile = "([\w.]+):(\w+)"$', scripts, re.MULTILINE).groups()
+    assert getattr(importlib.import_module(module), function) is COMMANDS["profile"]
