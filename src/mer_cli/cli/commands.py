@@ -23,6 +23,7 @@ from mer_cli.core.errors import MerError
 from mer_cli.data import formats, native, npz
 from mer_cli.data.splits import NAN_POLICIES
 from mer_cli.evaluation import perturb
+from mer_cli.preprocess import profile
 from mer_cli.reporting import options as compare_options
 from mer_cli.reporting import report as compare_report
 from mer_cli.runs import evaluate, execute, outputs, robustness, rundir
@@ -63,6 +64,8 @@ def train_main(cfg: DictConfig) -> float:
     log.info("malloc: %s", allocator.describe())
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
+    if cfg.get("profile_only", False):  # +profile_only=true: what mer-profile prints, no training
+        return profile_only_main(cfg, run_dir)
     if "SUBMITIT_EXECUTOR" not in os.environ:  # a submitit job keeps submitit's handlers (requeue)
         stop_on_sigterm()
     multirun = hc.mode == RunMode.MULTIRUN
@@ -98,6 +101,21 @@ def train_main(cfg: DictConfig) -> float:
     log.info("summary (%s):\n%s", cfg.modality.name, outputs.summary_line(metrics, run_dir))
     value = metrics["val"]["f1_macro"]
     return float(value) if value is not None else math.nan
+
+
+def profile_only_main(cfg: DictConfig, run_dir: Path) -> float:
+    """mer-train ... +profile_only=true: print the training data's profile and the preprocessing
+    it implies, then leave no run directory behind (nothing was trained)."""
+    try:
+        described = execute.profile_only(cfg)
+    except MerError as e:
+        rundir.remove_if_nothing_trained(run_dir)
+        fail("mer-train", str(e))
+    print(profile.summary(described), flush=True)
+    for line in profile.warnings(described):
+        log.warning("%s", line)
+    rundir.remove_if_nothing_trained(run_dir)
+    return math.nan
 
 
 def evaluate_main(argv: list[str] | None = None) -> None:

@@ -61,7 +61,7 @@ def reference_from_scaler(scaler: scaling.Scaler | None, source: str) -> Referen
 def reference_from_clips(train_clips: Sequence[np.ndarray], source: str) -> Reference:
     """Per-feature mean and std over every frame of the training clips (the standard scaler's
     own streamed fit, so both sources mean the same)."""
-    scaler, _ = scaling.fit("standard", train_clips)
+    scaler = scaling.fit("standard", train_clips)
     ref = reference_from_scaler(scaler, source)
     assert ref is not None  # a standard scaler always has a center and a scale
     return ref
