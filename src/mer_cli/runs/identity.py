@@ -17,7 +17,7 @@ from mer_cli.training import options as trainer_options
 # search trial it was: never part of a model (data.cache*: where generated clips are kept, never
 # which clips)
 _NOT_IDENTITY = re.compile(
-    r"^(runtime|logger|compare|hydra|search)\.|^(resume|search)$"
+    r"^(runtime|logger|compare|report|hydra|search)\.|^(resume|search)$"
     r"|^data\.(cache(_dir)?|speaker_pattern|allow_speaker_overlap)$"  # checks, not what is learned
     r"|^eval\.robustness(_seed)?$"  # what is measured after training, not what is learned
 )
