@@ -33,7 +33,9 @@ raises one ConfigError line naming the extra.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -73,11 +75,13 @@ class Packed:
         return self.frames[self.offsets[i] : self.offsets[i + 1]]
 
 
-def use_threads(threads: int) -> None:
-    """`nearest`'s queries on at most ``threads`` threads (numba's, at most its pool's size)."""
-    import numba
+_threads = os.cpu_count() or 1  # `nearest`'s threads (`use_threads`)
 
-    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))  # type: ignore[attr-defined]
+
+def use_threads(threads: int) -> None:
+    """`nearest`'s queries on ``threads`` threads (by default one per CPU)."""
+    global _threads
+    _threads = max(1, int(threads))
 
 
 def znormalise(x: np.ndarray) -> np.ndarray:
@@ -104,6 +108,11 @@ def distance(a: np.ndarray, b: np.ndarray, window: float) -> float:
     lo, hi = np.empty(len(a), np.int64), np.empty(len(a), np.int64)
     k.band(len(a), len(b), k.radius(window, len(a), len(b)), lo, hi)
     return float(k.dtw(a, b, lo, hi, np.inf, np.zeros(len(a))))
+
+
+def _nothing(n: int) -> Packed:
+    """``n`` clips of one frame without features: a stream whose distances are all 0."""
+    return Packed(np.zeros((n, 0)), np.arange(n + 1, dtype=np.int64))
 
 
 def stream_scales(references: Sequence[Packed], window: float, seed: int = 0) -> np.ndarray:
@@ -141,15 +150,35 @@ def nearest(
     # the cheapest stream first (frames squared times features): what it costs exactly is then
     # known before the dearer one starts, which can then be abandoned earlier
     cost = [float(np.mean(np.diff(r.offsets).astype(float) ** 2)) * r.frames.shape[1] for r in references]
-    order = np.argsort(cost, kind="stable")
-    return kernels().nearest(
-        tuple(queries[s].frames for s in order),
-        tuple(queries[s].offsets for s in order),
-        tuple(references[s].frames for s in order),
-        tuple(references[s].offsets for s in order),
-        np.asarray(scales, dtype=np.float64)[order],
+    order = list(np.argsort(cost, kind="stable"))
+    queries, references = [queries[s] for s in order], [references[s] for s in order]
+    scales = np.asarray(scales, dtype=np.float64)[order]
+    if len(order) == 1:  # the kernel is compiled for two streams: one of one empty frame per clip costs 0
+        queries, references = (
+            [_nothing(len(queries[0])), *queries],
+            [_nothing(len(references[0])), *references],
+        )
+        scales = np.concatenate([[1.0], scales])
+    arguments = (
+        tuple(q.frames for q in queries),
+        tuple(q.offsets for q in queries),
+        tuple(r.frames for r in references),
+        tuple(r.offsets for r in references),
+        scales,
         float(window),
         bool(exhaustive),
         # lb_keogh's scratch: 4 m D values for the longest reference of each stream
         max(4 * int(np.diff(r.offsets).max()) * r.frames.shape[1] for r in references),
     )
+    n = len(queries[0])
+    index, dist = np.zeros(n, np.int64), np.zeros(n)
+    kernel = kernels().nearest
+    # the kernel holds no GIL: threads share the queries, in chunks (each writes its own rows)
+    chunks = np.array_split(np.arange(n), min(n, 8 * _threads)) if n else []
+    with ThreadPoolExecutor(max_workers=_threads) as pool:
+        done = [
+            pool.submit(kernel, *arguments, int(c[0]), int(c[-1]) + 1, index, dist) for c in chunks if len(c)
+        ]
+        for future in done:
+            future.result()
+    return index, dist

@@ -114,32 +114,30 @@ def lb_keogh(
         width = max(width, hi[i] - lo[i] + 1)
     width = min(width, m)
     last = m - width  # the last span's first frame
-    run = scratch[: 4 * m * d].reshape((4, m, d))
-    up_fwd, low_fwd, up_back, low_back = run[0], run[1], run[2], run[3]
-    for k in range(m):  # max and min from the start of k's block to k
-        if k % width == 0:
-            up_fwd[k] = b[k]
-            low_fwd[k] = b[k]
-        else:
-            for f in range(d):
-                up_fwd[k, f] = max(up_fwd[k - 1, f], b[k, f])
-                low_fwd[k, f] = min(low_fwd[k - 1, f], b[k, f])
-    for k in range(m - 1, -1, -1):  # from k to the end of its block
-        if k == m - 1 or (k + 1) % width == 0:
-            up_back[k] = b[k]
-            low_back[k] = b[k]
-        else:
-            for f in range(d):
-                up_back[k, f] = max(up_back[k + 1, f], b[k, f])
-                low_back[k, f] = min(low_back[k + 1, f], b[k, f])
+    # scratch[((w * m) + k) * d + f]: w = 0, 1 the max and min from the start of k's block to k;
+    # w = 2, 3 from k to the end of its block
+    for k in range(m):
+        first = k % width == 0
+        for f in range(d):
+            x = b[k, f]
+            here = k * d + f
+            scratch[here] = x if first else max(scratch[here - d], x)
+            scratch[m * d + here] = x if first else min(scratch[m * d + here - d], x)
+    for k in range(m - 1, -1, -1):
+        first = k == m - 1 or (k + 1) % width == 0
+        for f in range(d):
+            x = b[k, f]
+            here = 2 * m * d + k * d + f
+            scratch[here] = x if first else max(scratch[here + d], x)
+            scratch[m * d + here] = x if first else min(scratch[m * d + here + d], x)
     total = 0.0
     for i in range(n):
         start = min(lo[i], last)
         end = start + width - 1  # the span start..end crosses at most one block boundary
         share = 0.0
         for f in range(d):
-            upper = max(up_back[start, f], up_fwd[end, f])
-            lower = min(low_back[start, f], low_fwd[end, f])
+            upper = max(scratch[2 * m * d + start * d + f], scratch[end * d + f])
+            lower = min(scratch[3 * m * d + start * d + f], scratch[m * d + end * d + f])
             gap = max(a[i, f] - upper, 0.0) + max(lower - a[i, f], 0.0)
             share += gap * gap
         rows[i] = share
@@ -182,24 +180,54 @@ def _distance(q_frames, q_offsets, r_frames, r_offsets, scales, window, q, k, be
     for s in range(len(scales)):
         a, b, lo, hi = _pair(q_frames, q_offsets, r_frames, r_offsets, s, q, k, window)
         # what is left to spend on this stream: the best, less the streams before and after it
-        budget = best - total - bounds[s + 1 :].sum() + PRUNE_SLACK * best
+        budget = best - total + PRUNE_SLACK * best
+        for later in range(s + 1, len(scales)):
+            budget -= bounds[later]
         tail = np.zeros(a.shape[0])
         if bounds[s] > TAILS_FROM * budget:  # a bound this large abandons earlier row by row
             lb_keogh(a, b, lo, hi, tail, scratch)
-            tail[::-1] = np.cumsum(tail[::-1])  # row i's share and all after it ...
-            tail[:-1] = tail[1:]  # ... then only those after it
-            tail[-1] = 0.0
+            after = 0.0  # the shares of the rows after row i
+            for i in range(a.shape[0] - 1, -1, -1):
+                share = tail[i]
+                tail[i] = after
+                after += share
         total += dtw(a, b, lo, hi, budget * scales[s], tail) / scales[s]
         if total == np.inf:
             break
     return total
 
 
-@numba.njit(cache=True, nogil=True, parallel=True)
-def nearest(q_frames, q_offsets, r_frames, r_offsets, scales, window, exhaustive, scratch_size):
-    """Per query, the reference with the least sum over streams of DTW / scale, and that sum:
-    ((Q,) int64, (Q,) float64). Tuples of per-stream arrays; queries in parallel threads. Ties
-    go to the lowest reference index; ``exhaustive``: every distance in full, in index order.
+@numba.njit(cache=True, nogil=True)
+def _bounds(q_frames, q_offsets, r_frames, r_offsets, scales, window, q, k, bounds, scratch):
+    """Fill ``bounds`` (S,) with each stream's LB_Keogh / scale of query ``q`` to reference ``k``;
+    return their sum."""
+    total = 0.0
+    for s in range(len(scales)):
+        a, b, lo, hi = _pair(q_frames, q_offsets, r_frames, r_offsets, s, q, k, window)
+        bounds[s] = lb_keogh(a, b, lo, hi, np.empty(a.shape[0]), scratch) / scales[s]
+        total += bounds[s]
+    return total
+
+
+@numba.njit(cache=True, nogil=True)
+def nearest(
+    q_frames,
+    q_offsets,
+    r_frames,
+    r_offsets,
+    scales,
+    window,
+    exhaustive,
+    scratch_size,
+    first,
+    stop,
+    index,
+    dist,
+):
+    """For queries ``first`` .. ``stop - 1``, the reference with the least sum over streams of
+    DTW / scale into ``index`` (Q,) int64 and that sum into ``dist`` (Q,) float64. Tuples of
+    per-stream arrays; no GIL held, so threads can share the queries. Ties go to the lowest
+    reference index; ``exhaustive``: every distance in full, in index order.
 
     Otherwise the first PROBE references are measured in full, with their bounds (LB_Keogh /
     scale, summed over streams). Where the bound would have ruled out at least PRUNE_WORTH of
@@ -210,42 +238,42 @@ def nearest(q_frames, q_offsets, r_frames, r_offsets, scales, window, exhaustive
     visited in index order, each DTW abandoned once a whole row exceeds the best.
     ``scratch_size``: `lb_keogh`'s scratch for the longest reference of any stream."""
     n_streams = len(scales)
-    n_q = len(q_offsets[0]) - 1
     n_r = len(r_offsets[0]) - 1
-    index = np.zeros(n_q, np.int64)
-    dist = np.zeros(n_q)
-    for q in numba.prange(n_q):
-        scratch = np.empty(scratch_size)
-        bounds = np.zeros((n_r, n_streams))  # per reference and stream: LB_Keogh / scale
+    scratch = np.empty(scratch_size)
+    bounds = np.zeros((n_r, n_streams))  # per reference and stream: LB_Keogh / scale
+    bound = np.zeros(n_r)  # their sum over streams
+    for q in range(first, stop):
+        bounds[:] = 0.0
         probed = n_r if exhaustive else min(PROBE, n_r)
         best = np.inf
         best_k = -1
-        distances = np.empty(probed)
         for k in range(probed):
-            distances[k] = _distance(
+            total = _distance(
                 q_frames, q_offsets, r_frames, r_offsets, scales, window, q, k, np.inf, bounds[k], scratch
             )
-            if distances[k] < best:
-                best = distances[k]
+            if total < best:
+                best = total
                 best_k = k
         use_bounds = False
         if probed < n_r:
+            ruled_out = 0
             for k in range(probed):
-                for s in range(n_streams):
-                    a, b, lo, hi = _pair(q_frames, q_offsets, r_frames, r_offsets, s, q, k, window)
-                    bounds[k, s] = lb_keogh(a, b, lo, hi, np.empty(a.shape[0]), scratch) / scales[s]
-            ruled_out = (bounds[:probed].sum(axis=1) > best).sum()
+                b = _bounds(
+                    q_frames, q_offsets, r_frames, r_offsets, scales, window, q, k, bounds[k], scratch
+                )
+                ruled_out += b > best
             use_bounds = ruled_out >= PRUNE_WORTH * probed
         rest = np.arange(probed, n_r)
         if use_bounds:
             for k in rest:
-                for s in range(n_streams):
-                    a, b, lo, hi = _pair(q_frames, q_offsets, r_frames, r_offsets, s, q, k, window)
-                    bounds[k, s] = lb_keogh(a, b, lo, hi, np.empty(a.shape[0]), scratch) / scales[s]
-            bound = bounds[probed:].sum(axis=1)
-            rest = rest[np.argsort(bound, kind="mergesort")]
+                bound[k] = _bounds(
+                    q_frames, q_offsets, r_frames, r_offsets, scales, window, q, k, bounds[k], scratch
+                )
+            rest = rest[np.argsort(bound[probed:])]
+        else:
+            bounds[:] = 0.0  # the probes' bounds say nothing of the rest
         for k in rest:
-            if use_bounds and bounds[k].sum() > best + PRUNE_SLACK * best:
+            if use_bounds and bound[k] > best + PRUNE_SLACK * best:
                 break  # sorted by bound: no later reference can be nearer
             total = _distance(
                 q_frames, q_offsets, r_frames, r_offsets, scales, window, q, k, best, bounds[k], scratch
@@ -255,4 +283,3 @@ def nearest(q_frames, q_offsets, r_frames, r_offsets, scales, window, exhaustive
                 best_k = k
         index[q] = best_k
         dist[q] = best
-    return index, dist
