@@ -38,6 +38,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 
@@ -153,13 +154,13 @@ def nearest(
     order = list(np.argsort(cost, kind="stable"))
     queries, references = [queries[s] for s in order], [references[s] for s in order]
     scales = np.asarray(scales, dtype=np.float64)[order]
-    if len(order) == 1:  # the kernel is compiled for two streams: one of one empty frame per clip costs 0
+    if len(order) == 1:  # compiled for two streams: the other one empty (one frame, no feature: 0)
         queries, references = (
             [_nothing(len(queries[0])), *queries],
             [_nothing(len(references[0])), *references],
         )
         scales = np.concatenate([[1.0], scales])
-    arguments = (
+    arguments: tuple[Any, ...] = (
         tuple(q.frames for q in queries),
         tuple(q.offsets for q in queries),
         tuple(r.frames for r in references),
