@@ -242,10 +242,16 @@ def sentences(result: Comparison) -> list[str]:
             f"{top['label'].removeprefix(MARK)} ({_f1(top)}), on test macro F1{difference(top)}."
         )
     out.append(
-        f"Baselines ({len(baselines)}, rows marked {MARK.strip()} in the table) are fitted on the same "
-        f"training clips, their settings chosen on validation, with the same {conf} % intervals."
+        f'Rows marked "{MARK.strip()}" in the table are classic baselines fitted on the same training '
+        f"clips, their settings chosen on validation, with the models' {conf} % intervals."
     )
     return out
+
+
+def add_sentences(summary: list[str], result: Comparison) -> list[str]:
+    """The summary with `sentences` before its words on the intervals (at the end without those)."""
+    at = next((i for i, s in enumerate(summary) if s.startswith("Confidence intervals")), len(summary))
+    return [*summary[:at], *sentences(result), *summary[at:]]
 
 
 def add_rows(blocks: list[Block], result: Comparison) -> list[Block]:

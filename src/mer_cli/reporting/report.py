@@ -39,7 +39,7 @@ def write(out_dir: Path, runs: Sequence[Run], failures: Sequence[Failure], setti
     classic = baselines.summarize(runs, models, result, settings)  # None: no run has a baselines.json
     if classic is not None:
         result["baselines"] = classic
-        result["summary"][2:2] = baselines.sentences(result)  # after the scope and the ranking
+        result["summary"] = baselines.add_sentences(result["summary"], result)
     robust = robustness.summarize(models)  # None: no run has a robustness.json
     if robust is not None:
         result["robustness"] = robust

@@ -176,10 +176,10 @@ def nearest(
     kernel = kernels().nearest
     # the kernel holds no GIL: threads share the queries, in chunks (each writes its own rows)
     chunks = np.array_split(np.arange(n), min(n, 8 * _threads)) if n else []
+
+    def run(chunk: np.ndarray) -> None:
+        kernel(*arguments, int(chunk[0]), int(chunk[-1]) + 1, index, dist)
+
     with ThreadPoolExecutor(max_workers=_threads) as pool:
-        done = [
-            pool.submit(kernel, *arguments, int(c[0]), int(c[-1]) + 1, index, dist) for c in chunks if len(c)
-        ]
-        for future in done:
-            future.result()
+        list(pool.map(run, [c for c in chunks if len(c)]))  # list: an error in a thread is raised here
     return index, dist

@@ -50,7 +50,7 @@ def pool(streams: Sequence[Sequence[np.ndarray]]) -> np.ndarray:
 def logistic_regression(c: float, seed: int) -> Pipeline:
     """Standardised statistics, then multinomial logistic regression (lbfgs) with inverse
     regularisation ``c``."""
-    return make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=5000, random_state=seed))
+    return make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=1000, random_state=seed))
 
 
 def svm(c: float, seed: int) -> Pipeline:
