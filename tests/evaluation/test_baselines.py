@@ -65,6 +65,19 @@ def noisy_splits(seed: int, n: int = 24, n_classes: int = 3) -> Splits:
     return splits_of(streams, labels, n_classes)
 
 
+def test_frames_a_validity_mask_marks_lost_are_left_out_unless_ignored():
+    rng = np.random.default_rng(5)
+    aus = [rng.standard_normal((6, 2)) for _ in range(3)]
+    masks = [np.array([1, 1, 0, 1, 0, 1], bool)] * 3
+    split = Split("train", ("a", "b", "c"), [rng.standard_normal((4, 3))] * 3, aus, np.zeros(3, np.int64))
+    split = Split(split.name, split.clip_ids, split.mfcc, split.aus, split.labels, valid={"visual": masks})
+    splits = Splits(split, split, split, class_names=("x",), source="masked")
+    honoured = suite.Inputs(splits, ("visual",)).pooled(split)
+    np.testing.assert_allclose(honoured[1], pooled.statistics(aus[1][masks[1]]), rtol=1e-6)
+    ignored = suite.Inputs(splits, ("visual",), honour_masks=False).pooled(split)
+    np.testing.assert_allclose(ignored[1], pooled.statistics(aus[1]), rtol=1e-6)
+
+
 def test_the_logistic_regression_baseline_is_scikit_learns_with_c_chosen_on_val():
     splits = noisy_splits(1)
     grid = (0.01, 0.1, 1.0)

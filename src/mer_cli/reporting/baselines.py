@@ -229,9 +229,15 @@ def sentences(result: Comparison) -> list[str]:
         )
 
     winners = [b for b in sorted(baselines, key=mean, reverse=True) if mean(b) > mean(best)]
+    against = f"the best of the {len(models)}, {best['label']}" if len(models) > 1 else best["label"]
+
+    def name(b: dict[str, Any]) -> str:
+        text = b["label"].removeprefix(MARK)
+        return text[:1].upper() + text[1:]
+
     out = [
-        f"{b['label'].removeprefix(MARK)} beats every deep model on test macro F1: {_f1(b)} against the "
-        f"best of the {len(models)}, {best['label']}, {_f1(best)}{difference(b)}."
+        f"{name(b)} beats every deep model on test macro F1: {_f1(b)} against {against}, "
+        f"{_f1(best)}{difference(b)}."
         for b in winners
     ]
     if not winners:

@@ -111,7 +111,13 @@ def compute(cfg: DictConfig) -> dict[str, Any]:
     splits = load_data(cfg.data, cfg.cv)
     threads = cfg.get("runtime", {}).get("num_threads")
     log.info("baselines (%s) on %s: %s", "+".join(streams), splits.source, ", ".join(settings.methods))
-    results = suite.compute(splits, streams, settings, threads=None if threads is None else int(threads))
+    results = suite.compute(
+        splits,
+        streams,
+        settings,
+        threads=None if threads is None else int(threads),
+        honour_masks=cfg.data.get("frame_validity", "honour") == "honour",
+    )
     entries = suite.record(results, splits, boot["actor_pattern"], boot["samples"], boot["confidence"])
     return {
         "format": FORMAT,

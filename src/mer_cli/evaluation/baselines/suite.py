@@ -19,13 +19,14 @@ from typing import Any
 
 import numpy as np
 
-from mer_cli.core.errors import ConfigError
+from mer_cli.core.errors import ConfigError, DataError
 from mer_cli.core.registry import Registry
 from mer_cli.data.folds import maybe_actor_ids
 from mer_cli.data.splits import Split, Splits
 from mer_cli.evaluation import stats
 from mer_cli.evaluation.baselines import dtw, pooled
 from mer_cli.evaluation.metrics import HEADLINE, f1_macro, score
+from mer_cli.preprocess import validity
 
 SEED = 0  # the SVM's Platt scaling and DTW's scale pairs: fixed, so every job of a sweep agrees
 
@@ -63,11 +64,28 @@ class Inputs:
 
     splits: Splits
     streams: tuple[str, ...]
-    threads: int | None = None  # DTW's threads (None: numba's default, every core)
+    threads: int | None = None  # DTW's threads (None: one per CPU)
+    honour_masks: bool = True  # data.frame_validity=honour: frames a face back-end lost left out
     made: dict[tuple[str, str], Any] = field(default_factory=dict)
 
     def frames(self, split: Split) -> list[Sequence[np.ndarray]]:
-        return [split.streams[s] for s in self.streams]
+        """Per stream, the split's clips; with ``honour_masks`` each clip's valid frames only
+        (`validity.Compacted`, as the models read a stream with its own encoder)."""
+        out: list[Sequence[np.ndarray]] = []
+        for stream in self.streams:
+            clips = split.streams[stream]
+            if self.honour_masks and split.valid is not None and stream in split.valid:
+                masks = split.valid[stream]
+                empty = np.flatnonzero(validity.valid_counts(masks) == 0)
+                if empty.size:
+                    raise DataError(
+                        f"{split.name}/{split.clip_ids[int(empty[0])]}: no valid {stream} frame "
+                        f"({empty.size} such clip(s)): nothing for the baselines to read; leave the "
+                        "clip out or set data.frame_validity=ignore"
+                    )
+                clips = validity.Compacted(clips, masks)
+            out.append(clips)
+        return out
 
     def pooled(self, split: Split) -> np.ndarray:
         """`pooled.pool` of the split's clips, computed once (logreg and svm share it)."""
@@ -164,15 +182,20 @@ class Result:
 
 
 def compute(
-    splits: Splits, streams: Sequence[str], settings: Settings, threads: int | None = None
+    splits: Splits,
+    streams: Sequence[str],
+    settings: Settings,
+    threads: int | None = None,
+    honour_masks: bool = True,
 ) -> list[Result]:
-    """Every baseline of ``settings.methods`` on ``splits``' streams ``streams``, in that order."""
+    """Every baseline of ``settings.methods`` on ``splits``' streams ``streams``, in that order;
+    ``honour_masks``: the frames the splits' validity masks mark invalid left out."""
     missing = [s for s in streams if s not in splits.train.streams]
     if missing or not streams:
         raise ConfigError(
             f"baselines: streams {list(streams)}: the data has {', '.join(splits.train.streams)}"
         )
-    inputs = Inputs(splits, tuple(streams), threads)
+    inputs = Inputs(splits, tuple(streams), threads, honour_masks)
     out = []
     for name in settings.methods:
         start = time.perf_counter()
