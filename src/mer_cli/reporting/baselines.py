@@ -214,7 +214,9 @@ def sentences(result: Comparison) -> list[str]:
         v = entry["test"]["f1_macro"]["mean"]
         return round(100 * v, 1) if isinstance(v, float) and math.isfinite(v) else -math.inf
 
-    best = max(models, key=mean)
+    # the best deep model as the ranking names it (the first of its tier): the one `versus` tested
+    first = result["ranking"][0][0] if result.get("ranking") else None
+    best = next((m for m in models if m["label"] == first), max(models, key=mean))
     conf = round(100 * result["settings"]["confidence"])
 
     def difference(b: dict[str, Any]) -> str:

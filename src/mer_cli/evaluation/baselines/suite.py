@@ -28,7 +28,7 @@ from mer_cli.evaluation.baselines import dtw, pooled
 from mer_cli.evaluation.metrics import HEADLINE, f1_macro, score
 from mer_cli.preprocess import validity
 
-SEED = 0  # the SVM's Platt scaling and DTW's scale pairs: fixed, so every job of a sweep agrees
+SEED = 0  # the classifiers' random_state and DTW's scale pairs: fixed, so every job of a sweep agrees
 
 
 @dataclass(frozen=True)
@@ -249,11 +249,11 @@ def record(
 
 
 def predictions(split: Split, y_prob: np.ndarray) -> dict[str, Any]:
-    """A split's predictions as plain lists: clip ids, true labels, probabilities (6 decimals)."""
+    """A split's predictions as plain lists: clip ids, true labels, probabilities (as computed)."""
     return {
         "clip_ids": list(split.clip_ids),
         "y_true": [int(y) for y in split.labels],
-        "y_prob": np.round(y_prob, 6).tolist(),
+        "y_prob": y_prob.tolist(),
     }
 
 
