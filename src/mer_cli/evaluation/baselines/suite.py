@@ -73,7 +73,7 @@ class Inputs:
         (`validity.Compacted`, as the models read a stream with its own encoder)."""
         out: list[Sequence[np.ndarray]] = []
         for stream in self.streams:
-            clips = split.streams[stream]
+            clips: Sequence[np.ndarray] = split.streams[stream]
             if self.honour_masks and split.valid is not None and stream in split.valid:
                 masks = split.valid[stream]
                 empty = np.flatnonzero(validity.valid_counts(masks) == 0)
