@@ -3,14 +3,17 @@ computed once, scored as the models are, and the sweep's report shows them besid
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+from omegaconf import DictConfig, OmegaConf
 
-from conftest import run_main
+from conftest import compose_train, run_main
 from mer_cli.evaluation.metrics import score
+from mer_cli.runs import baselines
 
 
 @pytest.mark.slow
@@ -67,3 +70,24 @@ def test_a_sweep_computes_the_baselines_once_and_reports_them(tmp_path: Path):
         "baseline: 1-NN DTW (acoustic+visual)",
     ]
     assert any("deep model" in sentence for sentence in comparison["summary"])
+
+
+def test_the_baselines_key_names_the_data_streams_and_settings_not_the_model():
+    base, late = compose_train(), compose_train("modality=late")
+
+    def key(cfg: DictConfig = base, fold: bool = True, **changes: object) -> str:
+        cfg = copy.deepcopy(cfg)
+        for dotted, value in changes.items():
+            OmegaConf.update(cfg, dotted.replace("__", "."), value)
+        return baselines.key_of(baselines.identity(cfg, with_fold=fold))
+
+    same = key()
+    assert key(seed=1, model__dropout=0.1, logger__name="tensorboard", data__cache="memory") == same
+    assert key(late) == same  # late fusion's members read both streams, as early fusion does
+    assert baselines.streams_of(late) == ["acoustic", "visual"]
+    assert key(modality__streams=["acoustic"]) != same
+    assert key(data__limit_per_split=48) != same
+    assert key(report__dtw_windows=[0.1]) != same
+    assert key(compare__bootstrap_samples=500) != same  # the intervals it stores
+    assert key(cv__folds=3, cv__fold=0) != key(cv__folds=3, cv__fold=1)
+    assert key(fold=False, cv__folds=3, cv__fold=0) == key(fold=False, cv__folds=3, cv__fold=1)
