@@ -48,6 +48,11 @@ def _cell(entry: dict[str, Any], percent: bool = True) -> str:
     return text
 
 
+def metric_cell(entry: dict[str, Any], metric: str) -> str:
+    """A table cell of ``metric``'s summary (mean ± std [interval]), as the main table writes it."""
+    return _cell(entry, percent=METRICS.get(metric).percent)
+
+
 SPEAKER_DEPENDENT = "speaker-dependent split"
 
 

@@ -16,6 +16,8 @@ of the run directory is written by a function called from here:
   fold<i>/, cv.json        cv.folds=K only: one run per fold (same layout), mean over folds
   robustness.json, .csv    eval.robustness=true only: the test split re-scored under corruptions
                            (runs/robustness.py), with plots/robustness.png
+  baselines.json           report.baselines=true only: classic baselines on the run's splits
+                           (runs/baselines.py; a sweep computes them once per dataset and split)
   failed.json              a failed job of a sweep (written by the CLI): its error, for the report
   tensorboard/             logger=tensorboard only: event files (training/tracking.py; logger=mlflow
                            writes outside the run directory, by default into outputs/mlflow.db)
@@ -41,7 +43,7 @@ from mer_cli.evaluation.metrics import HEADLINE
 from mer_cli.models import layer_mix, modalities
 from mer_cli.preprocess import profile
 from mer_cli.preprocess.scaling import check_setting as check_scaling
-from mer_cli.runs import reuse, robustness
+from mer_cli.runs import baselines, reuse, robustness
 from mer_cli.runs.late import run_late
 from mer_cli.runs.resume import check_resumable
 from mer_cli.runs.train import check_max_frames, describe_data, fit_preprocessing, frame_validity, train_model
@@ -61,7 +63,10 @@ def run(
     there with the same settings are reused instead of trained again (see `sweep`).
     ``eval.robustness=true``: the finished run (each fold of a cross-validation) is then
     re-scored under every corruption, as ``mer-evaluate RUN --perturb`` does.
+    ``report.baselines=true``: then the classic baselines on the same splits (baselines.json).
     """
+    if baselines.enabled(cfg):
+        baselines.check(cfg)  # a bad setting, or numba missing: one line before anything is trained
     metrics = train_or_reuse(cfg, out_dir, resume, sweep_dir)
     one_run = cfg.cv.folds is None or cfg.cv.fold is not None  # not the folds' parent (cv.json)
     if cfg.get("eval", {}).get("robustness", False) and one_run:
@@ -73,6 +78,8 @@ def run(
             save_plots=cfg.runtime.save_plots,
             audio_dir=None if recordings is None else Path(str(recordings)),
         )
+    if baselines.enabled(cfg) and one_run:
+        baselines.write(cfg, out_dir, sweep_dir)
     return metrics
 
 

@@ -17,7 +17,7 @@ from mer_cli.training import options as trainer_options
 # search trial it was, whether it only printed the data profile: never part of a model
 # (data.cache*: where generated clips are kept, never which clips)
 _NOT_IDENTITY = re.compile(
-    r"^(runtime|logger|compare|hydra|search)\.|^(resume|search|profile_only)$"
+    r"^(runtime|logger|compare|report|hydra|search)\.|^(resume|search|profile_only)$"
     r"|^data\.(cache(_dir)?|speaker_pattern|allow_speaker_overlap)$"  # checks, not what is learned
     r"|^eval\.robustness(_seed|_audio)?$"  # what is measured after training, not what is learned
 )
