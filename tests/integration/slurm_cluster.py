@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -241,6 +242,11 @@ def start(root: Path) -> Cluster:
     return cluster
 
 
+# the one cluster of a test session and how many test modules hold it: each module that imports
+# the fixture gets its own copy of it (no conftest.py here), and they share this one
+_shared: dict[str, Any] = {"cluster": None, "users": 0}
+
+
 @pytest.fixture(scope="session", name="slurm")
 def slurm_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     """A running one-node cluster for the whole session; stopped (and checked gone) at the end."""
@@ -251,18 +257,23 @@ def slurm_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]
         )
     if not VENV_PYTHON.is_file():
         pytest.skip(f"{VENV_PYTHON}: no interpreter for the jobs")
-    # a short path: the munge socket path must fit a sockaddr_un (108 bytes)
-    root = Path(tmp_path_factory.mktemp("slurm", numbered=True))
-    try:
-        cluster = start(root)
-    except BaseException:
-        left = stop(root)
-        raise
+    if _shared["cluster"] is None:
+        root = Path(tmp_path_factory.mktemp("slurm", numbered=True))
+        try:
+            _shared["cluster"] = start(root)
+        except BaseException:
+            stop(root)
+            raise
+    cluster: Cluster = _shared["cluster"]
+    _shared["users"] += 1
     try:
         yield cluster
     finally:
-        try:
-            cancel_all(cluster)
-        finally:
-            left = stop(root)
-        assert not left, f"processes left after stopping the cluster: {left}"
+        _shared["users"] -= 1
+        if _shared["users"] == 0:
+            _shared["cluster"] = None
+            try:
+                cancel_all(cluster)
+            finally:
+                left = stop(cluster.root)
+            assert not left, f"processes left after stopping the cluster: {left}"

@@ -115,8 +115,6 @@ if submitit_launcher is not None:
 
         def outcome(self, job: Any, overrides: list[str], num: int, ended: str | None) -> Any:
             """The job's JobReturn; a job lost without a result recorded in its run directory."""
-            from hydra.core.utils import JobReturn, JobStatus
-
             if ended is not None:
                 time.sleep(POLL_S)  # its result file may land just after the job ends
                 if not job.paths.result_pickle.exists():
@@ -124,8 +122,8 @@ if submitit_launcher is not None:
             try:
                 return job.results()[0]
             except Exception as e:  # the job's process failed outside mer-train's own guard
-                log.error("job #%d (SLURM job %s) failed: %s", num, job.job_id, e)
-                return JobReturn(overrides=overrides, status=JobStatus.COMPLETED, _return_value=math.nan)
+                last_line = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+                return self.lost(job, overrides, num, f"FAILED ({last_line})")
 
         def lost(self, job: Any, overrides: list[str], num: int, state: str) -> Any:
             from hydra.core.utils import JobReturn, JobStatus
