@@ -1,5 +1,7 @@
 """mer-ingest: raw clips (audio + face tracks or videos) -> a native dataset, through the feature
-back-ends picked by name (data.ingest does the work, data.features the extraction)."""
+back-ends picked by name (data.ingest does the work, data.features the extraction); with
+``--shard I/N`` one shard of that ingest, with ``--merge SHARD...`` the shards as one dataset
+(data.shards)."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import yaml
 
 from mer_cli.core.console import fail
 from mer_cli.core.errors import ConfigError, MerError
-from mer_cli.data import formats, ingest
+from mer_cli.data import formats, ingest, shards
 from mer_cli.data.features import catalog, mfcc, openface
 from mer_cli.data.features.base import Extractor
 from mer_cli.data.features.cache import default_root
@@ -111,8 +113,22 @@ def main(argv: list[str] | None = None) -> None:
         "actor, with the feature back-ends you pick; the dataset records how its features were made.",
     )
     parser.add_argument("target", type=Path, help="the dataset to write: a new directory, or FILE.npz")
-    parser.add_argument("--audio", type=Path, required=True, help="folder of <clip>.wav (.flac, .ogg) files")
-    parser.add_argument("--video", type=Path, required=True, help="folder of <clip>.csv / video files")
+    parser.add_argument("--audio", type=Path, help="folder of <clip>.wav (.flac, .ogg) files")
+    parser.add_argument("--video", type=Path, help="folder of <clip>.csv / video files")
+    g = parser.add_argument_group("sharded ingest (one process per shard, e.g. a SLURM array job)")
+    g.add_argument(
+        "--shard",
+        metavar="I/N",
+        help="write only shard I of N (0-based) of this ingest to TARGET, a directory; a finished "
+        "shard run again is kept",
+    )
+    g.add_argument(
+        "--merge",
+        nargs="+",
+        type=Path,
+        metavar="SHARD",
+        help="write TARGET from the shard directories 0..N-1 of one ingest (no --audio/--video)",
+    )
     g = parser.add_argument_group("acoustic features")
     g.add_argument(
         "--audio-features", default="mfcc", metavar="NAME", help="a preset or back-end (default mfcc)"
@@ -166,6 +182,18 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("--no-cache", action="store_true", help="extract everything again, cache nothing")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    if args.merge:
+        if args.shard or args.audio or args.video:
+            parser.error("--merge takes the shard directories only (no --shard, --audio, --video)")
+        try:
+            done = shards.merge(args.target, args.merge)
+            splits = formats.read(args.target)
+        except MerError as e:
+            fail(PROG, str(e))
+        print_done(args.target, done, splits)
+        return
+    if args.audio is None or args.video is None:
+        parser.error("--audio and --video are required (or --merge SHARD...)")
     try:
         pairs = [e.partition("=") for e in args.emotions]
         if any(not code or not sep or not name for code, sep, name in pairs):
@@ -186,27 +214,43 @@ def main(argv: list[str] | None = None) -> None:
                 "visual", args.video_features, video_flags, parse_options(args.video_option, "--video-option")
             ),
         }
-        done = ingest.write(
-            args.target,
-            args.audio,
-            args.video,
-            extractors,
-            names,
-            val_fraction=args.val_fraction,
-            test_fraction=args.test_fraction,
-            seed=args.seed,
-            cache_root=None if args.no_cache else (args.cache or default_root()),
-        )
+        options: dict[str, Any] = {
+            "val_fraction": args.val_fraction,
+            "test_fraction": args.test_fraction,
+            "seed": args.seed,
+            "cache_root": None if args.no_cache else (args.cache or default_root()),
+        }
+        if args.shard:
+            index, count = shards.parse_shard(args.shard)
+            got = shards.write_shard(
+                args.target, (index, count), args.audio, args.video, extractors, names, **options
+            )
+            if got is None:
+                print(f"{args.target}: shard {index}/{count} of this ingest is already there: kept")
+            else:  # a part: its splits need not hold every class, so no summary table
+                print(
+                    f"wrote shard {index}/{count} to {args.target}: "
+                    + ", ".join(f"{got.counts[s]} {s}" for s in got.counts)
+                    + " clips; merge with --merge"
+                )
+            return
+        else:
+            done = ingest.write(args.target, args.audio, args.video, extractors, names, **options)
         splits = formats.read(args.target)
     except MerError as e:
         fail(PROG, str(e))
+    print_done(args.target, done, splits)
+
+
+def print_done(target: Path, done: ingest.Ingested, splits: Any) -> None:
+    """What was left out (warnings), the cache's hits, clips per split and class, the features."""
     for line in done.report.lines():
         log.warning("left out %s", line)
     if done.cache_line:
         log.info("%s", done.cache_line)
     print(ingest.summary(splits))
     print(
-        f"wrote {args.target}: "
+        f"wrote {target}: "
         + ", ".join(f"{done.counts[s]} {s}" for s in done.counts)
         + f" clips; {done.n_features['acoustic']} acoustic ({done.record['acoustic']['backend']}) and "
         f"{done.n_features['visual']} visual ({done.record['visual']['backend']}) features per frame"

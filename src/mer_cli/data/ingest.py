@@ -172,6 +172,144 @@ class Ingested:
     cache_line: str | None
 
 
+@dataclass(frozen=True)
+class Plan:
+    """What an ingest will read, fixed before any file is: every labelled clip (in file-name
+    order) with its files, actor, label and split, and what was left out so far."""
+
+    pairs: dict[str, dict[str, Path]]  # clip -> stream -> file, labelled clips only, in order
+    actor_of: dict[str, str]
+    label_of: dict[str, int]
+    split_of: dict[str, str]  # actor -> split
+    report: IngestReport
+
+    @property
+    def wanted_splits(self) -> list[str]:
+        """The splits that must end up with clips (test only for a split-less ingest)."""
+        return sorted(set(self.split_of.values()))
+
+
+def plan(
+    audio_dir: Path,
+    video_dir: Path,
+    extractors: Mapping[str, Extractor],
+    names: Names,
+    val_fraction: float = 0.15,
+    test_fraction: float = 0.15,
+    seed: int = 0,
+) -> Plan:
+    """Pair the files, label them by name and draw the splits by actor (seeded): no file read."""
+    patterns = {s: catalog.backend_of(s, e.record()).file_patterns for s, e in extractors.items()}
+    pairs, unpaired = pair_files(audio_dir, video_dir, patterns["acoustic"], patterns["visual"])
+    report = IngestReport(unpaired=unpaired)
+    actor_of: dict[str, str] = {}
+    label_of: dict[str, int] = {}
+    for stem in pairs:
+        parsed = names.parse(stem)
+        if isinstance(parsed, str):
+            report.unlabelled.append(f"{stem}: {parsed}")
+        else:
+            actor_of[stem], label_of[stem] = parsed
+    if not actor_of:
+        raise DataError(
+            f"{audio_dir}, {video_dir}: no clip with both an audio and a video file and a name matching "
+            f"{names.pattern!r} ({len(pairs)} pairs, {len(unpaired)} unpaired files)"
+        )
+    split_of = split_actors(list(actor_of.values()), val_fraction, test_fraction, seed)
+    labelled = {stem: pairs[stem] for stem in actor_of}
+    return Plan(labelled, actor_of, label_of, split_of, report)
+
+
+def extract_into(
+    writer: native.DatasetWriter,
+    planned: Plan,
+    clips: Sequence[str],
+    extractors: Mapping[str, Extractor],
+    cache_root: Path | None,
+    progress: bool,
+) -> tuple[dict[str, int], dict[str, list[float]], Extraction]:
+    """Extract ``clips`` (of ``planned``, in that order) into ``writer``; clips per split, each
+    stream's measured frame rates (one per clip that had one) and the extraction (its cache)."""
+    extraction = Extraction(
+        {stem: planned.pairs[stem] for stem in clips},
+        extractors,
+        cache_root,
+        progress=progress,
+        desc="ingest",
+    )
+    rates: dict[str, list[float]] = {s: [] for s in extractors}
+    counts = dict.fromkeys(SPLIT_NAMES, 0)
+    for clip in extraction:
+        if clip.frames is None:
+            planned.report.unreadable.append(
+                f"{clip.file.name if clip.file else clip.clip_id}: {clip.problem}"
+            )
+            continue
+        actor = planned.actor_of[clip.clip_id]
+        for s, f in clip.frames.items():
+            if f.frame_rate_hz is not None:
+                rates[s].append(f.frame_rate_hz)
+        writer.add(
+            planned.split_of[actor],
+            clip.clip_id,
+            clip.frames["acoustic"].values,
+            clip.frames["visual"].values,
+            planned.label_of[clip.clip_id],
+            speaker=actor,  # the actor the file name gave: the leakage check needs no pattern
+            valid={s: f.valid for s, f in clip.frames.items()},  # the face toolkit's, where it gave one
+        )
+        counts[planned.split_of[actor]] += 1
+    return counts, rates, extraction
+
+
+def check_splits_filled(
+    counts: Mapping[str, int], wanted: Sequence[str], where: str, report: IngestReport
+) -> None:
+    """Refuse a dataset missing the clips of a split it should have (all its clips unreadable)."""
+    empty = [s for s in wanted if counts[s] == 0]
+    if empty:
+        raise DataError(
+            f"{where}: no clip of the {empty[0]} split could be read "
+            f"({'; '.join(report.lines(3)) or 'no clips'}); nothing was written"
+        )
+
+
+def dataset_target(out: Path, wanted: Sequence[str]) -> Path:
+    """Where the clips are written: ``out``, or for an .npz a hidden sibling folder (our own
+    leftover of an interrupted .npz ingest removed)."""
+    if out.suffix == ".npz" and set(wanted) != set(SPLIT_NAMES):
+        raise ConfigError(
+            f"{out}: an .npz holds train, val and test clips: write a split-less ingest to a directory"
+        )
+    target = out.with_name(f".{out.name}.clips") if out.suffix == ".npz" else out
+    if target.exists():
+        shutil.rmtree(target)
+    return target
+
+
+def finish_dataset(
+    writer: native.DatasetWriter,
+    records: Mapping[str, Mapping[str, Any]],
+    rates: Mapping[str, Sequence[float]],
+    out: Path,
+) -> tuple[dict[str, Any], dict[str, int]]:
+    """Record how the features were made, move the dataset into place (an .npz: converted);
+    the record and the features per frame."""
+    record = {s: measured_record(r, rates[s]) for s, r in records.items()}
+    for s in writer.masked_streams:  # the dataset stores its per-frame validity (`Split.valid`)
+        record[s]["validity_mask"] = True
+    writer.ingest_settings = record
+    n_features = writer.n_features()
+    if not writer.finish():
+        raise DataError(f"{writer.path}: appeared while writing; nothing was written")
+    if out.suffix == ".npz":
+        try:
+            npz.save_npz(native.load_dir(writer.path, check_values=False), out)
+        finally:
+            shutil.rmtree(writer.path, ignore_errors=True)
+    return record, n_features
+
+
 def write(
     out: Path,
     audio_dir: Path,
@@ -193,78 +331,19 @@ def write(
     out = out.expanduser()
     if out.exists():
         raise DataError(f"{out}: already exists; choose a new path (nothing was written)")
-    patterns = {s: catalog.backend_of(s, e.record()).file_patterns for s, e in extractors.items()}
-    pairs, unpaired = pair_files(audio_dir, video_dir, patterns["acoustic"], patterns["visual"])
-    report = IngestReport(unpaired=unpaired)
-    actor_of: dict[str, str] = {}
-    label_of: dict[str, int] = {}
-    for stem in pairs:
-        parsed = names.parse(stem)
-        if isinstance(parsed, str):
-            report.unlabelled.append(f"{stem}: {parsed}")
-        else:
-            actor_of[stem], label_of[stem] = parsed
-    if not actor_of:
-        raise DataError(
-            f"{audio_dir}, {video_dir}: no clip with both an audio and a video file and a name matching "
-            f"{names.pattern!r} ({len(pairs)} pairs, {len(unpaired)} unpaired files)"
-        )
-    split_of = split_actors(list(actor_of.values()), val_fraction, test_fraction, seed)
-    if out.suffix == ".npz" and set(split_of.values()) != set(SPLIT_NAMES):
-        raise ConfigError(
-            f"{out}: an .npz holds train, val and test clips: write a split-less ingest to a directory"
-        )
-    target = out.with_name(f".{out.name}.clips") if out.suffix == ".npz" else out
-    if target.exists():
-        shutil.rmtree(target)  # our own leftover of an interrupted .npz ingest
-    writer = native.DatasetWriter(target, names.class_names)
-    extraction = Extraction(
-        {stem: pairs[stem] for stem in actor_of}, extractors, cache_root, progress=progress, desc="ingest"
-    )
-    rates: dict[str, list[float]] = {s: [] for s in extractors}
-    counts = dict.fromkeys(SPLIT_NAMES, 0)
+    planned = plan(audio_dir, video_dir, extractors, names, val_fraction, test_fraction, seed)
+    writer = native.DatasetWriter(dataset_target(out, planned.wanted_splits), names.class_names)
     try:
-        for clip in extraction:
-            if clip.frames is None:
-                report.unreadable.append(f"{clip.file.name if clip.file else clip.clip_id}: {clip.problem}")
-                continue
-            actor = actor_of[clip.clip_id]
-            for s, f in clip.frames.items():
-                if f.frame_rate_hz is not None:
-                    rates[s].append(f.frame_rate_hz)
-            writer.add(
-                split_of[actor],
-                clip.clip_id,
-                clip.frames["acoustic"].values,
-                clip.frames["visual"].values,
-                label_of[clip.clip_id],
-                speaker=actor,  # the actor the file name gave: the leakage check needs no pattern
-                valid={s: f.valid for s, f in clip.frames.items()},  # the face toolkit's, where it gave one
-            )
-            counts[split_of[actor]] += 1
-        wanted = sorted(set(split_of.values()))
-        empty = [s for s in wanted if counts[s] == 0]
-        if empty:
-            raise DataError(
-                f"{audio_dir}, {video_dir}: no clip of the {empty[0]} split could be read "
-                f"({'; '.join(report.lines(3)) or 'no clips'}); nothing was written"
-            )
-        record = {s: measured_record(e.record(), rates[s]) for s, e in extractors.items()}
-        for s in writer.masked_streams:  # the dataset stores its per-frame validity (`Split.valid`)
-            record[s]["validity_mask"] = True
-        writer.ingest_settings = record
-        n_features = writer.n_features()
-        if not writer.finish():
-            raise DataError(f"{target}: appeared while writing; nothing was written")
+        counts, rates, extraction = extract_into(
+            writer, planned, list(planned.pairs), extractors, cache_root, progress
+        )
+        check_splits_filled(counts, planned.wanted_splits, f"{audio_dir}, {video_dir}", planned.report)
+        records = {s: e.record() for s, e in extractors.items()}
+        record, n_features = finish_dataset(writer, records, rates, out)
     except BaseException:
         writer.abort()
         raise
-    if out.suffix == ".npz":
-        try:
-            npz.save_npz(native.load_dir(target, check_values=False), out)
-        finally:
-            shutil.rmtree(target, ignore_errors=True)
-    return Ingested(out, counts, n_features, record, report, extraction.cache_line())
+    return Ingested(out, counts, n_features, record, planned.report, extraction.cache_line())
 
 
 def measured_record(record: Mapping[str, Any], rates: Sequence[float]) -> dict[str, Any]:

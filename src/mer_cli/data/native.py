@@ -385,6 +385,15 @@ def load_dir(
     )
 
 
+def open_parts(path: Path) -> tuple[dict[str, Split], list[str]]:
+    """A directory's splits and class names as written, with none of `load_dir`'s checks: a part
+    of a dataset (an ingest shard), whose splits need not hold every class."""
+    index = json.loads((path / DIR_INDEX).read_text())
+    return {name: _open_split(path / name, name, str(path)) for name in SPLIT_NAMES}, list(
+        index["class_names"]
+    )
+
+
 def _open_split(folder: Path, name: str, source: str) -> Split:
     def small(file: str) -> np.ndarray:
         p = folder / file
