@@ -123,7 +123,7 @@ class OptunaSweeper(Sweeper):
                     todo = self.n_trials - sharing.n_counted(study)
                     if todo <= 0:
                         break
-                    trials = [study.ask(space) for _ in range(min(self.n_jobs, todo))]
+                    trials = [sharing.ask(study, space) for _ in range(min(self.n_jobs, todo))]
                     for trial in trials:
                         trial.set_user_attr(search.SWEEPER, search.sweeper_id())
                         trial.set_user_attr(search.OVERRIDES, [*fixed, *search.overrides_of(trial.params)])

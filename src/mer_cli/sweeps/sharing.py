@@ -168,12 +168,22 @@ def heartbeats(storage: Any, trial_ids: Sequence[int]) -> Iterator[None]:
         thread.join()
 
 
+def ask(study: Any, space: dict[str, Any]) -> Any:
+    """``study.ask(space)``: a new trial, or an enqueued one (a retry) first."""
+    with warnings.catch_warnings():
+        # Optuna expects heartbeats with Study.optimize; the sweeper records them itself (`heartbeats`)
+        warnings.filterwarnings("ignore", message="Heartbeat of storage")
+        return study.ask(space)
+
+
 def reclaim(study: Any) -> None:
     """Under the lock, before asking: trials whose heartbeat stopped are failed and enqueued again
     (Optuna's stale-trial callback); so are trials left running by a sweeper on this machine that
     is gone (a crash, a kill: no need to wait for the heartbeat's grace period)."""
     optuna = require_optuna()
-    optuna.storages.fail_stale_trials(study)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Optuna marks stale-trial failing experimental
+        optuna.storages.fail_stale_trials(study)
     running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
     for t in running:
         if search.sweeper_is_gone(t.user_attrs.get(search.SWEEPER)):
