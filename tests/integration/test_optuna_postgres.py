@@ -78,6 +78,15 @@ def _trials(url: str, study: str) -> list[optuna.trial.FrozenTrial]:
         return []
 
 
+def _connections(server: PostgresServer, database: str) -> int:
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(server.url("postgres"), poolclass=sqlalchemy.pool.NullPool)
+    query = sqlalchemy.text("SELECT count(*) FROM pg_stat_activity WHERE datname = :db")
+    with engine.connect() as c:
+        return int(c.execute(query, {"db": database}).scalar_one())
+
+
 def _owner(proc: subprocess.Popen[str]) -> str:
     return f"{socket.gethostname()}:{proc.pid}"
 
@@ -153,8 +162,13 @@ def test_two_workers_share_one_study_each_trial_once_and_best_sh_reproduces_the_
     sweep_dir, n_trials = tmp_path / "search", 6
     logs = [tmp_path / "worker0.log", tmp_path / "worker1.log"]
     workers = [_worker(sweep_dir, url, "shared", n_trials, log) for log in logs]
+    connections = []  # the study database's, while they run: a few per worker, not more per trial
+    while any(p.poll() is None for p in workers):
+        connections.append(_connections(postgres, "shared"))
+        time.sleep(0.5)
     for proc, log in zip(workers, logs, strict=True):
         _finish(proc, log)
+    assert max(connections) <= 5 * len(workers), connections
 
     trials = _trials(url, "shared")
     assert len(trials) == n_trials  # together they asked exactly n_trials, no more
