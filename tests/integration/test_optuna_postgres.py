@@ -20,7 +20,7 @@ import pytest
 from omegaconf import OmegaConf
 from postgres_server import PostgresServer, running_postgres
 
-from conftest import REPO, cli_command, run, start
+from conftest import REPO, cli_command, cli_env, run
 from mer_cli.sweeps import search, sharing
 from mer_cli.training import pruning
 
@@ -59,8 +59,9 @@ def _worker(sweep_dir: Path, url: str, study: str, n_trials: int, log: Path) -> 
         f"hydra.sweeper.study_name={study}",
         f"hydra.sweep.dir={sweep_dir}",
     )
-    with log.open("w") as f:  # the child keeps its own descriptor
-        return start(cmd, cwd=REPO, env={"PYTHONUNBUFFERED": "1"}, stderr=f)
+    with log.open("w") as f:  # the child keeps its own descriptor; the sweeper logs to stdout
+        env = cli_env({"PYTHONUNBUFFERED": "1"})
+        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, text=True)
 
 
 def _finish(proc: subprocess.Popen[str], log: Path, timeout: float = 300) -> None:
@@ -159,7 +160,7 @@ def _rerun_best(sweep_dir: Path, tmp_path: Path) -> None:
 
 def test_two_workers_share_one_study_each_trial_once_and_best_sh_reproduces_the_best(postgres, tmp_path):
     url = postgres.create_database("shared")
-    sweep_dir, n_trials = tmp_path / "search", 6
+    sweep_dir, n_trials = tmp_path / "search", 4
     logs = [tmp_path / "worker0.log", tmp_path / "worker1.log"]
     workers = [_worker(sweep_dir, url, "shared", n_trials, log) for log in logs]
     connections = []  # the study database's, while they run: a few per worker, not more per trial
@@ -188,7 +189,7 @@ def test_two_workers_share_one_study_each_trial_once_and_best_sh_reproduces_the_
 
 def test_killed_workers_trials_fail_and_run_again_and_a_new_worker_finishes_the_study(postgres, tmp_path):
     url = postgres.create_database("killed")
-    sweep_dir, n_trials = tmp_path / "search", 5
+    sweep_dir, n_trials = tmp_path / "search", 4
     logs = [tmp_path / f"worker{i}.log" for i in range(3)]
     a, b = (_worker(sweep_dir, url, "killed", n_trials, log) for log in logs[:2])
     try:
@@ -212,7 +213,11 @@ def test_killed_workers_trials_fail_and_run_again_and_a_new_worker_finishes_the_
         assert trials[killed].state == S.FAIL, killed  # never counted complete
         assert sharing.ERROR not in trials[killed].user_attrs  # failed by its death, not by training
         assert _retried_as(trials, killed).state in (S.COMPLETE, S.PRUNED)
-    # b's trial was found by its heartbeat's silence (Optuna's stale-trial retry)
+    # a's trial was found by its dead process (this machine), b's by its heartbeat's silence
+    # (Optuna's stale-trial retry); one warning line each
     assert any(killed_b in t.system_attrs.get("retry_history", ()) for t in trials.values())
+    said = "".join(log.read_text() for log in logs[1:])
+    assert f"trial {killed_a} was left running by a sweeper that is gone: asked again" in said
+    assert f"trial {killed_b}: its heartbeat stopped (sweeper elsewhere:1): failed, asked again" in said
     _check_trials(list(trials.values()), sweep_dir, n_trials)
     _rerun_best(sweep_dir, tmp_path)

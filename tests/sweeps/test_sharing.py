@@ -4,6 +4,7 @@ asked again while a beating one is left alone. (PostgreSQL: tests/integration.)"
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 
@@ -71,22 +72,27 @@ def test_a_trial_left_running_by_a_dead_sweeper_on_this_machine_is_failed_and_as
 
 
 @pytest.mark.slow  # waits out a heartbeat's grace period (2 s)
-def test_a_trial_whose_heartbeat_stopped_is_failed_and_asked_again_a_beating_one_is_not(tmp_path):
+def test_a_trial_whose_heartbeat_stopped_is_failed_and_asked_again_a_beating_one_is_not(tmp_path, caplog):
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
     storage = sharing.storage_of(url, heartbeat_interval=1)
     storage.grace_period = 1
     study = optuna.create_study(storage=storage)
     stopped, beating = sharing.ask(study, SPACE), sharing.ask(study, SPACE)
+    stopped.set_user_attr(search.SWEEPER, "elsewhere:1")  # a sweeper on another machine
     with sharing.heartbeats(storage, [stopped._trial_id]):
         pass  # one heartbeat, then silence (its sweeper on another machine was lost)
     with sharing.heartbeats(storage, [beating._trial_id]):
         time.sleep(2.2)  # SQLite's clock has whole seconds
-        sharing.reclaim(study)
+        with caplog.at_level(logging.WARNING, logger="mer_cli.sweeps.sharing"):
+            sharing.reclaim(study)
     trials = study.get_trials()
     assert [t.state for t in trials] == [S.FAIL, S.RUNNING, S.WAITING]
     assert trials[2].params == trials[0].params
     assert trials[2].system_attrs["retry_history"] == [0]  # Optuna's stale-trial retry
     assert sharing.n_counted(study) == 1  # the beating one; the retry waits to be asked
+    assert [r.getMessage() for r in caplog.records] == [
+        "trial 0: its heartbeat stopped (sweeper elsewhere:1): failed, asked again"
+    ]
 
 
 def test_a_storage_url_in_a_log_line_hides_its_password():

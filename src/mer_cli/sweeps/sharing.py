@@ -177,19 +177,26 @@ def ask(study: Any, space: dict[str, Any]) -> Any:
 
 
 def reclaim(study: Any) -> None:
-    """Under the lock, before asking: trials whose heartbeat stopped are failed and enqueued again
-    (Optuna's stale-trial callback); so are trials left running by a sweeper on this machine that
-    is gone (a crash, a kill: no need to wait for the heartbeat's grace period)."""
+    """Under the lock, before asking: trials left running by a sweeper on this machine that is
+    gone (a crash, a kill) are failed and enqueued again at once; so are trials whose heartbeat
+    stopped (their sweeper anywhere: Optuna's stale-trial callback enqueues them)."""
     optuna = require_optuna()
+    states = optuna.trial.TrialState
+    running = study.get_trials(deepcopy=False, states=(states.RUNNING,))
+    for t in running:
+        if search.sweeper_is_gone(t.user_attrs.get(search.SWEEPER)):
+            study.tell(t.number, state=states.FAIL)
+            study.enqueue_trial(t.params, user_attrs={RETRY_OF: t.number})
+            log.warning("trial %d was left running by a sweeper that is gone: asked again", t.number)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Optuna marks stale-trial failing experimental
         optuna.storages.fail_stale_trials(study)
-    running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    now = {t.number: t for t in study.get_trials(deepcopy=False)}
     for t in running:
-        if search.sweeper_is_gone(t.user_attrs.get(search.SWEEPER)):
-            study.tell(t.number, state=optuna.trial.TrialState.FAIL)
-            study.enqueue_trial(t.params, user_attrs={RETRY_OF: t.number})
-            log.warning("trial %d was left running by a sweeper that is gone: asked again", t.number)
+        stale = now[t.number]
+        owner = t.user_attrs.get(search.SWEEPER)
+        if stale.state == states.FAIL and ERROR not in stale.user_attrs and not search.sweeper_is_gone(owner):
+            log.warning("trial %d: its heartbeat stopped (sweeper %s): failed, asked again", t.number, owner)
 
 
 def n_counted(study: Any) -> int:
