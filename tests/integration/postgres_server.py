@@ -127,6 +127,7 @@ def running_postgres() -> Iterator[PostgresServer]:
     bin_dir = server_binaries()
     if bin_dir is None or not (bin_dir / "postgres").exists():
         pytest.skip("PostgreSQL server (initdb, pg_ctl, postgres) not installed: apt-get install postgresql")
+    pytest.importorskip("psycopg2", reason="the PostgreSQL driver: pip install 'mer-cli[integration]'")
     account = _account()
     root = Path(tempfile.mkdtemp(prefix="mer-postgres-"))
     data = root / "data"
