@@ -1,5 +1,5 @@
-"""``python -m mer_cli COMMAND ...`` (train, evaluate, predict, export, compare, convert, ingest): the
-console scripts without an installed entry point."""
+"""``python -m mer_cli COMMAND ...`` (train, evaluate, predict, export, compare, convert, ingest,
+profile): the console scripts without an installed entry point."""
 
 import sys
 
@@ -13,6 +13,7 @@ COMMANDS = {
     "compare": entry.compare,
     "convert": entry.convert,
     "ingest": entry.ingest,
+    "profile": entry.profile,
 }
 
 if __name__ == "__main__":

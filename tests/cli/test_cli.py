@@ -20,6 +20,7 @@ from mer_cli.training.hardware import cpu_has_native_bf16
 
 RUN_FILES = [
     "config.yaml",
+    "profile.json",
     ".hydra/overrides.yaml",
     "train.log",
     "history.csv",

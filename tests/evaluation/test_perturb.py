@@ -135,13 +135,13 @@ def test_conditions_convert_seconds_at_the_frame_rate_and_fall_back_to_frames() 
     untimed = perturb.conditions(["shift"], {"visual": None})
     assert [(c.unit, c.amount) for c in untimed] == [("frames", 3.0), ("frames", 8.0), ("frames", 15.0)]
     everything = perturb.conditions(perturb.names(None), {"acoustic": 100.0, "visual": 30.0})
-    # noise: 2 streams x 4; frame_drop 3; gap 3; missing: 2 variants x 2 streams; shift 3
-    assert len(everything) == 8 + 3 + 3 + 4 + 3
+    # noise: 2 streams x 4; frame_drop 3; gap 3; missing: 2 variants x 2 streams; shift 3; snr 4
+    assert len(everything) == 8 + 3 + 3 + 4 + 3 + 4
 
 
 def test_an_unknown_corruption_is_one_line_listing_the_valid_ones() -> None:
     with pytest.raises(
-        ConfigError, match=r"--perturb: corruption='blur': valid: noise, frame_drop, gap, missing, shift"
+        ConfigError, match=r"--perturb: corruption='blur': valid: noise, frame_drop, gap, missing, shift, snr"
     ):
         perturb.names(["noise", "blur"])
     assert perturb.names(["missing", "noise", "missing"]) == ("missing", "noise")
@@ -152,3 +152,44 @@ def test_reference_from_the_train_clips_is_their_mean_and_std(clips) -> None:
     frames = np.concatenate(clips).astype(np.float64)
     np.testing.assert_allclose(ref.mean, frames.mean(axis=0), rtol=1e-10)
     np.testing.assert_allclose(ref.std, frames.std(axis=0), rtol=1e-10)
+
+
+def snr_condition(db: float) -> perturb.Condition:
+    return perturb.Condition("snr", "white", "acoustic", db, "dB SNR", db)
+
+
+@pytest.mark.parametrize("db", [20.0, 10.0, 5.0, 0.0, -3.0])
+def test_mix_at_snr_adds_noise_of_exactly_the_stated_ratio(db) -> None:
+    t = np.arange(16000) / 16000
+    signal = (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
+    mixed = perturb.mix_at_snr(signal, db, np.random.default_rng(0))
+    noise = mixed.astype(np.float64) - signal
+    measured = 10 * np.log10(np.sum(signal.astype(np.float64) ** 2) / np.sum(noise**2))
+    assert mixed.dtype == np.float32
+    assert measured == pytest.approx(db, abs=1e-3)  # float32 rounding of the mixture alone
+    assert abs(np.corrcoef(noise[:-1], noise[1:])[0, 1]) < 0.05  # white: no correlation in time
+
+
+def test_a_silent_recording_stays_silent() -> None:
+    silent = np.zeros(800, np.float32)
+    assert np.array_equal(perturb.mix_at_snr(silent, 0.0, np.random.default_rng(0)), silent)
+
+
+def test_waveform_noise_is_drawn_in_order_from_the_condition_and_seed_alone() -> None:
+    rng = np.random.default_rng(1)
+    waves = [rng.normal(size=n).astype(np.float32) for n in (400, 90, 1000)]
+    first = list(perturb.apply_to_waveforms(snr_condition(5.0), iter(waves), seed=3))
+    again = list(perturb.apply_to_waveforms(snr_condition(5.0), waves, seed=3))
+    other = list(perturb.apply_to_waveforms(snr_condition(5.0), waves, seed=4))
+    assert [w.shape for w in first] == [w.shape for w in waves]
+    assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
+    assert all(not np.array_equal(a, b) for a, b in zip(first, other, strict=True))
+
+
+def test_recordings_and_features_are_corrupted_by_their_own_kind_only(clips, ref) -> None:
+    with pytest.raises(
+        ConfigError, match=r"snr/white/acoustic@10: corrupts the recordings, not their features"
+    ):
+        perturb.apply(snr_condition(10.0), clips, ref, seed=0)
+    with pytest.raises(ConfigError, match=r"noise/gaussian/acoustic@0.5: corrupts features, not recordings"):
+        perturb.apply_to_waveforms(condition("noise", "gaussian", 0.5), [], seed=0)

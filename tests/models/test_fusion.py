@@ -214,6 +214,8 @@ def test_eval_calibration_temperature_gives_the_fused_model_its_own_temperature_
     raw_late = json.loads((tmp_path / "raw" / "late.json").read_text())
     late = json.loads((tmp_path / "cal" / "late.json").read_text())
     assert "temperature" not in raw_late  # an uncalibrated run's late.json is as before
+    # its metrics.json says so as a single model's does: null
+    assert json.loads((tmp_path / "raw" / "metrics.json").read_text())["run"]["temperature"] is None
     t = late["temperature"]
     metrics = json.loads((tmp_path / "cal" / "metrics.json").read_text())
     assert metrics["run"]["temperature"] == t

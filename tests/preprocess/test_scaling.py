@@ -1,5 +1,5 @@
-"""Scalers fitted by streaming (each against numpy on all frames at once), the data profile and
-its warning, and smoke runs of every scaling option on awkward features."""
+"""Scalers fitted by streaming (each against numpy on all frames at once) and smoke runs of every
+scaling option on awkward features (the data profile and auto's choice: test_profile.py)."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def test_standard_streams_to_todays_numbers(monkeypatch):
     rng = np.random.default_rng(0)
     train = [x + np.float32(1e4) for x in clips_spanning(rng, 200)]  # a large offset: Chan's formula
     monkeypatch.setattr(scaling, "CHUNK_VALUES", 64)  # many chunks combined, not one
-    scaler, profile = scaling.fit("standard", train)
+    scaler = scaling.fit("standard", train)
     mean, std = todays_fit_scaler(train)
     np.testing.assert_allclose(scaler.center, mean, rtol=1e-6)
     np.testing.assert_allclose(scaler.scale, std, rtol=1e-6)
@@ -52,11 +52,6 @@ def test_standard_streams_to_todays_numbers(monkeypatch):
     out = scaler.transform(train[3])
     assert out.dtype == np.float32 and np.isfinite(out).all()
     np.testing.assert_allclose(out, (train[3] - mean) / std, rtol=1e-5, atol=1e-6)
-    assert (profile.n_clips, profile.min_frames, profile.max_frames) == (
-        200,
-        min(map(len, train)),
-        max(map(len, train)),
-    )
 
 
 @pytest.mark.parametrize("exact_max_values", [scaling.EXACT_MAX_VALUES, 0], ids=["exact", "streamed"])
@@ -64,7 +59,7 @@ def test_robust_matches_numpy_percentiles(exact_max_values):
     rng = np.random.default_rng(1)
     train = clips_spanning(rng, 150)
     train = [np.hstack([x, rng.integers(0, 3, (len(x), 1))]).astype(np.float32) for x in train]  # ties
-    scaler, _ = scaling.fit("robust", train, exact_max_values=exact_max_values)
+    scaler = scaling.fit("robust", train, exact_max_values=exact_max_values)
     q25, median, q75 = np.percentile(np.concatenate(train).astype(np.float64), [25, 50, 75], axis=0)
     iqr = q75 - q25
     iqr_or_one = np.where(iqr > 0, iqr, 1.0)
@@ -86,7 +81,7 @@ def test_robust_streamed_needs_clips_it_can_read_again():
 def test_per_clip_standardizes_each_clip_by_its_own_frames():
     rng = np.random.default_rng(3)
     train = clips_spanning(rng, 10)
-    scaler, _ = scaling.fit("per_clip", train)
+    scaler = scaling.fit("per_clip", train)
     assert scaler.state() == {"kind": "per_clip", "center": None, "scale": None}  # nothing fitted
     x = train[0].astype(np.float64)
     out = scaler.transform(train[0])
@@ -99,10 +94,23 @@ def test_per_clip_standardizes_each_clip_by_its_own_frames():
     assert scaler.transform(two[:1]).tolist() == [[0.0, 0.0]]  # one frame: nothing left but zero
 
 
+def test_signed_log_per_clip_compresses_then_standardizes_each_clip_by_its_own_frames():
+    train = clips_spanning(np.random.default_rng(10), 10)
+    scaler = scaling.fit("signed_log_per_clip", train)
+    assert scaler.state() == {"kind": "signed_log_per_clip", "center": None, "scale": None}
+    z = scaling.signed_log(train[0][:, :4])
+    out = scaler.transform(train[0])
+    np.testing.assert_allclose(out[:, :4], (z - z.mean(0)) / z.std(0), rtol=1e-5, atol=1e-6)
+    assert np.abs(out[:, 4]).max() < 1e-6  # constant within the clip: centred (to rounding), no NaN
+    # a clip's scale becomes an offset of its logarithms, which its own mean takes away
+    big = np.abs(train[1][:, :4].astype(np.float64)) + 100.0
+    np.testing.assert_allclose(scaler.transform(big * 1000.0), scaler.transform(big), atol=2e-3)
+
+
 def test_signed_log_compresses_then_standardizes():
     rng = np.random.default_rng(4)
     train = clips_spanning(rng, 60)
-    scaler, _ = scaling.fit("signed_log", train)
+    scaler = scaling.fit("signed_log", train)
     z = [np.sign(x.astype(np.float64)) * np.log1p(np.abs(x.astype(np.float64))) for x in train]
     mean, std = todays_fit_scaler(z)
     np.testing.assert_allclose(scaler.center, mean, rtol=1e-6)
@@ -131,25 +139,6 @@ def test_a_checkpoint_from_before_scaling_options_loads_as_standardization():
     assert prep.scaler.kind == "standard"
     assert prep.scaler.transform(np.array([[3.0, 2.0]])).tolist() == [[1.0, 0.0]]
     assert sequences.StreamPrep.from_state({"length": 3, "mean": None, "std": None}).scaler is None
-
-
-def test_profile_warns_when_feature_scales_differ_by_orders_of_magnitude():
-    train = clips_spanning(np.random.default_rng(6), 30, max_frames=80)
-    prep = sequences.fit(train, percentile=50, normalize=True, scaling="standard")
-    profile = prep.profile
-    # frame counts before the cut at the target length, values over the frames the model sees
-    assert (profile.min_frames, profile.max_frames) == (min(map(len, train)), max(map(len, train)))
-    assert profile.n_constant == 1
-    summary = profile.summary("acoustic")
-    assert summary.startswith(
-        f"acoustic: 30 train clips of {profile.min_frames}..{profile.max_frames} frames"
-    )
-    warning = profile.warning("acoustic", "standard")
-    assert "orders of magnitude" in warning and "preprocess.scaling=robust" in warning
-    assert profile.warning("acoustic", None) == warning  # unscaled: the same advice
-    assert profile.warning("acoustic", "robust") is None and profile.warning("acoustic", "signed_log") is None
-    tame = scaling.fit("standard", [np.random.default_rng(7).normal(size=(9, 3))])[1]
-    assert tame.warning("visual", "standard") is None
 
 
 def test_an_unknown_scaling_is_one_config_error_before_anything_is_written(tmp_path):
@@ -195,8 +184,10 @@ def test_every_scaling_trains_on_awkward_features_and_mer_evaluate_reproduces_it
     assert set(runs) == set(scaling.KINDS)
     for kind, run in runs.items():
         log = (run / "train.log").read_text()
-        assert "early: 30 train clips of 2.." in log
-        assert ("feature scales differ by orders of magnitude" in log) == (kind == "standard"), kind
+        assert "early: target length" in log and "30 train clips of 2.." in log
+        auto = json.loads((run / "profile.json").read_text())["streams"]["early"]["scaling"]["auto"]
+        # the profile warns when the scaling differs from what auto would act on
+        assert ("does not cope with that" in log) == (auto not in ("standard", kind)), (kind, auto)
         with (run / "history.csv").open(newline="") as f:
             losses = [float(row[k]) for row in csv.DictReader(f) for k in ("train/loss", "val/loss")]
         assert losses and all(math.isfinite(v) for v in losses), kind  # no NaN on the way

@@ -193,7 +193,7 @@ def test_in_graph_zero_frame_skipping_gives_the_frames_preprocess_gives(kind, fm
     clips[1][[2, 11, 12]] = 0.0  # 11 and 12 lie past the cut: dropped by the cut, not the skip
     clips[2][:] = 0.0  # nothing but zero frames: keeps its first
     clips[3][1, 0] = 0.0  # a zero feature is not a zero frame
-    scaler = None if kind == "none" else scaling.fit(kind, clips)[0]
+    scaler = None if kind == "none" else scaling.fit(kind, clips)
     prep = sequences.StreamPrep(sequences.TargetLength(10), scaler, skip_zero_frames=True)
     expected = prep.apply(clips)
     assert expected.lengths.tolist() == [5, 9, 1, 6]

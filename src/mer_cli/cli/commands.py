@@ -23,6 +23,7 @@ from mer_cli.core.errors import MerError
 from mer_cli.data import formats, native, npz
 from mer_cli.data.splits import NAN_POLICIES
 from mer_cli.evaluation import perturb
+from mer_cli.preprocess import profile
 from mer_cli.reporting import options as compare_options
 from mer_cli.reporting import report as compare_report
 from mer_cli.runs import evaluate, execute, outputs, robustness, rundir
@@ -63,6 +64,8 @@ def train_main(cfg: DictConfig) -> float:
     log.info("malloc: %s", allocator.describe())
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
+    if cfg.get("profile_only", False):  # +profile_only=true: what mer-profile prints, no training
+        return profile_only_main(cfg, run_dir)
     if "SUBMITIT_EXECUTOR" not in os.environ:  # a submitit job keeps submitit's handlers (requeue)
         stop_on_sigterm()
     multirun = hc.mode == RunMode.MULTIRUN
@@ -100,6 +103,21 @@ def train_main(cfg: DictConfig) -> float:
     return float(value) if value is not None else math.nan
 
 
+def profile_only_main(cfg: DictConfig, run_dir: Path) -> float:
+    """mer-train ... +profile_only=true: print the training data's profile and the preprocessing
+    it implies, then leave no run directory behind (nothing was trained)."""
+    try:
+        described = execute.profile_only(cfg)
+    except MerError as e:
+        rundir.remove_if_nothing_trained(run_dir)
+        fail("mer-train", str(e))
+    print(profile.summary(described), flush=True)
+    for line in profile.warnings(described):
+        log.warning("%s", line)
+    rundir.remove_if_nothing_trained(run_dir)
+    return math.nan
+
+
 def evaluate_main(argv: list[str] | None = None) -> None:
     """mer-evaluate RUN_DIR [--data FILE] [--split val|test|all] | RUN_DIR --perturb [NAMES]"""
     allocator.configure()
@@ -130,11 +148,28 @@ def evaluate_main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--perturb-seed", type=int, default=0, help="draws the corruptions (same seed, same numbers)"
     )
+    parser.add_argument(
+        "--audio",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="with --perturb: the test clips' recordings (files named by clip id, as mer-ingest read "
+        "them), for the snr corruption: noise mixed into each, features computed again",
+    )
+    parser.add_argument(
+        "--audio-model",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="with --audio: where the acoustic features' pretrained model lies here (default: as recorded)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     if args.perturb is not None:
         perturb_main(args)
         return
+    if args.audio is not None or args.audio_model is not None:
+        fail("mer-evaluate", "--audio and --audio-model go with --perturb (the recordings it corrupts)")
     args.split = args.split or "test"
     try:
         out_dir, metrics = evaluate.evaluate_run(
@@ -153,9 +188,16 @@ def perturb_main(args: argparse.Namespace) -> None:
     try:
         if args.data is not None or args.split not in (None, "test"):
             raise MerError("--perturb re-scores the run's own test split: without --data and --split")
+        if args.audio_model is not None and args.audio is None:
+            raise MerError("--audio-model: give --audio DIR too (the recordings it computes features of)")
         names = [n.strip() for n in args.perturb.split(",") if n.strip()]
         result, written = robustness.evaluate_robustness(
-            args.run_dir, names or None, seed=args.perturb_seed, save_plots=not args.no_plots
+            args.run_dir,
+            names or None,
+            seed=args.perturb_seed,
+            save_plots=not args.no_plots,
+            audio_dir=args.audio,
+            audio_model=args.audio_model,
         )
     except MerError as e:
         fail("mer-evaluate", str(e))

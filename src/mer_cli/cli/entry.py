@@ -103,3 +103,7 @@ def predict() -> None:
 
 def export() -> None:
     guarded("mer-export", _module_main("export"))
+
+
+def profile() -> None:
+    guarded("mer-profile", _module_main("profile"))

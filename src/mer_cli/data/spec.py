@@ -46,9 +46,7 @@ def build(
     for name in streams:
         field = STREAM_FIELDS[name]
         ingest = recorded.get(name)
-        rate = ingest.get("frame_rate_hz") if ingest else None
-        if rate is None and splits.source.startswith("synthetic"):
-            rate = _SYNTHETIC_FRAME_RATES[name]
+        rate = frame_rate(splits, name)
         out[name] = {
             "field": field,
             "n_features": getattr(splits.train, field).n_features,
@@ -66,6 +64,16 @@ def build(
         "class_names": list(splits.class_names),
         "source": splits.source,
     }
+
+
+def frame_rate(splits: Splits, name: str) -> float | None:
+    """Stream ``name``'s frames per second as the data records it (mer-ingest's settings, or the
+    embedded data's known rates); None where unknown (the notebook's pickle)."""
+    ingest = (splits.ingest_settings or {}).get(name)
+    rate = ingest.get("frame_rate_hz") if ingest else None
+    if rate is None and splits.source.startswith("synthetic"):
+        rate = _SYNTHETIC_FRAME_RATES[name]
+    return rate
 
 
 def from_meta(meta: Mapping[str, Any]) -> dict[str, Any]:

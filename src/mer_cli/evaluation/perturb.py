@@ -19,14 +19,19 @@ Corruptions (`CORRUPTIONS`, one entry each; a new one is one entry):
   shift       the visual stream delayed against the acoustic one (seconds at the stream's frame
               rate, or frames where no rate is known): its first frames the training mean, its
               last ones cut (length kept)
+  snr         white noise added to the recording itself at a signal-to-noise ratio (20, 10, 5,
+              0 dB), the features then computed again by the run's own back-end: a waveform
+              corruption (``on="waveform"``, `mix_at_snr`), done where the recordings are
+              (`runs.robustness`, given the raw audio), never on features
 """
 
 from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 
@@ -56,7 +61,7 @@ def reference_from_scaler(scaler: scaling.Scaler | None, source: str) -> Referen
 def reference_from_clips(train_clips: Sequence[np.ndarray], source: str) -> Reference:
     """Per-feature mean and std over every frame of the training clips (the standard scaler's
     own streamed fit, so both sources mean the same)."""
-    scaler, _ = scaling.fit("standard", train_clips)
+    scaler = scaling.fit("standard", train_clips)
     ref = reference_from_scaler(scaler, source)
     assert ref is not None  # a standard scaler always has a center and a scale
     return ref
@@ -140,6 +145,22 @@ def delay(
     return out
 
 
+def mix_at_snr(signal: np.ndarray, snr_db: float, rng: np.random.Generator) -> np.ndarray:
+    """``signal`` (n,) plus white Gaussian noise scaled so that the ratio of the two's energies
+    is exactly ``snr_db`` dB (10 log10 of sum(signal^2) / sum(noise^2)); float32. A silent
+    signal stays silent (no energy to be relative to)."""
+    x = np.asarray(signal, dtype=np.float64)
+    noise = rng.standard_normal(x.shape)
+    energy, noise_energy = float(np.sum(x * x)), float(np.sum(noise * noise))
+    if energy == 0.0 or noise_energy == 0.0:
+        return x.astype(np.float32)
+    noise *= math.sqrt(energy / (noise_energy * 10.0 ** (snr_db / 10.0)))
+    return (x + noise).astype(np.float32)
+
+
+WaveTransform = Callable[[np.ndarray, float, np.random.Generator], np.ndarray]
+
+
 # ---------------------------------------------------------------------------------------------
 # The registry: what each corruption does, to which streams, at which strengths
 
@@ -151,9 +172,11 @@ class Corruption:
     applied to, one at a time. ``strengths`` in ``unit``; a ``timed`` corruption's are seconds,
     turned into frames at the stream's frame rate, or ``frame_strengths`` (frames) where no rate
     is known. ``needs_streams``: the streams a model must read for it to mean anything;
-    ``whole_stream``: it takes the whole stream away (meaningless for the model's only one)."""
+    ``whole_stream``: it takes the whole stream away (meaningless for the model's only one);
+    ``on``: ``features`` (a clip transform of the data's frames) or ``waveform`` (a
+    `WaveTransform` of each recording, whose features are then computed again)."""
 
-    variants: Mapping[str, ClipTransform | None]
+    variants: Mapping[str, ClipTransform | WaveTransform | None]
     streams: tuple[str, ...]
     strengths: tuple[float, ...]
     unit: str
@@ -161,6 +184,7 @@ class Corruption:
     frame_strengths: tuple[float, ...] = ()
     needs_streams: int = 1
     whole_stream: bool = False
+    on: str = "features"
 
 
 CORRUPTIONS: Registry[Corruption] = Registry("corruption")
@@ -190,6 +214,9 @@ CORRUPTIONS.add(
         needs_streams=2,  # out of step with the other stream: meaningless for a one-stream model
     ),
 )
+CORRUPTIONS.add(
+    "snr", Corruption({"white": mix_at_snr}, ("acoustic",), (20.0, 10.0, 5.0, 0.0), "dB SNR", on="waveform")
+)
 
 
 @dataclass(frozen=True)
@@ -207,6 +234,11 @@ class Condition:
     @property
     def key(self) -> str:
         return f"{self.corruption}/{self.variant}/{self.stream}@{self.strength:g}"
+
+    @property
+    def on_waveform(self) -> bool:
+        """It corrupts the recordings: their features are computed again."""
+        return CORRUPTIONS.get(self.corruption).on == "waveform"
 
     @property
     def masked(self) -> bool:
@@ -253,12 +285,29 @@ def conditions(requested: Sequence[str], frame_rates: Mapping[str, float | None]
 
 def apply(condition: Condition, clips: Sequence[np.ndarray], ref: Reference, seed: int) -> list[np.ndarray]:
     """``clips`` of ``condition.stream`` under ``condition``, drawn from ``condition.rng(seed)``."""
-    transform = CORRUPTIONS.get(condition.corruption).variants[condition.variant]
+    corruption = CORRUPTIONS.get(condition.corruption)
+    transform = corruption.variants[condition.variant]
     if transform is None:
         raise ConfigError(f"{condition.key}: the model leaves the stream out; no clip is changed")
+    if corruption.on == "waveform":
+        raise ConfigError(f"{condition.key}: corrupts the recordings, not their features")
     if len(clips) and clips[0].shape[1] != len(ref.mean):  # statistics of other features
         raise DataError(
             f"{condition.stream}: the clips have {clips[0].shape[1]} features per frame, its training "
             f"statistics ({ref.source}) {len(ref.mean)}"
         )
-    return transform(clips, condition.amount, ref, condition.rng(seed))
+    return cast(ClipTransform, transform)(clips, condition.amount, ref, condition.rng(seed))
+
+
+def apply_to_waveforms(
+    condition: Condition, waveforms: Iterable[np.ndarray], seed: int
+) -> Iterator[np.ndarray]:
+    """Each recording (n_i,) under a waveform ``condition``, lazily and in order (one recording
+    in memory at a time), all drawn from one ``condition.rng(seed)``: the same recordings in the
+    same order give the same output."""
+    corruption = CORRUPTIONS.get(condition.corruption)
+    if corruption.on != "waveform":
+        raise ConfigError(f"{condition.key}: corrupts features, not recordings")
+    transform = cast(WaveTransform, corruption.variants[condition.variant])
+    rng = condition.rng(seed)
+    return (transform(w, condition.amount, rng) for w in waveforms)

@@ -1,3 +1,4 @@
 """Preprocessing fitted on the training split and applied clip by clip to every split: target
-lengths and the model-ready sequences (`sequences`), feature scaling and the data profile
-(`scaling`), early fusion's frame alignment (`align`)."""
+lengths and the model-ready sequences (`sequences`), feature scaling (`scaling`), the data
+profile and the scaler ``preprocess.scaling=auto`` picks from it (`profile`), early fusion's frame
+alignment (`align`)."""

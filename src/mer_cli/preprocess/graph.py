@@ -16,9 +16,9 @@ from mer_cli.preprocess import scaling, sequences
 class StreamPreprocess(nn.Module):
     """One stream's fitted preprocessing: cut to ``length`` frames (the start kept) and, with a
     scaler, its `scaling.Scaler.transform` in float64 then float32 (the same numbers): signed-log
-    compression for ``signed_log``, then ``(x - center) / scale``, where ``per_clip`` takes center
-    and scale from each clip's own frames; frames past each clip's length are zeroed, as
-    `sequences.Ragged.pad` pads."""
+    compression for ``signed_log`` and ``signed_log_per_clip``, then ``(x - center) / scale``,
+    where ``per_clip`` and ``signed_log_per_clip`` take center and scale from each clip's own
+    frames; frames past each clip's length are zeroed, as `sequences.Ragged.pad` pads."""
 
     center: torch.Tensor  # (F,) float64 buffers; empty without a fitted scaler
     scale: torch.Tensor
@@ -42,9 +42,9 @@ class StreamPreprocess(nn.Module):
             x, lengths, keep = self._drop_zero_frames(x, keep)
         if self.kind != "none":
             v = x.double()
-            if self.kind == "signed_log":
+            if self.kind in scaling.LOG_KINDS:
                 v = torch.sign(v) * torch.log1p(v.abs())
-            if self.kind == "per_clip":  # each clip's own mean and std over its real frames
+            if self.kind in scaling.PER_CLIP_KINDS:  # each clip's own mean and std over its real frames
                 mask = keep[:, :, None].double()
                 n = lengths.clamp(min=1).double()[:, None, None]
                 center = (v * mask).sum(dim=1, keepdim=True) / n

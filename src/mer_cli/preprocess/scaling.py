@@ -1,12 +1,12 @@
-"""Feature scalers fitted by streaming over a stream's training clips, and a profile of those clips.
+"""Feature scalers fitted by streaming over a stream's training clips.
 
 Input: the training clips of one stream, an iterable of (T, D) float arrays, read chunk by
 chunk (never all frames at once, never a float64 copy of them). Output: a fitted `Scaler`
-(plain-number `state` for the checkpoint, `transform` for any clip or batch of frames) and a
-`Profile` (frame counts, feature ranges) for the log, with a warning when feature scales differ
-by orders of magnitude.
+(plain-number `state` for the checkpoint, `transform` for any clip or batch of frames). What the
+clips look like (and which kind ``preprocess.scaling=auto`` picks) is the data profile's
+(`preprocess.profile`).
 
-Kinds (``preprocess.scaling``):
+Kinds (``preprocess.scaling``, or the one auto chose):
   standard    per feature, (x - mean) / std over all training frames (running moments, Chan's
               parallel formula, float64)
   robust      per feature, (x - median) / IQR: exact (numpy's percentiles) while the training
@@ -15,6 +15,8 @@ Kinds (``preprocess.scaling``):
   per_clip    every clip standardized by its own frames: nothing is fitted
   signed_log  sign(x) * log1p(|x|), then standardized as ``standard`` (statistics of the
               compressed values)
+  signed_log_per_clip  sign(x) * log1p(|x|), then each clip standardized by its own compressed
+              frames (nothing is fitted): a clip's scale becomes an offset, which its own mean takes
 A spread (std or IQR) below `MIN_SPREAD` is a constant feature: it is centred, never divided by
 (no division by zero, no NaN); a robust feature whose IQR is zero (mostly one value) falls back
 to its std. Under per_clip, a clip of one frame therefore becomes all zeros.
@@ -22,22 +24,23 @@ to its std. Under per_clip, a clip of one frame therefore becomes all zeros.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
 from mer_cli.core.errors import ConfigError
 
-KINDS = ("standard", "robust", "per_clip", "signed_log")
+KINDS = ("standard", "robust", "per_clip", "signed_log", "signed_log_per_clip")
+AUTO = "auto"  # preprocess.scaling=auto: the data profile picks one of KINDS per stream
+PER_CLIP_KINDS = ("per_clip", "signed_log_per_clip")  # nothing fitted: each clip by its own frames
+LOG_KINDS = ("signed_log", "signed_log_per_clip")  # sign(x) log1p(|x|) first
 MIN_SPREAD = 1e-8  # a std or IQR below this is a constant feature: centred, scale 1
 CHUNK_VALUES = 1 << 20  # frame x feature values per streamed chunk (8 MiB in float64)
 EXACT_MAX_VALUES = 1 << 22  # robust: up to this many frame x feature values (32 MiB), exact
 ROBUST_TOLERANCE = 1e-4  # robust, streamed: each quantile within this fraction of the IQR
 _BINS = 1024  # histogram bins per refinement pass
 _MAX_PASSES = 12  # refinements: 1024**12 bins cover any float64 range
-SCALE_RATIO_WARNING = 1e3  # largest / smallest per-feature std above this: the profile warns
 
 
 def check_kind(kind: str) -> str:
@@ -45,6 +48,13 @@ def check_kind(kind: str) -> str:
     if kind not in KINDS:
         raise ConfigError(f"preprocess.scaling={kind} is not one of: {', '.join(KINDS)}")
     return kind
+
+
+def check_setting(setting: str) -> str:
+    """``preprocess.scaling``: a scaler's kind or ``auto``, else one `ConfigError` line."""
+    if setting not in (*KINDS, AUTO):
+        raise ConfigError(f"preprocess.scaling={setting} is not one of: {', '.join((*KINDS, AUTO))}")
+    return setting
 
 
 def signed_log(x: np.ndarray) -> np.ndarray:
@@ -65,16 +75,16 @@ class Scaler:
     identity or `signed_log`; under ``per_clip`` center and scale come from each clip itself."""
 
     kind: str
-    center: np.ndarray | None  # (D,) float64; None for per_clip
-    scale: np.ndarray | None  # (D,) float64, never below MIN_SPREAD; None for per_clip
+    center: np.ndarray | None  # (D,) float64; None for the PER_CLIP_KINDS
+    scale: np.ndarray | None  # (D,) float64, never below MIN_SPREAD; None for the PER_CLIP_KINDS
 
     def transform(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """``x`` (T, D) scaled, as float32 (into ``out`` when given; ``out=x`` scales in place).
 
         Rows are independent frames (one clip or many) except under ``per_clip``, where ``x``
         is one clip's frames."""
-        v = signed_log(x) if self.kind == "signed_log" else np.asarray(x, dtype=np.float64)
-        if self.kind == "per_clip":  # the clip's own statistics (a clip of no frames stays empty)
+        v = signed_log(x) if self.kind in LOG_KINDS else np.asarray(x, dtype=np.float64)
+        if self.kind in PER_CLIP_KINDS:  # the clip's own statistics (a clip of no frames stays empty)
             scaled = (v - v.mean(axis=0)) / _spread_or_one(v.std(axis=0)) if len(v) else v
         else:
             assert self.center is not None and self.scale is not None  # fitted: every other kind
@@ -99,51 +109,6 @@ class Scaler:
             check_kind(str(state["kind"])),
             None if center is None else np.asarray(center, dtype=np.float64),
             None if scale is None else np.asarray(scale, dtype=np.float64),
-        )
-
-
-# ---------------------------------------------------------------------------------------------
-# What went through: the data profile
-
-
-@dataclass(frozen=True)
-class Profile:
-    """Frame counts and per-feature value ranges of one stream's training clips."""
-
-    n_clips: int
-    min_frames: int
-    max_frames: int
-    feature_min: np.ndarray  # (D,)
-    feature_max: np.ndarray  # (D,)
-    feature_std: np.ndarray  # (D,)
-
-    @property
-    def n_constant(self) -> int:
-        return int(np.sum(~(self.feature_std >= MIN_SPREAD)))
-
-    def std_range(self) -> tuple[float, float]:
-        """Smallest and largest std over the non-constant features ((nan, nan) if none)."""
-        varying = self.feature_std[self.feature_std >= MIN_SPREAD]
-        return (float(varying.min()), float(varying.max())) if len(varying) else (math.nan, math.nan)
-
-    def summary(self, name: str) -> str:
-        lo, hi = self.std_range()
-        return (
-            f"{name}: {self.n_clips} train clips of {self.min_frames}..{self.max_frames} frames, "
-            f"{len(self.feature_std)} features, "
-            f"values {self.feature_min.min():.3g}..{self.feature_max.max():.3g}, "
-            f"per-feature std {lo:.3g}..{hi:.3g}, {self.n_constant} constant"
-        )
-
-    def warning(self, name: str, kind: str | None) -> str | None:
-        """A warning line when the per-feature std spans more than `SCALE_RATIO_WARNING` and the
-        chosen scaling (``kind``, None: none) does not already cope with it."""
-        lo, hi = self.std_range()
-        if not hi / lo > SCALE_RATIO_WARNING or kind in ("robust", "signed_log", "per_clip"):
-            return None
-        return (
-            f"{name}: feature scales differ by orders of magnitude (per-feature std {lo:.3g} to "
-            f"{hi:.3g}); preprocess.scaling=robust or preprocess.scaling=signed_log copes with that"
         )
 
 
@@ -180,15 +145,12 @@ class _Moments:
         return np.sqrt(self.m2 / max(self.n, 1))
 
 
-def _chunks(clips: Iterable[np.ndarray], lengths: list[int] | None = None) -> Iterator[np.ndarray]:
+def _chunks(clips: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
     """The clips' frames as float64 chunks of about `CHUNK_VALUES` values (short clips grouped,
-    so 150k tiny clips cost a few hundred numpy calls, and a chunk's memory stays bounded);
-    ``lengths`` collects each clip's frame count."""
+    so 150k tiny clips cost a few hundred numpy calls, and a chunk's memory stays bounded)."""
     parts: list[np.ndarray] = []
     values = 0
     for clip in clips:
-        if lengths is not None:
-            lengths.append(len(clip))
         parts.append(clip)
         values += clip.size
         if values >= CHUNK_VALUES:
@@ -204,17 +166,20 @@ def _chunks(clips: Iterable[np.ndarray], lengths: list[int] | None = None) -> It
 
 def fit(
     kind: str | None, clips: Iterable[np.ndarray], exact_max_values: int = EXACT_MAX_VALUES
-) -> tuple[Scaler | None, Profile]:
-    """The ``kind`` scaler (None: no scaler) fitted on the training ``clips`` (each (T, D)) and
-    their profile, in one streamed pass (robust scaling of more than ``exact_max_values`` values
-    takes a few more: ``clips`` must then be re-iterable, e.g. a list of arrays or views)."""
-    if kind is not None:
-        check_kind(kind)
-    lengths: list[int] = []
+) -> Scaler | None:
+    """The ``kind`` scaler (None: no scaler) fitted on the training ``clips`` (each (T, D)), in
+    one streamed pass (robust scaling of more than ``exact_max_values`` values takes a few more:
+    ``clips`` must then be re-iterable, e.g. a list of arrays or views); the per-clip kinds read
+    nothing."""
+    if kind is None:
+        return None
+    check_kind(kind)
+    if kind in PER_CLIP_KINDS:
+        return Scaler(kind, None, None)
     raw, logged = _Moments(), _Moments()
     buffer: list[np.ndarray] | None = [] if kind == "robust" else None
     buffered = 0
-    for x in _chunks(clips, lengths):
+    for x in _chunks(clips):
         raw.update(x)
         if kind == "signed_log":
             logged.update(signed_log(x))
@@ -226,16 +191,10 @@ def fit(
                 buffer = None  # too many values to hold: quartiles from histograms instead
     if raw.n == 0:
         raise ValueError("no training frames to fit a scaler on")
-    profile = Profile(len(lengths), min(lengths), max(lengths), raw.min, raw.max, raw.std)
-
-    if kind is None:
-        return None, profile
-    if kind == "per_clip":
-        return Scaler(kind, None, None), profile
     if kind == "standard":
-        return Scaler(kind, raw.mean, _spread_or_one(raw.std)), profile
+        return Scaler(kind, raw.mean, _spread_or_one(raw.std))
     if kind == "signed_log":
-        return Scaler(kind, logged.mean, _spread_or_one(logged.std)), profile
+        return Scaler(kind, logged.mean, _spread_or_one(logged.std))
     # robust
     if buffer is not None:  # small enough: numpy's own percentiles
         q25, median, q75 = np.percentile(np.concatenate(buffer), [25, 50, 75], axis=0)
@@ -247,7 +206,7 @@ def fit(
         q25, median, q75 = _streamed_quartiles(clips, raw)
     iqr = q75 - q25
     scale = np.where(iqr >= MIN_SPREAD, iqr, _spread_or_one(raw.std))  # IQR 0: fall back to std
-    return Scaler(kind, np.asarray(median, dtype=np.float64), scale), profile
+    return Scaler(kind, np.asarray(median, dtype=np.float64), scale)
 
 
 def _streamed_quartiles(clips: Iterable[np.ndarray], moments: _Moments) -> tuple[np.ndarray, ...]:
@@ -302,9 +261,3 @@ def _streamed_quartiles(clips: Iterable[np.ndarray], moments: _Moments) -> tuple
         lo, width = lo + b * bin_width, bin_width
     q = estimates()
     return q[0], q[1], q[2]
-
-
-def with_frame_counts(profile: Profile, lengths: Iterable[int]) -> Profile:
-    """``profile`` with its frame-count range from ``lengths`` (e.g. before clips were cut)."""
-    counts = list(lengths)
-    return replace(profile, min_frames=min(counts), max_frames=max(counts))

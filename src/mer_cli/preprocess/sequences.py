@@ -7,7 +7,8 @@ them for clips on disk (`Prepared`: memory does not grow with the dataset), once
 store for clips in memory (`Ragged`). Never padded here: a batch is padded when it is gathered
 (`train.PadCollate`). Fitting streams over the train clips (lengths only for the target length,
 blocks of frames for the scaler); it never looks at validation or test data.
-Scaling (standard, robust, per-clip, signed-log) lives in `scaling`, fitted by streaming.
+Scaling (standard, robust, per-clip, signed-log) lives in `scaling`, fitted by streaming; the
+train clips' data profile, and the kind ``preprocess.scaling=auto`` takes from it, in `profile`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from mer_cli.core.errors import ConfigError
+from mer_cli.preprocess import profile as data_profile
 from mer_cli.preprocess import scaling as feature_scaling
 from mer_cli.preprocess.scaling import Scaler
 
@@ -234,8 +237,9 @@ class StreamPrep:
     target: TargetLength
     scaler: Scaler | None  # None: features left as they are (the notebook)
     skip_zero_frames: bool = False  # drop all-zero frames after the cut (Keras' Masking(0))
-    # the train clips as fitted (frame counts, feature ranges), for the log; None once loaded
-    profile: feature_scaling.Profile | None = field(default=None, compare=False, repr=False)
+    # the train clips as fitted (their data profile and the scaling chosen), for the log and
+    # profile.json; None once loaded
+    profile: data_profile.StreamProfile | None = field(default=None, compare=False, repr=False)
 
     def apply(self, frames: Sequence[np.ndarray]) -> Prepared | Ragged:
         """Every clip of ``frames`` cut to the target length (keeping its start, as the notebook),
@@ -273,19 +277,51 @@ def fit(
     normalize: bool,
     scaling: str = "standard",
     skip_zero_frames: bool = False,
+    max_frames: int | None = None,
 ) -> StreamPrep:
     """Fit target length and (if ``normalize``) the ``scaling`` scaler of one stream on its train
-    clips (`scaling.KINDS`), streaming over them; the prep's profile describes those clips.
+    clips (`scaling.KINDS`, or ``auto``: the kind the clips' data profile calls for,
+    `profile.recommend`), streaming over them; the prep's profile describes those clips.
+    ``max_frames``: the target length (None: the ``percentile`` of the train lengths).
     ``skip_zero_frames``: clips lose their all-zero frames after the cut (`drop_zero_frames`); the
     target length still comes from the clips' own frame counts, as the notebook's did."""
     # fitted on train only: validation and test clips never move the cut-off or the statistics
-    target = fit_target_length(train_frames, percentile)
-    # the scaler sees the frames the model sees: each clip up to the target length, read lazily
-    # (a pass reads each clip once; clips on disk are never all in memory)
+    if max_frames is None:
+        target = fit_target_length(train_frames, percentile)
+        rule = f"data.max_frames=auto: preprocess.length_percentile={percentile:g} of the train lengths"
+    else:
+        target, rule = TargetLength(int(max_frames)), f"data.max_frames={max_frames}"
+    # the scaler and the profile see the frames the model sees: each clip up to the target
+    # length, read lazily (a pass reads each clip once; clips on disk are never all in memory)
     frames = _Cut(train_frames, target.length, skip_zero_frames)
-    scaler, profile = feature_scaling.fit(scaling if normalize else None, frames)
-    profile = feature_scaling.with_frame_counts(profile, clip_lengths(train_frames))
-    return StreamPrep(target, scaler, skip_zero_frames, profile)
+    described = data_profile.describe_stream(frames, clip_lengths(train_frames), target.length, rule)
+    setting = feature_scaling.check_setting(scaling) if normalize else None
+    kind: str | None
+    if setting == feature_scaling.AUTO:
+        kind, reason = data_profile.recommend(described)
+    else:
+        kind = setting
+        reason = f"preprocess.scaling={setting}" if setting else "preprocess.normalize=false"
+    scaler = feature_scaling.fit(kind, frames)
+    return StreamPrep(
+        target, scaler, skip_zero_frames, data_profile.with_scaling(described, setting, kind, reason)
+    )
+
+
+def max_frames_of(setting: object, stream: str) -> int | None:
+    """``data.max_frames`` for ``stream``: ``auto`` (None: the percentile rule), a number of frames
+    for every stream, or a mapping stream -> ``auto`` | frames (a stream it does not name: auto);
+    a bad value is one `ConfigError` line."""
+    value = setting.get(stream, "auto") if isinstance(setting, Mapping) else setting
+    if value == "auto":
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        shown = dict(setting) if isinstance(setting, Mapping) else setting
+        raise ConfigError(
+            f"data.max_frames={shown}: valid: auto, a number of frames (at least 1), or per stream "
+            "{acoustic: N, visual: N, early: N}"
+        )
+    return value
 
 
 class _Cut:

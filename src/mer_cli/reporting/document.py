@@ -48,6 +48,11 @@ def _cell(entry: dict[str, Any], percent: bool = True) -> str:
     return text
 
 
+def metric_cell(entry: dict[str, Any], metric: str) -> str:
+    """A table cell of ``metric``'s summary (mean ± std [interval]), as the main table writes it."""
+    return _cell(entry, percent=METRICS.get(metric).percent)
+
+
 SPEAKER_DEPENDENT = "speaker-dependent split"
 
 
@@ -122,6 +127,7 @@ def document(
     ]
     blocks.append(Block("table", rows=(header, *rows)))
     blocks += contribution_blocks(result)
+    blocks += scaling_blocks(runs, labels)
     blocks.append(Block("h2", "Ranking"))
     blocks.append(
         Block(
@@ -336,6 +342,29 @@ def contribution_blocks(result: Comparison) -> list[Block]:
         "kept and the others' frames zeroed (mean over runs): how much the model relies on each."
     )
     return [Block("h2", "Stream contribution"), Block("p", text), Block("table", rows=(header, *rows))]
+
+
+def scaling_blocks(runs: Sequence[Run], labels: dict[Path, str]) -> list[Block]:
+    """One line per model: the scaling of each of its input streams and why (metrics.json's
+    ``run.preprocessing``: preprocess.scaling=auto's choice from the training data's profile, or
+    the setting); empty when no run records it (runs from before it)."""
+    per_model: dict[str, dict[str, str]] = {}
+    for r in runs:
+        recorded = r.metrics.get("run", {}).get("preprocessing") or {}
+        for stream, choice in recorded.items():
+            text = f"{choice.get('scaling') or 'none'} ({choice.get('scaling_reason', '')})"
+            per_model.setdefault(labels.get(r.path, r.modality), {}).setdefault(stream, text)
+    if not per_model:
+        return []
+    items = tuple(
+        f"{label}: " + "; ".join(f"{stream} {text}" for stream, text in streams.items())
+        for label, streams in sorted(per_model.items())
+    )
+    text = (
+        "Feature scaling per input stream (the first run of each model; preprocess.scaling=auto chooses "
+        "it from the training split's profile, each run's profile.json):"
+    )
+    return [Block("p", text), Block("ul", items=items)]
 
 
 def failure_blocks(failures: Sequence[dict[str, Any]], root: Path) -> list[Block]:

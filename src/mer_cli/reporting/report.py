@@ -4,7 +4,8 @@
 directories into a new report directory, `into_sweep` (the sweep callback) into the sweep's root.
 Output, in one directory: report.md, report.html (figures embedded), comparison.json,
 comparison.csv, runs.csv, pairwise.csv and figures/*.png (figures/robustness.png and a robustness
-section when runs carry a robustness.json: `robustness`).
+section when runs carry a robustness.json: `robustness`; baseline rows, sentences and a section
+when they carry a baselines.json: `baselines`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from mer_cli.core.artifacts import write_json, write_text
 from mer_cli.core.errors import MerError
-from mer_cli.reporting import analysis, charts, document, render, robustness
+from mer_cli.reporting import analysis, baselines, charts, document, render, robustness
 from mer_cli.reporting.collect import Failure, Run, collect, label_runs
 from mer_cli.reporting.options import Comparison, Settings
 from mer_cli.runs import outputs
@@ -35,17 +36,27 @@ def write(out_dir: Path, runs: Sequence[Run], failures: Sequence[Failure], setti
         return result
     result = analysis.build(runs, failures, settings)
     models = analysis.group_models(runs)
+    classic = baselines.summarize(runs, models, result, settings)  # None: no run has a baselines.json
+    if classic is not None:
+        result["baselines"] = classic
+        result["summary"] = baselines.add_sentences(result["summary"], result)
     robust = robustness.summarize(models)  # None: no run has a robustness.json
     if robust is not None:
         result["robustness"] = robust
         outputs.save_figure(robustness.figure(robust), out_dir / robustness.FIGURE)
     figure_files = charts.draw(result, models, runs[0].class_names, settings.grid_panels, out_dir)
     write_json(out_dir / "comparison.json", result)
-    write_text(out_dir / "comparison.csv", render.models_csv(result))
+    # the baselines' rows (modality "baseline") after the models'
+    write_text(
+        out_dir / "comparison.csv",
+        render.models_csv({**result, "models": result["models"] + (classic or [])}),
+    )
     write_text(out_dir / "runs.csv", render.runs_csv(runs, label_runs(runs), out_dir))
     write_text(out_dir / "pairwise.csv", render.pairwise_csv(result))
     blocks = document.document(result, [r for m in models for r in m.runs], figure_files, out_dir)
+    blocks = baselines.add_rows(blocks, result)
     blocks = robustness.insert(blocks, robustness.blocks(robust, robustness.FIGURE))
+    blocks = baselines.insert(blocks, baselines.blocks(result, out_dir))
     write_text(out_dir / "report.md", render.to_markdown(TITLE, blocks))
     write_text(out_dir / "report.html", render.to_html(TITLE, blocks, out_dir))
     return result

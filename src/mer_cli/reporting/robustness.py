@@ -25,7 +25,7 @@ from mer_cli.reporting.analysis import Model
 from mer_cli.reporting.document import Block
 from mer_cli.reporting.prose import pct
 from mer_cli.runs import files
-from mer_cli.runs.robustness import finish_figure, finish_panel
+from mer_cli.runs.robustness import clean_strength, finish_figure, finish_panel
 
 FILE = "robustness.json"
 FIGURE = "figures/robustness.png"
@@ -130,7 +130,7 @@ def figure(summary: dict[str, Any]) -> Figure:
                 ]
                 if not points:
                     continue
-                x, y = zip(*[(0.0, m["clean"]), *points], strict=True)
+                x, y = zip(*[(clean_strength(conds[0]["unit"]), m["clean"]), *points], strict=True)
                 label = m["label"] + (f" ({v})" if len(variants) > 1 else "")
                 ax.plot(x, y, marker="o", ls=style, color=f"C{i % 10}", label=label)
         finish_panel(ax, title, conds[0]["unit"])
@@ -149,9 +149,10 @@ def blocks(summary: dict[str, Any] | None, figure_path: str) -> list[Block]:
         "robustness.json; eval.robustness=true or mer-evaluate RUN --perturb): Gaussian noise "
         "relative to each feature's training std, visual frames lost at random or in one gap "
         "(replaced by the training mean), a stream missing (zeros: every frame the training mean; "
-        "masked: late fusion without that member), the visual stream delayed. Skipped: the "
-        "corruption means nothing for that model (its only stream missing, a shift of one stream "
-        f"against nothing). Corruptions drawn with seed {seeds}."
+        "masked: late fusion without that member), the visual stream delayed, white noise added "
+        "to the recordings at an SNR (features computed again; needs the recordings). Skipped: "
+        "the corruption means nothing for that model (its only stream missing, a shift of one "
+        f"stream against nothing) or cannot be done (no recordings). Corruptions drawn with seed {seeds}."
     )
     return [
         Block("h2", "Robustness"),

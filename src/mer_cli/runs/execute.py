@@ -2,6 +2,8 @@
 of two, or one run per cross-validation fold), a sweep's trained models are reused, and every file
 of the run directory is written by a function called from here:
   config.yaml              resolved config (Hydra's .hydra/ keeps the unresolved one and overrides)
+  profile.json             the training split's data profile and the preprocessing it chose
+                           (preprocess/profile.py; late fusion: in each member's directory)
   checkpoint.pt            best weights by val/loss, with what is needed to rebuild the model
   last.pt                  the latest epoch's full state, to resume an interrupted run
   history.csv              one row per epoch (train/*, val/*, lr)
@@ -14,6 +16,8 @@ of the run directory is written by a function called from here:
   fold<i>/, cv.json        cv.folds=K only: one run per fold (same layout), mean over folds
   robustness.json, .csv    eval.robustness=true only: the test split re-scored under corruptions
                            (runs/robustness.py), with plots/robustness.png
+  baselines.json           report.baselines=true only: classic baselines on the run's splits
+                           (runs/baselines.py; a sweep computes them once per dataset and split)
   failed.json              a failed job of a sweep (written by the CLI): its error, for the report
   tensorboard/             logger=tensorboard only: event files (training/tracking.py; logger=mlflow
                            writes outside the run directory, by default into outputs/mlflow.db)
@@ -37,11 +41,12 @@ from mer_cli.data.splits import Splits
 from mer_cli.evaluation import calibration
 from mer_cli.evaluation.metrics import HEADLINE
 from mer_cli.models import layer_mix, modalities
-from mer_cli.preprocess.scaling import check_kind as check_scaling
-from mer_cli.runs import reuse, robustness
+from mer_cli.preprocess import profile
+from mer_cli.preprocess.scaling import check_setting as check_scaling
+from mer_cli.runs import baselines, reuse, robustness
 from mer_cli.runs.late import run_late
 from mer_cli.runs.resume import check_resumable
-from mer_cli.runs.train import train_model
+from mer_cli.runs.train import check_max_frames, describe_data, fit_preprocessing, frame_validity, train_model
 from mer_cli.training import options as trainer_options
 from mer_cli.training import tracking
 
@@ -58,12 +63,23 @@ def run(
     there with the same settings are reused instead of trained again (see `sweep`).
     ``eval.robustness=true``: the finished run (each fold of a cross-validation) is then
     re-scored under every corruption, as ``mer-evaluate RUN --perturb`` does.
+    ``report.baselines=true``: then the classic baselines on the same splits (baselines.json).
     """
+    if baselines.enabled(cfg):
+        baselines.check(cfg)  # a bad setting, or numba missing: one line before anything is trained
     metrics = train_or_reuse(cfg, out_dir, resume, sweep_dir)
     one_run = cfg.cv.folds is None or cfg.cv.fold is not None  # not the folds' parent (cv.json)
     if cfg.get("eval", {}).get("robustness", False) and one_run:
         seed = int(cfg.eval.get("robustness_seed", 0))
-        robustness.evaluate_robustness(out_dir, seed=seed, save_plots=cfg.runtime.save_plots)
+        recordings = cfg.eval.get("robustness_audio")
+        robustness.evaluate_robustness(
+            out_dir,
+            seed=seed,
+            save_plots=cfg.runtime.save_plots,
+            audio_dir=None if recordings is None else Path(str(recordings)),
+        )
+    if baselines.enabled(cfg) and one_run:
+        baselines.write(cfg, out_dir, sweep_dir)
     return metrics
 
 
@@ -75,6 +91,7 @@ def train_or_reuse(
     modalities.get(modality)  # an unknown name: one line listing the valid ones
     calibration.check(str(cfg.get("eval", {}).get("calibration", "none")))
     check_scaling(cfg.preprocess.scaling)
+    check_max_frames(cfg)
     trainer_options.check(cfg.trainer, modality)  # before any data is read or member trained
     layer_mix.check_value(cfg.model.get("layer_weights"))
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -101,6 +118,30 @@ def train_or_reuse(
         return run_late(cfg, splits, out_dir, resume_here, sweep_dir)
     result = train_model(cfg, splits, out_dir, resume_here)
     return result.metrics
+
+
+def profile_only(cfg: DictConfig) -> profile.DataProfile:
+    """``+profile_only=true`` and mer-profile: the data profile of the training split and the
+    preprocessing it leads to, as a run would fit them (the same loading, checks, splits, fold),
+    without training or writing anything. Late fusion: its two members' streams."""
+    modality = cfg.modality.name
+    modalities.get(modality)
+    check_scaling(cfg.preprocess.scaling)
+    check_max_frames(cfg)
+    if cfg.cv.folds is not None and cfg.cv.fold is None:  # every fold's run profiles its own: the first
+        cfg = cast(DictConfig, OmegaConf.merge(cfg, {"cv": {"fold": 0}}))
+        log.info("cross-validation: the profile of fold 1 of %d", cfg.cv.folds)
+    splits = load_logged(cfg)
+    if modality == "late":
+        members = [(m, [m]) for m in modalities.get("late").members]
+    else:
+        members = [(modality, list(cfg.modality.streams))]
+    preps = {}
+    for name, streams in members:
+        preps.update(
+            fit_preprocessing(cfg, splits, name, streams, frame_validity(cfg, splits, name, streams))
+        )
+    return describe_data(splits, preps)
 
 
 def load_logged(cfg: DictConfig) -> Splits:

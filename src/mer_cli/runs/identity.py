@@ -14,12 +14,12 @@ from mer_cli.runs import upgrade
 from mer_cli.training import options as trainer_options
 
 # how a run executed, where it was tracked, what happens after it, whether it was resumed, which
-# search trial it was: never part of a model (data.cache*: where generated clips are kept, never
-# which clips)
+# search trial it was, whether it only printed the data profile: never part of a model
+# (data.cache*: where generated clips are kept, never which clips)
 _NOT_IDENTITY = re.compile(
-    r"^(runtime|logger|compare|hydra|search)\.|^(resume|search)$"
+    r"^(runtime|logger|compare|report|hydra|search)\.|^(resume|search|profile_only)$"
     r"|^data\.(cache(_dir)?|speaker_pattern|allow_speaker_overlap)$"  # checks, not what is learned
-    r"|^eval\.robustness(_seed)?$"  # what is measured after training, not what is learned
+    r"|^eval\.robustness(_seed|_audio)?$"  # what is measured after training, not what is learned
 )
 
 
@@ -41,8 +41,9 @@ TRAINER_OPTION_DEFAULTS = {f"trainer.{k}": v for k, v in trainer_options.DEFAULT
 # layer weights, models/layer_mix.py: off)
 MODEL_OPTION_DEFAULTS = {"model.layer_weights": None}
 # the data options added since, and the value a run from before them is: no dataset stored a
-# validity mask then, so honouring masks (today's default) is exactly what it did
-DATA_OPTION_DEFAULTS = {"data.frame_validity": "honour"}
+# validity mask then, so honouring masks (today's default) is exactly what it did; its target
+# lengths came from preprocess.length_percentile, as data.max_frames=auto's do
+DATA_OPTION_DEFAULTS = {"data.frame_validity": "honour", "data.max_frames": "auto"}
 
 
 def _with_option_defaults(flat: Mapping[str, Any]) -> dict[str, Any]:

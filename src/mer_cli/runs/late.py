@@ -48,6 +48,7 @@ def run_late(
     members: dict[str, dict[str, outputs.Predictions]] = {}
     sources: dict[str, str] = {}
     layer_weights: dict[str, dict[str, float]] = {}  # the members' learned ones, by stream
+    preprocessing: dict[str, Any] = {}  # the members' scaling per stream (run.preprocessing)
     check_layered_member(cfg, splits)
     for member in modalities.get("late").members:
         member_run = cfg.modality.get(f"{member}_run")
@@ -69,6 +70,7 @@ def run_late(
                 if (run_dir / "metrics.json").is_file():
                     reused = files.read_json(run_dir / "metrics.json").get("run", {})
                     layer_weights.update(reused.get("layer_weights") or {})
+                    preprocessing.update(reused.get("preprocessing") or {})
             else:
                 log.info("late fusion: training the %s model", member)
                 member_dir = out_dir / member
@@ -77,6 +79,7 @@ def run_late(
                 members[member] = result.predictions
                 sources[member] = member
                 layer_weights.update(result.metrics["run"].get("layer_weights") or {})
+                preprocessing.update(result.metrics["run"].get("preprocessing") or {})
     metrics = fuse_and_report(
         combiner,
         acoustic_weight,
@@ -90,6 +93,7 @@ def run_late(
         save_plots=cfg.runtime.save_plots,
         calibration_method=str(cfg.get("eval", {}).get("calibration", "none")),
         layer_weights=layer_weights or None,
+        preprocessing=preprocessing or None,
     )
     tracked.finish()
     return metrics
@@ -219,10 +223,12 @@ def fuse_and_report(
     save_plots: bool = True,
     calibration_method: str = "none",
     layer_weights: Mapping[str, Mapping[str, float]] | None = None,
+    preprocessing: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Fit the combiner on the members' validation predictions, score both splits, write
-    late.json, metrics.json (``layer_weights``: the members' learned ones, when they have them)
-    and the figures."""
+    late.json, metrics.json (``layer_weights``: the members' learned ones, when they have them;
+    ``preprocessing``: the members' scaling per stream, where their runs record it) and the
+    figures."""
     weights = late_weights(combiner, acoustic_weight)
     check_same_clips(members, ("val", "test"))  # before anything is fitted on them
     val = next(iter(members.values()))["val"]
@@ -244,8 +250,10 @@ def fuse_and_report(
             "data": data_source,
             "speakers": speaker_check,
             **{k: v for k, v in fitted.items() if k != "stacker"},  # its coefficients: late.json
+            "temperature": fitted.get("temperature"),  # null: uncalibrated, as a single model's run says
             "members": sources,
             **({"layer_weights": {k: dict(v) for k, v in layer_weights.items()}} if layer_weights else {}),
+            **({"preprocessing": dict(preprocessing)} if preprocessing else {}),
         },
         **{p.split: score(p.y_true, p.y_prob, class_names) for p in predictions},
     }

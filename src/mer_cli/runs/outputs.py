@@ -1,8 +1,10 @@
-"""Write a run's results: metrics.json, history.csv, predictions.csv and the figures.
+"""Write a run's results: metrics.json, history.csv, predictions.csv, the figures, and the
+training data's profile.json.
 
-Input: metrics per split (from `score`), the training history, the predictions.
-Output: files in the run directory, each written atomically. Figures use matplotlib's Agg backend
-(no screen needed); the per-axes plotters are reused by the comparison report.
+Input: metrics per split (from `score`), the training history, the predictions, the data profile
+(`preprocess.profile`). Output: files in the run directory, each written atomically. Figures use
+matplotlib's Agg backend (no screen needed); the per-axes plotters are reused by the comparison
+report.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ from sklearn.metrics import ConfusionMatrixDisplay
 
 from mer_cli.core.artifacts import atomic_open, write_json, write_text
 from mer_cli.evaluation.metrics import HEADLINE, ece, pr_curves, reliability, roc_curves
+from mer_cli.preprocess import profile
+
+PROFILE_FILE = "profile.json"  # the training data's profile, written before training starts
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,13 @@ def write(
         if layer_weights:  # model.layer_weights=learned
             written.append(save_figure(layer_weights_figure(layer_weights), plots / "layer_weights.png"))
     return written
+
+
+def write_profile(out_dir: Path, described: profile.DataProfile) -> Path:
+    """profile.json: the training split's data profile and the preprocessing it led to."""
+    path = out_dir / PROFILE_FILE
+    write_json(path, profile.as_dict(described))
+    return path
 
 
 def write_history(path: Path, rows: Sequence[dict[str, float]]) -> Path:

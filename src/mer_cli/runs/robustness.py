@@ -5,7 +5,12 @@ Input: a run directory of any modality (late fusion through its members, each wi
 temperature as `trained.predict_run` applies it) and its own data, read from its config.yaml as
 mer-evaluate reads it (a cross-validation fold: its own test fold). Noise and lost frames are
 relative to each stream's training statistics: the checkpoint's fitted standard scaler where the
-model reads that stream as it is, else the train split's frames; never the test split.
+model reads that stream as it is, else the train split's frames; never the test split. The
+waveform corruption (``snr``) needs the test clips' recordings (``audio_dir``: files named by clip
+id, as mer-ingest read them): each is mixed with noise into a temporary float WAV and its features
+computed again by the back-end the run's data recorded; first the clean recordings' features are
+checked against the data's own (other recordings would not measure this model), and without
+``audio_dir`` its rows are skipped, saying so.
 Output, in the run directory, each file written atomically once every row is computed:
   robustness.json       {"format": 1, "split": "test", "seed": S, "corruptions": [names],
                          "reference": {stream: where its training mean and std came from},
@@ -28,6 +33,8 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import tempfile
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -39,7 +46,11 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from mer_cli.core.artifacts import write_json, write_text
-from mer_cli.data import spec
+from mer_cli.core.errors import DataError
+from mer_cli.data import ingest, spec
+from mer_cli.data.features import audio, catalog
+from mer_cli.data.features.base import Extractor
+from mer_cli.data.features.extraction import Extraction
 from mer_cli.data.folds import CREMA_D_ACTOR_PATTERN, maybe_actor_ids
 from mer_cli.data.load import load_data
 from mer_cli.data.splits import STREAM_FIELDS, Clips, Split, Splits
@@ -71,6 +82,7 @@ class Target:
     members: dict[str, Path]  # empty unless late fusion
     member_streams: dict[str, tuple[str, ...]]
     combined: late_fusion.LateFusion | None
+    audio_record: dict[str, Any] | None = None  # how the acoustic features were computed (mer-ingest)
 
 
 def read_target(run_dir: Path) -> Target:
@@ -81,12 +93,16 @@ def read_target(run_dir: Path) -> Target:
     rates: dict[str, float | None] = {}
     references: dict[str, perturb.Reference] = {}
     member_streams = {}
+    audio_record: dict[str, Any] | None = None
     for member, d in dirs.items():
         _, preps, meta = trained.load_trained(d)
         member_streams[member] = tuple(meta["streams"])
         streams.update(dict.fromkeys(meta["streams"]))
-        for name, stream_spec in spec.from_meta(meta)["streams"].items():
+        model_spec = spec.from_meta(meta)
+        for name, stream_spec in model_spec["streams"].items():
             rates.setdefault(name, stream_spec.get("frame_rate_hz"))
+        if audio_record is None and model_spec["streams"].get("acoustic", {}).get("ingest"):
+            audio_record = spec.ingest_settings(model_spec, "acoustic", str(d))
         for name, prep in preps.items():  # keyed by the model's input: a data stream, or "early"
             where = d / "checkpoint.pt"  # named inside the run where it lies there (a member trained here)
             shown = where.relative_to(run_dir) if where.is_relative_to(run_dir) else where
@@ -103,6 +119,7 @@ def read_target(run_dir: Path) -> Target:
         {} if late is None else dict(dirs),
         member_streams,
         None if late is None else late[1],
+        audio_record,
     )
 
 
@@ -140,9 +157,15 @@ def masked(
     return clean[remaining[0]] if target.members and len(remaining) == 1 else None
 
 
-def skip_reason(condition: perturb.Condition, target: Target) -> str | None:
-    """Why ``condition`` means nothing for this model, or None."""
+def skip_reason(condition: perturb.Condition, target: Target, audio_dir: Path | None = None) -> str | None:
+    """Why ``condition`` means nothing for this model (or cannot be done here), or None."""
     c = perturb.CORRUPTIONS.get(condition.corruption)
+    if condition.on_waveform and condition.stream not in target.streams:
+        return f"{target.modality} does not read the {condition.stream} stream"
+    if condition.on_waveform and target.audio_record is None:
+        return "its acoustic features were not computed by mer-ingest: no back-end to compute them again"
+    if condition.on_waveform and audio_dir is None:
+        return "needs the test clips' recordings: mer-evaluate RUN --perturb --audio DIR"
     if len(target.streams) < c.needs_streams:
         return f"{target.modality} reads one stream: nothing to be out of step with"
     if c.whole_stream and target.streams == (condition.stream,):
@@ -168,11 +191,96 @@ def corrupted_test(test: Split, condition: perturb.Condition, ref: perturb.Refer
     return replace(test, mfcc=clips) if field == "mfcc" else replace(test, aus=clips)
 
 
+@dataclass(frozen=True)
+class Recordings:
+    """The test clips' recordings (clip id -> file, in the split's order) and the back-end that
+    computes their features as the run's data were computed."""
+
+    files: dict[str, Path]
+    extractor: Extractor
+
+
+def open_recordings(target: Target, test: Split, audio_dir: Path, audio_model: Path | None) -> Recordings:
+    """Every test clip's recording in ``audio_dir`` (a file named by its clip id), checked: their
+    features, computed now, must be the test split's own (else they are other recordings, or
+    another back-end, and would not measure this model). Raises `DataError` in one line."""
+    assert target.audio_record is not None  # skip_reason has said why not otherwise
+    where = str(target.run_dir)
+    extractor = catalog.open_recorded(
+        "acoustic", target.audio_record, None if audio_model is None else str(audio_model), where
+    )
+    folder = audio_dir.expanduser()
+    if not folder.is_dir():
+        raise DataError(f"{folder}: not a folder (--audio: the test clips' recordings, named by clip id)")
+    found = ingest.files_by_stem(folder, catalog.backend_of("acoustic", target.audio_record).file_patterns)
+    missing = [c for c in test.clip_ids if c not in found]
+    if missing:
+        raise DataError(
+            f"{folder}: no recording of {len(missing)} of the {len(test.clip_ids)} test clips "
+            f"(e.g. {missing[0]}); give the folder mer-ingest read"
+        )
+    files = {c: found[c] for c in test.clip_ids}
+    for i, got in enumerate(extract_acoustic(files, extractor)):
+        stored = test.mfcc[i]
+        if got.shape != stored.shape or not np.allclose(got, stored, rtol=1e-3, atol=1e-4):
+            shown = (
+                got.shape
+                if got.shape != stored.shape
+                else f"max |difference| {np.abs(got - stored).max():.3g}"
+            )
+            raise DataError(
+                f"{files[test.clip_ids[i]]}: its features now are not the test split's own for clip "
+                f"{test.clip_ids[i]} ({shown}): not the recording the data came from"
+            )
+    return Recordings(files, extractor)
+
+
+def extract_acoustic(files: Mapping[str, Path], extractor: Extractor) -> list[np.ndarray]:
+    """Each file's features, in ``files``' order, by mer-ingest's own path (no cache: corrupted
+    recordings must not fill the user's feature cache); a file that fails is one `DataError`."""
+    out = []
+    for clip in Extraction(
+        {c: {"acoustic": f} for c, f in files.items()}, {"acoustic": extractor}, progress=False
+    ):
+        if clip.frames is None:
+            raise DataError(f"{clip.file}: {clip.problem}")
+        out.append(clip.frames["acoustic"].values)
+    return out
+
+
+def noisy_test(test: Split, condition: perturb.Condition, recordings: Recordings, seed: int) -> Split:
+    """The test split with its acoustic features computed again from the recordings under the
+    waveform ``condition``: each mixed into a temporary float WAV, one at a time."""
+    with tempfile.TemporaryDirectory(prefix="mer-robustness-") as tmp:
+        read = (audio.read(recordings.files[c]) for c in test.clip_ids)
+        rates: list[int] = []
+
+        def waves() -> Iterator[np.ndarray]:
+            for y, sr in read:
+                rates.append(sr)
+                yield y
+
+        noisy = {}
+        for k, y in enumerate(perturb.apply_to_waveforms(condition, waves(), seed)):
+            path = Path(tmp) / f"{k}.wav"  # by position: clip ids need not be file names here
+            audio.write(path, y, rates[k])
+            noisy[test.clip_ids[k]] = path
+        clips = Clips.pack(extract_acoustic(noisy, recordings.extractor))
+    return replace(test, mfcc=clips)
+
+
 def evaluate_robustness(
-    run_dir: Path, requested: list[str] | None = None, seed: int = 0, save_plots: bool = True
+    run_dir: Path,
+    requested: list[str] | None = None,
+    seed: int = 0,
+    save_plots: bool = True,
+    audio_dir: Path | None = None,
+    audio_model: Path | None = None,
 ) -> tuple[dict[str, Any], list[Path]]:
     """Re-score ``run_dir``'s test split under ``requested`` corruptions (None: all) drawn from
-    ``seed``; write robustness.json, robustness.csv and plots/robustness.png into it."""
+    ``seed``; write robustness.json, robustness.csv and plots/robustness.png into it.
+    ``audio_dir``: the test clips' recordings, for the waveform corruptions; ``audio_model``:
+    where the acoustic back-end's pretrained model lies here (None: as recorded)."""
     chosen = perturb.names(requested)  # an unknown name stops before anything is loaded
     run_dir, cfg = files.read_run_config(run_dir)
     threads = cfg.get("runtime", {}).get("num_threads")
@@ -207,12 +315,28 @@ def evaluate_robustness(
         "clean": scores(test.labels, clean_prob, groups),
         "rows": [],
     }
+    recordings: Recordings | None = None
     for name in chosen:
         todo = perturb.conditions([name], target.frame_rates)
         log.info("robustness: %s, %d condition(s)", name, len(todo))
         for condition in todo:
+            reason = skip_reason(condition, target, audio_dir)
+            if reason is None and condition.on_waveform and recordings is None:
+                assert audio_dir is not None  # skip_reason says so otherwise
+                recordings = open_recordings(target, test, audio_dir, audio_model)
+                result["recordings"] = str(audio_dir.expanduser().resolve())
             result["rows"].append(
-                row(condition, target, splits, (clean_probs, clean_prob), groups, seed, result["reference"])
+                row(
+                    condition,
+                    target,
+                    splits,
+                    (clean_probs, clean_prob),
+                    groups,
+                    seed,
+                    result["reference"],
+                    reason,
+                    recordings,
+                )
             )
     return result, write(run_dir, result, save_plots)
 
@@ -225,9 +349,12 @@ def row(
     groups: np.ndarray | None,
     seed: int,
     references: dict[str, str],
+    reason: str | None = None,
+    recordings: Recordings | None = None,
 ) -> dict[str, Any]:
     """One condition's row; ``clean``: each model's and the run's clean test probabilities;
-    ``references`` records where each stream's training statistics came from."""
+    ``references`` records where each stream's training statistics came from; ``reason``: why
+    it is skipped (`skip_reason`); ``recordings``: the test clips' own, for a waveform one."""
     out: dict[str, Any] = {
         "corruption": condition.corruption,
         "variant": condition.variant,
@@ -238,11 +365,15 @@ def row(
         if condition.corruption == "shift" and condition.unit == "s"
         else None,
     }
-    reason = skip_reason(condition, target)
     test = splits.test
     prob: np.ndarray | None = None
     if reason is None and condition.masked:
         prob = masked(target, condition.stream, *clean)
+    elif reason is None and condition.on_waveform:
+        assert recordings is not None
+        prob = combine(
+            target, member_probabilities(target, splits, noisy_test(test, condition, recordings, seed))
+        )
     elif reason is None:
         ref = reference(target, splits, condition.stream)
         references.setdefault(condition.stream, ref.source)
@@ -335,7 +466,7 @@ def figure(result: dict[str, Any]) -> Figure:
     clean = result["clean"]["f1_macro"]
     for ax, (name, by_line) in zip(axes.flat, lines.items(), strict=False):
         for label, rows in by_line.items():
-            x = [0.0, *(r["strength"] for r in rows)]
+            x = [clean_strength(rows[0]["unit"]), *(r["strength"] for r in rows)]
             y = np.array([clean, *(r["f1_macro"] for r in rows)])
             lo = np.array([clean, *(r["f1_macro_ci"][0] for r in rows)])
             hi = np.array([clean, *(r["f1_macro_ci"][1] for r in rows)])
@@ -365,9 +496,24 @@ def finish_figure(fig: Figure, axes: np.ndarray, n_panels: int, title: str) -> F
     return fig
 
 
+SNR_CLEAN_DB = 30.0  # where a plot draws the clean recordings on an SNR axis (beyond its 20 dB)
+
+
+def clean_strength(unit: str) -> float:
+    """Where the clean score sits on a corruption's strength axis: 0, but on an SNR axis (the
+    stronger the noise, the lower the dB) at `SNR_CLEAN_DB`, labelled "clean"."""
+    return SNR_CLEAN_DB if unit == "dB SNR" else 0.0
+
+
 def label_strength_axis(ax: Axes, unit: str) -> None:
-    """The x axis in the corruption's unit; a whole stream reads present (0) or missing (1)."""
+    """The x axis in the corruption's unit; a whole stream reads present (0) or missing (1); an
+    SNR axis runs from clean down to 0 dB, so that stronger corruption is to the right again."""
     if unit == "stream":
         ax.set_xticks([0.0, 1.0], ["present", "missing"])
+    elif unit == "dB SNR":
+        ticks = [SNR_CLEAN_DB, 20.0, 10.0, 5.0, 0.0]
+        ax.set_xticks(ticks, ["clean", *(f"{t:g}" for t in ticks[1:])])
+        ax.set_xlim(SNR_CLEAN_DB + 2.0, -2.0)
+        ax.set_xlabel(unit)
     else:
         ax.set_xlabel(unit)

@@ -20,7 +20,7 @@ LOCK_NAME = ".lock"
 
 # what Hydra and the pipeline write before any training: a run directory holding nothing else
 # was stopped (by bad input or an interruption) before it had anything worth keeping
-SETUP_ONLY = frozenset({".hydra", "train.log", "config.yaml", LOCK_NAME})
+SETUP_ONLY = frozenset({".hydra", "train.log", "config.yaml", "profile.json", LOCK_NAME})
 
 
 _claimed: dict[str, Path] = {}

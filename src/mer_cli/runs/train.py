@@ -1,5 +1,6 @@
 """One model trained and evaluated into its run directory (every modality but late fusion):
-fit preprocessing on train -> build from the registry -> the training loop -> scores -> files.
+fit preprocessing on train (and profile the training data) -> build from the registry -> the
+training loop -> scores -> files.
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from mer_cli.core.artifacts import write_json
+from mer_cli.core.errors import ConfigError
 from mer_cli.data import spec
-from mer_cli.data.splits import Splits
+from mer_cli.data.splits import STREAM_FIELDS, Splits
 from mer_cli.evaluation import calibration
 from mer_cli.evaluation.metrics import score
 from mer_cli.models import layer_mix, modalities
-from mer_cli.preprocess import sequences, validity
+from mer_cli.preprocess import profile, sequences, validity
 from mer_cli.runs import outputs, trained, upgrade
 from mer_cli.training import batching, hardware, loop, pruning, tracking
 from mer_cli.training import options as trainer_options
@@ -47,16 +49,58 @@ def loop_settings(cfg: DictConfig) -> loop.Settings:
     return loop.Settings(**cfg.trainer.loop, **runtime)
 
 
-def log_profile(name: str, prep: sequences.StreamPrep) -> None:
-    """The stream's data profile and fitted preprocessing in the log; a warning when its feature
-    scales differ by orders of magnitude and the scaling does not cope with that."""
-    kind = None if prep.scaler is None else prep.scaler.kind
-    log.info("%s: target length %d frames, scaling %s", name, prep.target.length, kind or "none")
-    if prep.profile is not None:
-        log.info("%s", prep.profile.summary(name))
-        warning = prep.profile.warning(name, kind)
-        if warning:
-            log.warning("%s", warning)
+def max_frames_setting(cfg: DictConfig) -> int | str | dict[str, int | str]:
+    """``data.max_frames`` as plain values (``auto`` where a config from before it lacks it)."""
+    value = cfg.data.get("max_frames", "auto")
+    return OmegaConf.to_container(value) if isinstance(value, DictConfig) else value  # type: ignore[return-value]
+
+
+def check_max_frames(cfg: DictConfig) -> None:
+    """A bad ``data.max_frames`` (its value, or a stream it names) as one ConfigError line,
+    before any data is read."""
+    setting = max_frames_setting(cfg)
+    # the input streams a model can read: the data's, and early fusion's joined one
+    names = (*STREAM_FIELDS, *(n for n, m in modalities.MODALITIES.items() if m.inputs == "early"))
+    unknown = [str(k) for k in setting if k not in names] if isinstance(setting, dict) else []
+    if unknown:
+        raise ConfigError(
+            f"data.max_frames: {', '.join(unknown)} is not an input stream (valid: {', '.join(names)})"
+        )
+    for name in names:
+        sequences.max_frames_of(setting, name)
+
+
+def fit_preprocessing(
+    cfg: DictConfig, splits: Splits, modality: str, streams: list[str], honoured: list[str]
+) -> dict[str, sequences.StreamPrep]:
+    """Each input stream's target length and scaler, fitted on the train split (each prep's
+    profile describes its train clips)."""
+    setting = max_frames_setting(cfg)
+    # fitted on train only, and on the frames the model reads: a stream's valid frames where its
+    # mask is honoured (the target length counts them, the scaler never sees an invalid one)
+    return {
+        name: sequences.fit(
+            frames,
+            percentile=cfg.preprocess.length_percentile,
+            normalize=cfg.preprocess.normalize,
+            scaling=cfg.preprocess.scaling,
+            skip_zero_frames=bool(cfg.preprocess.get("skip_zero_frames", False)),
+            max_frames=sequences.max_frames_of(setting, name),
+        )
+        for name, frames in trained.model_inputs(splits.train, modality, streams, honoured).items()
+    }
+
+
+def describe_data(splits: Splits, preps: dict[str, sequences.StreamPrep]) -> profile.DataProfile:
+    """The data profile: the fitted streams' own (the train clips) and the dataset's."""
+    return profile.describe(splits, {n: p.profile for n, p in preps.items() if p.profile is not None})
+
+
+def log_profile(described: profile.DataProfile) -> None:
+    """The data profile as one block in the log, then a warning line for each problem it shows."""
+    log.info("%s", profile.summary(described))
+    for line in profile.warnings(described):
+        log.warning("%s", line)
 
 
 def prepare(
@@ -110,21 +154,11 @@ def train_model(cfg: DictConfig, splits: Splits, out_dir: Path, resume: bool = F
     seed_everything(cfg.seed)
     modality, streams = cfg.modality.name, list(cfg.modality.streams)
     honoured = frame_validity(cfg, splits, modality, streams)
-    # fitted on train only, and on the frames the model reads: a stream's valid frames where its
-    # mask is honoured (the target length counts them, the scaler never sees an invalid one)
-    preps = {
-        name: sequences.fit(
-            frames,
-            percentile=cfg.preprocess.length_percentile,
-            normalize=cfg.preprocess.normalize,
-            scaling=cfg.preprocess.scaling,
-            skip_zero_frames=bool(cfg.preprocess.get("skip_zero_frames", False)),
-        )
-        for name, frames in trained.model_inputs(splits.train, modality, streams, honoured).items()
-    }
+    preps = fit_preprocessing(cfg, splits, modality, streams, honoured)
+    described = describe_data(splits, preps)
+    log_profile(described)
+    outputs.write_profile(out_dir, described)
     train_set, val_set, test_set = prepare(splits, modality, streams, preps, honoured)
-    for name, prep in preps.items():
-        log_profile(name, prep)
 
     # what the model reads (streams, feature counts and names, frame rates, ingestion settings,
     # label map): mer-predict and exported models check new input against it
@@ -208,6 +242,7 @@ def train_model(cfg: DictConfig, splits: Splits, out_dir: Path, resume: bool = F
             "precision": str(dtype).removeprefix("torch."),
             "temperature": temperature,
             **options.record(),
+            "preprocessing": profile.choices(described),  # the scaling per stream (auto: and why)
         },
         **{s: score(p.y_true, p.y_prob, splits.class_names) for s, p in predictions.items()},
     }

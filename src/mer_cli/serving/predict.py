@@ -28,7 +28,6 @@ from mer_cli.core.artifacts import write_text
 from mer_cli.core.errors import DataError, MerError
 from mer_cli.data import formats, ingest, npz, spec
 from mer_cli.data.features import catalog
-from mer_cli.data.features.base import Extractor, recipe_mismatch
 from mer_cli.data.features.extraction import Extraction
 from mer_cli.data.splits import STREAM_FIELDS, Split, Splits
 from mer_cli.data.splits import Clips as RaggedClips
@@ -191,7 +190,8 @@ def read_files(
         if not p.exists():
             raise DataError(f"{p}: not found")
 
-    extractors = {s: open_extractor(s, settings[s], (models or {}).get(s), where) for s in paths}
+    located = {s: str(p) for s, p in (models or {}).items() if p is not None}  # where models lie here
+    extractors = {s: catalog.open_recorded(s, settings[s], located.get(s), where) for s in paths}
     files: dict[str, dict[str, Path]]  # clip -> stream -> file
     patterns = {s: catalog.backend_of(s, settings[s]).file_patterns for s in paths}
     if all(p.is_dir() for p in paths.values()):
@@ -226,27 +226,6 @@ def read_files(
         else:
             clips.failed.append(f"{', '.join(map(str, files[clip.clip_id].values()))}: {problem}")
     return clips
-
-
-def open_extractor(stream: str, record: Mapping[str, Any], model: Path | None, where: str) -> Extractor:
-    """The back-end that made the run's ``stream`` features, opened as its record says; ``model``:
-    where its pretrained model lies on this machine (else where the record says it lay). A model
-    that is not the one the features came from (another revision) is refused."""
-    overrides = {}
-    if model is not None:
-        setting = catalog.backend_of(stream, record).model_setting
-        if setting is None:
-            raise MerError(
-                f"{where}: the run's {stream} features use no pretrained model: drop the model flag"
-            )
-        overrides[setting] = str(model)
-    extractor = catalog.from_record(stream, record, **overrides)
-    problem = recipe_mismatch(record, extractor.record())
-    if problem is not None:
-        raise DataError(
-            f"{where}: {stream} features {problem}: predictions would not mean what training meant"
-        )
-    return extractor
 
 
 def frame_rate_warning(path: Path, fps: float | None, trained_fps: float | None) -> list[str]:

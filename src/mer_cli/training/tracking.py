@@ -12,8 +12,9 @@ What a tracked run holds, under the names the run directory uses:
                  the command line (``[64, 32]``, ``null``)
   final/...      every number in metrics.json under its path there (``final/test/f1_macro``,
                  ``final/run/best_epoch``); its strings as MLflow tags (``final/run/modality``)
-  files          MLflow: config.yaml, metrics.json, history.csv, late.json, cv.json and plots/ as
-                 artifacts; TensorBoard: config.yaml and metrics.json as text, plots as images
+  files          MLflow: config.yaml, metrics.json, history.csv, late.json, cv.json, profile.json
+                 and plots/ as artifacts; TensorBoard: the YAML and JSON files as text, plots as
+                 images
 
 A run directory inside another tracked one is that run's child: late fusion's members (trained
 into ``<late run>/acoustic/``) and cross-validation folds (``fold<i>/``) are MLflow child runs of
@@ -55,7 +56,7 @@ LOGGERS = ("csv", "tensorboard", "mlflow")
 EXTRA_HINT = "pip install 'mer-cli[tracking]'"
 TENSORBOARD_DIR = "tensorboard"
 # the run directory's files a tracked run keeps (those that exist), and its figures
-RUN_FILES = ("config.yaml", "metrics.json", "history.csv", "late.json", "cv.json")
+RUN_FILES = ("config.yaml", "metrics.json", "history.csv", "late.json", "cv.json", "profile.json")
 PLOTS_DIR = "plots"
 # the MLflow tag that ties a tracked run to its run directory: resume=true continues that run
 RUN_DIR_TAG = "mer.run_dir"

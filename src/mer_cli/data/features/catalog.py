@@ -11,10 +11,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from mer_cli.core.errors import ConfigError, DataError
+from mer_cli.core.errors import ConfigError, DataError, MerError
 from mer_cli.core.registry import Registry
 from mer_cli.data.features import emotion2vec, hf_audio, hf_vision, mfcc, openface, opensmile, table
-from mer_cli.data.features.base import Backend, Extractor
+from mer_cli.data.features.base import Backend, Extractor, recipe_mismatch
 
 BACKENDS: dict[str, Registry[Backend]] = {
     "acoustic": Registry("audio back-end"),
@@ -52,3 +52,25 @@ def from_record(stream: str, record: Mapping[str, Any], **overrides: Any) -> Ext
     backend = backend_of(stream, record)
     settings = backend.settings_from_record({**record, **overrides})
     return backend.open(settings)
+
+
+def open_recorded(stream: str, record: Mapping[str, Any], model: str | None, where: str) -> Extractor:
+    """The back-end that made a run's ``stream`` features, opened as its ``record`` says, for new
+    recordings (mer-predict on raw clips, robustness re-extraction); ``model``: where its
+    pretrained model lies on this machine (None: where the record says it lay). A model that is
+    not the one the features came from (other weights) is refused in one line."""
+    overrides = {}
+    if model is not None:
+        setting = backend_of(stream, record).model_setting
+        if setting is None:
+            raise MerError(
+                f"{where}: the run's {stream} features use no pretrained model: drop the model flag"
+            )
+        overrides[setting] = model
+    extractor = from_record(stream, record, **overrides)
+    problem = recipe_mismatch(record, extractor.record())
+    if problem is not None:
+        raise DataError(
+            f"{where}: {stream} features {problem}: predictions would not mean what training meant"
+        )
+    return extractor
