@@ -233,3 +233,16 @@ def test_without_optuna_a_search_is_one_line_naming_the_extra(tmp_path):
         "mer-train: error: hyperparameter search needs Optuna: pip install 'mer-cli[sweep]'"
     )
     assert not (tmp_path / "s" / "optuna.db").exists()
+
+
+def test_best_yaml_of_a_trial_trained_on_another_machine_names_it_without_its_config(tmp_path):
+    # several sweepers share a study: the best run may be in another machine's sweep directory
+    study = optuna.create_study(direction="maximize")
+    trial = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    trial.set_user_attr(search.RUN_DIR, "/elsewhere/search/trial0")
+    trial.set_user_attr(search.OVERRIDES, ["seed=1"])
+    study.tell(trial, 0.5)
+    written = search.write_results(study, tmp_path, {})
+    best = OmegaConf.load(tmp_path / "best.yaml")
+    assert (best.run_dir, best.value, best.config) == ("/elsewhere/search/trial0", 0.5, None)
+    assert tmp_path / "best.sh" in written

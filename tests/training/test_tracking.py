@@ -10,6 +10,7 @@ import logging
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ from conftest import run_main, smoke_config, start_cli, wait_for
 from mer_cli.core.errors import ConfigError
 from mer_cli.runs import identity
 from mer_cli.runs.resume import check_resumable
-from mer_cli.training import tracking
+from mer_cli.training import background, tracking
 
 SMOKE = ("experiment=smoke", "modality=visual")
 
@@ -119,13 +120,16 @@ def test_an_unreachable_tracking_server_is_one_warning_and_the_run_is_the_csv_lo
         "logger=mlflow",
         "logger.tracking_uri=http://127.0.0.1:9",  # the discard port: nothing listens
         f"hydra.run.dir={run}",
-        cwd=tmp_path,
-        env={"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0"},
+        cwd=tmp_path,  # MLflow's own retries (ours by default): in the background, training goes on
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    warnings = [line for line in (proc.stdout + proc.stderr).splitlines() if "WARNING" in line]
+    lines = (proc.stdout + proc.stderr).splitlines()
+    warnings = [line for line in lines if "WARNING" in line]
     assert len(warnings) == 1, warnings
     assert "logger=mlflow" in warnings[0] and "127.0.0.1:9" in warnings[0]
+    # what the server would have had is named, once: every epoch and the results
+    (report,) = [line for line in lines if "not sent" in line]
+    assert report.endswith("): epochs 1-2, the results; its run directory has them")
     assert results(run) == results(csv_run)
     assert files(run) == files(csv_run)
 
@@ -272,3 +276,101 @@ def test_final_values_are_metrics_json_numbers_under_their_path():
     )
     assert numbers == {"final/run/stopped_early": 1.0, "final/test/f1_macro": 0.5}
     assert texts == {"final/run/modality": "late", "final/run/members/acoustic": "acoustic"}
+
+
+# ---------------------------------------------------------------------------------------------
+# The background sender (MLflow's requests): training never waits for the server
+
+
+class HangingBackend:
+    """A tracking server that takes each request until ``answer`` is set, then fails them all
+    (``up``: succeeds): a stand-in for one that stops answering mid-run."""
+
+    def __init__(self, up: bool = False) -> None:
+        self.answer, self.up = threading.Event(), up
+        self.epochs: list[int] = []
+        self.results = 0
+        self.status: str | None = None
+
+    def _request(self) -> None:
+        self.answer.wait()
+        if not self.up:
+            raise ConnectionError("http://127.0.0.1:9: Connection refused")
+
+    def open(self) -> None:
+        self._request()
+
+    def probe(self) -> None:
+        if not self.up:
+            raise ConnectionError("still refused")
+
+    def log_epoch(self, epoch, values) -> None:
+        self._request()
+        self.epochs.append(epoch)
+
+    def logged_epochs(self) -> set[int]:
+        self._request()
+        return set(self.epochs)
+
+    def log_results(self, out_dir, final, texts) -> None:
+        self._request()
+        self.results += 1
+
+    def close(self, status) -> None:
+        self._request()
+        self.status = status
+
+
+def _history_csv(run_dir: Path, epochs: int) -> None:
+    lines = ["epoch,val/loss"] + [f"{e},{1.0 / e}" for e in range(1, epochs + 1)]
+    (run_dir / "history.csv").write_text("\n".join(lines) + "\n")
+
+
+def test_a_hanging_server_never_holds_up_an_epoch_and_what_it_lacks_is_named(tmp_path, caplog):
+    backend = HangingBackend()
+    tracker = tracking.Tracker("mlflow", tmp_path, "run", backend, background.Sender(), flush_timeout=5)
+    with caplog.at_level(logging.INFO, logger="mer_cli.training.tracking"):
+        for epoch in (1, 2, 3):  # each returns while the server still holds the first request
+            tracker.log_epoch({"epoch": epoch, "val/loss": 1.0 / epoch})
+        assert not backend.answer.is_set() and tracker.sender.pending == 4  # start + 3 epochs queued
+        backend.answer.set()  # the server answers at last: refused
+        _history_csv(tmp_path, 3)
+        (tmp_path / "metrics.json").write_text('{"val": {"f1_macro": 0.5}}')
+        tracker.finish()  # tries once more (the server is still away), then gives up
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [
+        "logger=mlflow: sending the run's start of run failed, the run tries again at its end: "
+        "http://127.0.0.1:9: Connection refused"
+    ]
+    assert tracker.not_sent == ["epochs 1-3", "the results"]
+    (report,) = [r.getMessage() for r in caplog.records if "not sent" in r.getMessage()]
+    assert report.startswith("logger=mlflow: run: not sent (still refused): epochs 1-3, the results")
+    assert backend.epochs == [] and backend.status is None and tracker.sender.pending == 0
+
+
+def test_a_server_back_by_the_end_of_the_run_gets_every_epoch_held_back_once(tmp_path, caplog):
+    backend = HangingBackend()
+    tracker = tracking.Tracker("mlflow", tmp_path, "run", backend, background.Sender(), flush_timeout=5)
+    backend.up = True
+    backend.answer.set()
+    tracker.log_epoch({"epoch": 1, "val/loss": 1.0})
+    assert tracker.sender.drain(5)
+    backend.up = False  # away for epochs 2 and 3
+    tracker.log_epoch({"epoch": 2, "val/loss": 0.5})
+    tracker.log_epoch({"epoch": 3, "val/loss": 0.3})
+    assert tracker.sender.drain(5) and tracker.offline
+    backend.up = True  # back before the run ends
+    _history_csv(tmp_path, 3)
+    tracker.finish()
+    assert sorted(backend.epochs) == [1, 2, 3] and backend.results == 1 and backend.status == "FINISHED"
+    assert tracker.not_sent == []
+
+
+def test_the_end_of_a_run_waits_for_a_hanging_server_no_longer_than_its_flush_timeout(tmp_path):
+    backend = HangingBackend()  # never answers while the run ends
+    tracker = tracking.Tracker("mlflow", tmp_path, "run", backend, background.Sender(), flush_timeout=0.2)
+    tracker.log_epoch({"epoch": 1, "val/loss": 1.0})
+    _history_csv(tmp_path, 1)
+    tracker.finish()
+    assert tracker.backend is None and tracker.not_sent == ["epochs 1", "the results"]
+    backend.answer.set()  # the late answers go nowhere

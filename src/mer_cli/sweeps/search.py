@@ -158,8 +158,12 @@ def write_results(study: Any, sweep_dir: Path, space: Mapping[str, Any]) -> list
         return written
     best = study.best_trial
     run_dir = Path(best.user_attrs[RUN_DIR])
-    config = OmegaConf.load(run_dir / "config.yaml")
-    config.search = None  # the rerun reports to no study
+    try:
+        config = OmegaConf.load(run_dir / "config.yaml")
+        config.search = None  # the rerun reports to no study
+    except FileNotFoundError:  # trained by a sweeper of the study on another machine
+        log.info("the best trial's run directory %s is not on this machine: best.yaml has no config", run_dir)
+        config = None
     overrides = list(best.user_attrs[OVERRIDES])
     command = shlex.join(["mer-train", *overrides])
     best_yaml = {
@@ -171,7 +175,7 @@ def write_results(study: Any, sweep_dir: Path, space: Mapping[str, Any]) -> list
         "run_dir": str(run_dir),
         "overrides": overrides,
         "command": command,
-        "config": OmegaConf.to_container(config),
+        "config": OmegaConf.to_container(config) if config is not None else None,
     }
     write_text(sweep_dir / "best.yaml", OmegaConf.to_yaml(OmegaConf.create(best_yaml)))
     script = sweep_dir / "best.sh"

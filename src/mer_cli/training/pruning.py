@@ -55,9 +55,14 @@ def epoch_reporter(link: Mapping[str, Any] | None) -> Callable[[dict[str, float]
     if not link:
         return None
     optuna = require_optuna()
+    import sqlalchemy.pool
     from hydra.utils import instantiate
 
-    storage = optuna.storages.get_storage(link["storage"])
+    # a connection per report, closed after it: with Hydra's basic launcher every trial is a job
+    # in the sweeper's process, and pooled connections would pile up until a database server
+    # refuses more (PostgreSQL's 100 by default: 2 per trial, a search stopped at about trial 45)
+    unpooled = {"poolclass": sqlalchemy.pool.NullPool}
+    storage = optuna.storages.RDBStorage(link["storage"], engine_kwargs=unpooled)
     try:
         study_id = storage.get_study_id_from_name(link["study"])
         trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, int(link["trial"]))

@@ -20,8 +20,11 @@ A run directory inside another tracked one is that run's child: late fusion's me
 into ``<late run>/acoustic/``) and cross-validation folds (``fold<i>/``) are MLflow child runs of
 the late or CV run; a member reused from elsewhere is named by the late run's
 ``final/run/members/*`` tags, not logged again. A sweep's runs share one MLflow experiment, named
-by the sweep's directory. A tracker never breaks or loses a run: the first error it meets (an
-unreachable server, a missing package) is one warning line, after which the run goes on without it.
+by the sweep's directory. A tracker never breaks, stalls or loses a run: MLflow's requests are
+made by a background thread (`background.Sender`), so a slow or dead server costs training
+nothing; the first error (an unreachable server, a missing package) is one warning line, the
+run's end sends what was held back if the server is back (``logger.flush_timeout`` seconds at
+most) and otherwise says in one line what the tracked run lacks; the run directory has it all.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from omegaconf import DictConfig, OmegaConf
 from mer_cli.core.artifacts import deferred_interrupts
 from mer_cli.core.config import flatten
 from mer_cli.core.errors import ConfigError
+from mer_cli.training import background
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +63,12 @@ RUN_DIR_TAG = "mer.run_dir"
 SINGLE_RUN_EXPERIMENT = "mer-train"
 # MLflow refuses longer parameter values
 MAX_PARAM_CHARS = 6000
+PROBE_SECONDS = 3  # a tracking server's /health, asked once before the end of a run retries
 
 
 class Backend(Protocol):
+    def open(self) -> None: ...
+    def probe(self) -> None: ...
     def log_epoch(self, epoch: int, values: dict[str, float]) -> None: ...
     def logged_epochs(self) -> set[int]: ...
     def log_results(self, out_dir: Path, final: dict[str, float], texts: dict[str, str]) -> None: ...
@@ -69,23 +76,45 @@ class Backend(Protocol):
 
 
 class Tracker:
-    """One run directory's tracked run. Every method is safe to call: after the first failure
-    (one warning line) the tracker does nothing more and the run goes on."""
+    """One run directory's tracked run. Every method is safe to call, and returns at once with a
+    ``sender`` (MLflow: the requests are made by a background thread). After the first failure
+    (one warning line) nothing more is sent until the run's end, which tries once more: what the
+    server lacks of history.csv, the results, the closing; what it still cannot send is one line
+    (`not_sent`). Without a sender (TensorBoard's local files) the calls run here, and the first
+    failure ends the tracking."""
 
-    def __init__(self, logger: str, out_dir: Path, run_name: str, backend: Backend | None) -> None:
+    def __init__(
+        self,
+        logger: str,
+        out_dir: Path,
+        run_name: str,
+        backend: Backend | None,
+        sender: background.Sender | None = None,
+        flush_timeout: float = 0.0,
+    ) -> None:
         self.logger, self.out_dir, self.run_name, self.backend = logger, out_dir, run_name, backend
+        self.sender, self.flush_timeout = sender, flush_timeout
         self.epochs_sent: set[int] = set()
         self.finished = False
+        self.offline = False  # a call failed: the rest waits for the run's end
+        self.not_sent: list[str] = []  # what the tracked run lacks, once the tracker gave up on it
+        if sender is not None:
+            self._call("the run's start", lambda b: b.open())
 
     def log_epoch(self, row: Mapping[str, float]) -> None:
         """train.fit's ``on_epoch``: one history row, stepped by its epoch."""
-        epoch = int(row["epoch"])
-        if self._call("an epoch", lambda b: b.log_epoch(epoch, epoch_values(row))):
+        epoch, values = int(row["epoch"]), epoch_values(row)
+
+        def send(b: Backend) -> None:
+            b.log_epoch(epoch, values)
             self.epochs_sent.add(epoch)
+
+        self._call(f"epoch {epoch}", send)
 
     def finish(self) -> None:
         """The run's files are written: send what is missing of history.csv (epochs a resumed or
-        copied run did not log here), the final metrics and the files; close as finished."""
+        copied run did not log here, or that a failure held back), the final metrics and the
+        files; close as finished."""
 
         def send(b: Backend) -> None:
             rows = read_history(self.out_dir / "history.csv")
@@ -93,53 +122,100 @@ class Tracker:
             for row in rows:
                 if int(row["epoch"]) not in done:
                     b.log_epoch(int(row["epoch"]), epoch_values(row))
+                self.epochs_sent.add(int(row["epoch"]))
             metrics_path = next(
                 (self.out_dir / f for f in ("metrics.json", "cv.json") if (self.out_dir / f).is_file()), None
             )
             numbers, texts = final_values(json.loads(metrics_path.read_text()) if metrics_path else {})
             b.log_results(self.out_dir, numbers, texts)
 
-        self._call("the results", send)
+        self._call("the results", send, final=True)
         self.close("FINISHED")
 
     def close(self, status: str) -> None:
-        """End the tracked run: FINISHED, FAILED or KILLED (MLflow's run statuses)."""
+        """End the tracked run: FINISHED, FAILED or KILLED (MLflow's run statuses); with a sender,
+        wait for what is queued (``flush_timeout`` seconds at most)."""
         if self.finished:
             return
         self.finished = True
         with contextlib.suppress(ValueError):
             _open.remove(self)
-        self._call("closing the run", lambda b: b.close(status))
+        self._call("closing the run", lambda b: b.close(status), final=True)
+        if self.sender is not None and not self.sender.drain(self.flush_timeout):
+            self._give_up(f"still sending after {self.flush_timeout:g} s")
 
-    def _call(self, what: str, action: Any) -> bool:
+    def _call(self, what: str, action: Any, final: bool = False) -> None:
         if self.backend is None:
-            return False
-        # Ctrl-C or kill during a tracker call (an SQLite write, a request) takes effect when the
-        # call returns: raised inside the client, it would leave its database session broken, and
-        # the interrupted run could no longer be marked KILLED
-        with quiet_retries(), deferred_interrupts():
+            return
+        if self.sender is not None:
+            # a full queue refuses an epoch: it is in history.csv, and sent with the results
+            self.sender.submit(lambda: self._run(what, action, final))
+            return
+        # Ctrl-C or kill during a call (an event file's write) takes effect when the call
+        # returns, as for every write of the run directory
+        with deferred_interrupts():
+            self._run(what, action, final)
+
+    def _run(self, what: str, action: Any, final: bool) -> None:
+        backend = self.backend
+        if backend is None or (self.offline and not final):
+            return  # after a failure: the run's end sends it from the run directory
+        with quiet_retries():
             try:
-                action(self.backend)
-                return True
+                if self.offline:  # one quick request first: a server still away costs no retries
+                    backend.probe()
+                action(backend)
+                self.offline = False
+                return
             except Exception as e:
-                log.warning(
-                    "logger=%s: sending %s of %s failed, the run goes on without it: %s",
-                    self.logger,
-                    what,
-                    self.run_name,
-                    one_line(e),
-                )
-                _failed.add(self.logger)
-                backend, self.backend = self.backend, None
-                with contextlib.suppress(Exception):
-                    backend.close("FAILED")
-                return False
+                error = one_line(e)
+        if not self.offline:
+            then = "tries again at its end" if self.sender is not None and not final else "goes on without it"
+            text = f"logger={self.logger}: sending {what} of {self.run_name} failed, the run {then}: {error}"
+            log.warning("%s", text)
+        _failed.add(self.logger)  # the job's later runs are not tracked: one warning, not one per run
+        self.offline = True
+        if self.sender is None or final:
+            self._give_up(error)
+
+    def _give_up(self, reason: str) -> None:
+        """Nothing more is sent; one line says what the tracked run lacks (the run directory has it)."""
+        backend, self.backend = self.backend, None
+        if backend is None:
+            return
+        if self.sender is None:  # local files: closed; a server is most likely away
+            with contextlib.suppress(Exception):
+                backend.close("FAILED")
+            return
+        history = {int(r["epoch"]) for r in read_history(self.out_dir / "history.csv")}
+        epochs = sorted(history - self.epochs_sent)
+        self.not_sent = [*(["epochs " + _ranges(epochs)] if epochs else []), "the results"]
+        log.info(
+            "logger=%s: %s: not sent (%s): %s; its run directory has them",
+            self.logger,
+            self.run_name,
+            reason,
+            ", ".join(self.not_sent),
+        )
+
+
+def _ranges(numbers: list[int]) -> str:
+    """[1, 2, 3, 5] -> "1-3, 5"."""
+    spans: list[list[int]] = []
+    for n in numbers:
+        if spans and n == spans[-1][1] + 1:
+            spans[-1][1] = n
+        else:
+            spans.append([n, n])
+    return ", ".join(f"{a}-{b}" if a != b else str(a) for a, b in spans)
 
 
 # the trackers started and not yet closed in this process: a run directory inside one of theirs
 # is its child (late fusion members, CV folds)
 _open: list[Tracker] = []
 _sweep_dir: Path | None = None
+# every MLflow request of this process, made in order (a parent run's before its members')
+_sender = background.Sender()
 # loggers that failed in this job: its later runs (late fusion members, folds) are not tracked
 # either, rather than each paying for a dead server and repeating the warning
 _failed: set[str] = set()
@@ -177,21 +253,23 @@ def start(cfg: DictConfig, out_dir: Path) -> Tracker:
         return Tracker(logger, out_dir, run_name, None)
     params = parameters(cast(dict, OmegaConf.to_container(cfg, resolve=True)))
     backend: Backend | None = None
+    sender: background.Sender | None = None
     try:
-        with quiet_retries():
-            if logger == "tensorboard":
-                backend = TensorBoard(out_dir / TENSORBOARD_DIR, params)
-            else:
-                parent_backend = parent.backend if parent is not None else None
-                member_of = parent_backend if isinstance(parent_backend, MLflow) else None
-                backend = MLflow(settings, out_dir, run_name, params, member_of)
+        if logger == "tensorboard":
+            backend = TensorBoard(out_dir / TENSORBOARD_DIR, params)
+        else:  # no request here: the sender's thread makes them
+            parent_backend = parent.backend if parent is not None else None
+            member_of = parent_backend if isinstance(parent_backend, MLflow) else None
+            backend, sender = MLflow(settings, out_dir, run_name, params, member_of), _sender
     except ImportError as e:
         log.warning("logger=%s needs %s (%s): this run is not tracked", logger, EXTRA_HINT, one_line(e))
         _failed.add(logger)
     except Exception as e:
         log.warning("logger=%s: this run is not tracked: %s", logger, one_line(e))
         _failed.add(logger)
-    tracker = Tracker(logger, out_dir, run_name, backend)
+    flush_timeout = float(settings.get("flush_timeout") or 0)
+    sender = sender if backend is not None else None
+    tracker = Tracker(logger, out_dir, run_name, backend, sender, flush_timeout)
     if backend is not None:
         _open.append(tracker)
     return tracker
@@ -308,6 +386,12 @@ class TensorBoard:
         self._writer: Any = None
         self.last_step = 0
 
+    def open(self) -> None:
+        pass  # the writer is made on first use
+
+    def probe(self) -> None:
+        pass  # local files
+
     @property
     def writer(self) -> Any:
         if self._writer is None:  # created on first use: a run that fails before training leaves none
@@ -418,34 +502,57 @@ class MLflow:
         parent: MLflow | None,
     ) -> None:
         _mlflow_environment()
+        import mlflow.tracking  # noqa: F401  (here: a missing package is found before training starts)
+
+        self.uri = tracking_uri(str(settings["tracking_uri"]))
+        # the experiment's name now: the sweep it belongs to is this job's
+        self.experiment_name = experiment_name(settings)
+        self.out_dir, self.run_name, self.params, self.parent = out_dir, run_name, params, parent
+        self.client: Any = None
+        self.experiment_id = ""
+        self.run_id = ""
+
+    def open(self) -> None:
+        """The tracked run, created (or, resumed, found) on the server: the requests start here."""
+        if self.run_id:
+            return
         from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
 
-        uri = tracking_uri(str(settings["tracking_uri"]))
-        db = _sqlite_file(uri)
-        self.client = MlflowClient(tracking_uri=uri)
-        self.experiment_id: str
-        self.run_id: str
+        db = _sqlite_file(self.uri)
+        parent = self.parent
+        if parent is not None:
+            parent.open()
+        self.client = MlflowClient(tracking_uri=self.uri)
         with _exclusive(db):
             if parent is not None:
                 self.experiment_id = parent.experiment_id
             else:
-                self.experiment_id = self._experiment(experiment_name(settings), db)
-            run = self._unfinished_run(out_dir)
+                self.experiment_id = self._experiment(self.experiment_name, db)
+            run = self._unfinished_run(self.out_dir)
             if run is None:
-                tags = {RUN_DIR_TAG: str(out_dir)}
+                tags = {RUN_DIR_TAG: str(self.out_dir)}
                 if parent is not None:
                     tags["mlflow.parentRunId"] = parent.run_id
-                run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
+                run = self.client.create_run(self.experiment_id, run_name=self.run_name, tags=tags)
                 have: dict[str, str] = {}
             else:  # resume=true: continue the run this directory's earlier process started
                 self.client.update_run(run.info.run_id, status="RUNNING")
                 have = run.data.params
-        self.run_id = str(run.info.run_id)
         # a resumed run may change run-time knobs; MLflow keeps a parameter's first value
-        new = [Param(_key(k), as_text(v)) for k, v in params.items() if _key(k) not in have]
-        self.client.log_batch(self.run_id, params=new)
-        log.info("logger=mlflow: run %r in experiment %s at %s", run_name, self.experiment_id, uri)
+        new = [Param(_key(k), as_text(v)) for k, v in self.params.items() if _key(k) not in have]
+        self.client.log_batch(str(run.info.run_id), params=new)
+        self.run_id = str(run.info.run_id)
+        log.info("logger=mlflow: run %r in experiment %s at %s", self.run_name, self.experiment_id, self.uri)
+
+    def probe(self) -> None:
+        """A tracking server's /health, once, in seconds (no retries): raises if it is still away."""
+        if not self.uri.startswith(("http://", "https://")):
+            return
+        import urllib.request
+
+        with urllib.request.urlopen(self.uri.rstrip("/") + "/health", timeout=PROBE_SECONDS):
+            pass
 
     def _experiment(self, name: str, db: Path | None) -> str:
         found = self.client.get_experiment_by_name(name)
@@ -474,16 +581,19 @@ class MLflow:
     def log_epoch(self, epoch: int, values: dict[str, float]) -> None:
         from mlflow.entities import Metric
 
+        self.open()
         now = int(time.time() * 1000)
         metrics = [Metric(_key(k), v, now, epoch) for k, v in values.items()]
         self.client.log_batch(self.run_id, metrics=metrics)
 
     def logged_epochs(self) -> set[int]:
+        self.open()
         return {m.step for m in self.client.get_metric_history(self.run_id, "val/loss")}
 
     def log_results(self, out_dir: Path, final: dict[str, float], texts: dict[str, str]) -> None:
         from mlflow.entities import Metric, RunTag
 
+        self.open()
         now = int(time.time() * 1000)
         self.client.log_batch(
             self.run_id,
@@ -496,4 +606,5 @@ class MLflow:
             self.client.log_artifacts(self.run_id, str(out_dir / PLOTS_DIR), PLOTS_DIR)
 
     def close(self, status: str) -> None:
+        self.open()
         self.client.set_terminated(self.run_id, status)
