@@ -1,0 +1,261 @@
+"""`make bench-real`: mer-train's default settings on real public data, the zoo's best beside the
+classic baselines.
+
+    python benchmarks/real_data_run.py                         # fetch, sweep, summarise every set
+    python benchmarks/real_data_run.py --tag per_clip --set preprocess.scaling=per_clip
+    python benchmarks/real_data_run.py --summarize-only        # the summaries of finished sweeps
+
+Input: the sets of benchmarks/real_data_fetch.py (converted into its cache on first use). For each
+set one ``mer-train -m`` sweep at the default settings (nothing chosen per set but which encoders,
+modalities and seeds fit the time: `GRIDS`; JapaneseVowels also sets data.allow_speaker_overlap,
+its class being the speaker), into ``OUT/TAG/<set>`` (resume=auto: an interrupted benchmark
+continues; finished runs are re-read, not retrained). ``report.baselines=true`` is added where
+mer-train has that key (the classic baselines in the sweep's report). Output, per set, from the
+sweep's own comparison report (``comparison.json``: nothing re-scored here): ``summary.md`` and
+``summary.json`` in ``OUT/TAG/<set>`` (the data's clips, classes, lengths and rates; the best
+deep model per modality and overall, with the report's intervals; the baselines), and all sets
+in ``OUT/TAG/summary.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import real_data_fetch as fetch  # benchmarks/real_data_fetch.py (the script's own folder)
+import yaml
+
+MODALITIES = ("xattn", "early", "acoustic", "visual")  # longest first: two jobs at a time
+METRICS = ("accuracy", "f1_macro")  # accuracy: the archive's own measure; macro F1: mer-cli's default
+
+
+@dataclass(frozen=True)
+class Grid:
+    models: tuple[str, ...]
+    seeds: tuple[int, ...]
+    overrides: tuple[str, ...] = ()
+
+
+# sized to about an hour on 2 shared cores: PLAID's clips are ~300-500 frames, one seed there;
+# bilstm where clips are short enough for a recurrent encoder to be cheap
+GRIDS = {
+    "JapaneseVowels": Grid(("tcn", "inception", "bilstm"), (0, 1, 2), ("data.allow_speaker_overlap=true",)),
+    "BasicMotions": Grid(("tcn", "inception"), (0, 1, 2)),
+    "PLAID": Grid(("tcn", "inception"), (0,)),
+}
+
+
+def mer_train() -> str:
+    return str(Path(sys.executable).with_name("mer-train"))
+
+
+def has_baselines_key() -> bool:
+    """Whether mer-train's composed config has ``report.baselines`` (added by another branch)."""
+    done = subprocess.run([mer_train(), "--cfg", "job"], capture_output=True, text=True, check=True)
+    cfg = yaml.safe_load(done.stdout) or {}
+    return isinstance(cfg.get("report"), dict) and "baselines" in cfg["report"]
+
+
+def sweep_command(data: Path, grid: Grid, sweep_dir: Path, jobs: int, extra: Sequence[str], baselines: bool):
+    return [
+        mer_train(),
+        "-m",
+        "hydra/launcher=joblib",
+        f"hydra.launcher.n_jobs={jobs}",
+        "runtime.num_threads=1",
+        "data=native",
+        f"data.path={data}",
+        f"model={','.join(grid.models)}",
+        f"modality={','.join(MODALITIES)}",
+        f"seed={','.join(map(str, grid.seeds))}",
+        "resume=auto",
+        f"hydra.sweep.dir={sweep_dir}",
+        *grid.overrides,
+        *extra,
+        *(["report.baselines=true"] if baselines else []),
+    ]
+
+
+def describe_data(path: Path) -> dict[str, Any]:
+    """Clips per split, classes, frames per clip (min/median/max) and rates per stream of a native set."""
+    index = json.loads((path / "dataset.json").read_text())
+    streams: dict[str, Any] = {}
+    for stream, field in (("acoustic", "mfcc"), ("visual", "aus")):
+        lengths = np.concatenate(
+            [np.diff(np.load(path / s / f"{field}_offsets.npy")) for s in index["splits"]]
+        )
+        rec = (index.get("ingest_settings") or {}).get(stream, {})
+        streams[stream] = {
+            "what": rec.get("what"),
+            "features": len(rec.get("feature_names") or []),
+            "frames": [int(lengths.min()), int(np.median(lengths)), int(lengths.max())],
+            "frame_rate_hz": rec.get("frame_rate_hz"),
+            "frames_per_sample": rec.get("frames_per_sample"),
+        }
+    return {"clips": index["splits"], "classes": len(index["class_names"]), "streams": streams}
+
+
+def best_models(comparison: dict[str, Any], metric: str = "accuracy") -> dict[str, dict[str, Any]]:
+    """Per modality and ``overall``, the model with the highest mean test ``metric`` (the report's
+    mean over runs, its std and bootstrap interval, for every metric in `METRICS`)."""
+    out: dict[str, dict[str, Any]] = {}
+    for m in comparison["models"]:
+        row = {"label": m["label"], "n_runs": m["n_runs"], **{k: m["test"].get(k) for k in METRICS}}
+        for key in (m["modality"], "overall"):
+            if key not in out or row[metric]["mean"] > out[key][metric]["mean"]:
+                out[key] = row
+    return out
+
+
+def baseline_rows(comparison: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """The report's classic baselines, as it lists them (None: the report has none)."""
+    found = comparison.get("baselines")
+    if not found:
+        return None
+    rows = found if isinstance(found, list) else found.get("models", found.get("rows", []))
+    return [dict(r) for r in rows]
+
+
+def cell(summary: dict[str, Any] | None) -> str:
+    if not summary:
+        return "-"
+    text = f"{100 * summary['mean']:.1f}"
+    if summary.get("std") is not None:
+        text += f" ± {100 * summary['std']:.1f}"
+    if summary.get("ci"):
+        text += " [{:.1f}, {:.1f}]".format(*(100 * v for v in summary["ci"]))
+    return text
+
+
+def baseline_cells(row: dict[str, Any]) -> tuple[str, list[str]]:
+    name = str(row.get("label") or row.get("name") or row.get("baseline"))
+    scores = row.get("test", row)
+    return name, [cell(scores.get(k) if isinstance(scores.get(k), dict) else None) for k in METRICS]
+
+
+def summarise(name: str, data: Path, sweep_dir: Path, extra: Sequence[str]) -> dict[str, Any]:
+    comparison = json.loads((sweep_dir / "comparison.json").read_text())
+    spec = fetch.SETS[name]
+    return {
+        "set": name,
+        "domain": spec.domain,
+        "data": describe_data(data),
+        "settings": ["defaults", *GRIDS[name].overrides, *extra],
+        "grid": {
+            "models": list(GRIDS[name].models),
+            "modalities": list(MODALITIES),
+            "seeds": list(GRIDS[name].seeds),
+        },
+        "ci_unit": sorted({m["ci_unit"] for m in comparison["models"]}),
+        "confidence": comparison["settings"]["confidence"],
+        "best": best_models(comparison),
+        "baselines": baseline_rows(comparison),
+        "failures": len(comparison.get("failures", [])),
+        "report": str(sweep_dir / "report.md"),
+    }
+
+
+def markdown(s: dict[str, Any]) -> str:
+    d = s["data"]
+    lines = [f"### {s['set']} ({s['domain']})", ""]
+    lines.append(
+        f"Clips train/val/test {d['clips']['train']}/{d['clips']['val']}/{d['clips']['test']}, "
+        f"{d['classes']} classes; settings: {', '.join(s['settings'])}."
+    )
+    for stream, rec in d["streams"].items():
+        rate = f"{rec['frame_rate_hz']:g} frames/s" if rec["frame_rate_hz"] else "rate not stated"
+        if rec.get("frames_per_sample") not in (None, 1):
+            rate += f", {rec['frames_per_sample']:g} frames per sample"
+        lines.append(
+            f"- {stream}: {rec['what']}, {rec['features']} features, frames min/median/max "
+            f"{'/'.join(map(str, rec['frames']))}, {rate}"
+        )
+    lines += [
+        "",
+        f"| model (test, %: mean ± std over seeds [{100 * s['confidence']:.0f} % CI]) | best | "
+        + " | ".join(METRICS)
+        + " |",
+        "|---|---|" + "---|" * len(METRICS),
+    ]
+    for key, row in s["best"].items():
+        lines.append(
+            f"| {key} | `{row['label']}` ({row['n_runs']} runs) | "
+            + " | ".join(cell(row[k]) for k in METRICS)
+            + " |"
+        )
+    for row in s["baselines"] or []:
+        label, cells = baseline_cells(row)
+        lines.append(f"| baseline | `{label}` | " + " | ".join(cells) + " |")
+    if s["baselines"] is None:
+        lines.append(
+            "| baseline | (no report.baselines in this mer-cli) | " + " | ".join("-" * len(METRICS)) + " |"
+        )
+    lines += [
+        "",
+        f"Intervals: bootstrap over {'/'.join(s['ci_unit'])}; report: `{s['report']}`"
+        + (f"; {s['failures']} failed run(s)" if s["failures"] else ""),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--cache", type=Path, default=fetch.default_cache())
+    p.add_argument("--out", type=Path, default=Path("outputs/real-data"))
+    p.add_argument("--tag", default="defaults", help="sub-folder of --out for this benchmark's sweeps")
+    p.add_argument("--sets", nargs="+", default=list(GRIDS), choices=list(GRIDS))
+    p.add_argument(
+        "--set",
+        dest="extra",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a mer-train override for every run (e.g. preprocess.scaling=per_clip)",
+    )
+    p.add_argument("--jobs", type=int, default=2, help="runs at once (one torch thread each)")
+    p.add_argument("--summarize-only", action="store_true", help="no training: summarise finished sweeps")
+    args = p.parse_args(argv)
+    try:
+        data = fetch.fetch(args.cache, args.sets, 0.2, 0)
+    except fetch.FetchError as e:
+        print(f"real_data_run: error: {e}", file=sys.stderr)
+        return 2
+    baselines = False if args.summarize_only else has_baselines_key()
+    print(f"report.baselines: {'on' if baselines else 'not in this mer-cli'}")
+    parts = []
+    for name in args.sets:
+        sweep_dir = args.out / args.tag / name
+        if not args.summarize_only:
+            cmd = sweep_command(data[name], GRIDS[name], sweep_dir, args.jobs, args.extra, baselines)
+            print(" ".join(cmd), flush=True)
+            if subprocess.run(cmd).returncode != 0:
+                print(
+                    f"real_data_run: error: the {name} sweep failed (its log: {sweep_dir})", file=sys.stderr
+                )
+                return 1
+        summary = summarise(name, data[name], sweep_dir, args.extra)
+        write_atomic(sweep_dir / "summary.json", json.dumps(summary, indent=1) + "\n")
+        parts.append(markdown(summary))
+        write_atomic(sweep_dir / "summary.md", parts[-1])
+    write_atomic(args.out / args.tag / "summary.md", "\n".join(parts))
+    print(f"summary: {args.out / args.tag / 'summary.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
