@@ -10,8 +10,9 @@ set one ``mer-train -m`` sweep at the default settings (nothing chosen per set b
 modalities and seeds fit the time: `GRIDS`; JapaneseVowels also sets data.allow_speaker_overlap,
 its class being the speaker), into ``OUT/TAG/<set>`` (resume=auto: an interrupted benchmark
 continues; finished runs are re-read, not retrained). ``report.baselines=true`` is added where
-mer-train has that key (the classic baselines in the sweep's report). Output, per set, from the
-sweep's own comparison report (``comparison.json``: nothing re-scored here): ``summary.md`` and
+mer-train has that key (each run then writes the classic baselines of its streams, baselines.json).
+Output, per set, from the sweep's own comparison report (``comparison.json``) and the runs'
+baselines.json (nothing re-scored here): ``summary.md`` and
 ``summary.json`` in ``OUT/TAG/<set>`` (the data's clips, classes, lengths and rates; the best
 deep model per modality and overall, with the report's intervals; the baselines), and all sets
 in ``OUT/TAG/summary.md``.
@@ -25,7 +26,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,10 +45,11 @@ class Grid:
     overrides: tuple[str, ...] = ()
 
 
-# sized to about an hour on 2 shared cores: PLAID's clips are ~300-500 frames, one seed there;
-# bilstm where clips are short enough for a recurrent encoder to be cheap
+# sized to about 30-45 min on 2 cores shared with other work (a run: 1-2 min on the small sets,
+# ~5 min on PLAID, whose clips are cut to ~500 frames): the convolutional encoders, one seed on
+# PLAID; --models / --seeds widen it (e.g. --models tcn inception bilstm)
 GRIDS = {
-    "JapaneseVowels": Grid(("tcn", "inception", "bilstm"), (0, 1, 2), ("data.allow_speaker_overlap=true",)),
+    "JapaneseVowels": Grid(("tcn", "inception"), (0, 1, 2), ("data.allow_speaker_overlap=true",)),
     "BasicMotions": Grid(("tcn", "inception"), (0, 1, 2)),
     "PLAID": Grid(("tcn", "inception"), (0,)),
 }
@@ -115,13 +117,20 @@ def best_models(comparison: dict[str, Any], metric: str = "accuracy") -> dict[st
     return out
 
 
-def baseline_rows(comparison: dict[str, Any]) -> list[dict[str, Any]] | None:
-    """The report's classic baselines, as it lists them (None: the report has none)."""
-    found = comparison.get("baselines")
-    if not found:
-        return None
-    rows = found if isinstance(found, list) else found.get("models", found.get("rows", []))
-    return [dict(r) for r in rows]
+def baseline_rows(sweep_dir: Path) -> list[dict[str, Any]] | None:
+    """The classic baselines the sweep's runs wrote (``<run>/baselines.json``, mer-cli's own
+    scores and intervals: one entry per baseline and set of streams), None where no run has them."""
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    for path in sorted(sweep_dir.glob("*/baselines.json")):
+        record = json.loads(path.read_text())
+        streams = "+".join(record["data"]["streams"])
+        for e in record["baselines"]:
+            scores = {k: {"mean": e["test"][k], "std": None, "ci": e["test_ci"].get(k)} for k in METRICS}
+            rows.setdefault(
+                (streams, e["name"]),
+                {"label": f"{e['name']} ({streams})", "chosen": e.get("chosen"), **scores},
+            )
+    return list(rows.values()) or None
 
 
 def cell(summary: dict[str, Any] | None) -> str:
@@ -135,29 +144,23 @@ def cell(summary: dict[str, Any] | None) -> str:
     return text
 
 
-def baseline_cells(row: dict[str, Any]) -> tuple[str, list[str]]:
-    name = str(row.get("label") or row.get("name") or row.get("baseline"))
-    scores = row.get("test", row)
-    return name, [cell(scores.get(k) if isinstance(scores.get(k), dict) else None) for k in METRICS]
-
-
-def summarise(name: str, data: Path, sweep_dir: Path, extra: Sequence[str]) -> dict[str, Any]:
+def summarise(name: str, grid: Grid, data: Path, sweep_dir: Path, extra: Sequence[str]) -> dict[str, Any]:
     comparison = json.loads((sweep_dir / "comparison.json").read_text())
     spec = fetch.SETS[name]
     return {
         "set": name,
         "domain": spec.domain,
         "data": describe_data(data),
-        "settings": ["defaults", *GRIDS[name].overrides, *extra],
+        "settings": ["defaults", *grid.overrides, *extra],
         "grid": {
-            "models": list(GRIDS[name].models),
+            "models": list(grid.models),
             "modalities": list(MODALITIES),
-            "seeds": list(GRIDS[name].seeds),
+            "seeds": list(grid.seeds),
         },
         "ci_unit": sorted({m["ci_unit"] for m in comparison["models"]}),
         "confidence": comparison["settings"]["confidence"],
         "best": best_models(comparison),
-        "baselines": baseline_rows(comparison),
+        "baselines": baseline_rows(sweep_dir),
         "failures": len(comparison.get("failures", [])),
         "report": str(sweep_dir / "report.md"),
     }
@@ -192,8 +195,7 @@ def markdown(s: dict[str, Any]) -> str:
             + " |"
         )
     for row in s["baselines"] or []:
-        label, cells = baseline_cells(row)
-        lines.append(f"| baseline | `{label}` | " + " | ".join(cells) + " |")
+        lines.append(f"| baseline | `{row['label']}` | " + " | ".join(cell(row[k]) for k in METRICS) + " |")
     if s["baselines"] is None:
         lines.append(
             "| baseline | (no report.baselines in this mer-cli) | " + " | ".join("-" * len(METRICS)) + " |"
@@ -227,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         metavar="KEY=VALUE",
         help="a mer-train override for every run (e.g. preprocess.scaling=per_clip)",
     )
+    p.add_argument("--models", nargs="+", help="encoders for every set (default: each set's GRIDS entry)")
+    p.add_argument("--seeds", nargs="+", type=int, help="seeds for every set (default: GRIDS)")
     p.add_argument("--jobs", type=int, default=2, help="runs at once (one torch thread each)")
     p.add_argument("--summarize-only", action="store_true", help="no training: summarise finished sweeps")
     args = p.parse_args(argv)
@@ -239,16 +243,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"report.baselines: {'on' if baselines else 'not in this mer-cli'}")
     parts = []
     for name in args.sets:
+        grid = GRIDS[name]
+        grid = replace(grid, models=tuple(args.models or grid.models), seeds=tuple(args.seeds or grid.seeds))
         sweep_dir = args.out / args.tag / name
         if not args.summarize_only:
-            cmd = sweep_command(data[name], GRIDS[name], sweep_dir, args.jobs, args.extra, baselines)
+            cmd = sweep_command(data[name], grid, sweep_dir, args.jobs, args.extra, baselines)
             print(" ".join(cmd), flush=True)
             if subprocess.run(cmd).returncode != 0:
                 print(
                     f"real_data_run: error: the {name} sweep failed (its log: {sweep_dir})", file=sys.stderr
                 )
                 return 1
-        summary = summarise(name, data[name], sweep_dir, args.extra)
+        summary = summarise(name, grid, data[name], sweep_dir, args.extra)
         write_atomic(sweep_dir / "summary.json", json.dumps(summary, indent=1) + "\n")
         parts.append(markdown(summary))
         write_atomic(sweep_dir / "summary.md", parts[-1])
