@@ -114,7 +114,8 @@ def best_models(comparison: dict[str, Any], metric: str = "accuracy") -> dict[st
         for key in (m["modality"], "overall"):
             if key not in out or row[metric]["mean"] > out[key][metric]["mean"]:
                 out[key] = row
-    return out
+    order = [*MODALITIES, *sorted(set(out) - {*MODALITIES, "overall"}), "overall"]
+    return {k: out[k] for k in order if k in out}
 
 
 def baseline_rows(sweep_dir: Path) -> list[dict[str, Any]] | None:

@@ -117,6 +117,7 @@ def test_best_models_picks_the_highest_mean_per_modality_and_overall():
         ]
     }
     best = real_data_run.best_models(comparison)
+    assert list(best) == ["early", "visual", "overall"]  # the benchmark's modality order, overall last
     assert {k: v["label"] for k, v in best.items()} == {
         "early": "early/inception",
         "visual": "visual/tcn",
