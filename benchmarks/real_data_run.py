@@ -191,8 +191,10 @@ def markdown(s: dict[str, Any]) -> str:
         "|---|---|" + "---|" * len(METRICS),
     ]
     for key, row in s["best"].items():
+        # a sweep over one encoder labels its models by modality only
+        label = row["label"] if "/" in row["label"] else f"{row['label']}/{s['grid']['models'][0]}"
         lines.append(
-            f"| {key} | `{row['label']}` ({row['n_runs']} runs) | "
+            f"| {key} | `{label}` ({row['n_runs']} runs) | "
             + " | ".join(cell(row[k]) for k in METRICS)
             + " |"
         )
