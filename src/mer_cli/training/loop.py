@@ -74,6 +74,7 @@ class Settings:
     progress: bool = True  # a progress bar per epoch (only when stderr is a terminal)
     loader_workers: int = 0  # background processes assembling batches (0: the training process)
     pin_memory: bool | None = None  # page-locked batches for faster copies to a GPU; None: on CUDA
+    compile: bool = False  # torch.compile the model (in place) before the first epoch
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -232,6 +233,8 @@ def fit(
     device = resolve_device(settings.device)
     dtype = resolve_precision(settings.precision, device)
     model.to(device)
+    if settings.compile:  # in place: state-dict names, checkpoints and resume are unchanged
+        model.compile()
     # gradient scaling keeps small fp16 gradients from flushing to zero; bf16 needs none
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     options = options or Options()
