@@ -15,7 +15,7 @@ STAMP := $(VENV)/.installed
 # glibc's defaults 1.0 GiB, 145-147 s; GLIBC_TUNABLES=glibc.malloc.hugetlb=1 1.0 GiB, 104-120 s
 # (mer-bench: 9 % slower training than the heap). Table and the other settings: docs/memory.md.
 
-.PHONY: help venv run compare zoo test test-fast test-integration smoke lint bench bench-peer bench-inference bench-scale bench-features bench-real clean
+.PHONY: help venv run compare zoo test test-fast test-integration smoke lint bench bench-peer bench-inference bench-scale bench-features bench-reference bench-compile bench-real clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -112,6 +112,14 @@ bench-scale: $(STAMP)  ## peak RSS, time to first batch, s/epoch on 1k..150k gen
 bench-features: $(STAMP)  ## feature back-ends: clips/s, frames/s, peak RSS, ingest RSS vs clips (ARGS=--quick)
 	mkdir -p outputs
 	$(BIN)/python benchmarks/extraction.py --json outputs/bench-features.jsonl $(ARGS)
+
+bench-reference: $(STAMP)  ## every encoder x fusion vs its plain PyTorch reference: ratios per round (ARGS=--quick)
+	mkdir -p outputs
+	$(BIN)/mer-bench --reference --out outputs/bench-reference.jsonl $(ARGS)
+
+bench-compile: $(STAMP)  ## runtime.compile: eager vs torch.compile per encoder, a default-length run, compile included
+	mkdir -p outputs
+	$(BIN)/python benchmarks/bench_compile.py --out outputs/bench-compile.jsonl $(ARGS)
 
 # real public sets nobody here made (UEA/UCR archive files from the sktime wheel on PyPI, converted
 # into $$XDG_CACHE_HOME/mer-cli/real-data by benchmarks/real_data_fetch.py, never into the repository):

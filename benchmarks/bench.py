@@ -87,6 +87,8 @@ FIELDS = (
     "frac_of_peak",
     "mean_len_frac",
     "computed_len_frac",
+    "padding_waste",
+    "length_groups",
     "loss_first",
     "loss_last",
     "rounds",
@@ -259,16 +261,20 @@ def model_config(name: str) -> dict[str, Any]:
     return OmegaConf.to_container(OmegaConf.load(path), resolve=True)  # type: ignore[return-value]
 
 
-def build(model_name: str, n_features: int, masking: str) -> tuple[nn.Module, dict[str, Any]]:
+def build(
+    model_name: str, n_features: int, masking: str, length_groups: int = 1
+) -> tuple[nn.Module, dict[str, Any]]:
     from mer_cli.runs.trained import build_model
 
     cfg = model_config(model_name)
     encoder = cfg["encoder"]
+    # what runs.train adds to the model for trainer.loop.length_groups (never to cfg: FLOPs read it)
+    groups = {"length_groups": length_groups} if length_groups != 1 else {}
     if "masking" not in encoder:  # exact by construction (attention key mask, re-zeroed convs)
-        return build_model(cfg, {STREAM: n_features}, N_CLASSES), cfg
+        return build_model({**cfg, **groups}, {STREAM: n_features}, N_CLASSES), cfg
     if masking not in ("config", "none"):
         encoder["masking"] = masking
-    model = build_model(cfg, {STREAM: n_features}, N_CLASSES)
+    model = build_model({**cfg, **groups}, {STREAM: n_features}, N_CLASSES)
     if masking == "none":
         sizes = [n_features] + [2 * h for h in encoder["hidden_sizes"][:-1]]
         cell = encoder.get("cell", "lstm")
@@ -305,6 +311,7 @@ class Case:
     optimizer: str = "adabelief"
     rounds: int = 1
     seed: int = 0
+    length_groups: int = 1  # trainer.loop.length_groups
 
 
 def run_case(case: Case, peaks: dict[str, float]) -> dict[str, Any]:
@@ -317,11 +324,12 @@ def run_case(case: Case, peaks: dict[str, float]) -> dict[str, Any]:
         precision=case.precision,
         bucket_by_length=case.bucket,
         progress=False,
+        length_groups=case.length_groups,
     )
     device = hardware.resolve_device(settings.device)
     dtype = hardware.resolve_precision(settings.precision, device)
     torch.manual_seed(case.seed)
-    model, cfg = build(case.model, n_features, case.masking)
+    model, cfg = build(case.model, n_features, case.masking, case.length_groups)
     model.to(device)
     optimizer = build_optimizer(case.optimizer, model)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -347,6 +355,7 @@ def run_case(case: Case, peaks: dict[str, float]) -> dict[str, Any]:
             settings.bucket_length_jitter,
         )[:limit]
         frames, losses = 0, []
+        drawn.extend(batches)
         sync()
         t0 = time.perf_counter()
         for idx in batches:
@@ -357,7 +366,9 @@ def run_case(case: Case, peaks: dict[str, float]) -> dict[str, Any]:
         sync()
         return time.perf_counter() - t0, frames, losses
 
+    drawn: list[torch.Tensor] = []  # the timed epochs' batches (padding_waste)
     epoch(warm_set, case.warmup)
+    drawn.clear()
     train_s: list[float] = []
     infer_s: list[float] = []
     losses: list[float] = []
@@ -388,7 +399,9 @@ def run_case(case: Case, peaks: dict[str, float]) -> dict[str, Any]:
     flops = flops_function(model, cfg, n_features)  # training: forward + backward = 3 forwards
     flop_padded = 3 * flops(max_len)
     flop_useful = 3 * flops(mean_len)
-    computed_len = train_frames / n_train
+    # frames the encoder computed per clip: what its input holds, less what length groups skip
+    waste = batching.padding_waste(train_set.lengths, drawn, max_len, case.length_groups)
+    computed_len = mean_len * (1 + waste) if case.length_groups > 1 else train_frames / n_train
     flop_computed = 3 * flops(computed_len)
     infer_flop = flops(infer_frames / len(infer_set))
     peak = peaks["bf16" if dtype == torch.bfloat16 else "fp32"]
@@ -427,6 +440,9 @@ def run_case(case: Case, peaks: dict[str, float]) -> dict[str, Any]:
         "frac_of_peak": round(gflops_computed / peak, 3) if peak else None,
         "mean_len_frac": round(mean_len / max_len, 3),
         "computed_len_frac": round(computed_len / max_len, 3),
+        # computed / real frames - 1 of the encoder (trainer.loop.length_groups cut batches further)
+        "padding_waste": round(waste, 4),
+        "length_groups": case.length_groups,
         "loss_first": round(losses[0], 4),
         "loss_last": round(losses[-1], 4),
         "rounds": case.rounds,
@@ -630,6 +646,7 @@ COLUMNS = (
     ("epoch_s_est", "epoch_s", "{:.1f}"),
     ("achieved_gflops_computed", "GFLOP/s", "{:.0f}"),
     ("frac_of_peak", "peak", "{:.0%}"),
+    ("padding_waste", "waste", "{:.1%}"),
     ("peak_rss_mib", "rss_MiB", "{:.0f}"),
 )
 
@@ -768,7 +785,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     ap.add_argument("--shape", nargs="+", choices=sorted(SHAPES), default=None, help="default: all")
     ap.add_argument(
-        "--model", nargs="+", choices=MODELS, default=None, help="default: all (with the peer: the LSTM ones)"
+        "--model",
+        nargs="+",
+        choices=sorted({*MODELS, *REFERENCE_MODELS}),
+        default=None,
+        help="default: all (with the peer: the LSTM ones; --reference: the zoo without bilstm_notebook)",
     )
     ap.add_argument("--precision", nargs="+", choices=PRECISIONS, default=["fp32", "bf16"])
     ap.add_argument("--device", choices=hardware.DEVICES, default="cpu")
@@ -787,6 +808,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="timed repetitions, medians reported (default 1; 2 with the peer)",
     )
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--length-groups", type=int, default=1, help="trainer.loop.length_groups of mer-cli's models"
+    )
     ap.add_argument("--quick", action="store_true", help="tiny sizes: checks only that it runs (CI)")
     ap.add_argument("--out", default=None, help="append JSON lines here ('-': stdout)")
     ap.add_argument("--no-table", action="store_true")
@@ -797,12 +821,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="the Keras peer (default: benchmarks/peer_keras.py of this source checkout)",
     )
     ap.add_argument("--peer-batches", type=int, default=3, help="the peer's timed training batches")
+    r = ap.add_argument_group(
+        "--reference: every encoder x fusion against plain PyTorch (benchmarks/reference.py)"
+    )
+    r.add_argument("--reference", action="store_true", help="mer-cli / reference ratios, interleaved rounds")
+    r.add_argument("--fusion", nargs="+", choices=FUSIONS, default=None, help="default: all")
     g = ap.add_argument_group("--inference: the exported graph (mer-export), torch vs onnxruntime, fp32")
     g.add_argument("--inference", action="store_true", help="time inference instead of training")
     g.add_argument("--latency-runs", type=int, default=200, help="timed single-clip calls (p50, p99)")
     g.add_argument("--infer-batch", type=int, default=64, help="clips per batch for throughput")
     g.add_argument("--infer-batches", type=int, default=20, help="timed batches for throughput")
     args = ap.parse_args(argv)
+    if args.reference and (args.inference or args.peer_python):
+        ap.error("--reference runs on its own (not with --inference or --peer-python)")
     if args.inference and args.peer_python:
         ap.error("--inference times mer-cli's exported graph; the Keras peer has no such mode")
     if args.peer_python and not Path(args.peer_script).is_file():
@@ -810,6 +841,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
             f"--peer-script {args.peer_script}: no such file (the Keras peer ships with the "
             "source repository, not the installed package: pass its path)"
         )
+    if args.reference:
+        args.fusion = args.fusion or (["early"] if args.quick else list(FUSIONS))
+        args.model = args.model or (["bilstm"] if args.quick else list(REFERENCE_MODELS))
+        args.rounds = args.rounds or 2
+        if args.precision == ["fp32", "bf16"]:  # not chosen: what mer-train runs (trainer.loop.precision)
+            args.precision = ["auto"]
+        return args
     if args.shape is None:  # --quick: one small shape and model, just to prove the path runs
         args.shape = (
             ["visual"]
@@ -848,7 +886,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             sys.exit(2)
     out = sys.stdout if args.out == "-" else open(args.out, "a") if args.out else None  # noqa: SIM115
     try:
-        if args.peer_python:
+        if args.reference:
+            rows, columns = run_reference(args)
+        elif args.peer_python:
             rows = side_by_side(args)
             columns: Sequence[tuple[str, str, str]] = PEER_COLUMNS
         elif args.inference:
@@ -864,6 +904,41 @@ def main(argv: Sequence[str] | None = None) -> None:
             out.close()
     if not args.no_table:
         print(format_table(rows, columns), file=sys.stderr if args.out == "-" else sys.stdout)
+
+
+FUSIONS = ("early", "joint", "xattn")  # bench_reference.FUSIONS (imported only with --reference)
+REFERENCE_MODELS = ("bilstm", "gru", "transformer", "tcn", "inception")
+
+
+def run_reference(args: argparse.Namespace) -> tuple[list[dict[str, Any]], Sequence[tuple[str, str, str]]]:
+    """``--reference``: bench_reference's rows (it sits beside this script, outside the wheel)."""
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:  # mer-bench runs this file by path: its folder is not on sys.path
+        sys.path.insert(0, here)
+    import bench_reference
+
+    peaks = {"fp32": matmul_peak(torch.float32, args.quick), "bf16": matmul_peak(torch.bfloat16, args.quick)}
+    rows = []
+    for fusion in args.fusion:
+        for model in args.model:
+            for precision in args.precision:
+                case = bench_reference.Case(
+                    fusion=fusion,
+                    model=model,
+                    precision=precision,
+                    batch=4 if args.quick else args.batch,
+                    batches=2 if args.quick else args.batches,
+                    infer_clips=8 if args.quick else args.infer_clips,
+                    rounds=args.rounds,
+                    length_groups=args.length_groups,
+                    seed=args.seed,
+                    scale=0.1 if args.quick else 1.0,
+                )
+                rows.append(bench_reference.run_case(case, peaks))
+                if not args.no_table:
+                    line = format_table(rows[-1:], bench_reference.COLUMNS).splitlines()[1]
+                    print(line, file=sys.stderr, flush=True)
+    return rows, bench_reference.COLUMNS
 
 
 def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -889,6 +964,7 @@ def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
                     optimizer=args.optimizer,
                     rounds=args.rounds,
                     seed=args.seed,
+                    length_groups=args.length_groups,
                 )
                 row = run_case(case, peaks)
                 rows.append(row)

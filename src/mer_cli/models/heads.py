@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from mer_cli.models import layer_mix
-from mer_cli.models.layers import INITS, Encoder, Frames, keras_init_
+from mer_cli.models.layers import INITS, Encoder, Frames, check_length_groups, encode_by_length, keras_init_
 
 
 class Classifier(nn.Module):
@@ -24,6 +24,8 @@ class Classifier(nn.Module):
     the weight of the new batch: Keras' momentum 0.99 is 0.01 here). ``layer_weights``: where the
     stream stores several encoder layers per frame (`layer_mix.layouts`), mixed by learned weights
     before the encoder (`layer_mix.LayerMix`); None reads the frames as they are.
+    ``length_groups``: in training, each batch's encoder pass in this many length-sorted groups
+    (`layers.encode_by_length`: less padding computed); 1 (default): the whole batch at once.
     """
 
     def __init__(
@@ -37,6 +39,7 @@ class Classifier(nn.Module):
         batchnorm_momentum: float = 0.1,
         batchnorm_eps: float = 1e-5,
         layer_weights: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
+        length_groups: int = 1,
     ) -> None:
         super().__init__()
         if len(n_features) != 1:
@@ -48,6 +51,7 @@ class Classifier(nn.Module):
         self.layer_mix = mixers.get(next(iter(n_features)))
         ((self.stream, features),) = layer_mix.mixed_features(n_features, mixers).items()
         self.encoder = encoder(features)
+        self.length_groups = check_length_groups(length_groups, self.encoder)
         self.dropout = nn.Dropout(dropout)
         self.head = shared_head(
             cast(Encoder, self.encoder).out_features,
@@ -64,7 +68,8 @@ class Classifier(nn.Module):
         x, lengths = inputs[self.stream]
         if self.layer_mix is not None:
             x = self.layer_mix(x)
-        _, pooled = self.encoder(x, lengths)
+        groups = self.length_groups if self.training else 1  # inference batches are length-sorted
+        _, pooled = encode_by_length(cast(Encoder, self.encoder), x, lengths, groups, frames=False)
         return self.head(self.dropout(pooled))
 
 

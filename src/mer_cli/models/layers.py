@@ -178,3 +178,47 @@ def frame_mask(lengths: torch.Tensor, steps: int) -> torch.Tensor:
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean over each clip's real frames of ``x`` (B, T, H) that is zero past them: (B, H)."""
     return x.sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+
+
+# Rounded up to this many frames, a length group's padded length takes one of few values (the
+# oneDNN kernels built for a shape are reused); training.batching pads whole batches the same way.
+GROUP_PAD_MULTIPLE = 8
+
+
+def check_length_groups(groups: int, encoder: object) -> int:
+    """``groups`` if ``encoder`` may be run in length groups; ValueError otherwise (fewer than
+    1, or an encoder whose training output depends on the rest of its batch, as batch norm's)."""
+    if groups < 1:
+        raise ValueError(f"length_groups={groups}: at least 1")
+    if groups > 1 and getattr(encoder, "couples_clips", False):
+        raise ValueError(
+            f"length_groups={groups}: {type(encoder).__name__} normalizes over its batch in training, "
+            "so a clip's output would depend on its group (1 only)"
+        )
+    return groups
+
+
+def encode_by_length(
+    encoder: Encoder, x: torch.Tensor, lengths: torch.Tensor, groups: int, frames: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``encoder(x, lengths)`` computed in ``groups`` length-sorted parts of the batch, each cut to
+    its own longest clip (rounded up to ``GROUP_PAD_MULTIPLE``): the padding a batch of mixed
+    lengths computes shrinks (trainer.loop.length_groups). Each clip's result is the one the
+    whole batch gives (for encoders that compute clips independently), in the batch's order.
+    ``frames=False``: per-frame outputs are not needed (an empty tensor comes back for them)."""
+    batch, steps = x.shape[:2]
+    if groups <= 1 or batch < 2:
+        return encoder(x, lengths)
+    order = torch.argsort(lengths, descending=True, stable=True)
+    out_frames, out_pooled = [], []
+    for idx in order.tensor_split(min(groups, batch)):
+        longest = int(lengths[idx].max())
+        cut = min(steps, max(1, -(-longest // GROUP_PAD_MULTIPLE) * GROUP_PAD_MULTIPLE))
+        f, p = encoder(x[idx, :cut], lengths[idx])
+        out_pooled.append(p)
+        if frames:  # zero past each clip's end, as the encoder's own output is
+            out_frames.append(nn.functional.pad(f, (0, 0, 0, steps - cut)))
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(batch, device=order.device)
+    pooled = torch.cat(out_pooled)[inverse]
+    return (torch.cat(out_frames)[inverse] if frames else pooled.new_zeros(0)), pooled

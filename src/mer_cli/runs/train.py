@@ -348,4 +348,7 @@ def model_config(cfg: DictConfig) -> dict[str, Any]:
     model_cfg = cast(dict[str, Any], OmegaConf.to_container(cfg.model, resolve=True))
     model_cfg = {"classifier": modality.classifier, **model_cfg}
     model_cfg.update({k: cfg.modality[k] for k in modality.options if k in cfg.modality})
+    groups = int(cfg.trainer.loop.get("length_groups", 1))
+    if groups != 1:  # only then: every other run's model description is unchanged
+        model_cfg["length_groups"] = groups
     return model_cfg

@@ -84,6 +84,47 @@ def n_batches(n: int, batch_size: int, bucket: bool, pool_batches: int) -> int:
     return count - 1 if count > 1 and last == 1 else count
 
 
+def padding_waste(
+    lengths: torch.Tensor, batches: Iterable[torch.Tensor], max_length: int, groups: int = 1
+) -> float:
+    """Frames computed over real frames, minus 1, for ``batches`` (clip indices into ``lengths``):
+    each batch padded as `PadCollate` pads it (its longest clip rounded up to ``PAD_MULTIPLE``,
+    at most ``max_length``) or, with ``groups`` > 1, each of its length groups as
+    `layers.encode_by_length` cuts it (``trainer.loop.length_groups``). 0: no padding computed."""
+    computed, real = 0, 0
+    for idx in batches:
+        batch = lengths[idx]
+        real += int(batch.sum())
+        if groups <= 1 or len(batch) < 2:
+            computed += len(batch) * min(max_length, int(padded_length(int(batch.max()))))
+            continue
+        for part in batch.sort(descending=True, stable=True).values.tensor_split(min(groups, len(batch))):
+            cut = min(max_length, int(padded_length(int(part.max()))))
+            computed += len(part) * min(cut, int(padded_length(int(batch.max()))))
+    return computed / max(real, 1) - 1.0
+
+
+def epoch_padding_waste(
+    lengths: torch.Tensor, settings: BatchSettings, max_length: int, seed: int = 0, epochs: int = 10
+) -> float:
+    """`padding_waste` of ``epochs`` training epochs' batches as ``settings`` draw them (a fresh
+    generator seeded ``seed``), ``settings.length_groups`` groups per batch where it has them."""
+    generator = torch.Generator().manual_seed(seed)
+    batches = [
+        b
+        for _ in range(epochs)
+        for b in batch_indices(
+            lengths,
+            settings.batch_size,
+            generator,
+            settings.bucket_by_length,
+            settings.bucket_batches,
+            settings.bucket_length_jitter,
+        )
+    ]
+    return padding_waste(lengths, batches, max_length, int(getattr(settings, "length_groups", 1)))
+
+
 class BatchSettings(Protocol):
     """What `BucketBatchSampler` reads of the training loop's settings (`loop.Settings`)."""
 

@@ -69,10 +69,12 @@ class Settings:
     bucket_by_length: bool = True  # batch clips of similar length, pad each batch to its longest
     bucket_batches: int = 8  # batches per bucket pool: larger pools pad less, shuffle less
     bucket_length_jitter: float = 0.15  # relative noise on lengths before sorting: new batches each epoch
+    length_groups: int = 1  # the model's encoder pass per batch in this many length groups (runs.train)
     eval_batch_size: int = 512  # at most this many clips per inference batch (see inference_batches)
     progress: bool = True  # a progress bar per epoch (only when stderr is a terminal)
     loader_workers: int = 0  # background processes assembling batches (0: the training process)
     pin_memory: bool | None = None  # page-locked batches for faster copies to a GPU; None: on CUDA
+    compile: bool = False  # torch.compile the model (in place) before the first epoch
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -81,6 +83,8 @@ class Settings:
             raise ConfigError(f"trainer.loop.precision={self.precision!r}: valid: {', '.join(PRECISIONS)}")
         if self.batch_size < 2:  # BatchNorm cannot normalize one clip by the batch's statistics
             raise ConfigError(f"trainer.loop.batch_size={self.batch_size}: must be at least 2")
+        if self.length_groups < 1:
+            raise ConfigError(f"trainer.loop.length_groups={self.length_groups}: must be at least 1")
         if self.loader_workers < 0:
             raise ConfigError(f"runtime.loader_workers={self.loader_workers}: must be 0 or more")
 
@@ -229,6 +233,8 @@ def fit(
     device = resolve_device(settings.device)
     dtype = resolve_precision(settings.precision, device)
     model.to(device)
+    if settings.compile:  # in place: state-dict names, checkpoints and resume are unchanged
+        model.compile()
     # gradient scaling keeps small fp16 gradients from flushing to zero; bf16 needs none
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     options = options or Options()

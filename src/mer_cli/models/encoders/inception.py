@@ -182,6 +182,7 @@ class InceptionEncoder(nn.Module):
         )
         self.residual_every = residual_every
         self.out_features = hidden_sizes[-1]
+        self.couples_clips = norm == "batch"  # training statistics over the batch (layers.encode_by_length)
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mask = frame_mask(lengths, x.shape[1]).to(x.dtype)  # (B, T, 1)

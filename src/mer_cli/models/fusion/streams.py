@@ -12,7 +12,15 @@ from torch import nn
 
 from mer_cli.models import layer_mix
 from mer_cli.models.heads import shared_head
-from mer_cli.models.layers import INITS, Encoded, Encoder, Frames, keras_init_
+from mer_cli.models.layers import (
+    INITS,
+    Encoded,
+    Encoder,
+    Frames,
+    check_length_groups,
+    encode_by_length,
+    keras_init_,
+)
 
 
 def ogm_coefficients(scores: Mapping[str, torch.Tensor], alpha: float) -> dict[str, float]:
@@ -47,7 +55,11 @@ class MultiStreamClassifier(nn.Module):
     ``ogm_noise``: also add OGM-GE's Gaussian noise to the encoders' gradients.
     ``layer_weights``: the streams that store several encoder layers per frame
     (`layer_mix.layouts`), each mixed by its learned weights before its encoder.
+    ``length_groups``: in training, each stream's encoder pass in this many groups sorted by that
+    stream's lengths (`layers.encode_by_length`); 1 (default): the whole batch at once.
     """
+
+    needs_frames = False  # does `pool` read the per-frame features (else the pooled vectors only)
 
     def __init__(
         self,
@@ -62,6 +74,7 @@ class MultiStreamClassifier(nn.Module):
         ogm_alpha: float | None = None,
         ogm_noise: bool = False,
         layer_weights: Mapping[str, Sequence[Mapping[str, Any]]] | None = None,
+        length_groups: int = 1,
     ) -> None:
         super().__init__()
         if len(n_features) < 2:
@@ -77,6 +90,8 @@ class MultiStreamClassifier(nn.Module):
         self.encoders = nn.ModuleDict(
             {s: encoder(f) for s, f in layer_mix.mixed_features(n_features, mixers).items()}
         )
+        for e in self.encoders.values():
+            self.length_groups = check_length_groups(length_groups, e)
         self.pooled_sizes = self.build_fusion()
         self.dropout = nn.Dropout(dropout)
         self.head = shared_head(
@@ -103,7 +118,9 @@ class MultiStreamClassifier(nn.Module):
             x, lengths = inputs[s]
             if self.layer_mix is not None and s in self.layer_mix:
                 x = self.layer_mix[s](x)
-            frames, pooled = self.encoders[s](x, lengths)
+            groups = self.length_groups if self.training else 1  # inference batches are length-sorted
+            encoder = cast(Encoder, self.encoders[s])
+            frames, pooled = encode_by_length(encoder, x, lengths, groups, frames=self.needs_frames)
             encoded[s] = (frames, pooled, lengths)
         return self.pool(encoded)
 

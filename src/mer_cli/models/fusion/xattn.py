@@ -53,6 +53,8 @@ class CrossAttentionClassifier(MultiStreamClassifier):
     streams keep their frame rates. ``attention_heads`` splits the attention size (each stream's
     encoder output size)."""
 
+    needs_frames = True
+
     def __init__(
         self,
         n_features: Mapping[str, int],
