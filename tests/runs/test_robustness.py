@@ -6,16 +6,17 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import run_main
+from conftest import compose_train, run_main
 from mer_cli.cli import commands
 from mer_cli.data.load import load_data
 from mer_cli.evaluation import perturb
-from mer_cli.runs import files, robustness, trained
+from mer_cli.runs import execute, files, robustness, trained
 
 MODALITIES = ("acoustic", "visual", "late", "early", "joint", "xattn")
 # noise 2 streams x 4, frame_drop 3, gap 3, missing 2 x 2, shift 3, snr 4
@@ -179,3 +180,51 @@ def test_an_unknown_corruption_stops_mer_evaluate_with_one_line(tmp_path, capsys
         err == "mer-evaluate: error: --perturb: corruption='blur': "
         "valid: noise, frame_drop, gap, missing, shift, snr"
     )
+
+
+@pytest.mark.slow
+def test_intervals_group_by_the_datas_stored_speakers_when_clip_ids_name_none(sweep, tmp_path, monkeypatch):
+    run = tmp_path / "acoustic"
+    shutil.copytree(run_of(sweep, "acoustic"), run)
+    by_ids, _ = robustness.evaluate_robustness(run, ["noise"], save_plots=False)
+    assert by_ids["ci"]["unit"] == "actors"  # CREMA-D ids: the actor parsed from each
+    real_load = robustness.load_data
+
+    def renamed(*args):  # the same clips under ids that carry no actor, their speakers stored
+        splits = real_load(*args)
+        test = splits.test
+        ids = tuple(f"clip{i:04d}" for i in range(len(test.clip_ids)))
+        actors = tuple(c[:4] for c in test.clip_ids)
+        return replace(splits, test=replace(test, clip_ids=ids, speakers=actors))
+
+    monkeypatch.setattr(robustness, "load_data", renamed)
+    stored, _ = robustness.evaluate_robustness(run, ["noise"], save_plots=False)
+    assert stored["ci"]["unit"] == "actors"
+    assert stored["clean"] == by_ids["clean"]  # the same groups: the same bootstrap intervals
+    assert stored["rows"] == by_ids["rows"]
+
+
+@pytest.mark.slow
+def test_each_fold_of_a_cross_validation_is_re_scored_on_its_own_test_split(tmp_path):
+    out = tmp_path / "cv"
+    execute.run(
+        compose_train(
+            "experiment=smoke",
+            "modality=acoustic",
+            "cv.folds=3",
+            "eval.robustness=true",
+            "trainer.loop.max_epochs=1",
+            "runtime.save_plots=false",
+        ),
+        out,
+    )
+    assert not (out / "robustness.json").exists()  # the folds' parent holds only cv.json
+    tests = []
+    for fold in ("fold0", "fold1", "fold2"):
+        result = json.loads((out / fold / "robustness.json").read_text())
+        test = json.loads((out / fold / "metrics.json").read_text())["test"]
+        assert result["clean"]["f1_macro"] == pytest.approx(test["f1_macro"], abs=1e-6)
+        assert len(result["rows"]) == N_CONDITIONS
+        tests.append(result["clean"]["f1_macro"])
+    cv = json.loads((out / "cv.json").read_text())
+    assert cv["test"]["f1_macro"] == pytest.approx(np.mean(tests), abs=1e-6)

@@ -51,7 +51,7 @@ from mer_cli.data import ingest, spec
 from mer_cli.data.features import audio, catalog
 from mer_cli.data.features.base import Extractor
 from mer_cli.data.features.extraction import Extraction
-from mer_cli.data.folds import CREMA_D_ACTOR_PATTERN, maybe_actor_ids
+from mer_cli.data.folds import CREMA_D_ACTOR_PATTERN, speakers_of
 from mer_cli.data.load import load_data
 from mer_cli.data.splits import STREAM_FIELDS, Clips, Split, Splits
 from mer_cli.evaluation import metrics, perturb, stats
@@ -297,7 +297,7 @@ def evaluate_robustness(
     target = replace(target, frame_rates={**data_rates, **{k: v for k, v in target.frame_rates.items() if v}})
     test = splits.test
     pattern = str(cfg.get("cv", {}).get("actor_pattern") or CREMA_D_ACTOR_PATTERN)
-    actors = maybe_actor_ids(test.clip_ids, pattern)
+    actors = speakers_of(test, pattern)  # the data's stored speakers, else parsed from the clip ids
     groups = np.array(actors) if actors is not None else None
     clean_probs = member_probabilities(target, splits, test)
     clean_prob = combine(target, clean_probs)

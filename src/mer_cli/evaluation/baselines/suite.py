@@ -21,7 +21,7 @@ import numpy as np
 
 from mer_cli.core.errors import ConfigError, DataError
 from mer_cli.core.registry import Registry
-from mer_cli.data.folds import maybe_actor_ids
+from mer_cli.data.folds import speakers_of
 from mer_cli.data.splits import Split, Splits
 from mer_cli.evaluation import stats
 from mer_cli.evaluation.baselines import dtw, pooled
@@ -217,7 +217,7 @@ def record(
     predictions (clip ids, labels, probabilities) from which the comparison report recomputes
     them with its own settings."""
     test = splits.test
-    actors = maybe_actor_ids(test.clip_ids, actor_pattern)
+    actors = speakers_of(test, actor_pattern)  # stored speakers first, else from the clip ids
     groups = np.array(actors) if actors is not None else None
     out = []
     for r in results:
