@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -15,7 +14,7 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from conftest import REPO, compose_train, main_command, run_main, start, wait_for
+from conftest import REPO, compose_train, run_main
 from mer_cli.runs import reuse
 from mer_cli.sweeps import launchers
 from mer_cli.training import hardware
@@ -191,54 +190,3 @@ def test_a_joblib_sweep_gives_the_sequential_metrics_and_trains_no_model_twice(t
     logs = "".join(p.read_text() for p in (tmp_path / "parallel").glob("*/train.log"))
     assert f"2 jobs run at once: {threads} torch threads each" in logs
     assert logs.count(f"training on cpu (float32), {threads} threads") == 2
-
-
-def _children(pid: int) -> list[int]:
-    path = Path(f"/proc/{pid}/task/{pid}/children")
-    return [int(c) for c in path.read_text().split()] if path.exists() else []
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds the job's process in /proc")
-def test_a_submitit_local_job_signalled_before_its_time_limit_is_requeued_and_continues(tmp_path):
-    args = (
-        *SMOKE,
-        "modality=visual",
-        "runtime.num_threads=1",
-        "trainer.loop.max_epochs=20",
-        "trainer.loop.patience_epochs=20",
-    )
-    whole = run_main("train", *args, f"hydra.run.dir={tmp_path / 'whole'}", guarded=True)
-    assert whole.returncode == 0, whole.stderr
-
-    sweep_dir = tmp_path / "sweep"
-    job_dir = sweep_dir / "0_visual_seed0"
-    proc = start(
-        main_command(
-            "train",
-            "-m",
-            "hydra/launcher=submitit_local",
-            *args,
-            f"hydra.sweep.dir={sweep_dir}",
-            guarded=True,
-        )
-    )
-    try:
-        wait_for(proc, job_dir / "last.pt")
-        # the job's process: the child of submitit's controller, whose pid is the job id
-        (controller,) = (int(p.name) for p in (sweep_dir / ".submitit").iterdir() if p.name.isdigit())
-        (task,) = _children(controller)
-        os.kill(task, signal.SIGUSR2)  # what SLURM sends signal_delay_s before the time limit
-        _, stderr = proc.communicate(timeout=300)
-    finally:
-        proc.kill()
-    assert proc.returncode == 0, stderr
-
-    log = (job_dir / "train.log").read_text()
-    assert "resuming from" in log  # continued, not started over
-    assert "resume=auto" in (job_dir / ".hydra" / "overrides.yaml").read_text()
-    resumed = json.loads((job_dir / "metrics.json").read_text())
-    reference = json.loads((tmp_path / "whole" / "metrics.json").read_text())
-    assert resumed["run"]["epochs_trained"] == 20
-    assert resumed["val"] == reference["val"]
-    assert resumed["test"] == reference["test"]
