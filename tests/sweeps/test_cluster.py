@@ -6,7 +6,11 @@ import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
+import pytest
+
+from conftest import compose_train
 from mer_cli.reporting.collect import collect
+from mer_cli.runs import execute
 from mer_cli.sweeps import cluster
 
 
@@ -49,3 +53,15 @@ def test_a_lost_job_is_a_failed_run_of_the_report(tmp_path: Path):
     (failure,) = failures
     assert (failure.modality, failure.seed) == ("visual", 0)
     assert failure.error == f"SLURM job 7_1 ended CANCELLED without finishing its run (its log: {log_file})"
+
+
+@pytest.mark.slow
+def test_a_lost_job_rerun_to_its_end_is_a_run_of_the_report_no_longer_a_failure(tmp_path: Path):
+    job_dir = tmp_path / "0_visual_seed0"
+    log_file = tmp_path / ".submitit" / "7_0" / "7_0_0_log.err"
+    cluster.record_lost_job(job_dir, "7_0", "TIMEOUT", log_file, "visual", 0)
+    # the rerun of the sweep (resume=auto) trains the job in the same directory
+    execute.run(compose_train("experiment=smoke", "modality=visual", "runtime.save_plots=false"), job_dir)
+    assert not (job_dir / "failed.json").exists()
+    runs, failures = collect([tmp_path])
+    assert failures == [] and [r.path for r in runs] == [job_dir.resolve()]

@@ -18,7 +18,8 @@ of the run directory is written by a function called from here:
                            (runs/robustness.py), with plots/robustness.png
   baselines.json           report.baselines=true only: classic baselines on the run's splits
                            (runs/baselines.py; a sweep computes them once per dataset and split)
-  failed.json              a failed job of a sweep (written by the CLI): its error, for the report
+  failed.json              a failed job of a sweep (written by the CLI): its error, for the report;
+                           removed when a later attempt in the same directory finishes
   tensorboard/             logger=tensorboard only: event files (training/tracking.py; logger=mlflow
                            writes outside the run directory, by default into outputs/mlflow.db)
 """
@@ -80,6 +81,10 @@ def run(
         )
     if baselines.enabled(cfg) and one_run:
         baselines.write(cfg, out_dir, sweep_dir)
+    stale = out_dir / "failed.json"  # an earlier attempt's (a rerun with resume=auto): now untrue
+    if stale.is_file():
+        stale.unlink()
+        log.info("%s: removed: this attempt finished", stale)
     return metrics
 
 
