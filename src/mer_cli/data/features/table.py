@@ -1,8 +1,8 @@
 """Any face toolkit's per-frame table (OpenFace 2/3, py-feat, MediaPipe blendshapes, one's own)
 -> frames: the columns a setting names, one row per video frame.
 
-Input: one file per clip, a CSV (comma, semicolon or tab, as `csv.Sniffer` tells; header cells
-stripped of spaces, as OpenFace writes ``' AU01_r'``) or a ``.npy`` (T, F) array whose column
+Input: one file per clip, a CSV (comma, semicolon or tab: whichever the header line holds most
+of; header cells stripped of spaces, as OpenFace writes ``' AU01_r'``) or a ``.npy`` (T, F) array whose column
 names come from ``npy_columns`` (or none: every column, unnamed). Output: (T, F) float32 frames in
 ``columns`` order, ``Frames.valid`` saying which rows the toolkit measured (confidence at least
 the threshold, success not 0, no empty or NaN cell); invalid rows interpolated, dropped, zeroed
@@ -33,7 +33,7 @@ INVALID_FRAME_POLICIES = ("interpolate", "drop", "zero", "keep")
 TIMESTAMP_UNITS = {"s": 1.0, "ms": 1e-3}
 # cells that mean "not measured" (pandas writes NaN as an empty cell; R writes NA)
 MISSING_CELLS = frozenset({"", "nan", "na", "n/a", "null"})
-_SNIFF_LINES = 20
+DELIMITERS = ",;\t"  # the first wins a tie: a one-column file is read with commas
 
 
 def is_pattern(entry: str) -> bool:
@@ -124,8 +124,9 @@ def number_column(cells: Sequence[str], name: str, lines: Sequence[int]) -> np.n
     out = np.empty(len(cells), dtype=np.float64)
     for i, cell in enumerate(cells):
         try:
-            out[i] = float(cell)
+            out[i] = float(cell)  # surrounding spaces allowed, as float() allows them
         except ValueError:
+            cell = cell.strip()
             if cell.lower() not in MISSING_CELLS:
                 raise ValueError(f"line {lines[i]}, column {name}: {cell!r} is not a number") from None
             out[i] = np.nan
@@ -159,25 +160,21 @@ class Table:
     @classmethod
     def _read_csv(cls, path: Path) -> Table:
         text = path.read_text(encoding="utf-8-sig")  # -sig: the byte-order mark spreadsheets write
-        sample = "\n".join(text.splitlines()[:_SNIFF_LINES])
-        try:
-            dialect: type[csv.Dialect] | csv.Dialect = csv.Sniffer().sniff(sample, delimiters=",;\t")
-        except csv.Error:  # one column, or too few lines to tell: commas
-            dialect = csv.excel
-        reader = csv.reader(io.StringIO(text), dialect)
+        first = text[: text.find("\n")] if "\n" in text else text
+        delimiter = max(DELIMITERS, key=first.count)  # max keeps the first of equal counts
+        reader = csv.reader(io.StringIO(text), delimiter=delimiter)
         header = [h.strip() for h in next(reader, [])]
         if not any(header):
             raise ValueError("empty file")
         rows, lines = [], []
         for row in reader:
-            if not any(c.strip() for c in row):
+            if not "".join(row).strip():
                 continue  # a blank line (a trailing one, usually)
             if len(row) != len(header):
                 raise ValueError(f"line {reader.line_num} has {len(row)} cells, the header {len(header)}")
-            rows.append([c.strip() for c in row])
+            rows.append(row)  # cells as written: a column is cut out (and read) only when used
             lines.append(reader.line_num)
-        cells = list(zip(*rows, strict=True)) if rows else [() for _ in header]
-        return cls(header, [_LazyColumn(c, h, lines) for c, h in zip(cells, header, strict=True)])
+        return cls(header, [_LazyColumn(rows, j, h, lines) for j, h in enumerate(header)])
 
     def __len__(self) -> int:
         return len(self.columns[0]) if self.columns else 0
@@ -195,17 +192,18 @@ class Table:
 
 
 class _LazyColumn:
-    """A CSV column's text, parsed to numbers only when used (an OpenFace CSV has ~700 columns;
-    a clip needs a few)."""
+    """A CSV column, cut out of the rows and parsed to numbers only when used (an OpenFace CSV
+    has ~700 columns; a clip needs a few)."""
 
-    def __init__(self, cells: Sequence[str], name: str, lines: Sequence[int]) -> None:
-        self.cells, self.name, self.lines = cells, name, lines
+    def __init__(self, rows: Sequence[Sequence[str]], j: int, name: str, lines: Sequence[int]) -> None:
+        self.rows, self.j, self.name, self.lines = rows, j, name, lines
 
     def __len__(self) -> int:
-        return len(self.cells)
+        return len(self.rows)
 
     def parse(self) -> np.ndarray:
-        return number_column(self.cells, self.name, self.lines)
+        j = self.j
+        return number_column([r[j] for r in self.rows], self.name, self.lines)
 
 
 def frame_rate(times_s: np.ndarray) -> float | None:
