@@ -566,6 +566,9 @@ def test_a_30_model_smoke_sweep_writes_its_report(tmp_path):
     labels = [f"{m}/{e}" for m in options.MODALITY_ORDER for e in sorted(bench.ENCODERS)]
     assert [m["label"] for m in result["models"]] == labels and result["failures"] == []
     assert trainings(root) == 25  # late fusion reuses each encoder's acoustic and visual runs
+    # experiment=smoke shrinks every encoder through the size key they all take
+    for config in root.glob("*/config.yaml"):
+        assert list(OmegaConf.load(config).model.encoder.hidden_sizes) == [8, 8], config
     best = result["ranking"][0][0]
     pairs = result["pairwise"]
     assert [(p["a"], p["b"]) for p in pairs if p["tested_because"] == "best"] == [
