@@ -18,7 +18,7 @@ from mlflow_server import MlflowServer, running_mlflow
 from omegaconf import OmegaConf
 
 from conftest import cli_command, run_main, start
-from mer_cli.training import tracking
+from mer_cli.training import tracking_mlflow, tracking_record
 
 pytestmark = pytest.mark.integration
 
@@ -70,11 +70,14 @@ def test_a_run_on_the_server_holds_its_config_every_epoch_and_its_files(server, 
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "WARNING" not in proc.stdout + proc.stderr
     run = the_run(server.uri, "served")
-    assert run.info.status == "FINISHED" and run.data.tags[tracking.RUN_DIR_TAG] == str(run_dir)
+    assert run.info.status == "FINISHED" and run.data.tags[tracking_mlflow.RUN_DIR_TAG] == str(run_dir)
 
     # parameters: the run's own config.yaml, flattened, as typed in an override
     config = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"))
-    expected = {tracking._key(k): tracking.as_text(v) for k, v in tracking.parameters(config).items()}
+    expected = {
+        tracking_mlflow._key(k): tracking_record.as_text(v)
+        for k, v in tracking_record.parameters(config).items()
+    }
     assert run.data.params == expected
     # every history.csv column, one point per epoch
     rows = history(run_dir)
@@ -86,7 +89,7 @@ def test_a_run_on_the_server_holds_its_config_every_epoch_and_its_files(server, 
     assert run.data.metrics["final/val/f1_macro"] == metrics["val"]["f1_macro"]
     # the files, uploaded through the server to its artifact store
     artifacts = {a.path for a in client(server.uri).list_artifacts(run.info.run_id)}
-    assert artifacts == {f for f in tracking.RUN_FILES if (run_dir / f).is_file()} | {"plots"}
+    assert artifacts == {f for f in tracking_record.RUN_FILES if (run_dir / f).is_file()} | {"plots"}
     assert {"config.yaml", "metrics.json", "history.csv"} <= artifacts
     plots = {Path(a.path).name for a in client(server.uri).list_artifacts(run.info.run_id, "plots")}
     assert plots == {p.name for p in (run_dir / "plots").glob("*.png")} and plots

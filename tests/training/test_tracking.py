@@ -20,7 +20,7 @@ from conftest import run_main, smoke_config, start_cli, wait_for
 from mer_cli.core.errors import ConfigError
 from mer_cli.runs import identity
 from mer_cli.runs.resume import check_resumable
-from mer_cli.training import background, tracking
+from mer_cli.training import background, tracking, tracking_mlflow, tracking_record
 
 SMOKE = ("experiment=smoke", "modality=visual")
 
@@ -161,7 +161,7 @@ def test_a_sweep_is_one_mlflow_experiment_with_late_fusion_members_as_child_runs
     assert {r.info.status for r in runs.values()} == {"FINISHED"}
     for name, r in runs.items():
         run_dir = sweep / name
-        assert r.data.tags[tracking.RUN_DIR_TAG] == str(run_dir)
+        assert r.data.tags[tracking_mlflow.RUN_DIR_TAG] == str(run_dir)
         metrics = json.loads((run_dir / "metrics.json").read_text())
         assert r.data.metrics["final/test/f1_macro"] == metrics["test"]["f1_macro"]
         assert r.data.params["modality.name"] == metrics["run"]["modality"]
@@ -268,7 +268,7 @@ def test_a_missing_extra_is_one_warning_naming_it_and_the_run_goes_on(tmp_path, 
 
 
 def test_final_values_are_metrics_json_numbers_under_their_path():
-    numbers, texts = tracking.final_values(
+    numbers, texts = tracking_record.final_values(
         {
             "run": {"modality": "late", "stopped_early": True, "members": {"acoustic": "acoustic"}},
             "test": {"f1_macro": 0.5, "roc_auc_micro": None, "confusion_matrix": [[1, 0], [0, 1]]},

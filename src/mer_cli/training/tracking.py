@@ -20,25 +20,20 @@ A run directory inside another tracked one is that run's child: late fusion's me
 into ``<late run>/acoustic/``) and cross-validation folds (``fold<i>/``) are MLflow child runs of
 the late or CV run; a member reused from elsewhere is named by the late run's
 ``final/run/members/*`` tags, not logged again. A sweep's runs share one MLflow experiment, named
-by the sweep's directory. A tracker never breaks, stalls or loses a run: MLflow's requests are
-made by a background thread (`background.Sender`), so a slow or dead server costs training
-nothing; the first error (an unreachable server, a missing package) is one warning line, the
-run's end sends what was held back if the server is back (``logger.flush_timeout`` seconds at
-most) and otherwise says in one line what the tracked run lacks; the run directory has it all.
+by the sweep's directory. The back-ends are their own modules (tracking_tensorboard.py,
+tracking_mlflow.py); what they send is tracking_record.py's. A tracker never breaks, stalls or
+loses a run: MLflow's requests are made by a background thread (`background.Sender`), so a
+slow or dead server costs training nothing; the first error (an unreachable server, a missing
+package) is one warning line, the run's end sends what was held back if the server is back
+(``logger.flush_timeout`` seconds at most) and otherwise says in one line what the tracked run
+lacks; the run directory has it all.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
-import fcntl
 import json
 import logging
-import math
-import os
-import re
-import struct
-import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol, cast
@@ -46,24 +41,25 @@ from typing import Any, Protocol, cast
 from omegaconf import DictConfig, OmegaConf
 
 from mer_cli.core.artifacts import deferred_interrupts
-from mer_cli.core.config import flatten
 from mer_cli.core.errors import ConfigError
 from mer_cli.training import background
+from mer_cli.training.tracking_mlflow import MLflow
+from mer_cli.training.tracking_record import (
+    epoch_values,
+    final_values,
+    one_line,
+    parameters,
+    quiet_retries,
+    read_history,
+)
+from mer_cli.training.tracking_tensorboard import TensorBoard
 
 log = logging.getLogger(__name__)
 
 LOGGERS = ("csv", "tensorboard", "mlflow")
 EXTRA_HINT = "pip install 'mer-cli[tracking]'"
 TENSORBOARD_DIR = "tensorboard"
-# the run directory's files a tracked run keeps (those that exist), and its figures
-RUN_FILES = ("config.yaml", "metrics.json", "history.csv", "late.json", "cv.json", "profile.json")
-PLOTS_DIR = "plots"
-# the MLflow tag that ties a tracked run to its run directory: resume=true continues that run
-RUN_DIR_TAG = "mer.run_dir"
 SINGLE_RUN_EXPERIMENT = "mer-train"
-# MLflow refuses longer parameter values
-MAX_PARAM_CHARS = 6000
-PROBE_SECONDS = 3  # a tracking server's /health, asked once before the end of a run retries
 
 
 class Backend(Protocol):
@@ -260,7 +256,9 @@ def start(cfg: DictConfig, out_dir: Path) -> Tracker:
         else:  # no request here: the sender's thread makes them
             parent_backend = parent.backend if parent is not None else None
             member_of = parent_backend if isinstance(parent_backend, MLflow) else None
-            backend, sender = MLflow(settings, out_dir, run_name, params, member_of), _sender
+            experiment = experiment_name(settings)
+            backend = MLflow(settings, out_dir, run_name, params, member_of, experiment)
+            sender = _sender
     except ImportError as e:
         log.warning("logger=%s needs %s (%s): this run is not tracked", logger, EXTRA_HINT, one_line(e))
         _failed.add(logger)
@@ -294,317 +292,3 @@ def experiment_name(settings: Mapping[str, Any]) -> str:
     if settings.get("experiment"):
         return str(settings["experiment"])
     return str(_sweep_dir) if _sweep_dir is not None else SINGLE_RUN_EXPERIMENT
-
-
-# ---------------------------------------------------------------------------------------------
-# What is sent
-
-
-def epoch_values(row: Mapping[str, Any]) -> dict[str, float]:
-    """A history row's metrics (every column but the step, ``epoch``)."""
-    return {k: float(v) for k, v in row.items() if k != "epoch" and v not in (None, "")}
-
-
-def read_history(path: Path) -> list[dict[str, float]]:
-    if not path.is_file():
-        return []
-    with path.open(newline="") as f:
-        return [{k: float(v) for k, v in r.items() if v != ""} for r in csv.DictReader(f)]
-
-
-def final_values(
-    metrics: Mapping[str, Any], prefix: str = "final"
-) -> tuple[dict[str, float], dict[str, str]]:
-    """metrics.json's numbers and strings under their path in it (``final/test/f1_macro``); lists
-    (the confusion matrix, cv.json's per-fold copies) and nulls (undefined metrics) are left out."""
-    numbers: dict[str, float] = {}
-    texts: dict[str, str] = {}
-    for key, value in metrics.items():
-        name = f"{prefix}/{key}"
-        if isinstance(value, Mapping):
-            more_numbers, more_texts = final_values(value, name)
-            numbers.update(more_numbers)
-            texts.update(more_texts)
-        elif isinstance(value, bool | int | float):
-            numbers[name] = float(value)
-        elif isinstance(value, str):
-            texts[name] = value
-    return numbers, texts
-
-
-def parameters(cfg: Mapping[str, Any]) -> dict[str, bool | int | float | str]:
-    """The resolved config as flat parameters: numbers, booleans and strings as they are, anything
-    else as it is typed in an override (``[64, 32]``, ``null``)."""
-    return {
-        k: v if isinstance(v, bool | int | float | str) else json.dumps(v) for k, v in flatten(cfg).items()
-    }
-
-
-def as_text(value: bool | int | float | str) -> str:
-    """A parameter as MLflow keeps it (text), written as in an override (``true``, not ``True``)."""
-    return (value if isinstance(value, str) else json.dumps(value))[:MAX_PARAM_CHARS]
-
-
-@contextlib.contextmanager
-def quiet_retries() -> Iterator[None]:
-    """An unreachable server is one warning line (ours), not one more per retry from urllib3."""
-    urllib3_log = logging.getLogger("urllib3.connectionpool")
-    level = urllib3_log.level
-    urllib3_log.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        urllib3_log.setLevel(level)
-
-
-def one_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    text = lines[0] if lines else type(error).__name__
-    return text if len(text) <= 300 else text[:297] + "..."
-
-
-def _run_files(out_dir: Path) -> list[Path]:
-    return [out_dir / f for f in RUN_FILES if (out_dir / f).is_file()]
-
-
-def _plots(out_dir: Path) -> list[Path]:
-    return sorted((out_dir / PLOTS_DIR).glob("*.png"))
-
-
-# ---------------------------------------------------------------------------------------------
-# TensorBoard: event files in the run directory; `tensorboard --logdir` names each run by its path
-
-
-class TensorBoard:
-    def __init__(self, log_dir: Path, params: dict[str, bool | int | float | str]) -> None:
-        from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
-
-        self.log_dir, self.params = log_dir, params
-        # a resumed or copied run: its earlier epochs may be in these files already
-        self.earlier_files = any(log_dir.glob("events.out.tfevents.*"))
-        self._writer_class = SummaryWriter
-        self._writer: Any = None
-        self.last_step = 0
-
-    def open(self) -> None:
-        pass  # the writer is made on first use
-
-    def probe(self) -> None:
-        pass  # local files
-
-    @property
-    def writer(self) -> Any:
-        if self._writer is None:  # created on first use: a run that fails before training leaves none
-            self._writer = self._writer_class(log_dir=str(self.log_dir))
-        return self._writer
-
-    def log_epoch(self, epoch: int, values: dict[str, float]) -> None:
-        for key, value in values.items():
-            self.writer.add_scalar(key, value, global_step=epoch)
-        self.writer.flush()
-        self.last_step = max(self.last_step, epoch)
-
-    def earlier_steps(self, tag: str) -> set[int]:
-        """The steps of ``tag`` in the event files this run directory held before this process."""
-        if not self.earlier_files:
-            return set()
-        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-        self.writer.flush()
-        events = EventAccumulator(str(self.log_dir), size_guidance={"scalars": 0})
-        events.Reload()
-        if tag not in events.Tags()["scalars"]:
-            return set()
-        return {e.step for e in events.Scalars(tag)}
-
-    def logged_epochs(self) -> set[int]:
-        return self.earlier_steps("val/loss")
-
-    def log_results(self, out_dir: Path, final: dict[str, float], texts: dict[str, str]) -> None:
-        from tensorboard.compat.proto.summary_pb2 import Summary
-        from torch.utils.tensorboard.summary import hparams
-
-        if self.earlier_steps("final/run/seed"):
-            return  # a run copied from another job of the sweep: its results came with its files
-        step = self.last_step
-        # the HPARAMS tab: one row per run, the config beside its final metrics
-        for summary in hparams(self.params, final):
-            self.writer.file_writer.add_summary(summary, step)
-        for key, value in final.items():
-            self.writer.add_scalar(key, value, global_step=step)
-        for path in _run_files(out_dir):
-            if path.suffix in (".yaml", ".json"):  # indented: markdown shows it as it is
-                self.writer.add_text(path.name, "    " + path.read_text().replace("\n", "\n    "), step)
-        for path in _plots(out_dir):
-            png = path.read_bytes()
-            width, height = struct.unpack(">II", png[16:24])  # the PNG header (IHDR)
-            image = Summary.Image(height=height, width=width, colorspace=4, encoded_image_string=png)
-            tag = f"{PLOTS_DIR}/{path.stem}"
-            self.writer.file_writer.add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
-        self.writer.flush()
-
-    def close(self, status: str) -> None:
-        if self._writer is not None:
-            self._writer.close()
-
-
-# ---------------------------------------------------------------------------------------------
-# MLflow: one run per run directory, in an experiment per sweep
-
-
-def tracking_uri(uri: str) -> str:
-    """``sqlite:///relative/path`` made absolute (from the working directory, as run directories
-    are); any other URI as it is."""
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
-    return uri
-
-
-def _sqlite_file(uri: str) -> Path | None:
-    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:////") else None
-
-
-@contextlib.contextmanager
-def _exclusive(db: Path | None) -> Iterator[None]:
-    """Jobs of a parallel sweep creating one SQLite database (or one experiment) take turns."""
-    if db is None:
-        yield
-        return
-    db.parent.mkdir(parents=True, exist_ok=True)
-    with open(db.with_name(db.name + ".lock"), "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        yield  # the lock ends with the file's closing
-
-
-def _mlflow_environment() -> None:
-    """Before MLflow is imported: no usage reports from a training tool, and an unreachable server
-    costs seconds, not MLflow's minutes of retries. A user's own setting of either is kept."""
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
-
-
-_METRIC_NAME = re.compile(r"[^\w\-. :/]")
-
-
-def _key(name: str) -> str:
-    """MLflow's allowed characters in metric, parameter and tag names."""
-    return _METRIC_NAME.sub("_", name)
-
-
-class MLflow:
-    def __init__(
-        self,
-        settings: Mapping[str, Any],
-        out_dir: Path,
-        run_name: str,
-        params: dict[str, bool | int | float | str],
-        parent: MLflow | None,
-    ) -> None:
-        _mlflow_environment()
-        import mlflow.tracking  # noqa: F401  (here: a missing package is found before training starts)
-
-        self.uri = tracking_uri(str(settings["tracking_uri"]))
-        # the experiment's name now: the sweep it belongs to is this job's
-        self.experiment_name = experiment_name(settings)
-        self.out_dir, self.run_name, self.params, self.parent = out_dir, run_name, params, parent
-        self.client: Any = None
-        self.experiment_id = ""
-        self.run_id = ""
-
-    def open(self) -> None:
-        """The tracked run, created (or, resumed, found) on the server: the requests start here."""
-        if self.run_id:
-            return
-        from mlflow.entities import Param
-        from mlflow.tracking import MlflowClient
-
-        db = _sqlite_file(self.uri)
-        parent = self.parent
-        if parent is not None:
-            parent.open()
-        self.client = MlflowClient(tracking_uri=self.uri)
-        with _exclusive(db):
-            if parent is not None:
-                self.experiment_id = parent.experiment_id
-            else:
-                self.experiment_id = self._experiment(self.experiment_name, db)
-            run = self._unfinished_run(self.out_dir)
-            if run is None:
-                tags = {RUN_DIR_TAG: str(self.out_dir)}
-                if parent is not None:
-                    tags["mlflow.parentRunId"] = parent.run_id
-                run = self.client.create_run(self.experiment_id, run_name=self.run_name, tags=tags)
-                have: dict[str, str] = {}
-            else:  # resume=true: continue the run this directory's earlier process started
-                self.client.update_run(run.info.run_id, status="RUNNING")
-                have = run.data.params
-        # a resumed run may change run-time knobs; MLflow keeps a parameter's first value
-        new = [Param(_key(k), as_text(v)) for k, v in self.params.items() if _key(k) not in have]
-        self.client.log_batch(str(run.info.run_id), params=new)
-        self.run_id = str(run.info.run_id)
-        log.info("logger=mlflow: run %r in experiment %s at %s", self.run_name, self.experiment_id, self.uri)
-
-    def probe(self) -> None:
-        """A tracking server's /health, once, in seconds (no retries): raises if it is still away."""
-        if not self.uri.startswith(("http://", "https://")):
-            return
-        import urllib.request
-
-        with urllib.request.urlopen(self.uri.rstrip("/") + "/health", timeout=PROBE_SECONDS):
-            pass
-
-    def _experiment(self, name: str, db: Path | None) -> str:
-        found = self.client.get_experiment_by_name(name)
-        if found is not None:
-            return str(found.experiment_id)
-        # next to a SQLite database (MLflow's default would be ./mlruns in the working directory)
-        location = (db.parent / "mlartifacts").as_uri() if db is not None else None
-        try:
-            return str(self.client.create_experiment(name, artifact_location=location))
-        except Exception:
-            found = self.client.get_experiment_by_name(name)  # another job of the sweep made it first
-            if found is None:
-                raise
-            return str(found.experiment_id)
-
-    def _unfinished_run(self, out_dir: Path) -> Any:
-        path = str(out_dir)
-        quote = '"' if '"' not in path else "'" if "'" not in path else None
-        if quote is None:
-            return None
-        runs = self.client.search_runs(
-            [self.experiment_id], filter_string=f"tags.`{RUN_DIR_TAG}` = {quote}{path}{quote}"
-        )
-        return next((r for r in runs if r.info.status != "FINISHED"), None)
-
-    def log_epoch(self, epoch: int, values: dict[str, float]) -> None:
-        from mlflow.entities import Metric
-
-        self.open()
-        now = int(time.time() * 1000)
-        metrics = [Metric(_key(k), v, now, epoch) for k, v in values.items()]
-        self.client.log_batch(self.run_id, metrics=metrics)
-
-    def logged_epochs(self) -> set[int]:
-        self.open()
-        return {m.step for m in self.client.get_metric_history(self.run_id, "val/loss")}
-
-    def log_results(self, out_dir: Path, final: dict[str, float], texts: dict[str, str]) -> None:
-        from mlflow.entities import Metric, RunTag
-
-        self.open()
-        now = int(time.time() * 1000)
-        self.client.log_batch(
-            self.run_id,
-            metrics=[Metric(_key(k), v, now, 0) for k, v in final.items() if not math.isnan(v)],
-            tags=[RunTag(_key(k), v[:MAX_PARAM_CHARS]) for k, v in texts.items()],
-        )
-        for path in _run_files(out_dir):
-            self.client.log_artifact(self.run_id, str(path))
-        if _plots(out_dir):
-            self.client.log_artifacts(self.run_id, str(out_dir / PLOTS_DIR), PLOTS_DIR)
-
-    def close(self, status: str) -> None:
-        self.open()
-        self.client.set_terminated(self.run_id, status)
