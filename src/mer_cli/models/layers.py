@@ -5,7 +5,7 @@ each clip's length (B,).
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -180,9 +180,16 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return x.sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
 
 
-# Rounded up to this many frames, a length group's padded length takes one of few values (the
-# oneDNN kernels built for a shape are reused); training.batching pads whole batches the same way.
-GROUP_PAD_MULTIPLE = 8
+# Batches (training.batching) and length groups (`encode_by_length`) are padded to a multiple of
+# this many frames: a handful of distinct shapes, so the oneDNN LSTM kernels built for one shape
+# are reused instead of rebuilt (and their memory kept) for every new length; costs about
+# PAD_MULTIPLE / 2 padded frames per clip (measured: make bench).
+PAD_MULTIPLE = 8
+
+
+def padded_length(longest: Any) -> Any:
+    """``longest`` (an int or an integer array) rounded up to a multiple of ``PAD_MULTIPLE``."""
+    return -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE
 
 
 def check_length_groups(groups: int, encoder: object) -> int:
@@ -202,7 +209,7 @@ def encode_by_length(
     encoder: Encoder, x: torch.Tensor, lengths: torch.Tensor, groups: int, frames: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``encoder(x, lengths)`` computed in ``groups`` length-sorted parts of the batch, each cut to
-    its own longest clip (rounded up to ``GROUP_PAD_MULTIPLE``): the padding a batch of mixed
+    its own longest clip (rounded up to ``PAD_MULTIPLE``): the padding a batch of mixed
     lengths computes shrinks (trainer.loop.length_groups). Each clip's result is the one the
     whole batch gives (for encoders that compute clips independently), in the batch's order.
     ``frames=False``: per-frame outputs are not needed (an empty tensor comes back for them)."""
@@ -213,7 +220,7 @@ def encode_by_length(
     out_frames, out_pooled = [], []
     for idx in order.tensor_split(min(groups, batch)):
         longest = int(lengths[idx].max())
-        cut = min(steps, max(1, -(-longest // GROUP_PAD_MULTIPLE) * GROUP_PAD_MULTIPLE))
+        cut = min(steps, max(1, padded_length(longest)))
         f, p = encoder(x[idx, :cut], lengths[idx])
         out_pooled.append(p)
         if frames:  # zero past each clip's end, as the encoder's own output is

@@ -14,22 +14,11 @@ import torch
 from torch import nn
 
 from mer_cli.core.errors import ConfigError
-from mer_cli.models.layers import Frames
+from mer_cli.models.layers import Frames, padded_length
 from mer_cli.preprocess.sequences import SequenceSet, pad_clips
 from mer_cli.training.hardware import autocast
 
 log = logging.getLogger(__name__)
-
-
-# Batches are padded to a multiple of this many frames: a handful of distinct batch shapes, so the
-# oneDNN LSTM kernels built for one shape are reused instead of rebuilt (and their memory kept)
-# for every new length; costs about PAD_MULTIPLE / 2 padded frames per clip (measured: make bench).
-PAD_MULTIPLE = 8
-
-
-def padded_length(longest: Any) -> Any:
-    """``longest`` (an int or an integer array) rounded up to a multiple of ``PAD_MULTIPLE``."""
-    return -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE
 
 
 def batch_indices(
@@ -88,19 +77,16 @@ def padding_waste(
     lengths: torch.Tensor, batches: Iterable[torch.Tensor], max_length: int, groups: int = 1
 ) -> float:
     """Frames computed over real frames, minus 1, for ``batches`` (clip indices into ``lengths``):
-    each batch padded as `PadCollate` pads it (its longest clip rounded up to ``PAD_MULTIPLE``,
+    each batch padded as `PadCollate` pads it (its longest clip rounded up to ``layers.PAD_MULTIPLE``,
     at most ``max_length``) or, with ``groups`` > 1, each of its length groups as
     `layers.encode_by_length` cuts it (``trainer.loop.length_groups``). 0: no padding computed."""
     computed, real = 0, 0
     for idx in batches:
         batch = lengths[idx]
         real += int(batch.sum())
-        if groups <= 1 or len(batch) < 2:
-            computed += len(batch) * min(max_length, int(padded_length(int(batch.max()))))
-            continue
-        for part in batch.sort(descending=True, stable=True).values.tensor_split(min(groups, len(batch))):
-            cut = min(max_length, int(padded_length(int(part.max()))))
-            computed += len(part) * min(cut, int(padded_length(int(batch.max()))))
+        steps = min(max_length, int(padded_length(int(batch.max()))))  # the batch's padded length
+        parts = batch.sort(descending=True, stable=True).values.tensor_split(max(1, min(groups, len(batch))))
+        computed += sum(len(part) * min(steps, int(padded_length(int(part.max())))) for part in parts)
     return computed / max(real, 1) - 1.0
 
 
@@ -196,7 +182,7 @@ class ClipDataset(torch.utils.data.Dataset[tuple[dict[str, np.ndarray], int]]):
 
 class PadCollate:
     """Clips -> one batch: per stream, frames padded to the batch's own longest clip (rounded up
-    to ``PAD_MULTIPLE``, never beyond the stream's target length ``max_lengths[name]``) and the
+    to ``layers.PAD_MULTIPLE``, never beyond the stream's target length ``max_lengths[name]``) and the
     clips' lengths; and the labels. CPU tensors (the DataLoader may pin them)."""
 
     def __init__(self, data: SequenceSet) -> None:

@@ -160,8 +160,8 @@ class Table:
     @classmethod
     def _read_csv(cls, path: Path) -> Table:
         text = path.read_text(encoding="utf-8-sig")  # -sig: the byte-order mark spreadsheets write
-        first = text[: text.find("\n")] if "\n" in text else text
-        delimiter = max(DELIMITERS, key=first.count)  # max keeps the first of equal counts
+        header_line = text.partition("\n")[0]
+        delimiter = max(DELIMITERS, key=header_line.count)  # max keeps the first of equal counts
         reader = csv.reader(io.StringIO(text), delimiter=delimiter)
         header = [h.strip() for h in next(reader, [])]
         if not any(header):
