@@ -9,8 +9,8 @@ Input: the sets of benchmarks/real_data_fetch.py (converted into its cache on fi
 set one ``mer-train -m`` sweep at the default settings (nothing chosen per set but which encoders,
 modalities and seeds fit the time: `GRIDS`; JapaneseVowels also sets data.allow_speaker_overlap,
 its class being the speaker), into ``OUT/TAG/<set>`` (resume=auto: an interrupted benchmark
-continues; finished runs are re-read, not retrained). ``report.baselines=true`` is added where
-mer-train has that key (each run then writes the classic baselines of its streams, baselines.json).
+continues; finished runs are re-read, not retrained). ``report.baselines=true`` is added to every
+sweep (each run then writes the classic baselines of its streams, baselines.json).
 Output, per set, from the sweep's own comparison report (``comparison.json``) and the runs'
 baselines.json (nothing re-scored here): ``summary.md`` and
 ``summary.json`` in ``OUT/TAG/<set>`` (the data's clips, classes, lengths and rates; the best
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -32,7 +31,8 @@ from typing import Any
 
 import numpy as np
 import real_data_fetch as fetch  # benchmarks/real_data_fetch.py (the script's own folder)
-import yaml
+
+from mer_cli.core.artifacts import write_text
 
 MODALITIES = ("xattn", "early", "acoustic", "visual")  # longest first: two jobs at a time
 METRICS = ("accuracy", "f1_macro")  # accuracy: the archive's own measure; macro F1: mer-cli's default
@@ -60,14 +60,7 @@ def mer_train() -> str:
     return str(Path(sys.executable).with_name("mer-train"))
 
 
-def has_baselines_key() -> bool:
-    """Whether mer-train's composed config has ``report.baselines`` (added by another branch)."""
-    done = subprocess.run([mer_train(), "--cfg", "job"], capture_output=True, text=True, check=True)
-    cfg = yaml.safe_load(done.stdout) or {}
-    return isinstance(cfg.get("report"), dict) and "baselines" in cfg["report"]
-
-
-def sweep_command(data: Path, grid: Grid, sweep_dir: Path, jobs: int, extra: Sequence[str], baselines: bool):
+def sweep_command(data: Path, grid: Grid, sweep_dir: Path, jobs: int, extra: Sequence[str]) -> list[str]:
     return [
         mer_train(),
         "-m",
@@ -83,7 +76,7 @@ def sweep_command(data: Path, grid: Grid, sweep_dir: Path, jobs: int, extra: Seq
         f"hydra.sweep.dir={sweep_dir}",
         *grid.overrides,
         *extra,
-        *(["report.baselines=true"] if baselines else []),
+        "report.baselines=true",
     ]
 
 
@@ -213,12 +206,6 @@ def markdown(s: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cache", type=Path, default=fetch.default_cache())
@@ -243,15 +230,13 @@ def main(argv: list[str] | None = None) -> int:
     except fetch.FetchError as e:
         print(f"real_data_run: error: {e}", file=sys.stderr)
         return 2
-    baselines = False if args.summarize_only else has_baselines_key()
-    print(f"report.baselines: {'on' if baselines else 'not in this mer-cli'}")
     parts = []
     for name in args.sets:
         grid = GRIDS[name]
         grid = replace(grid, models=tuple(args.models or grid.models), seeds=tuple(args.seeds or grid.seeds))
         sweep_dir = args.out / args.tag / name
         if not args.summarize_only:
-            cmd = sweep_command(data[name], grid, sweep_dir, args.jobs, args.extra, baselines)
+            cmd = sweep_command(data[name], grid, sweep_dir, args.jobs, args.extra)
             print(" ".join(cmd), flush=True)
             if subprocess.run(cmd).returncode != 0:
                 print(
@@ -259,10 +244,10 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 return 1
         summary = summarise(name, grid, data[name], sweep_dir, args.extra)
-        write_atomic(sweep_dir / "summary.json", json.dumps(summary, indent=1) + "\n")
+        write_text(sweep_dir / "summary.json", json.dumps(summary, indent=1) + "\n")
         parts.append(markdown(summary))
-        write_atomic(sweep_dir / "summary.md", parts[-1])
-    write_atomic(args.out / args.tag / "summary.md", "\n".join(parts))
+        write_text(sweep_dir / "summary.md", parts[-1])
+    write_text(args.out / args.tag / "summary.md", "\n".join(parts))
     print(f"summary: {args.out / args.tag / 'summary.md'}")
     return 0
 
