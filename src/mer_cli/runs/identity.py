@@ -35,10 +35,12 @@ _SINGLE_MODALITY_KEYS = ("modality.name", "modality.streams")
 
 
 # the training options (training/options.py) and the value that trains as before they existed: a
-# run from before them trained with these, so it is the same model as today's default run
-TRAINER_OPTION_DEFAULTS = {f"trainer.{k}": v for k, v in trainer_options.DEFAULTS.items()}
-# ... and the loop's: the whole batch through the encoder at once (training/loop.Settings)
-TRAINER_OPTION_DEFAULTS["trainer.loop.length_groups"] = 1
+# run from before them trained with these, so it is the same model as today's default run; and
+# the loop's length groups: the whole batch through the encoder at once (training/loop.Settings)
+TRAINER_OPTION_DEFAULTS = {
+    **{f"trainer.{k}": v for k, v in trainer_options.DEFAULTS.items()},
+    "trainer.loop.length_groups": 1,
+}
 # the model options added since, and the value that builds the model as before them (learned
 # layer weights, models/layer_mix.py: off)
 MODEL_OPTION_DEFAULTS = {"model.layer_weights": None}

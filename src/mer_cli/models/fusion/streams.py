@@ -90,8 +90,9 @@ class MultiStreamClassifier(nn.Module):
         self.encoders = nn.ModuleDict(
             {s: encoder(f) for s, f in layer_mix.mixed_features(n_features, mixers).items()}
         )
-        for e in self.encoders.values():
-            self.length_groups = check_length_groups(length_groups, e)
+        for e in self.encoders.values():  # each stream's encoder may refuse groups (batch norm)
+            check_length_groups(length_groups, e)
+        self.length_groups = length_groups
         self.pooled_sizes = self.build_fusion()
         self.dropout = nn.Dropout(dropout)
         self.head = shared_head(
