@@ -108,8 +108,8 @@ class OptunaSweeper(Sweeper):
 
         url = self.storage or f"sqlite:///{sweep_dir / search.STORAGE_FILE}"
         study_name = self.study_name or sweep_dir.name
-        storage = sharing.storage_of(url, self.heartbeat_interval)
         lock = sharing.AskLock(url, study_name)
+        storage: Any = None
         study: Any = None
         returns = []
         try:
@@ -118,6 +118,9 @@ class OptunaSweeper(Sweeper):
                 # one study together ask n_trials, no more
                 with lock:
                     if study is None:
+                        # under the lock too: sweepers starting at once on a fresh database would
+                        # otherwise race to create Optuna's tables (PostgreSQL: a duplicate-type error)
+                        storage = sharing.storage_of(url, self.heartbeat_interval)
                         study = self._open(optuna, instantiate, storage, url, study_name)
                     sharing.reclaim(study)
                     todo = self.n_trials - sharing.n_counted(study)
