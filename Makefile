@@ -15,7 +15,7 @@ STAMP := $(VENV)/.installed
 # glibc's defaults 1.0 GiB, 145-147 s; GLIBC_TUNABLES=glibc.malloc.hugetlb=1 1.0 GiB, 104-120 s
 # (mer-bench: 9 % slower training than the heap). Table and the other settings: docs/memory.md.
 
-.PHONY: help venv run compare zoo test test-fast test-integration smoke lint bench bench-peer bench-inference bench-scale bench-features bench-reference bench-compile bench-real clean
+.PHONY: help venv run compare zoo test test-fast test-integration smoke lint bench bench-train bench-peer bench-inference bench-scale bench-features bench-reference bench-compile bench-real clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -82,7 +82,11 @@ lint: $(STAMP)  ## ruff (lint + format check), mypy, and the layers contract (im
 PEER_DIR ?= benchmarks
 PEER_VENV ?= $(HOME)/.venvs/peer-tf
 
-bench: $(STAMP)  ## speed table, JSON lines in outputs/bench.jsonl (ARGS=--quick: seconds, for CI)
+bench: $(STAMP)  ## every speed figure with a target in one run, one table (~15 min; ARGS=--quick: a check, ~3 min)
+	mkdir -p outputs
+	$(BIN)/python benchmarks/bench_summary.py --out outputs/bench-summary.jsonl --table outputs/bench-summary.md $(ARGS)
+
+bench-train: $(STAMP)  ## every encoder's training and inference speed table, JSON lines in outputs/bench.jsonl (ARGS=--quick)
 	mkdir -p outputs
 	$(BIN)/mer-bench --out outputs/bench.jsonl $(ARGS)
 

@@ -1,4 +1,4 @@
-"""make bench's quick mode runs the real training path and writes every documented field."""
+"""mer-bench (make bench-train), quick: the real training path, every documented field written."""
 
 import json
 import math
