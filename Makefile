@@ -15,7 +15,7 @@ STAMP := $(VENV)/.installed
 # glibc's defaults 1.0 GiB, 145-147 s; GLIBC_TUNABLES=glibc.malloc.hugetlb=1 1.0 GiB, 104-120 s
 # (mer-bench: 9 % slower training than the heap). Table and the other settings: docs/memory.md.
 
-.PHONY: help venv run compare zoo test test-fast test-integration smoke lint bench bench-train bench-peer bench-inference bench-scale bench-features bench-reference bench-compile bench-real clean
+.PHONY: help venv run compare zoo test test-fast test-integration smoke lint bench bench-train bench-profile bench-peer bench-inference bench-scale bench-features bench-reference bench-compile bench-real clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -89,6 +89,10 @@ bench: $(STAMP)  ## every speed figure with a target in one run, one table (~15 
 bench-train: $(STAMP)  ## every encoder's training and inference speed table, JSON lines in outputs/bench.jsonl (ARGS=--quick)
 	mkdir -p outputs
 	$(BIN)/mer-bench --out outputs/bench.jsonl $(ARGS)
+
+bench-profile: $(STAMP)  ## where a training step's time goes: phase x kind of operation, per model and precision
+	mkdir -p outputs
+	$(BIN)/python benchmarks/step_profile.py --json outputs/bench-profile.jsonl $(ARGS)
 
 bench-inference: $(STAMP)  ## exported model: one-clip p50/p99 and batch-64 throughput, torch vs onnxruntime
 	mkdir -p outputs
