@@ -346,14 +346,7 @@ def run_case(case: Case, peaks: dict[str, float]) -> dict[str, Any]:
     def epoch(data: SequenceSet, limit: int | None = None) -> tuple[float, int, list[float]]:
         """Seconds, computed frames and losses of one pass of ``mer-train``'s inner loop."""
         model.train()
-        batches = batching.batch_indices(
-            data.lengths,
-            case.batch,
-            generator,
-            settings.bucket_by_length,
-            settings.bucket_batches,
-            settings.bucket_length_jitter,
-        )[:limit]
+        batches = batching.epoch_batches(data.lengths, settings, generator)[:limit]
         frames, losses = 0, []
         drawn.extend(batches)
         sync()

@@ -61,15 +61,8 @@ def child(model_name: str, compiled: bool, epochs: int, threads: int) -> dict[st
     seconds = []
     for _ in range(epochs):
         model.train()
-        batches = batching.batch_indices(
-            train_set.lengths,
-            settings.batch_size,
-            generator,
-            settings.bucket_by_length,
-            settings.bucket_batches,
-            settings.bucket_length_jitter,
-        )  # mer-train's buckets: the loop's own defaults, not a copy of them
-        for idx in batches:
+        # mer-train's buckets: the loop's own defaults, not a copy of them
+        for idx in batching.epoch_batches(train_set.lengths, settings, generator):
             inputs, y = batching.gather_batch(train_set, idx, device)
             loop.train_step(model, optimizer, scaler, loss_fn, inputs, y, dtype)
         batching.predict_proba(model, val_set, settings.eval_batch_size, device, dtype)

@@ -128,14 +128,7 @@ def run_case(case: Case, peaks: dict[str, float]) -> dict[str, Any]:
     generator = torch.Generator().manual_seed(case.seed)
 
     def batches_of(data: SequenceSet) -> list[tuple[torch.Tensor, tuple[dict[str, Frames], torch.Tensor]]]:
-        idx = batching.batch_indices(
-            data.lengths,
-            settings.batch_size,
-            generator,
-            settings.bucket_by_length,
-            settings.bucket_batches,
-            settings.bucket_length_jitter,
-        )
+        idx = batching.epoch_batches(data.lengths, settings, generator)
         return [(i, batching.gather_batch(data, i, device)) for i in idx]
 
     train_batches, warm_batches = batches_of(train_set), batches_of(warm_set)

@@ -280,9 +280,9 @@ def table(rows: Sequence[dict[str, Any]], info: dict[str, Any]) -> str:
     for r in (r for r in rows if r["part"] == "reference"):
         for side in ("train", "infer"):
             ratio = r[f"{side}_ratio"]
-            shown = (
-                f"{ratio:.2f}x ({r[f'{side}_clips_per_s']:.1f} vs {r[f'ref_{side}_clips_per_s']:.1f} clips/s)"
-            )
+            # three decimals: at parity they show which side of 1 decided the verdict
+            speeds = f"{r[f'{side}_clips_per_s']:.1f} vs {r[f'ref_{side}_clips_per_s']:.1f} clips/s"
+            shown = f"{ratio:.3f}x ({speeds})"
             add(
                 f"{r['model']} {side}, early fusion, mer-cli / plain PyTorch", shown, "reference_ratio", ratio
             )

@@ -83,14 +83,7 @@ def profile_case(model_name: str, precision: str, batches: int, peaks: dict[str,
     data = bench.make_set(128 * (batches + 1), max_len, n_features, seed=0)
     settings = loop.Settings(batch_size=128, progress=False)
     generator = torch.Generator().manual_seed(0)
-    idx = batching.batch_indices(
-        data.lengths,
-        settings.batch_size,
-        generator,
-        settings.bucket_by_length,
-        settings.bucket_batches,
-        settings.bucket_length_jitter,
-    )
+    idx = batching.epoch_batches(data.lengths, settings, generator)
     model.train()
 
     def step(i: torch.Tensor) -> int:

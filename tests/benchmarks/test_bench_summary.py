@@ -73,7 +73,7 @@ def test_each_figure_is_judged_against_its_target():
     ]
     assert row_of(text, "padding waste, the bench's")[1:] == ["18.1%", "<= 5%", "NOT met"]
     assert row_of(text, "padding waste, the default run's batches, length_groups=5")[2:] == ["<= 5%", "met"]
-    assert row_of(text, "tcn train")[1:] == ["1.30x (650.0 vs 500.0 clips/s)", ">= 1x", "met"]
+    assert row_of(text, "tcn train")[1:] == ["1.300x (650.0 vs 500.0 clips/s)", ">= 1x", "met"]
     assert row_of(text, "tcn infer")[3] == "NOT met"
     assert row_of(text, "2-job joblib sweep")[1:] == ["1.52x (152 s vs 100 s, 10 epochs)", ">= 1.4x", "met"]
     assert row_of(text, "extraction, audio/mfcc")[1] == "110.3 clips/s, peak RSS 242 MiB"

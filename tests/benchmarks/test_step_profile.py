@@ -38,9 +38,10 @@ def test_a_profiled_step_of_the_default_model_accounts_for_its_time():
     cells = row["ms_per_step"]
     assert sum(cells.values()) == pytest.approx(row["profiled_ms"], abs=0.1 * len(cells))
     assert cells["forward/recurrent kernel"] > 0 and cells["backward/recurrent kernel"] > 0
-    assert cells["optimizer/element-wise and masking"] > 0 and cells["data/casts"] + cells.get(
-        "data/element-wise and masking", 0
-    ) > 0
+    assert (
+        cells["optimizer/element-wise and masking"] > 0
+        and cells["data/casts"] + cells.get("data/element-wise and masking", 0) > 0
+    )
     # profiled operator time is the step's own time (less the profiler's and Python's share)
     assert 0.3 * row["step_ms"] < row["profiled_ms"] <= 1.05 * row["step_ms"]
     assert row["recurrent_gflops"] > 0

@@ -57,6 +57,21 @@ def batch_indices(
     return [batches[i] for i in perm]
 
 
+def epoch_batches(
+    lengths: torch.Tensor, settings: BatchSettings, generator: torch.Generator
+) -> list[torch.Tensor]:
+    """`batch_indices` with the training loop's settings (``trainer.loop``): one epoch's batches
+    as mer-train draws them."""
+    return batch_indices(
+        lengths,
+        settings.batch_size,
+        generator,
+        settings.bucket_by_length,
+        settings.bucket_batches,
+        settings.bucket_length_jitter,
+    )
+
+
 def _fold_single_clip(batches: list[torch.Tensor]) -> list[torch.Tensor]:
     """The last batch joined to the one before it when it holds a single clip."""
     if len(batches) > 1 and len(batches[-1]) == 1:
@@ -96,18 +111,7 @@ def epoch_padding_waste(
     """`padding_waste` of ``epochs`` training epochs' batches as ``settings`` draw them (a fresh
     generator seeded ``seed``), ``settings.length_groups`` groups per batch where it has them."""
     generator = torch.Generator().manual_seed(seed)
-    batches = [
-        b
-        for _ in range(epochs)
-        for b in batch_indices(
-            lengths,
-            settings.batch_size,
-            generator,
-            settings.bucket_by_length,
-            settings.bucket_batches,
-            settings.bucket_length_jitter,
-        )
-    ]
+    batches = [b for _ in range(epochs) for b in epoch_batches(lengths, settings, generator)]
     return padding_waste(lengths, batches, max_length, int(getattr(settings, "length_groups", 1)))
 
 
@@ -150,15 +154,7 @@ class BucketBatchSampler(torch.utils.data.Sampler[list[int]]):
             n = len(self.lengths)
             drawn = torch.multinomial(self.draw_weights, n, replacement=True, generator=self.generator)
             lengths = self.lengths[drawn]
-        batches = batch_indices(
-            lengths,
-            s.batch_size,
-            self.generator,
-            s.bucket_by_length,
-            s.bucket_batches,
-            s.bucket_length_jitter,
-        )
-        for b in batches:
+        for b in epoch_batches(lengths, s, self.generator):
             yield (b if drawn is None else drawn[b]).tolist()
 
     def __len__(self) -> int:
