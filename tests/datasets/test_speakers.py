@@ -162,6 +162,7 @@ def test_a_malformed_speaker_file_is_one_line(tmp_path, text, pattern):
 # mer-ingest
 
 
+@pytest.mark.slow
 def test_mer_ingest_stores_each_clips_actor_as_its_speaker(tmp_path):
     pytest.importorskip("librosa")
     audio, video = make_folder(tmp_path, n_actors=4)

@@ -190,6 +190,7 @@ def make_table_folder(root: Path, n_actors: int = 5) -> tuple[Path, Path, dict[s
     return audio, video, valid
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("out", ["d", "d.npz"])
 def test_mer_ingest_stores_the_confidence_columns_validity(tmp_path, out):
     pytest.importorskip("librosa")

@@ -173,6 +173,7 @@ def clustered(
     return clips, y
 
 
+@pytest.mark.slow
 def test_the_pruned_search_finds_the_exhaustive_neighbours():
     rng = np.random.default_rng(4)
     for noise in (0.05, 3.0):  # tight bounds (pruning) and loose ones (abandoning only)

@@ -68,6 +68,7 @@ def test_resume_with_another_option_names_the_key(tmp_path):
         check_resumable(changed, tmp_path, resume=True)
 
 
+@pytest.mark.slow
 def test_modality_dropout_on_late_fusion_stops_before_anything_is_trained(tmp_path):
     run_dir = tmp_path / "late"
     args = ("experiment=smoke", "modality=late", "trainer.modality_dropout=0.3")
