@@ -14,6 +14,8 @@ from mer_cli.core.errors import DataError
 from mer_cli.data import folds, leakage, native, speakers
 from mer_cli.data.npz import load_npz, save_npz
 from mer_cli.data.splits import NOTEBOOK_CLASS_NAMES, Splits
+from mer_cli.reporting.collect import collect
+from mer_cli.runs import execute, outputs
 from mer_cli.runs.execute import load_logged
 
 PATTERN = leakage.CREMA_D_SPEAKER_PATTERN
@@ -130,6 +132,33 @@ def test_a_speaker_file_gives_every_clip_its_speaker_and_the_check_uses_them(tmp
         DataError, match=r"1 speaker\(s\) \(s1\) are in both the train and test splits, 7 clips"
     ):
         load_logged(cfg)
+
+
+@pytest.mark.slow
+def test_a_run_on_stored_speakers_writes_them_beside_its_predictions_and_the_report_groups_by_them(tmp_path):
+    splits = with_speakers()
+    pkl = write_pickle(tmp_path / "feats.pkl", splits)
+    rows = [f"{c},{s}" for x in splits.all() for c, s in zip(x.clip_ids, x.speakers or (), strict=True)]
+    mapping = tmp_path / "speakers.csv"
+    mapping.write_text("clip,speaker\n" + "\n".join(rows) + "\n")
+    out = tmp_path / "run"
+    cfg = compose_train(
+        "experiment=smoke",
+        "modality=acoustic",
+        "data=pickle",
+        f"data.path={pkl}",
+        f"data.speaker_file={mapping}",
+        "trainer.loop.max_epochs=1",
+        "runtime.save_plots=false",
+    )
+    execute.run(cfg, out)
+    for split in (splits.val, splits.test):
+        written = outputs.read_predictions(out / "predictions.csv", split.name)
+        assert dict(zip(written.clip_ids, written.speakers or (), strict=True)) == dict(
+            zip(split.clip_ids, split.speakers or (), strict=True)
+        )
+    (run,), _ = collect([out])
+    assert set(run.groups) == {"s6"}  # the ids (test_0, ...) name no actor: the stored speaker
 
 
 def test_a_clip_missing_from_the_speaker_file_is_one_line(tmp_path):

@@ -35,6 +35,16 @@ MARK = "baseline: "  # the start of a baseline's label: rows of the main table m
 MODALITY = "baseline"  # a baseline's "modality" in comparison.json and comparison.csv
 
 
+def speakers_by_clip(run: Run, clip_ids: Sequence[str]) -> tuple[str, ...] | None:
+    """Each of ``clip_ids``' speaker as ``run``'s predictions.csv stores it (the very test clips a
+    baseline of the same data scores), or None where it stores none."""
+    if run.test.speakers is None:
+        return None
+    speaker_of = dict(zip(run.test.clip_ids, run.test.speakers, strict=True))
+    found = tuple(speaker_of.get(c, "") for c in clip_ids)
+    return found if all(found) else None
+
+
 def read(path: Path) -> dict[str, Any]:
     """A run's baselines.json, checked for what the report reads: one `MerError` line if not."""
     result = files.read_json(path)
@@ -82,7 +92,7 @@ def baseline_runs(runs: Sequence[Run], settings: Settings) -> dict[tuple[str, st
                 np.asarray(p["y_true"], dtype=np.int64)[order],
                 np.asarray(p["y_prob"], dtype=np.float64).reshape(len(order), -1)[order],
             )
-            actors = maybe_actor_ids(test.clip_ids, str(pattern))
+            actors = speakers_by_clip(r, test.clip_ids) or maybe_actor_ids(test.clip_ids, str(pattern))
             fold = result["data"].get("fold")
             run = Run(
                 path=r.path,

@@ -113,10 +113,16 @@ def load_run(path: Path, actor_pattern: str | None = None) -> Run:
         raise MerError(f"{pred_path}: no test predictions")
     order = np.argsort(np.array(test.clip_ids), kind="stable")
     test = outputs.Predictions(
-        "test", tuple(test.clip_ids[i] for i in order), test.y_true[order], test.y_prob[order]
+        "test",
+        tuple(test.clip_ids[i] for i in order),
+        test.y_true[order],
+        test.y_prob[order],
+        speakers=None if test.speakers is None else tuple(test.speakers[i] for i in order),
     )
     pattern = actor_pattern or cfg.get("cv.actor_pattern") or CREMA_D_ACTOR_PATTERN
-    actors = maybe_actor_ids(test.clip_ids, str(pattern))
+    # the speakers the data stored (predictions.csv's speaker column) first, as robustness.json
+    # and baselines.json group; else each clip id's actor
+    actors = test.speakers or maybe_actor_ids(test.clip_ids, str(pattern))
     run_info = metrics.get("run", {})
     seed = run_info.get("seed", cfg.get("seed"))
     choices = _hydra_choices(path)

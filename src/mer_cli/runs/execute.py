@@ -8,7 +8,7 @@ of the run directory is written by a function called from here:
   last.pt                  the latest epoch's full state, to resume an interrupted run
   history.csv              one row per epoch (train/*, val/*, lr)
   metrics.json             {"run": {...}, "val": {...}, "test": {...}}
-  predictions.csv          per clip: split, clip id, true label, predicted label, probabilities
+  predictions.csv          per clip: split, clip id, [speaker,] true label, predicted label, probabilities
   plots/*.png              training curves; test split: confusion matrix, ROC, per-class ROC, PR;
                            layer_weights.png with model.layer_weights=learned
   acoustic/, visual/       late fusion only: the two member runs (same layout), unless reused

@@ -171,6 +171,7 @@ def late_predictions(
             first[s].clip_ids,
             first[s].y_true,
             fused_proba(combined, {m: members[m][s].y_prob for m in combined.members}),
+            speakers=first[s].speakers,
         )
         for s in split_names
     ]

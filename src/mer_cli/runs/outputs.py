@@ -40,6 +40,9 @@ class Predictions:
     clip_ids: tuple[str, ...]
     y_true: np.ndarray  # (N,)
     y_prob: np.ndarray  # (N, C)
+    # each clip's speaker where the data stores them (native speaker field, data.speaker_file):
+    # predictions.csv's speaker column, the comparison report's bootstrap groups
+    speakers: tuple[str, ...] | None = None
 
 
 def write(
@@ -92,12 +95,18 @@ def write_history(path: Path, rows: Sequence[dict[str, float]]) -> Path:
 
 
 def write_predictions(path: Path, predictions: Sequence[Predictions], class_names: Sequence[str]) -> Path:
+    """One row per clip: split, clip id, [speaker,] true and predicted label, probabilities; the
+    speaker column only where the data stores speakers (without, the file is as it always was)."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["split", "clip_id", "y_true", "y_pred", *(f"prob_{c}" for c in class_names)])
+    with_speakers = any(p.speakers is not None for p in predictions)
+    speaker = ["speaker"] if with_speakers else []
+    writer.writerow(["split", "clip_id", *speaker, "y_true", "y_pred", *(f"prob_{c}" for c in class_names)])
     for p in predictions:
-        for clip_id, y, prob in zip(p.clip_ids, p.y_true, p.y_prob, strict=True):
-            writer.writerow([p.split, clip_id, int(y), int(prob.argmax()), *(f"{v:.6g}" for v in prob)])
+        speakers = p.speakers if p.speakers is not None else ("",) * len(p.clip_ids)
+        for clip_id, who, y, prob in zip(p.clip_ids, speakers, p.y_true, p.y_prob, strict=True):
+            row = [p.split, clip_id, *([who] if with_speakers else []), int(y), int(prob.argmax())]
+            writer.writerow([*row, *(f"{v:.6g}" for v in prob)])
     write_text(path, buf.getvalue())
     return path
 
@@ -107,11 +116,14 @@ def read_predictions(path: Path, split: str) -> Predictions:
     with path.open(newline="") as f:
         rows = [r for r in csv.DictReader(f) if r["split"] == split]
     prob_cols = [k for k in (rows[0] if rows else {}) if k.startswith("prob_")]
+    speakers = tuple(r.get("speaker") or "" for r in rows)
     return Predictions(
         split=split,
         clip_ids=tuple(r["clip_id"] for r in rows),
         y_true=np.array([int(r["y_true"]) for r in rows], dtype=np.int64),
         y_prob=np.array([[float(r[c]) for c in prob_cols] for r in rows]).reshape(len(rows), -1),
+        # a file written before the column (or a split without speakers): None
+        speakers=speakers if rows and all(speakers) else None,
     )
 
 

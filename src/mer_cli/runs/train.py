@@ -224,8 +224,9 @@ def train_model(cfg: DictConfig, splits: Splits, out_dir: Path, resume: bool = F
             batching.predict_proba(
                 model, s, settings.eval_batch_size, device, dtype, temperature=temperature or 1.0
             ),
+            speakers=split.speakers,  # the prepared set keeps the split's clip order
         )
-        for s_name, s in (("val", val_set), ("test", test_set))
+        for s_name, s, split in (("val", val_set, splits.val), ("test", test_set, splits.test))
     }
     metrics = {
         "run": {

@@ -181,7 +181,7 @@ def predict_run(
                     f"frame, the data has {n}"
                 )
         prob = batching.predict_proba(model, seqs, batch_size, device, dtype, temperature=meta["temperature"])
-        out[s] = outputs.Predictions(s, seqs.clip_ids, seqs.y.numpy(), prob)
+        out[s] = outputs.Predictions(s, seqs.clip_ids, seqs.y.numpy(), prob, speakers=split.speakers)
     return out
 
 
