@@ -115,12 +115,19 @@ def test_cross_validation_by_actor_uses_the_stored_speakers():
 # data.speaker_file
 
 
-def test_a_speaker_file_gives_every_clip_its_speaker_and_the_check_uses_them(tmp_path):
-    splits = with_speakers()
+def pickle_and_speaker_file(tmp_path, splits: Splits, extra: str = ""):
+    """``splits`` as a notebook pickle (its ids name no speaker) and a data.speaker_file of their
+    stored speakers (``extra``: more lines at its end); returns both paths and the file's rows."""
     pkl = write_pickle(tmp_path / "feats.pkl", splits)
     rows = [f"{c},{s}" for x in splits.all() for c, s in zip(x.clip_ids, x.speakers or (), strict=True)]
     mapping = tmp_path / "speakers.csv"
-    mapping.write_text("clip,speaker\n" + "\n".join(rows) + "\nunused_clip,s9\n")
+    mapping.write_text("clip,speaker\n" + "\n".join(rows) + "\n" + extra)
+    return pkl, mapping, rows
+
+
+def test_a_speaker_file_gives_every_clip_its_speaker_and_the_check_uses_them(tmp_path):
+    splits = with_speakers()
+    pkl, mapping, rows = pickle_and_speaker_file(tmp_path, splits, extra="unused_clip,s9\n")
     cfg = compose_train("data=pickle", f"data.path={pkl}", f"data.speaker_file={mapping}")
     loaded = load_logged(cfg)
     assert loaded.train.speakers == splits.train.speakers and loaded.test.speakers == splits.test.speakers
@@ -137,10 +144,7 @@ def test_a_speaker_file_gives_every_clip_its_speaker_and_the_check_uses_them(tmp
 @pytest.mark.slow
 def test_a_run_on_stored_speakers_writes_them_beside_its_predictions_and_the_report_groups_by_them(tmp_path):
     splits = with_speakers()
-    pkl = write_pickle(tmp_path / "feats.pkl", splits)
-    rows = [f"{c},{s}" for x in splits.all() for c, s in zip(x.clip_ids, x.speakers or (), strict=True)]
-    mapping = tmp_path / "speakers.csv"
-    mapping.write_text("clip,speaker\n" + "\n".join(rows) + "\n")
+    pkl, mapping, _ = pickle_and_speaker_file(tmp_path, splits)
     out = tmp_path / "run"
     cfg = compose_train(
         "experiment=smoke",
