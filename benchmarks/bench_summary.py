@@ -14,7 +14,8 @@ Parts, in this order (each is also its own make target, with more options):
 - sweep: the 4-modality sweep, 2 seeds, ``--sweep-epochs`` epochs, sequentially (2 threads per job)
   and with ``hydra/launcher=joblib`` (2 jobs of 1 thread), wall seconds and their ratio;
 - features: every feature back-end's clips/s and peak RSS (benchmarks/extraction.py, one fresh
-  process per back-end; make bench-features for the 2-thread rows and the ingest memory check).
+  process per back-end), and mer-ingest's peak RSS at 8 and 32 clips against its <= 1.1x target
+  (make bench-features for the 2-thread rows and the ingest check at 100 vs 400 clips).
 
 Output: one table (target, measured, met or not) under a header naming the machine, the versions
 and the thread settings; one JSON line per part's row in ``--out``. ``--quick``: tiny sizes, to
@@ -205,10 +206,9 @@ def feature_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
             tail = (done.stderr or done.stdout).strip().splitlines()[-1:]
             return [{"part": "features", "status": f"extraction.py failed: {' '.join(tail)}"}]
         found = [json.loads(line) for line in out.read_text().splitlines()]
-    rows = [
-        {"part": "features", **r} for r in found if r.get("kind") == "backend" and r.get("status") == "ok"
-    ]
-    progress(f"features: {len(rows)} back-ends timed")
+    # the back-ends' rows, and mer-ingest's peak RSS at N and 4N clips (extraction.py runs both)
+    rows = [{"part": "features", **r} for r in found if r.get("status") == "ok"]
+    progress(f"features: {sum(r['kind'] == 'backend' for r in rows)} back-ends timed")
     return rows
 
 
@@ -296,6 +296,14 @@ def table(rows: Sequence[dict[str, Any]], info: dict[str, Any]) -> str:
     for r in (r for r in rows if r["part"] == "features"):
         if "status" in r and r["status"] != "ok":
             lines.append(f"| feature extraction | {r['status']} | - | |")
+            continue
+        if r["kind"] == "ingest":  # its target travels in the row (extraction.RSS_TARGET)
+            (n, n4), (a, b) = r["clips"], r["peak_rss_mib"]
+            met = "met" if r["ratio"] <= r["target"] else "NOT met"
+            lines.append(
+                f"| mer-ingest peak RSS, {r['backends']}: {n} vs {n4} clips | {a:.0f} -> {b:.0f} MiB "
+                f"({r['ratio']:.3f}x) | <= {r['target']:g}x | {met} |"
+            )
             continue
         lines.append(
             f"| extraction, {r['backend']} ({r['model']}) | {r['clips_per_s']:.1f} clips/s, "

@@ -57,10 +57,20 @@ def test_each_figure_is_judged_against_its_target():
         {"part": "sweep", "sweep_speedup": 1.52, "sequential_s": 152.0, "joblib_s": 100.0, "epochs": 10},
         {
             "part": "features",
+            "kind": "backend",
             "backend": "audio/mfcc",
             "model": "-",
             "clips_per_s": 110.3,
             "peak_rss_mib": 242.0,
+        },
+        {
+            "part": "features",
+            "kind": "ingest",
+            "backends": "mfcc + openface",
+            "clips": [8, 32],
+            "peak_rss_mib": [427.0, 480.0],
+            "ratio": 1.124,
+            "target": 1.1,
         },
     ]
     text = bench_summary.table(rows, INFO)
@@ -77,6 +87,11 @@ def test_each_figure_is_judged_against_its_target():
     assert row_of(text, "tcn infer")[3] == "NOT met"
     assert row_of(text, "2-job joblib sweep")[1:] == ["1.52x (152 s vs 100 s, 10 epochs)", ">= 1.4x", "met"]
     assert row_of(text, "extraction, audio/mfcc")[1] == "110.3 clips/s, peak RSS 242 MiB"
+    assert row_of(text, "mer-ingest peak RSS, mfcc + openface: 8 vs 32 clips")[1:] == [
+        "427 -> 480 MiB (1.124x)",
+        "<= 1.1x",
+        "NOT met",
+    ]
 
 
 @pytest.mark.slow
